@@ -1,0 +1,174 @@
+"""Ragged batches of crystals.
+
+Atoms of ``G`` crystals are concatenated; ``ptr`` (CSR, shape ``(G+1,)``) gives each crystal's
+atom range, so no crystal is padded to the size of the largest. Edges, when present, are sorted by
+receiver (target) and therefore contiguous per crystal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Batch:
+    """A batch of ``G`` crystals with ``N`` atoms in total and ``E`` edges.
+
+    Attributes:
+        atomic_numbers: ``(N,)`` int64, Z of each atom (1..117).
+        positions: ``(N, 3)`` float32/float64, Cartesian positions in Å (never wrapped).
+        cells: ``(G, 3, 3)`` same dtype as ``positions``; rows are the lattice vectors a, b, c in Å.
+        ptr: ``(G+1,)`` int64; atoms of crystal g are ``ptr[g]:ptr[g+1]``.
+        edge_index: optional ``(2, E)`` int64, row 0 = source j, row 1 = target i (global atom
+            indices). A graph given here is used as is (e.g. precomputed by the original pipeline).
+        cell_offsets: optional ``(E, 3)`` int64 image of the source: the edge vector is
+            ``positions[j] + cell_offsets @ cells[g] - positions[i]`` (Å).
+    """
+
+    atomic_numbers: Tensor
+    positions: Tensor
+    cells: Tensor
+    ptr: Tensor
+    edge_index: Tensor | None = None
+    cell_offsets: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.edge_index is None) != (self.cell_offsets is None):
+            raise ValueError("edge_index and cell_offsets must be given together")
+        n, g = self.positions.shape[0], self.cells.shape[0]
+        if self.positions.shape != (n, 3) or self.atomic_numbers.shape != (n,):
+            raise ValueError(
+                f"positions must be (N, 3) and atomic_numbers (N,); got {tuple(self.positions.shape)} "
+                f"and {tuple(self.atomic_numbers.shape)}"
+            )
+        if self.cells.shape != (g, 3, 3) or self.ptr.shape != (g + 1,):
+            raise ValueError(
+                f"cells must be (G, 3, 3) and ptr (G+1,); got {tuple(self.cells.shape)} and "
+                f"{tuple(self.ptr.shape)}"
+            )
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_structures(cls, structures, dtype: torch.dtype = torch.float64) -> Batch:
+        """Build a batch (without graph) from pymatgen Structures, ASE Atoms or
+        ``(atomic_numbers, positions, cell)`` triples. Raises ``InvalidStructureError`` naming the
+        index of the first invalid structure (see :func:`e3relax_fast.structures.validate`)."""
+        from .structures import to_arrays, validate
+
+        arrays = []
+        for index, structure in enumerate(structures):
+            z, pos, cell = to_arrays(structure, index=index)
+            validate(z, pos, cell, index=index)
+            arrays.append((z, pos, cell))
+        return cls.from_arrays(arrays, dtype=dtype)
+
+    @classmethod
+    def from_arrays(cls, arrays, dtype: torch.dtype = torch.float64) -> Batch:
+        """Concatenate ``(atomic_numbers (n,), positions (n, 3) Å, cell (3, 3) Å)`` triples."""
+        counts = [len(z) for z, _, _ in arrays]
+        ptr = torch.zeros(len(arrays) + 1, dtype=torch.int64)
+        ptr[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0)
+        if arrays:
+            z = torch.cat([torch.as_tensor(z, dtype=torch.int64).reshape(-1) for z, _, _ in arrays])
+            pos = torch.cat([torch.as_tensor(p, dtype=dtype).reshape(-1, 3) for _, p, _ in arrays])
+            cells = torch.stack([torch.as_tensor(c, dtype=dtype).reshape(3, 3) for _, _, c in arrays])
+        else:
+            z = torch.zeros(0, dtype=torch.int64)
+            pos = torch.zeros(0, 3, dtype=dtype)
+            cells = torch.zeros(0, 3, 3, dtype=dtype)
+        return cls(z, pos, cells, ptr)
+
+    @classmethod
+    def collate(cls, batches: list[Batch]) -> Batch:
+        """Concatenate batches (graphs included when every batch has one)."""
+        if not batches:
+            raise ValueError("Batch.collate needs at least one batch")
+        ptrs, shift = [torch.zeros(1, dtype=torch.int64)], 0
+        for b in batches:
+            ptrs.append(b.ptr[1:] + shift)
+            shift += b.num_atoms
+        has_graph = all(b.has_graph for b in batches)
+        edge_index = cell_offsets = None
+        if has_graph:
+            offs, edges, acc = [], [], 0
+            for b in batches:
+                edges.append(b.edge_index + acc)
+                offs.append(b.cell_offsets)
+                acc += b.num_atoms
+            edge_index = torch.cat(edges, dim=1)
+            cell_offsets = torch.cat(offs)
+        return cls(
+            torch.cat([b.atomic_numbers for b in batches]),
+            torch.cat([b.positions for b in batches]),
+            torch.cat([b.cells for b in batches]),
+            torch.cat(ptrs),
+            edge_index,
+            cell_offsets,
+        )
+
+    # --- properties ---------------------------------------------------------------------------
+    @property
+    def num_graphs(self) -> int:
+        return self.cells.shape[0]
+
+    @property
+    def num_atoms(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def has_graph(self) -> bool:
+        return self.edge_index is not None
+
+    def graph_index(self) -> Tensor:
+        """``(N,)`` int64 crystal of each atom, computed without a host sync."""
+        return graph_index_from_ptr(self.ptr, self.num_atoms)
+
+    # --- transforms ---------------------------------------------------------------------------
+    def to(self, device=None, dtype: torch.dtype | None = None) -> Batch:
+        """Move to ``device``; floating fields (positions, cells) also cast to ``dtype``."""
+        out = {}
+        for f in fields(self):
+            t = getattr(self, f.name)
+            if t is None:
+                out[f.name] = None
+            elif t.is_floating_point():
+                out[f.name] = t.to(device=device, dtype=dtype or t.dtype)
+            else:
+                out[f.name] = t.to(device=device)
+        return Batch(**out)
+
+    def with_graph(self, radius: float = 6.0, max_neighbors: int = 50, backend: str = "auto") -> Batch:
+        """Return a copy holding the graph of :func:`e3relax_fast.build_graph`."""
+        from .graph import build_graph
+
+        g = build_graph(self.positions, self.cells, self.ptr, radius, max_neighbors, backend=backend)
+        return replace(self, edge_index=g.edge_index, cell_offsets=g.cell_offsets)
+
+    def select(self, graphs: list[int]) -> Batch:
+        """The sub-batch of the listed crystals (in that order), graph included."""
+        sizes = self.ptr[1:] - self.ptr[:-1]
+        parts = []
+        for g in graphs:
+            lo, hi = int(self.ptr[g]), int(self.ptr[g + 1])
+            sub = Batch(
+                self.atomic_numbers[lo:hi],
+                self.positions[lo:hi],
+                self.cells[g : g + 1],
+                torch.tensor([0, int(sizes[g])], dtype=torch.int64, device=self.ptr.device),
+            )
+            if self.has_graph:
+                mask = (self.edge_index[1] >= lo) & (self.edge_index[1] < hi)
+                sub.edge_index = self.edge_index[:, mask] - lo
+                sub.cell_offsets = self.cell_offsets[mask]
+            parts.append(sub)
+        return Batch.collate(parts)
+
+
+def graph_index_from_ptr(ptr: Tensor, num_atoms: int) -> Tensor:
+    """``(N,)`` int64 crystal index of each atom from CSR ``ptr``; ``output_size`` avoids a sync."""
+    counts = ptr[1:] - ptr[:-1]
+    graphs = torch.arange(counts.shape[0], device=ptr.device)
+    return torch.repeat_interleave(graphs, counts, output_size=num_atoms)
