@@ -1,0 +1,217 @@
+"""Command line interface: ``e3relax-fast <command> ...``.
+
+Commands are argparse subparsers; each has an ``add_<command>_parser`` function that registers it
+and sets ``func``, the function run with the parsed arguments (returns the exit status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+FORMATS = {"cif": ".cif", "extxyz": ".extxyz"}
+
+
+def read_structures(path: Path) -> list:
+    """Every structure in ``path`` as ASE ``Atoms`` (multi-frame files give several).
+
+    ASE reads the file (format guessed from the name); if it cannot, pymatgen's
+    ``Structure.from_file`` is tried. Raises ``ValueError`` naming the file when neither can.
+    """
+    import ase.io
+
+    try:
+        frames = list(ase.io.read(path, index=":"))
+    # Parsers raise many exception types on malformed or unknown files; all mean "unreadable".
+    except Exception as ase_error:
+        try:
+            from pymatgen.core import Structure
+            from pymatgen.io.ase import AseAtomsAdaptor
+
+            frames = [AseAtomsAdaptor.get_atoms(Structure.from_file(path))]
+        except Exception:
+            reason = str(ase_error) or type(ase_error).__name__
+            raise ValueError(f"cannot read {path}: {reason}") from ase_error
+    if not frames:
+        raise ValueError(f"cannot read {path}: no structures in the file")
+    return frames
+
+
+def _output_path(path: Path, outdir: Path | None, fmt: str) -> Path:
+    return (outdir or path.parent) / f"{path.stem}_relaxed{FORMATS[fmt]}"
+
+
+def run_relax(args: argparse.Namespace) -> int:
+    """``e3relax-fast relax``: relax every structure of every input file in shared batches."""
+    from ase.io import write
+
+    from .pretrained import load_pretrained
+    from .relax import RelaxWarning, relax_batch
+    from .structures import InvalidStructureError
+
+    inputs = [Path(p) for p in args.inputs]
+    formats = [args.format or ("cif" if p.suffix.lower() == ".cif" else "extxyz") for p in inputs]
+    outputs = [_output_path(p, args.outdir, f) for p, f in zip(inputs, formats, strict=True)]
+    duplicates = sorted({str(o) for o in outputs if outputs.count(o) > 1})
+    if duplicates:
+        print(f"error: several inputs would write {', '.join(duplicates)}; use -o", file=sys.stderr)
+        return 2
+    try:
+        model = load_pretrained(args.checkpoint or "default", map_location=args.device)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    start = time.perf_counter()
+    structures, origin, failed_files = [], [], 0
+    for f, path in enumerate(inputs):
+        try:
+            frames = read_structures(path)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            if args.on_error == "raise":
+                return 1
+            failed_files += 1
+            continue
+        structures += frames
+        origin += [(f, k) for k in range(len(frames))]
+
+    def where(index: int) -> str:
+        f, k = origin[index]
+        return f"{inputs[f]} (structure {k})"
+
+    try:
+        with warnings.catch_warnings():
+            # Failures are reported below per file, with file names instead of global indices.
+            warnings.simplefilter("ignore", RelaxWarning)
+            results = relax_batch(
+                structures,
+                model,
+                device=args.device,
+                batch_size=args.batch_size,
+                max_atoms=args.max_atoms,
+                on_error=args.on_error,
+            )
+    except InvalidStructureError as err:
+        print(f"error: {where(err.index)}: {err.reason}", file=sys.stderr)
+        return 1
+
+    for index, reason in results.errors.items():
+        print(f"error: {where(index)}: {reason}", file=sys.stderr)
+    written = []
+    for f, output in enumerate(outputs):
+        frames = [r for r, (g, _) in zip(results, origin, strict=True) if g == f and r is not None]
+        if frames:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            write(output, frames, format=formats[f])
+            written.append(output)
+    relaxed = len(structures) - len(results.errors)
+    print(
+        f"relaxed {relaxed} of {len(structures)} structure(s) from {len(inputs) - failed_files} of "
+        f"{len(inputs)} file(s) in {time.perf_counter() - start:.2f} s; wrote {len(written)} file(s)"
+        + (f" ({len(results.errors)} structure(s) failed)" if results.errors else "")
+    )
+    return 0
+
+
+def add_relax_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "relax",
+        help="predict relaxed structures",
+        description="Predict the relaxed positions and cell of every structure in the input files "
+        "(CIF, POSCAR, extxyz or anything else ASE or pymatgen reads; multi-frame files give "
+        "several structures) and write <stem>_relaxed.<ext> per input file.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="structure files")
+    p.add_argument("-o", "--outdir", type=Path, help="output directory (default: next to each input)")
+    p.add_argument("--checkpoint", help="checkpoint file (default: the bundled pretrained model)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--batch-size", type=int, help="at most N structures per batch")
+    p.add_argument("--max-atoms", type=int, help="at most N atoms per batch (default: 4096 on CPU)")
+    p.add_argument(
+        "--on-error",
+        choices=("raise", "skip", "return_input"),
+        default="raise",
+        help="invalid structure or unreadable file: stop (raise, default), leave it out (skip), "
+        "or write the input unchanged (return_input)",
+    )
+    p.add_argument(
+        "--format", choices=tuple(FORMATS), help="output format (default: cif for CIF inputs, else extxyz)"
+    )
+    p.set_defaults(func=run_relax)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import os
+
+    from .data import PairDataset, read_pairs
+    from .train import TrainConfig, init_distributed, train
+
+    init_distributed()
+    device = args.device
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    config = TrainConfig(
+        model={"hidden_channels": args.hidden, "num_layers": args.layers},
+        lr=args.lr, batch_size=args.batch_size, steps_per_epoch=args.steps_per_epoch,
+        max_epochs=args.max_epochs, loss=args.loss, seed=args.seed, dtype=args.dtype,
+    )
+    cache = Path(args.out) / "graphs"
+    datasets = {}
+    for split in (args.train_split, args.val_split):
+        # Graphs are built once and cached beside the run; reruns and resumes reuse them.
+        datasets[split] = PairDataset(read_pairs(args.data, split), cache=cache / f"{split}.pt")
+    summary = train(config, datasets[args.train_split], datasets[args.val_split], args.out, device=device,
+                    max_steps=args.max_steps, progress=not args.quiet)
+    print(f"trained {summary['step']} steps, {summary['epoch']} pseudo-epochs; "
+          f"best validation |dp| {summary['best_val_mae']:.4f} A; checkpoints in {args.out}")
+    return 0
+
+
+def add_train_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a model on unrelaxed -> relaxed pairs",
+        description="Layer-wise supervised training (the original recipe: AdamW+amsgrad, EMA, "
+        "ReduceLROnPlateau per pseudo-epoch, clipping, early stopping). Resumes from OUT/last.pt. "
+        "Run under torchrun for several processes/GPUs.",
+    )
+    p.add_argument("--data", required=True, help="CIF folder with split CSVs, extxyz folder, or ASE .db")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, graph cache)")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="val")
+    p.add_argument("--hidden", type=int, default=64, help="hidden channels H (paper: 512)")
+    p.add_argument("--layers", type=int, default=4, help="layers L (paper: 4)")
+    p.add_argument("--batch-size", type=int, default=32, help="crystals per step, all processes together")
+    p.add_argument("--steps-per-epoch", type=int, default=100, help="steps per pseudo-epoch")
+    p.add_argument("--max-epochs", type=int, default=800)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--loss", choices=("l2", "pbc_l1"), default="l2")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
+    p.set_defaults(func=run_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="e3relax-fast", description="One-shot prediction of relaxed crystal structures (E3Relax)."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_relax_parser(subparsers)
+    add_train_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``e3relax-fast`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
