@@ -1,0 +1,134 @@
+"""Evaluation with the field's metrics beside the Dummy baseline (spec §10).
+
+Every metric is computed per structure and averaged over structures. Dummy uses the unrelaxed
+structure as its prediction.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import Pair, PairDataset
+from .metrics import structure_metrics
+
+METRICS = {  # name -> (label, unit)
+    "coord_mae": ("coordinate MAE", "Å"),
+    "pbc_coord_mae": ("periodicity-aware MAE", "Å"),
+    "shape_error": ("metric-tensor error ‖CCᵀ−C*C*ᵀ‖", "Å²"),
+    "volume_error": ("volume error", "Å³"),
+}
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, dataset: PairDataset, device="cpu", batch_size: int = 64):
+    """Per-structure predictions ``[(positions (n, 3) Å, cell (3, 3) Å)]`` of the final layer."""
+    model.eval()
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        batch, _, _ = PairDataset.collate(dataset.items[start:start + batch_size])
+        pred = model(batch.to(device))
+        pos, cells = pred.positions[-1].double().cpu(), pred.cells[-1].double().cpu()
+        for g in range(batch.num_graphs):
+            out.append((pos[int(batch.ptr[g]):int(batch.ptr[g + 1])].numpy(), cells[g].numpy()))
+    return out
+
+
+def _match_rate(pairs: list[Pair], predictions) -> float | None:
+    """Fraction matched by pymatgen's StructureMatcher at its defaults; None without pymatgen."""
+    try:
+        from pymatgen.analysis.structure_matcher import StructureMatcher
+        from pymatgen.core import Lattice, Structure
+    except ImportError:
+        return None
+    matcher = StructureMatcher()
+    hits = 0
+    for pair, (pos, cell) in zip(pairs, predictions, strict=True):
+        target = Structure(Lattice(pair.cell_relaxed), pair.atomic_numbers, pair.pos_relaxed, coords_are_cartesian=True)
+        guess = Structure(Lattice(cell), pair.atomic_numbers, pos, coords_are_cartesian=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hits += bool(matcher.fit(guess, target))
+    return hits / max(len(pairs), 1)
+
+
+def evaluate(model: torch.nn.Module, dataset: PairDataset, device="cpu", match: bool = True) -> dict:
+    """Metrics of ``model`` and of Dummy on ``dataset``.
+
+    Returns ``{"model": {metric: mean}, "dummy": {...}, "per_structure": {"model": {metric: (G,)
+    array}, "dummy": {...}}, "predictions": [...]}``; ``match_rate`` is included when pymatgen is.
+    """
+    predictions = predict(model, dataset, device)
+    batch, pos_t, cell_t = PairDataset.collate(dataset.items)
+    pred_pos = torch.from_numpy(np.concatenate([p for p, _ in predictions]))
+    pred_cell = torch.from_numpy(np.stack([c for _, c in predictions]))
+    per = {
+        "model": structure_metrics(pred_pos, pred_cell, pos_t, cell_t, batch.ptr),
+        "dummy": structure_metrics(batch.positions, batch.cells, pos_t, cell_t, batch.ptr),
+    }
+    per = {who: {k: v.numpy() for k, v in m.items()} for who, m in per.items()}
+    summary = {who: {k: float(v.mean()) for k, v in m.items()} for who, m in per.items()}
+    if match:
+        pairs = dataset.pairs
+        dummy = [(p.pos_unrelaxed, p.cell_unrelaxed) for p in pairs]
+        for who, preds in (("model", predictions), ("dummy", dummy)):
+            rate = _match_rate(pairs, preds)
+            if rate is not None:
+                summary[who]["match_rate"] = rate
+    return {**summary, "per_structure": per, "predictions": predictions}
+
+
+def write_report(result: dict, dataset: PairDataset, out_dir: str | Path, title: str) -> Path:
+    """Markdown report and PNG plots (predicted vs true volume and lattice lengths, error histograms)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {title}", "", f"{len(dataset)} structures; means over structures.", "",
+             "| metric | model | Dummy | model / Dummy |", "|---|---|---|---|"]
+    for key, (label, unit) in METRICS.items():
+        m, d = result["model"][key], result["dummy"][key]
+        lines.append(f"| {label} ({unit}) | {m:.4f} | {d:.4f} | {m / d:.3f} |")
+    if "match_rate" in result["model"]:
+        lines.append(f"| match rate (StructureMatcher defaults) | {100 * result['model']['match_rate']:.1f}% | "
+                     f"{100 * result['dummy']['match_rate']:.1f}% | |")
+    path = out_dir / "report.md"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        lines += ["", "(matplotlib not installed: no plots)"]
+    else:
+        true_cells = np.stack([p.cell_relaxed for p in dataset.pairs])
+        unrelaxed = np.stack([p.cell_unrelaxed for p in dataset.pairs])
+        pred_cells = np.stack([c for _, c in result["predictions"]])
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+        for ax, fn, name in ((axes[0], lambda c: np.abs(np.linalg.det(c)), "volume (Å³)"),
+                             (axes[1], lambda c: np.linalg.norm(c, axis=-1).ravel(), "lattice lengths (Å)")):
+            t = fn(true_cells)
+            ax.scatter(t, fn(unrelaxed), s=8, alpha=0.5, label="Dummy (unrelaxed)")
+            ax.scatter(t, fn(pred_cells), s=8, alpha=0.7, label="model")
+            ax.plot([t.min(), t.max()], [t.min(), t.max()], "k--", lw=1)
+            ax.set_xlabel(f"true {name}")
+            ax.set_ylabel(f"predicted {name}")
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "parity.png", dpi=120)
+        plt.close(fig)
+        fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.5))
+        for ax, (key, (label, unit)) in zip(axes, METRICS.items(), strict=True):
+            m, d = result["per_structure"]["model"][key], result["per_structure"]["dummy"][key]
+            bins = np.linspace(0, max(m.max(), d.max()), 30)
+            ax.hist(d, bins=bins, alpha=0.5, label="Dummy")
+            ax.hist(m, bins=bins, alpha=0.7, label="model")
+            ax.set_xlabel(f"{label} ({unit})")
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "errors.png", dpi=120)
+        plt.close(fig)
+        lines += ["", "![parity](parity.png)", "", "![errors](errors.png)"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
