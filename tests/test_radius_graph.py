@@ -240,9 +240,7 @@ def crystal(rng, kind):
         cell = random_cell(rng, (3.0, 8.0), (65, 115))
         frac = rng.uniform(0, 1, size=(int(rng.integers(2, 9)), 3))
     elif kind == "slab":  # ~5 Å thick slab, 20 Å of vacuum along c
-        cell = cell_from_parameters(
-            4.0 + rng.uniform(), 4.0 + rng.uniform(), 25.0, 90, 90, 60 + 60 * rng.uniform()
-        )
+        cell = cell_from_parameters(4.0 + rng.uniform(), 4.0 + rng.uniform(), 25.0, 90, 90, 60 + 60 * rng.uniform())
         frac = rng.uniform(0, 1, size=(6, 3))
         frac[:, 2] *= 0.2
     elif kind == "unwrapped":  # fractional coordinates like 3.7 or -2.2
@@ -380,9 +378,7 @@ def test_golden_all_in_one_batch(golden):
         ei, off, rowptr, dist, ncand = batched
         for k, (p, c, pr) in enumerate(singles):
             lo, hi = int(ptr[k]), int(ptr[k + 1])
-            ei1, off1, rowptr1, dist1, ncand1 = radius_graph(
-                p, c, pr, reserved=None if res is None else reserved[k]
-            )
+            ei1, off1, rowptr1, dist1, ncand1 = radius_graph(p, c, pr, reserved=None if res is None else reserved[k])
             a, b = int(rowptr[lo]), int(rowptr[hi])
             assert torch.equal(ei[:, a:b] - lo, ei1)
             assert torch.equal(off[a:b], off1)

@@ -61,9 +61,7 @@ _REACH_ABS_MARGIN = 1e-9
 SELF_IMAGE_OFFSETS = ((0, 0, 1), (0, 1, 0), (1, 0, 0), (0, 1, 1), (1, 0, 1), (1, 1, 0))
 
 
-def edge_lengths(
-    pos: Tensor, cells: Tensor, graph_of_atom: Tensor, i: Tensor, j: Tensor, o: Tensor
-) -> Tensor:
+def edge_lengths(pos: Tensor, cells: Tensor, graph_of_atom: Tensor, i: Tensor, j: Tensor, o: Tensor) -> Tensor:
     """Float64 lengths ``|p_j + o @ C_g - p_i|`` in the fixed operation order of the module docstring.
 
     Args:
