@@ -13,7 +13,7 @@ if _os.path.isfile(_os.path.join(_root, "kernels", "__init__.py")) and not _os.p
         _os.path.join(_root, "e3relax_fast", "kernels")):
     __path__.append(_root)
 
-from .backends import BackendUnavailableError  # noqa: E402
+from .backends import BackendUnavailableError
 from .batch import Batch
 from .graph import Graph, build_graph
 from .loss import layerwise_loss, unwrap_targets

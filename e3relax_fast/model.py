@@ -26,6 +26,10 @@ MESSAGE_OP = "message_passing"
 # On CPU the reference is the right choice (the fused kernels target GPUs).
 backends.declare(MESSAGE_OP, {"cpu": ("reference",), "cuda": ("triton", "cuda", "cueq", "reference")})
 backends.register(MESSAGE_OP, "reference", _reference_message_passing)
+try:  # registers backend "triton" when Triton and a CUDA device (or TRITON_INTERPRET=1) are present
+    from . import kernels as _kernels  # noqa: E402,F401
+except ImportError:
+    pass
 
 _INV_SQRT_2 = 1 / math.sqrt(2.0)
 _INV_SQRT_3 = 1 / math.sqrt(3.0)
@@ -231,6 +235,11 @@ class E3Relax(nn.Module):
         num_atoms, num_graphs, h = pos.shape[0], cell.shape[0], self.hidden_channels
         graph_index = graph_index_from_ptr(ptr, num_atoms)
         edge_graph = graph_index[edge_index[1]]
+        # Receiver-sorted CSR copy of the graph for the message op (the stable sort keeps each
+        # receiver's edge order; always done, since checking sortedness would need a host sync).
+        order = torch.argsort(edge_index[1], stable=True)
+        mp_edges = (edge_index[:, order], cell_offsets[order], edge_graph[order])
+        rowptr = torch.searchsorted(mp_edges[0][1], torch.arange(num_atoms + 1, device=device))
         rbf = self.radial_basis
 
         s = self.atom_emb.embeddings(batch.atomic_numbers.to(device))
@@ -271,8 +280,9 @@ class E3Relax(nn.Module):
             # --- Step B: atom–atom messages (PaiNN form), summed per receiver.
             mp = self.message_passing_layers[n]
             ds, dv = message_passing(
-                mp.x_proj(s), v, pos, cell, edge_index, cell_offsets, edge_graph,
+                mp.x_proj(s), v, pos, cell, *mp_edges,
                 mp.edge_proj.weight, mp.edge_proj.bias, rbf.rbf.offset, rbf.rbf.coeff, rbf.cutoff,
+                rowptr=rowptr,
             )
             s = (s + ds) * _INV_SQRT_2
             v = v + dv

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import numpy as np
-import pytest
 import torch
+
+# Without a GPU, Triton kernels run on the CPU interpreter. Triton reads this when a kernel is
+# decorated, so it must be set before any e3relax_fast kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -81,12 +80,6 @@ def test_extxyz_pairs_round_trip(tmp_path):
             np.testing.assert_allclose(getattr(a, field), getattr(b, field), atol=1e-8)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes_match_one(tmp_path):
     """Same global batch on 1 and on 2 gloo processes: same weights after a few steps."""
     data = tmp_path / "data"
@@ -96,7 +89,8 @@ def test_torchrun_two_processes_match_one(tmp_path):
             "--max-steps", "3", "--dtype", "float64", "--lr", "1e-3", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = [sys.executable, "-m", "e3relax_fast.cli", "train", "--out", str(tmp_path / "one"), *args]
-    double = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    # --standalone: torchrun picks a free rendezvous port itself (no race with other tests).
+    double = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
               "-m", "e3relax_fast.cli", "train", "--out", str(tmp_path / "two"), *args]
     for cmd in (single, double):
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -26,6 +26,7 @@ def message_passing(
     rbf_centres: Tensor,
     rbf_coeff: float,
     cutoff: float,
+    rowptr: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Messages of every edge, summed into its receiver.
 
@@ -41,10 +42,14 @@ def message_passing(
         edge_graph: ``(E,)`` int64 crystal of each edge.
         edge_weight: ``(3H, R)`` and edge_bias ``(3H,)``: the edge projection W.
         rbf_centres: ``(R,)``; rbf_coeff: Gaussian exponent; cutoff: basis cutoff (Å).
+        rowptr: optional ``(N+1,)`` receiver CSR of receiver-sorted edges. Unused here (``index_add``
+            needs no order); accepted so every backend shares one signature. The fused kernels
+            require it.
 
     Returns:
         ``(ds (N, H), dv (N, 3, H))`` in the dtype of ``x_proj``.
     """
+    del rowptr
     n, h = vec.shape[0], vec.shape[2]
     j, i = edge_index[0], edge_index[1]
     r = edge_vectors(positions, cells, edge_index, cell_offsets, edge_graph)
