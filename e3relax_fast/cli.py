@@ -199,8 +199,8 @@ def add_train_parser(subparsers) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from .data import PairDataset, read_pairs
-    from .evaluate import write_report
     from .evaluate import evaluate as evaluate_model
+    from .evaluate import write_report
     from .pretrained import load_pretrained
 
     model = load_pretrained(args.checkpoint, map_location=args.device)
@@ -227,6 +227,57 @@ def add_eval_parser(subparsers) -> None:
     p.set_defaults(func=run_eval)
 
 
+def run_datagen(args: argparse.Namespace) -> int:
+    from .datagen import generate
+
+    try:
+        summary = generate(
+            args.seeds, args.out, args.n, protocols=args.protocol, calculator=args.calculator,
+            workers=args.workers, batched=args.batched, fmax=args.fmax, max_steps=args.max_steps, seed=args.seed,
+            batch_size=args.batch_size, inherit=args.inherit_splits, id_prefix=args.id_prefix, extxyz=args.extxyz,
+            progress=not args.quiet, threads=args.threads, time_limit=args.time_limit,
+        )
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    splits = ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
+    print(f"datagen: wrote {summary['written']} pairs ({summary['dropped']} dropped) in {summary['seconds']:.0f} s "
+          f"({summary['pairs_per_hour']:.0f} pairs/hour); {args.out} holds {summary['total']} pairs ({splits})")
+    return 0
+
+
+def add_datagen_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "datagen", help="make unrelaxed -> relaxed pairs from seed crystals with a potential",
+        description="Perturb seed crystals (subst: similar-element substitution with volume scaling; rattle: "
+        "strain + displacements), relax them with CHGNet or an ASE calculator (FIRE + unit-cell filter) and "
+        "write the CIF-folder pair format (CIF/, split CSVs by seed, index.csv). Resumes in OUT.",
+    )
+    p.add_argument("--seeds", action="append", required=True,
+                   help="CSV with a 'cif' column, extxyz file or folder of CIFs (repeatable)")
+    p.add_argument("--out", required=True, help="dataset folder (created; an existing one is resumed)")
+    p.add_argument("--n", type=int, required=True, help="pairs the folder should hold")
+    p.add_argument("--protocol", default="subst:4,rattle:1",
+                   help="protocols with optional weights, e.g. subst,rattle (default: subst:4,rattle:1)")
+    p.add_argument("--calculator", default="chgnet", help="chgnet (default), emt, or module:factory")
+    p.add_argument("--workers", type=int, default=1, help="relaxation processes (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    p.add_argument("--batched", action=argparse.BooleanOptionalAction, default=True,
+                   help="batched FIRE, one potential call per step for many structures (default), or ASE's "
+                   "FIRE + UnitCellFilter one structure at a time")
+    p.add_argument("--batch-size", type=int, default=64, help="structures relaxed together (default 64)")
+    p.add_argument("--fmax", type=float, default=0.05, help="force threshold in eV/A (default 0.05)")
+    p.add_argument("--max-steps", type=int, default=300, help="FIRE steps at most (default 300)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the perturbations (default 0)")
+    p.add_argument("--inherit-splits", metavar="DIR",
+                   help="reuse the seed -> split assignment of this dataset (e.g. chgnet_v1) to merge without leakage")
+    p.add_argument("--id-prefix", default="g", help="pair ids are PREFIX + 6 digits (default g)")
+    p.add_argument("--extxyz", action="store_true", help="also write OUT/extxyz/<split>_*.extxyz.gz")
+    p.add_argument("--time-limit", type=float, help="start no new work after this many seconds")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_datagen)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="e3relax-fast", description="One-shot prediction of relaxed crystal structures (E3Relax)."
@@ -235,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_relax_parser(subparsers)
     add_train_parser(subparsers)
     add_eval_parser(subparsers)
+    add_datagen_parser(subparsers)
     return parser
 
 

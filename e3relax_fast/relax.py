@@ -123,6 +123,9 @@ def relax_batch(
     radius: float = 6.0,
     max_neighbors: int = 50,
     graph_backend: str = "auto",
+    refine=None,
+    refine_steps: int = 0,
+    refine_fmax: float = 0.05,
 ) -> RelaxResult:
     """Predict the relaxed structure of every input in one forward pass per batch.
 
@@ -144,6 +147,11 @@ def relax_batch(
             copied, never modified.
         radius: graph radius in Å. max_neighbors: per-atom neighbour cap (spec §3).
         graph_backend: backend of :func:`~e3relax_fast.build_graph`.
+        refine: optional potential to polish the predictions with: an ASE calculator or a batched
+            calculator (see :mod:`e3relax_fast.fire`). When given with ``refine_steps > 0``, every
+            prediction is continued with at most ``refine_steps`` batched FIRE + unit-cell-filter
+            steps (fewer once forces/stress fall below ``refine_fmax`` eV/Å). Needs ASE. A structure
+            the potential fails on keeps its one-shot prediction (reported by a RelaxWarning).
 
     Returns:
         :class:`RelaxResult`: one relaxed structure per input, in input order and of the input's
@@ -184,6 +192,7 @@ def relax_batch(
         max_atoms = DEFAULT_MAX_ATOMS.get(device.type, DEFAULT_MAX_ATOMS_ACCELERATOR)
     valid = list(arrays)
     results: list = [None] * len(items)
+    predicted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     was_training = model.training
     model.eval()
     try:
@@ -195,10 +204,13 @@ def relax_batch(
             for index, pos, cell, ok in zip(indices, positions, cells, finite, strict=True):
                 if ok:
                     results[index] = from_arrays_like(items[index], pos, cell)
+                    predicted[index] = (pos, cell)
                 else:
                     fail(index, "the model's prediction contains NaN or inf")
     finally:
         model.train(was_training)
+    if refine is not None and refine_steps > 0 and predicted:
+        _refine(items, arrays, predicted, results, refine, refine_steps, refine_fmax)
 
     errors = dict(sorted(errors.items()))
     if errors:
@@ -213,3 +225,23 @@ def relax_batch(
             stacklevel=2,
         )
     return RelaxResult(results, errors)
+
+
+def _refine(items, arrays, predicted, results, calculator, steps: int, fmax: float) -> None:
+    """Continue each prediction with a few batched FIRE steps (in place in ``results``)."""
+    from ase import Atoms
+
+    from .fire import BatchedFIRE
+
+    indices = list(predicted)
+    start = [Atoms(numbers=arrays[i][0], positions=predicted[i][0], cell=predicted[i][1], pbc=True) for i in indices]
+    outcomes = BatchedFIRE(calculator, fmax=fmax, max_steps=steps).relax(start)
+    failed = []
+    for index, outcome in zip(indices, outcomes, strict=True):
+        if outcome.error is not None:
+            failed.append(index)
+            continue
+        results[index] = from_arrays_like(items[index], outcome.atoms.positions, outcome.atoms.cell.array)
+    if failed:
+        warnings.warn(f"relax_batch: refinement failed for structure(s) {failed}; their one-shot predictions "
+                      "are returned", RelaxWarning, stacklevel=3)

@@ -1,0 +1,746 @@
+"""Make unrelaxed → relaxed pairs from seed crystals with an interatomic potential (``e3relax-fast datagen``).
+
+Protocols (as for ``/work/shared/data/pairs/chgnet_v1``, see its README):
+
+- ``subst``: replace 1..all elements of a seed by chemically similar ones (:func:`similar_elements`:
+  same group, one row up or down; lanthanides Ce–Lu: their neighbours in the series; Z ≤ 83, no
+  H, noble gases or radioactive elements; a new element is never one already in the structure),
+  then scale the volume by Σ r_new³ / Σ r_old³ with ASE's covalent radii (an unrelaxed guess as
+  prototype-substitution pipelines make). The substitutions of one seed never repeat.
+- ``rattle``: symmetric strain with entries uniform in [−0.05, 0.05] (cell' = cell (I + ε)), then
+  Gaussian displacements with σ = 0.08 Å.
+
+Every unrelaxed structure is relaxed (FIRE + unit-cell filter, ``fmax`` eV/Å, at most
+``max_steps`` steps) with CHGNet or any ASE calculator; unconverged runs, volume changes beyond 3×
+and structures the model could not take are dropped (listed in ``dropped.csv``).
+
+Job ``k`` is a pure function of ``k``, the seed files and ``--seed``: sources are interleaved
+(job k comes from source ``k mod S``), each source's seeds in a fixed shuffled order, the variant
+of a seed is how often it came round before, and each (seed, variant) has its own RNG. Ids are
+``<prefix><k:06d>``. A run is resumable: ids in ``index.csv`` or ``dropped.csv`` are skipped, and
+``datagen.json`` records the settings that define the jobs (a resume with other ones is refused).
+Splits are by seed (a hash of the seed id only, or inherited from an existing dataset), so the
+variants of one seed — also across runs with other ``--seed`` — never straddle splits.
+
+Output (the CIF folder format of :mod:`e3relax_fast.data`): ``CIF/<id>_unrelaxed.cif``,
+``CIF/<id>_relaxed.cif`` (same atom order), ``train.csv``/``val.csv``/``test.csv`` (column
+``atoms_id``), ``index.csv`` (``atoms_id,protocol,seed_id,note,natoms,steps,e_unrelaxed,e_relaxed``,
+energies in eV/atom), ``dropped.csv`` and optionally ``extxyz/<split>_{unrelaxed,relaxed}.extxyz.gz``
+(non-empty splits only).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .data import SPLITS
+
+INDEX_COLUMNS = ("atoms_id", "protocol", "seed_id", "note", "natoms", "steps", "e_unrelaxed", "e_relaxed")
+DROPPED_COLUMNS = ("atoms_id", "protocol", "seed_id", "note", "natoms", "steps", "reason")
+PROTOCOLS = ("subst", "rattle")
+#: Largest allowed volume ratio (either way) between relaxed and unrelaxed cells.
+MAX_VOLUME_RATIO = 3.0
+STRAIN = 0.05  # strain entries uniform in [-STRAIN, STRAIN]
+RATTLE_SIGMA = 0.08  # Å
+
+# --- chemistry ----------------------------------------------------------------------------------
+
+NOBLE_GASES = frozenset({2, 10, 18, 36, 54, 86})
+RADIOACTIVE = frozenset({43, 61})  # Tc, Pm; and everything above Bi (Z > 83)
+MAX_SUBST_Z = 83
+LANTHANIDES = range(58, 72)  # Ce..Lu; La sits in group 3
+_PERIOD_ENDS = (2, 10, 18, 36, 54, 86, 118)
+
+
+def period_group(z: int) -> tuple[int, int | None]:
+    """(row, IUPAC group) of element ``z``; group ``None`` for Ce–Lu and Th–Lr."""
+    start = 0
+    for row, end in enumerate(_PERIOD_ENDS, start=1):
+        if z <= end:
+            pos = z - start - 1
+            length = end - start
+            if length == 2:
+                return row, (1 if pos == 0 else 18)
+            if length == 8:
+                return row, (pos + 1 if pos < 2 else pos + 11)
+            if length == 18:
+                return row, pos + 1
+            if pos <= 2:  # alkali, alkaline earth, La/Ac
+                return row, pos + 1
+            if pos <= 16:
+                return row, None
+            return row, pos - 13
+        start = end
+    raise ValueError(f"no element Z={z}")
+
+
+def _allowed(z: int) -> bool:
+    return 1 < z <= MAX_SUBST_Z and z not in NOBLE_GASES and z not in RADIOACTIVE
+
+
+def similar_elements(z: int) -> list[int]:
+    """Elements that may replace ``z`` in ``subst`` (ascending Z; empty if ``z`` itself is excluded)."""
+    if not _allowed(z):
+        return []
+    row, group = period_group(z)
+    out = set()
+    if group is not None:
+        for other in range(1, MAX_SUBST_Z + 1):
+            r, g = period_group(other)
+            if g == group and abs(r - row) == 1:
+                out.add(other)
+    if z in LANTHANIDES or z == 57:
+        out.update(o for o in (z - 1, z + 1) if 57 <= o <= 71)
+    return sorted(o for o in out if _allowed(o))
+
+
+def _radius_cubed_sum(numbers: Sequence[int]) -> float:
+    from ase.data import covalent_radii
+
+    return float(np.sum(covalent_radii[np.asarray(numbers)] ** 3))
+
+
+# --- seeds --------------------------------------------------------------------------------------
+
+
+@dataclass
+class SeedSource:
+    """Seed crystals of one file or folder: ids and a loader ``load(i) -> ase.Atoms``."""
+
+    name: str
+    ids: list[str]
+    load: Callable = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _prefix(path: Path) -> str:
+    stem = path.name
+    for suffix in (".gz", ".extxyz", ".xyz", ".csv"):
+        stem = stem.removesuffix(suffix)
+    return re.sub(r"[^a-z]", "", stem.lower()) or "seed"
+
+
+def _read_cif_text(text: str):
+    from ase.io import read
+
+    return read(io.StringIO(text), format="cif")
+
+
+def load_seed_source(path: str | Path) -> SeedSource:
+    """Seeds from a CSV with a ``cif`` column (ids ``<prefix>-<material_id>``, prefix: the letters
+    of the file name, e.g. ``perovval``), an extxyz/xyz file (ids from ``info`` ``atoms_id``,
+    ``material_id`` or another ``*_id`` key, else the frame index) or a folder of ``*.cif`` files
+    (ids ``<folder prefix>-<file stem>``)."""
+    from ase.io import read
+
+    path = Path(path)
+    prefix = _prefix(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.cif"))
+        if not files:
+            raise ValueError(f"no .cif files in {path}")
+        return SeedSource(prefix, [f"{prefix}-{f.stem}" for f in files], lambda i: read(files[i], format="cif"))
+    if path.suffix == ".csv":
+        csv.field_size_limit(sys.maxsize)
+        with path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        if not rows or "cif" not in rows[0]:
+            raise ValueError(f"{path}: no 'cif' column")
+        key = next((k for k in ("material_id", "atoms_id", "id") if k in rows[0]), None)
+        ids = [f"{prefix}-{row[key] if key else k}" for k, row in enumerate(rows)]
+        texts = [row["cif"] for row in rows]
+        return SeedSource(prefix, ids, lambda i: _read_cif_text(texts[i]))
+    frames = read(path, index=":")
+    ids = []
+    for k, atoms in enumerate(frames):
+        info = atoms.info
+        key = next((x for x in ("atoms_id", "material_id", "seed_id") if x in info), None)
+        key = key or next((x for x in sorted(info) if x.endswith("_id")), None)
+        ids.append(f"{prefix}-{info[key] if key else k}")
+    return SeedSource(prefix, ids, lambda i: frames[i].copy())
+
+
+# --- protocols ----------------------------------------------------------------------------------
+
+
+def _rng(*words) -> np.random.Generator:
+    digest = hashlib.sha256("|".join(map(str, words)).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def _draw_substitution(numbers: np.ndarray, rng: np.random.Generator) -> dict[int, int] | None:
+    species = sorted(set(int(z) for z in numbers))
+    options = {z: similar_elements(z) for z in species}
+    movable = [z for z in species if options[z]]
+    if not movable:
+        return None
+    count = int(rng.integers(1, len(movable) + 1))
+    chosen = [movable[i] for i in rng.permutation(len(movable))[:count]]
+    present = set(species)
+    mapping = {}
+    for z in chosen:
+        free = [o for o in options[z] if o not in present]
+        if not free:
+            continue
+        new = int(free[rng.integers(len(free))])
+        mapping[z] = new
+        present.discard(z)
+        present.add(new)
+    return mapping or None
+
+
+def substitutions(seed_id: str, numbers: np.ndarray, count: int, seed: int, tries: int = 50) -> list[dict]:
+    """The first ``count`` distinct substitutions of a seed (fewer if it has no more); element
+    maps ``{old Z: new Z}``, drawn from the seed's own RNG stream."""
+    rng = _rng(seed, seed_id, "subst")
+    found: list[dict] = []
+    seen = set()
+    for _ in range(tries * count):
+        if len(found) >= count:
+            break
+        mapping = _draw_substitution(numbers, rng)
+        if mapping is None:
+            break
+        key = tuple(sorted(mapping.items()))
+        if key not in seen:
+            seen.add(key)
+            found.append(mapping)
+    return found
+
+
+def apply_substitution(atoms, mapping: dict[int, int]):
+    """A copy of ``atoms`` with elements replaced and the volume scaled by Σ r_new³ / Σ r_old³."""
+    from ase.data import chemical_symbols
+
+    out = atoms.copy()
+    old = out.numbers.copy()
+    out.numbers = np.array([mapping.get(int(z), int(z)) for z in old])
+    scale = (_radius_cubed_sum(out.numbers) / _radius_cubed_sum(old)) ** (1.0 / 3.0)
+    out.set_cell(out.cell.array * scale, scale_atoms=True)
+    note = ";".join(f"{chemical_symbols[a]}>{chemical_symbols[b]}" for a, b in sorted(mapping.items()))
+    return out, note
+
+
+def apply_rattle(atoms, rng: np.random.Generator):
+    """A copy of ``atoms`` strained (symmetric ε, entries in [−0.05, 0.05]) and rattled (σ = 0.08 Å)."""
+    out = atoms.copy()
+    upper = rng.uniform(-STRAIN, STRAIN, size=6)
+    eps = np.zeros((3, 3))
+    eps[np.triu_indices(3)] = upper
+    eps = eps + np.triu(eps, 1).T
+    out.set_cell(out.cell.array @ (np.eye(3) + eps), scale_atoms=True)
+    out.positions = out.positions + rng.normal(0.0, RATTLE_SIGMA, size=out.positions.shape)
+    return out
+
+
+def parse_protocols(text: str) -> dict[str, float]:
+    """``"subst,rattle"`` or with weights ``"subst:4,rattle:1"`` → normalised weights."""
+    weights = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, weight = part.partition(":")
+        if name not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
+        weights[name] = float(weight) if weight else 1.0
+        if weights[name] <= 0:
+            raise ValueError(f"protocol weight must be positive: {part!r}")
+    if not weights:
+        raise ValueError("no protocol given")
+    total = sum(weights.values())
+    return {k: v / total for k, v in weights.items()}
+
+
+# --- jobs ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One unrelaxed structure to relax."""
+
+    atoms_id: str
+    seed_id: str
+    protocol: str
+    note: str
+    atoms: object
+
+
+class JobPlan:
+    """Job ``k`` as a pure function of ``k`` (see the module docstring)."""
+
+    def __init__(self, sources: Sequence[SeedSource], protocols: dict[str, float], seed: int = 0,
+                 id_prefix: str = "g") -> None:
+        if not sources or any(len(s) == 0 for s in sources):
+            raise ValueError("every seed source must hold at least one seed")
+        all_ids = [i for s in sources for i in s.ids]
+        if len(set(all_ids)) != len(all_ids):
+            raise ValueError("seed ids repeat across or within seed files; rename a file or folder")
+        self.sources = list(sources)
+        self.protocols = protocols
+        self.seed = seed
+        self.id_prefix = id_prefix
+        self.order = [_rng(seed, "order", s.name, len(s)).permutation(len(s)) for s in self.sources]
+        self._cache: dict[str, object] = {}
+
+    def locate(self, k: int) -> tuple[SeedSource, int, int]:
+        """(source, seed index, variant) of job ``k``."""
+        src = self.sources[k % len(self.sources)]
+        j = k // len(self.sources)
+        order = self.order[k % len(self.sources)]
+        return src, int(order[j % len(src)]), j // len(src)
+
+    def atoms_id(self, k: int) -> str:
+        return f"{self.id_prefix}{k:06d}"
+
+    def _protocol(self, seed_id: str, variant: int) -> str:
+        names = list(self.protocols)
+        return names[_rng(self.seed, seed_id, variant, "protocol").choice(len(names), p=list(self.protocols.values()))]
+
+    def job(self, k: int) -> Job:
+        from ase import Atoms
+
+        src, index, variant = self.locate(k)
+        seed_id = src.ids[index]
+        loaded = src.load(index)
+        # Only species, positions and cell: CIF-reader extras (occupancies, kinds) would go stale.
+        atoms = Atoms(numbers=loaded.numbers, positions=loaded.positions, cell=loaded.cell.array, pbc=True)
+        protocol = self._protocol(seed_id, variant)
+        if protocol == "subst":
+            rank = sum(self._protocol(seed_id, v) == "subst" for v in range(variant))
+            found = substitutions(seed_id, atoms.numbers, rank + 1, self.seed)
+            if len(found) > rank:
+                unrelaxed, note = apply_substitution(atoms, found[rank])
+                return Job(self.atoms_id(k), seed_id, "subst", note, unrelaxed)
+            protocol = "rattle"  # no (further) distinct substitution for this seed
+        unrelaxed = apply_rattle(atoms, _rng(self.seed, seed_id, variant, "rattle"))
+        return Job(self.atoms_id(k), seed_id, protocol, "rattle", unrelaxed)
+
+
+def split_of(seed_id: str, fractions: Sequence[float] = (0.8, 0.1, 0.1), inherited: dict | None = None) -> str:
+    """Split of a seed: ``inherited[seed_id]`` when given, else from a hash of the seed id alone."""
+    if inherited and seed_id in inherited:
+        return inherited[seed_id]
+    u = int.from_bytes(hashlib.sha256(seed_id.encode()).digest()[:8], "little") / 2.0**64
+    edges = np.cumsum(fractions) / np.sum(fractions)
+    return SPLITS[min(int(np.searchsorted(edges, u, side="right")), len(SPLITS) - 1)]
+
+
+def inherit_splits(root: str | Path) -> dict[str, str]:
+    """``{seed_id: split}`` of an existing dataset (its ``index.csv`` and split CSVs)."""
+    root = Path(root)
+    seed_of = {row["atoms_id"]: row["seed_id"] for row in _read_rows(root / "index.csv", INDEX_COLUMNS)}
+    out = {}
+    for split in SPLITS:
+        path = root / f"{split}.csv"
+        if path.exists():
+            with path.open(newline="") as fh:
+                for row in csv.DictReader(fh):
+                    if row.get("atoms_id") in seed_of:
+                        out[seed_of[row["atoms_id"]]] = split
+    return out
+
+
+# --- calculators and relaxation -----------------------------------------------------------------
+
+
+def make_calculator(name: str, batched: bool, batch_size: int = 32, device: str = "cpu"):
+    """``"chgnet"`` (pretrained CHGNet 0.3.0), ``"emt"`` (ASE's EMT) or ``"module:factory"`` (an
+    ASE calculator class or factory). With ``batched`` the result is a batched calculator for
+    :class:`~e3relax_fast.fire.BatchedFIRE`, else an ASE calculator."""
+    from .fire import ASEBatchCalculator, CHGNetBatchCalculator
+
+    if name == "chgnet":
+        if batched:
+            return CHGNetBatchCalculator(batch_size=batch_size, device=device)
+        from chgnet.model import CHGNetCalculator
+
+        # An isolated atom fails the structure, as in the batched adapter.
+        return CHGNetCalculator(use_device=device, on_isolated_atoms="error")
+    if name == "emt":
+        from ase.calculators.emt import EMT
+
+        calc = EMT()
+    elif ":" in name:
+        import importlib
+
+        module, _, attr = name.partition(":")
+        calc = getattr(importlib.import_module(module), attr)()
+    else:
+        raise ValueError(f"unknown calculator {name!r}: use chgnet, emt or module:factory")
+    return ASEBatchCalculator(calc) if batched else calc
+
+
+@dataclass
+class Settings:
+    """What a worker needs to relax jobs."""
+
+    calculator: str = "chgnet"
+    batched: bool = True
+    fmax: float = 0.05
+    max_steps: int = 300
+    batch_size: int = 32
+    threads: int = 1
+    device: str = "cpu"
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(settings: Settings) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", str(settings.threads))
+    try:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+    except ImportError:
+        pass
+    _WORKER["settings"] = settings
+    _WORKER["calc"] = make_calculator(settings.calculator, settings.batched, settings.batch_size, settings.device)
+
+
+def _relax_iter(atoms_iter, settings: Settings) -> Iterator[tuple[int, object]]:
+    """Yield ``(position in atoms_iter, RelaxOutcome)`` as relaxations finish."""
+    from .fire import BatchedFIRE, relax_one_ase
+
+    if "calc" not in _WORKER or _WORKER["settings"] != settings:
+        _init_worker(settings)
+    calc = _WORKER["calc"]
+    if settings.batched:
+        fire = BatchedFIRE(calc, fmax=settings.fmax, max_steps=settings.max_steps, max_batch=settings.batch_size)
+        yield from fire.irelax(atoms_iter)
+    else:
+        for k, atoms in enumerate(atoms_iter):
+            yield k, relax_one_ase(atoms, calc, fmax=settings.fmax, max_steps=settings.max_steps)
+
+
+def _relax_chunk(args) -> list:
+    atoms_list, settings = args
+    return sorted(_relax_iter(atoms_list, settings), key=lambda t: t[0])
+
+
+def judge(job: Job, outcome) -> str | None:
+    """Why a relaxation is dropped, or ``None`` to keep it."""
+    from .structures import InvalidStructureError, validate
+
+    if outcome.error:
+        return outcome.error
+    if not outcome.converged:
+        return f"not converged in {outcome.steps} steps (fmax {outcome.fmax:.3f} eV/A)"
+    ratio = outcome.atoms.get_volume() / job.atoms.get_volume()
+    if not 1.0 / MAX_VOLUME_RATIO <= ratio <= MAX_VOLUME_RATIO:
+        return f"volume changed {ratio:.2f}x"
+    try:
+        validate(outcome.atoms.numbers, outcome.atoms.positions, outcome.atoms.cell.array)
+    except InvalidStructureError as err:
+        return f"relaxed structure invalid: {err.reason}"
+    return None
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def _read_rows(path: Path, columns: Sequence[str]) -> list[dict]:
+    """Complete rows of a CSV written by this module (a torn last line is ignored)."""
+    if not path.exists():
+        return []
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    good = [r for r in rows if None not in r and all(r.get(c) not in (None, "") for c in columns[:3])]
+    return list({r["atoms_id"]: r for r in good}.values())
+
+
+def _rewrite_rows(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+class _Appender:
+    def __init__(self, path: Path, columns: Sequence[str]) -> None:
+        new = not path.exists()
+        self.fh = path.open("a", newline="")
+        self.writer = csv.DictWriter(self.fh, fieldnames=columns)
+        if new:
+            self.writer.writeheader()
+            self.fh.flush()
+
+    def write(self, row: dict) -> None:
+        self.writer.writerow(row)
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def _write_cif(atoms, path: Path) -> None:
+    from ase.io import write
+
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp, atoms, format="cif", wrap=False)
+    tmp.replace(path)
+
+
+def write_splits(out: Path, fractions: Sequence[float], inherited: dict | None) -> dict[str, int]:
+    """(Re)write ``train.csv``/``val.csv``/``test.csv`` from ``index.csv``; returns the counts."""
+    rows = _read_rows(out / "index.csv", INDEX_COLUMNS)
+    ids: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for row in rows:
+        ids[split_of(row["seed_id"], fractions, inherited)].append(row["atoms_id"])
+    for split, members in ids.items():
+        _rewrite_rows(out / f"{split}.csv", ("atoms_id",), [{"atoms_id": i} for i in sorted(members)])
+    return {s: len(v) for s, v in ids.items()}
+
+
+class _Progress:
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self.total, self.count, self.enabled = total, initial, enabled
+        self.start = time.perf_counter()
+        self.bar = None
+        self.last = 0.0
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=initial, unit="pair", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, written: int, dropped: int) -> None:
+        self.count += written
+        if self.bar is not None:
+            self.bar.update(written)
+            self.bar.set_postfix(dropped=dropped, refresh=False)
+        elif self.enabled and (time.perf_counter() - self.last > 30 or self.count >= self.total):
+            self.last = time.perf_counter()
+            print(f"datagen: {self.count}/{self.total} pairs, {dropped} dropped, "
+                  f"{time.perf_counter() - self.start:.0f} s", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def generate(seeds: Sequence[str | Path], out: str | Path, n: int, protocols: str | dict = "subst:4,rattle:1",
+             calculator: str = "chgnet", workers: int = 1, batched: bool = True, fmax: float = 0.05,
+             max_steps: int = 300, seed: int = 0, batch_size: int = 64, split_fractions=(0.8, 0.1, 0.1),
+             inherit: str | Path | None = None, id_prefix: str = "g", extxyz: bool = False,
+             progress: bool = True, threads: int = 1, max_attempts: int | None = None,
+             time_limit: float | None = None) -> dict:
+    """Make pairs until ``out`` holds ``n`` of them (resuming earlier work); see the module docstring.
+
+    Args:
+        seeds: seed files/folders (:func:`load_seed_source`).
+        protocols: ``"subst,rattle"``-style string with optional ``:weight`` (default 4:1 like
+            chgnet_v1) or a ``{name: weight}`` dict.
+        calculator: ``chgnet``, ``emt`` or ``module:factory`` (:func:`make_calculator`).
+        workers: processes relaxing in parallel (each with ``threads`` torch threads).
+        batched: :class:`~e3relax_fast.fire.BatchedFIRE` with ``batch_size`` structures per
+            potential call; else ASE's FIRE + UnitCellFilter one structure at a time.
+        split_fractions: train/val/test shares for seeds not in ``inherit`` (a dataset folder whose
+            seed → split assignment is reused, so the datasets can be merged without leakage).
+        max_attempts: stop after this many jobs were tried in total (default ``4 n + 100``).
+        time_limit: stop starting new work after this many seconds.
+
+    Returns:
+        A summary: ``written`` (this call), ``dropped`` (this call), ``total`` (pairs in ``out``),
+        ``splits`` (counts), ``seconds``, ``pairs_per_hour``.
+    """
+    out = Path(out)
+    (out / "CIF").mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)
+    try:
+        return _generate(seeds, out, n, protocols, calculator, workers, batched, fmax, max_steps, seed, batch_size,
+                         split_fractions, inherit, id_prefix, extxyz, progress, threads, max_attempts, time_limit)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _lock(out: Path) -> Path:
+    """Refuse a second live run on the same folder (``datagen.lock`` holds the owner's pid)."""
+    lock = out / "datagen.lock"
+    if lock.exists():
+        try:
+            pid = int(lock.read_text().strip() or 0)
+            os.kill(pid, 0)
+            alive = pid != os.getpid()
+        except (ValueError, ProcessLookupError):
+            alive = False
+        except PermissionError:
+            alive = True
+        if alive:
+            raise ValueError(f"{out} is being written by process {pid} (remove {lock} if that is wrong)")
+    lock.write_text(f"{os.getpid()}\n")
+    return lock
+
+
+def _generate(seeds, out, n, protocols, calculator, workers, batched, fmax, max_steps, seed, batch_size,
+              split_fractions, inherit, id_prefix, extxyz, progress, threads, max_attempts, time_limit) -> dict:
+    weights = parse_protocols(protocols) if isinstance(protocols, str) else dict(protocols)
+    sources = [load_seed_source(p) for p in seeds]
+    plan = JobPlan(sources, weights, seed=seed, id_prefix=id_prefix)
+    config = {"seeds": [str(Path(p).resolve()) for p in seeds], "seed_counts": [len(s) for s in sources],
+              "protocols": weights, "seed": seed, "id_prefix": id_prefix, "fmax": fmax, "max_steps": max_steps,
+              "calculator": calculator, "split_fractions": list(split_fractions),
+              "inherit": str(Path(inherit).resolve()) if inherit else None}
+    _check_config(out / "datagen.json", config)
+    inherited = inherit_splits(inherit) if inherit else None
+
+    index_rows = _read_rows(out / "index.csv", INDEX_COLUMNS)
+    dropped_rows = _read_rows(out / "dropped.csv", DROPPED_COLUMNS)
+    for path, columns, rows in ((out / "index.csv", INDEX_COLUMNS, index_rows),
+                                (out / "dropped.csv", DROPPED_COLUMNS, dropped_rows)):
+        if path.exists():
+            _rewrite_rows(path, columns, rows)  # drop a torn line left by an interrupted run
+    done = {r["atoms_id"] for r in index_rows} | {r["atoms_id"] for r in dropped_rows}
+    total = len(index_rows)
+    max_attempts = max_attempts if max_attempts is not None else 4 * n + 100
+    settings = Settings(calculator, batched, fmax, max_steps, batch_size, threads)
+
+    index = _Appender(out / "index.csv", INDEX_COLUMNS)
+    dropped_file = _Appender(out / "dropped.csv", DROPPED_COLUMNS)
+    bar = _Progress(n, min(total, n), progress)
+    start = time.perf_counter()
+    counters = {"written": 0, "dropped": 0, "in_flight": 0, "next": 0}
+
+    def pending() -> Iterator[Job]:
+        """Jobs not done yet, while more pairs are needed (lazily, so stopping is prompt)."""
+        while counters["next"] < max_attempts:
+            if total + counters["written"] + counters["in_flight"] >= n:
+                return
+            if time_limit is not None and time.perf_counter() - start > time_limit:
+                return
+            k = counters["next"]
+            counters["next"] += 1
+            if plan.atoms_id(k) in done:
+                continue
+            counters["in_flight"] += 1
+            yield plan.job(k)
+
+    def record(job: Job, outcome) -> None:
+        counters["in_flight"] -= 1
+        reason = judge(job, outcome)
+        natoms = len(job.atoms)
+        if reason is not None:
+            dropped_file.write({"atoms_id": job.atoms_id, "protocol": job.protocol, "seed_id": job.seed_id,
+                                "note": job.note, "natoms": natoms, "steps": outcome.steps, "reason": reason})
+            counters["dropped"] += 1
+            bar.update(0, counters["dropped"])
+            return
+        _write_cif(job.atoms, out / "CIF" / f"{job.atoms_id}_unrelaxed.cif")
+        _write_cif(outcome.atoms, out / "CIF" / f"{job.atoms_id}_relaxed.cif")
+        index.write({"atoms_id": job.atoms_id, "protocol": job.protocol, "seed_id": job.seed_id, "note": job.note,
+                     "natoms": natoms, "steps": outcome.steps, "e_unrelaxed": f"{outcome.energy_initial / natoms:.6f}",
+                     "e_relaxed": f"{outcome.energy / natoms:.6f}"})
+        counters["written"] += 1
+        bar.update(1, counters["dropped"])
+        if counters["written"] % 20 == 0:  # keep the split files usable while a long run goes on
+            write_splits(out, split_fractions, inherited)
+
+    pool = None
+    try:
+        if workers > 1:
+            import multiprocessing as mp
+
+            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(settings,))
+        # Rounds: a round feeds jobs until enough are in flight; drops are made up by the next one.
+        while True:
+            before = counters["next"]
+            if pool is None:
+                jobs: list[Job | None] = []
+
+                def feed(jobs=jobs):
+                    for job in pending():
+                        jobs.append(job)
+                        yield job.atoms
+
+                for k, outcome in _relax_iter(feed(), settings):
+                    record(jobs[k], outcome)
+                    jobs[k] = None  # free memory
+            else:
+                _run_pool(pool, pending(), settings, 2 * workers, record)
+            if counters["next"] == before:
+                break
+    finally:
+        if pool is not None:
+            pool.terminate()
+        index.close()
+        dropped_file.close()
+        bar.close()
+    seconds = time.perf_counter() - start
+    splits = write_splits(out, split_fractions, inherited)
+    if extxyz:
+        from .data import read_cif_pairs, write_extxyz_pairs
+
+        for split in SPLITS:
+            pairs = read_cif_pairs(out, split)
+            if pairs:  # an empty extxyz file is unreadable; an empty split gets none
+                write_extxyz_pairs(pairs, out / "extxyz", split)
+    return {"written": counters["written"], "dropped": counters["dropped"], "total": total + counters["written"],
+            "splits": splits, "seconds": seconds,
+            "pairs_per_hour": counters["written"] / seconds * 3600 if seconds > 0 else float("nan")}
+
+
+def _run_pool(pool, jobs: Iterator[Job], settings: Settings, max_in_flight: int, record) -> None:
+    """Relax chunks of jobs in the worker pool, at most ``max_in_flight`` chunks at a time."""
+    chunk = settings.batch_size if settings.batched else 4
+    in_flight = []
+    exhausted = False
+    while True:
+        while not exhausted and len(in_flight) < max_in_flight:
+            part = []
+            for job in jobs:
+                part.append(job)
+                if len(part) >= chunk:
+                    break
+            if not part:
+                exhausted = True
+                break
+            in_flight.append((part, pool.apply_async(_relax_chunk, (([j.atoms for j in part], settings),))))
+        if not in_flight:
+            return
+        ready = next((x for x in in_flight if x[1].ready()), None)
+        if ready is None:
+            time.sleep(0.2)
+            continue
+        in_flight.remove(ready)
+        part, result = ready
+        for k, outcome in result.get():
+            record(part[k], outcome)
+
+
+def _check_config(path: Path, config: dict) -> None:
+    """Refuse to resume with settings that change what job ``k`` is (or what counts as done)."""
+    if path.exists():
+        old = json.loads(path.read_text())
+        keys = ("seeds", "seed_counts", "protocols", "seed", "id_prefix", "fmax", "max_steps", "split_fractions",
+                "inherit")
+        changed = [k for k in keys if old.get(k) != config.get(k)]
+        if changed:
+            raise ValueError(f"{path.parent} was made with other settings ({', '.join(changed)}: "
+                             f"{[old.get(k) for k in changed]} then, {[config.get(k) for k in changed]} now); "
+                             "use another --out")
+        if old.get("calculator") != config["calculator"]:
+            raise ValueError(f"{path.parent} was made with calculator {old.get('calculator')!r}; use another --out")
+        return
+    path.write_text(json.dumps(config, indent=1) + "\n")
+
+
+__all__ = ["Job", "JobPlan", "SeedSource", "Settings", "apply_rattle", "apply_substitution", "generate",
+           "inherit_splits", "judge", "load_seed_source", "make_calculator", "parse_protocols", "period_group",
+           "similar_elements", "split_of", "substitutions", "write_splits"]

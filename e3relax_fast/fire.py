@@ -1,0 +1,522 @@
+"""Batched FIRE relaxation with a unit-cell filter: many crystals, one potential call per step.
+
+:class:`BatchedFIRE` reproduces ASE's ``FIRE(UnitCellFilter(atoms))`` for every structure of a
+batch (same degrees of freedom, same FIRE parameters and update rule, same convergence test), but
+evaluates all active structures with one call of a *batched calculator*. Structures that converge
+or run out of steps leave the active set and, when more are queued, new ones take their place, so
+the batch stays full.
+
+Units (ASE's): positions and cells in Å (lattice vectors as rows), energies in eV per structure
+(not per atom), forces in eV/Å, stress in eV/Å³ with ASE's sign convention (the derivative of the
+energy with respect to strain divided by the volume: positive when the cell wants to shrink),
+``fmax`` in eV/Å. The cell degrees of freedom are ASE's ``UnitCellFilter`` ones: the deformation
+gradient ``F`` (cell = orig_cell @ F.T) scaled by ``cell_factor`` = number of atoms; their
+"forces" are the virial ``-volume * stress`` (eV) mapped through ``F`` and divided by
+``cell_factor``. A structure has converged when every atom's force and every row of that
+cell force is below ``fmax`` (strictly), as in ASE.
+
+A batched calculator is any callable ``calc(list_of_atoms) -> (energies (B,), forces, stresses)``
+with ``forces`` a list of ``(n_b, 3)`` arrays (or one ``(sum n_b, 3)`` array) and ``stresses``
+``(B, 3, 3)`` or Voigt ``(B, 6)``; a structure that cannot be evaluated gets a non-finite energy
+and is reported as an error. Adapters: :class:`ASEBatchCalculator` (any ASE calculator, one
+structure after another) and :class:`CHGNetBatchCalculator` (CHGNet's batched prediction).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+BatchCalculator = Callable[[list], tuple]
+
+#: eV/Å³ per GPa.
+GPA = 1.0 / 160.21766208
+
+
+@dataclass(frozen=True)
+class FireParams:
+    """FIRE parameters; the defaults are ASE's (``ase.optimize.FIRE``). ``maxstep`` (Å) bounds the
+    norm of one structure's whole step (all atoms and cell rows together), as in ASE."""
+
+    dt: float = 0.1
+    maxstep: float = 0.2
+    dtmax: float = 1.0
+    Nmin: int = 5
+    finc: float = 1.1
+    fdec: float = 0.5
+    astart: float = 0.1
+    fa: float = 0.99
+
+
+@dataclass
+class RelaxOutcome:
+    """Result of relaxing one structure.
+
+    Attributes:
+        atoms: the final structure (an ``ase.Atoms`` copy of the input with new positions and cell,
+            no calculator); the last structure evaluated.
+        converged: the convergence test passed within ``max_steps``.
+        steps: FIRE steps taken (ASE's ``nsteps``).
+        energy_initial, energy: potential energy (eV) of the input and of ``atoms``.
+        fmax: the largest force/cell-force row norm (eV/Å) of ``atoms``.
+        error: why the structure could not be evaluated, else ``None``.
+    """
+
+    atoms: object
+    converged: bool
+    steps: int
+    energy_initial: float
+    energy: float
+    fmax: float
+    error: str | None = None
+
+
+def _as_full_stress(stresses) -> np.ndarray:
+    s = np.asarray(stresses, dtype=np.float64)
+    if s.ndim == 2 and s.shape[1] == 6:  # Voigt xx yy zz yz xz xy
+        xx, yy, zz, yz, xz, xy = s.T
+        s = np.stack([np.stack([xx, xy, xz], -1), np.stack([xy, yy, yz], -1), np.stack([xz, yz, zz], -1)], 1)
+    if s.ndim != 3 or s.shape[1:] != (3, 3):
+        raise ValueError(f"stresses must be (B, 3, 3) or (B, 6), got {s.shape}")
+    return s
+
+
+class ASEBatchCalculator:
+    """Batched-calculator adapter for any ASE calculator: evaluates the structures one by one.
+
+    A structure whose evaluation raises gets NaN results (reported as an error by the optimiser)
+    instead of stopping the batch; ``KeyboardInterrupt`` still propagates.
+    """
+
+    def __init__(self, calculator) -> None:
+        self.calculator = calculator
+
+    def __call__(self, atoms_list: Sequence) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        energies = np.full(len(atoms_list), np.nan)
+        forces = [np.full((len(a), 3), np.nan) for a in atoms_list]
+        stresses = np.full((len(atoms_list), 3, 3), np.nan)
+        for k, atoms in enumerate(atoms_list):
+            atoms.calc = self.calculator
+            try:
+                energies[k] = atoms.get_potential_energy()
+                forces[k] = np.asarray(atoms.get_forces(), dtype=np.float64)
+                stresses[k] = atoms.get_stress(voigt=False)
+            except Exception:  # any failure of a third-party calculator marks this structure only
+                energies[k] = np.nan
+            finally:
+                atoms.calc = None
+        return energies, forces, stresses
+
+
+@contextlib.contextmanager
+def _first_order_autograd():
+    """Make ``torch.autograd.grad`` skip ``create_graph`` while active.
+
+    CHGNet's forward asks for ``create_graph=True`` (needed for training on forces); for
+    inference that builds a double-backward graph that costs time and memory and grows with the
+    batch. Gradients are unchanged (float32 noise). Not thread-safe: patches a module attribute.
+    """
+    import torch
+
+    original = torch.autograd.grad
+
+    def grad(*args, **kwargs):
+        kwargs["create_graph"] = False
+        return original(*args, **kwargs)
+
+    torch.autograd.grad = grad
+    try:
+        yield
+    finally:
+        torch.autograd.grad = original
+
+
+class CHGNetBatchCalculator:
+    """Batched-calculator adapter for CHGNet (``chgnet`` package): graphs are built per structure,
+    the model runs on up to ``batch_size`` structures per forward call
+    (``CHGNet.predict_graph``). Energies are converted from eV/atom to eV, stress from GPa to eV/Å³.
+
+    Args:
+        model: a ``chgnet.model.CHGNet``; ``None`` loads the pretrained one shipped in the wheel
+            (``model_name``, default "0.3.0").
+        batch_size: structures per forward call.
+        device: torch device for a model loaded here.
+        first_order: skip CHGNet's ``create_graph=True`` (see :func:`_first_order_autograd`);
+            same results, faster.
+    """
+
+    def __init__(self, model=None, batch_size: int = 32, device: str = "cpu", first_order: bool = True,
+                 model_name: str = "0.3.0") -> None:
+        from chgnet.model import CHGNet
+
+        self.model = model if model is not None else CHGNet.load(model_name=model_name, verbose=False,
+                                                                 use_device=device)
+        self.batch_size = batch_size
+        self.first_order = first_order
+        # A structure with an atom that has no neighbour within the cutoff fails (NaN results).
+        self.model.graph_converter.set_isolated_atom_response("error")
+
+    def __call__(self, atoms_list: Sequence) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        from pymatgen.core import Lattice, Structure
+
+        energies = np.full(len(atoms_list), np.nan)
+        forces = [np.full((len(a), 3), np.nan) for a in atoms_list]
+        stresses = np.full((len(atoms_list), 3, 3), np.nan)
+        graphs, where = [], []
+        for k, atoms in enumerate(atoms_list):
+            try:
+                structure = Structure(Lattice(atoms.cell.array), atoms.numbers, atoms.positions,
+                                      coords_are_cartesian=True)
+                graphs.append(self.model.graph_converter(structure))
+                where.append(k)
+            except (ValueError, RuntimeError):  # e.g. an isolated atom: this structure fails, the batch goes on
+                continue
+        if not graphs:
+            return energies, forces, stresses
+        context = _first_order_autograd() if self.first_order else contextlib.nullcontext()
+        with context:
+            predictions = self.model.predict_graph(graphs, task="efs", batch_size=self.batch_size)
+        if isinstance(predictions, dict):
+            predictions = [predictions]
+        for k, p in zip(where, predictions, strict=True):
+            n = len(atoms_list[k])
+            energies[k] = float(p["e"]) * (n if self.model.is_intensive else 1)
+            forces[k] = np.asarray(p["f"], dtype=np.float64)
+            stresses[k] = np.asarray(p["s"], dtype=np.float64) * GPA
+        return energies, forces, stresses
+
+
+def as_batch_calculator(calculator) -> BatchCalculator:
+    """An ASE calculator (has ``get_potential_energy``/``calculate``) wrapped in
+    :class:`ASEBatchCalculator`; any other callable is returned unchanged."""
+    if hasattr(calculator, "calculate") and hasattr(calculator, "get_property"):
+        return ASEBatchCalculator(calculator)
+    if not callable(calculator):
+        raise TypeError(f"not a calculator: {calculator!r}")
+    return calculator
+
+
+@dataclass
+class _Active:
+    """State of the active structures: per-atom rows concatenated, per-structure arrays (B, ...)."""
+
+    slots: list = field(default_factory=list)  # index of each active structure in the input
+    atoms: list = field(default_factory=list)  # ase.Atoms handed to the calculator
+    natoms: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    pos: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))  # (N, 3) Å
+    cell: np.ndarray = field(default_factory=lambda: np.zeros((0, 3, 3)))  # (B, 3, 3) Å
+    orig_cell: np.ndarray = field(default_factory=lambda: np.zeros((0, 3, 3)))
+    vel: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))  # (N, 3) atom velocities
+    vel_cell: np.ndarray = field(default_factory=lambda: np.zeros((0, 3, 3)))
+    dt: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    a: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    n_positive: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # ASE's Nsteps
+    started: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # ASE's vel is not None
+    steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    energy0: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    ATOM_FIELDS = ("pos", "vel")
+    GRAPH_FIELDS = ("natoms", "cell", "orig_cell", "vel_cell", "dt", "a", "n_positive", "started", "steps",
+                    "energy0")
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def segment(self) -> np.ndarray:
+        return np.repeat(np.arange(len(self.slots)), self.natoms)
+
+    def keep(self, mask: np.ndarray) -> None:
+        atom_mask = np.repeat(mask, self.natoms)
+        for name in self.ATOM_FIELDS:
+            setattr(self, name, getattr(self, name)[atom_mask])
+        for name in self.GRAPH_FIELDS:
+            setattr(self, name, getattr(self, name)[mask])
+        self.slots = [s for s, m in zip(self.slots, mask, strict=True) if m]
+        self.atoms = [a for a, m in zip(self.atoms, mask, strict=True) if m]
+
+    def add(self, new: list[tuple[int, object]], params: FireParams) -> None:
+        if not new:
+            return
+        cells = np.stack([np.asarray(a.cell.array, dtype=np.float64) for _, a in new])
+        n = np.array([len(a) for _, a in new], dtype=np.int64)
+        b = len(new)
+        pos = np.concatenate([np.asarray(a.positions, dtype=np.float64) for _, a in new])
+        parts = {
+            "pos": pos, "vel": np.zeros_like(pos), "natoms": n, "cell": cells, "orig_cell": cells.copy(),
+            "vel_cell": np.zeros((b, 3, 3)), "dt": np.full(b, params.dt), "a": np.full(b, params.astart),
+            "n_positive": np.zeros(b, dtype=np.int64), "started": np.zeros(b, dtype=bool),
+            "steps": np.zeros(b, dtype=np.int64), "energy0": np.full(b, np.nan),
+        }
+        for name, value in parts.items():
+            setattr(self, name, np.concatenate([getattr(self, name), value]))
+        self.slots += [i for i, _ in new]
+        self.atoms += [a for _, a in new]
+
+
+def _segment_sum(values: np.ndarray, seg: np.ndarray, size: int) -> np.ndarray:
+    return np.bincount(seg, weights=values, minlength=size)
+
+
+class BatchedFIRE:
+    """FIRE + unit-cell filter (ASE ``UnitCellFilter`` degrees of freedom) over many structures.
+
+    Args:
+        calculator: a batched calculator (see the module docstring) or an ASE calculator.
+        fmax: convergence threshold in eV/Å on atom forces and cell-force rows.
+        max_steps: FIRE steps at most per structure (ASE's ``steps``).
+        max_batch: structures evaluated together at most (``None``: all).
+        relax_cell: ``False`` keeps every cell fixed (positions-only FIRE).
+        params: :class:`FireParams` (ASE's defaults).
+    """
+
+    def __init__(self, calculator, fmax: float = 0.05, max_steps: int = 300, max_batch: int | None = None,
+                 relax_cell: bool = True, params: FireParams | None = None) -> None:
+        self.calculator = as_batch_calculator(calculator)
+        self.fmax = fmax
+        self.max_steps = max_steps
+        self.max_batch = max_batch
+        self.relax_cell = relax_cell
+        self.params = params or FireParams()
+        #: calculator calls and structure evaluations of the last run (for profiling).
+        self.calls = 0
+        self.evaluations = 0
+
+    def relax(self, structures: Iterable) -> list[RelaxOutcome]:
+        """Relax every structure (``ase.Atoms``; inputs are not modified); outcomes in input order."""
+        outcomes: dict[int, RelaxOutcome] = dict(self.irelax(structures))
+        return [outcomes[i] for i in range(len(outcomes))]
+
+    def irelax(self, structures: Iterable) -> Iterator[tuple[int, RelaxOutcome]]:
+        """Yield ``(input index, outcome)`` as structures finish (not in input order)."""
+        queue = enumerate(structures)
+        exhausted = False
+        state = _Active()
+        self.calls = self.evaluations = 0
+        while True:
+            room = (self.max_batch or np.iinfo(np.int64).max) - len(state)
+            new = []
+            while not exhausted and room > 0:
+                try:
+                    index, atoms = next(queue)
+                except StopIteration:
+                    exhausted = True
+                    break
+                atoms = atoms.copy()
+                atoms.calc = None
+                atoms.pbc = True
+                if len(atoms) == 0 or not abs(np.linalg.det(atoms.cell.array)) > 1e-6:
+                    yield index, RelaxOutcome(atoms, False, 0, float("nan"), float("nan"), float("nan"),
+                                              "no atoms or a degenerate cell")
+                    continue
+                new.append((index, atoms))
+                room -= 1
+            state.add(new, self.params)
+            if not len(state):
+                return
+            yield from self._iterate(state)
+
+    def _evaluate(self, state: _Active):
+        offsets = np.concatenate([[0], np.cumsum(state.natoms)])
+        for b, atoms in enumerate(state.atoms):
+            atoms.set_cell(state.cell[b], scale_atoms=False)
+            atoms.positions = state.pos[offsets[b]:offsets[b + 1]]
+        energies, forces, stresses = self.calculator(state.atoms)
+        self.calls += 1
+        self.evaluations += len(state)
+        energies = np.asarray(energies, dtype=np.float64).reshape(-1)
+        if not isinstance(forces, np.ndarray) or forces.ndim != 2:
+            forces = np.concatenate([np.asarray(f, dtype=np.float64).reshape(-1, 3) for f in forces])
+        stresses = _as_full_stress(stresses)
+        return energies, np.asarray(forces, dtype=np.float64), stresses
+
+    def _iterate(self, state: _Active) -> Iterator[tuple[int, RelaxOutcome]]:
+        """One evaluation of the active set, then the FIRE step of the unconverged ones."""
+        p = self.params
+        energies, forces, stresses = self._evaluate(state)
+        b = len(state)
+        seg = state.segment()
+        fresh = np.isnan(state.energy0)
+        state.energy0[fresh] = energies[fresh]
+
+        # UnitCellFilter forces: atom forces mapped by F, virial mapped by F^-T, divided by n.
+        volume = np.abs(np.linalg.det(state.cell))
+        collapsed = ~(volume > 1e-6)  # also NaN; such structures fail below
+        state.cell[collapsed] = state.orig_cell[collapsed]
+        energies = np.where(collapsed, np.nan, energies)
+        deform = np.swapaxes(np.linalg.solve(state.orig_cell, state.cell), 1, 2)  # F, (B, 3, 3)
+        virial = -volume[:, None, None] * stresses
+        virial = np.swapaxes(np.linalg.solve(deform, np.swapaxes(virial, 1, 2)), 1, 2)
+        cell_factor = state.natoms.astype(np.float64)
+        g_atoms = np.einsum("ni,nij->nj", forces, deform[seg])
+        g_cell = virial / cell_factor[:, None, None]
+        if not self.relax_cell:
+            g_cell = np.zeros_like(g_cell)
+
+        finite = np.isfinite(energies) & np.isfinite(g_cell).all(axis=(1, 2))
+        finite &= _segment_sum(np.isfinite(g_atoms).all(axis=1).astype(np.float64), seg, b) == state.natoms
+        atom_norm = np.linalg.norm(np.where(np.isfinite(g_atoms), g_atoms, np.inf), axis=1)
+        fmax_atoms = np.full(b, -np.inf)
+        np.maximum.at(fmax_atoms, seg, atom_norm)
+        fmax = np.maximum(fmax_atoms, np.linalg.norm(g_cell, axis=2).max(axis=1))
+        converged = finite & (fmax < self.fmax)
+        done = converged | ~finite | (state.steps >= self.max_steps)
+
+        for k in np.flatnonzero(done):
+            atoms = state.atoms[k].copy()
+            error = None if finite[k] else "the potential returned NaN/inf or failed on this structure"
+            yield state.slots[k], RelaxOutcome(atoms, bool(converged[k]), int(state.steps[k]),
+                                               float(state.energy0[k]), float(energies[k]), float(fmax[k]), error)
+        go = ~done
+        if not go.any():
+            state.keep(go)
+            return
+        g_atoms, g_cell = g_atoms[np.repeat(go, state.natoms)], g_cell[go]
+        deform, cell_factor = deform[go], cell_factor[go]
+        state.keep(go)
+        seg = state.segment()
+        b = len(state)
+
+        # FIRE (ase.optimize.FIRE.step), per structure; the dofs are atoms (N, 3) plus cell rows (B, 3, 3).
+        vf = _segment_sum((g_atoms * state.vel).sum(1), seg, b) + (g_cell * state.vel_cell).sum((1, 2))
+        g2 = _segment_sum((g_atoms * g_atoms).sum(1), seg, b) + (g_cell * g_cell).sum((1, 2))
+        v2 = _segment_sum((state.vel * state.vel).sum(1), seg, b) + (state.vel_cell * state.vel_cell).sum((1, 2))
+        started = state.started
+        mix = started & (vf > 0.0)
+        reset = started & ~(vf > 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scale = np.where(mix, state.a * np.sqrt(v2) / np.sqrt(g2), 0.0)
+        keep_v = np.where(mix, 1.0 - state.a, np.where(reset, 0.0, 1.0))
+        state.vel = keep_v[seg, None] * state.vel + scale[seg, None] * g_atoms
+        state.vel_cell = keep_v[:, None, None] * state.vel_cell + scale[:, None, None] * g_cell
+        grow = mix & (state.n_positive > p.Nmin)
+        state.dt = np.where(grow, np.minimum(state.dt * p.finc, p.dtmax), state.dt)
+        state.a = np.where(grow, state.a * p.fa, state.a)
+        state.n_positive = np.where(mix, state.n_positive + 1, state.n_positive)
+        state.a = np.where(reset, p.astart, state.a)
+        state.dt = np.where(reset, state.dt * p.fdec, state.dt)
+        state.n_positive = np.where(reset, 0, state.n_positive)
+        state.started = np.ones(b, dtype=bool)
+
+        state.vel = state.vel + state.dt[seg, None] * g_atoms
+        state.vel_cell = state.vel_cell + state.dt[:, None, None] * g_cell
+        dr = state.dt[seg, None] * state.vel
+        dr_cell = state.dt[:, None, None] * state.vel_cell
+        norm = np.sqrt(_segment_sum((dr * dr).sum(1), seg, b) + (dr_cell * dr_cell).sum((1, 2)))
+        shrink = np.where(norm > p.maxstep, p.maxstep / np.where(norm > 0, norm, 1.0), 1.0)
+        dr = dr * shrink[seg, None]
+        dr_cell = dr_cell * shrink[:, None, None]
+
+        # x = (F^-1 positions, cell_factor F); x += dr; then cell = orig_cell F'^T, positions = F' r.
+        r = np.einsum("nij,nj->ni", np.linalg.inv(deform)[seg], state.pos) + dr
+        new_deform = (cell_factor[:, None, None] * deform + dr_cell) / cell_factor[:, None, None]
+        if not self.relax_cell:
+            new_deform = deform
+        state.cell = state.orig_cell @ np.swapaxes(new_deform, 1, 2)
+        state.pos = np.einsum("nij,nj->ni", new_deform[seg], r)
+        state.steps = state.steps + 1
+
+
+def relax_structures(structures: Sequence, calculator, fmax: float = 0.05, max_steps: int = 300,
+                     max_batch: int | None = None, relax_cell: bool = True) -> list[RelaxOutcome]:
+    """Relax ``structures`` (``ase.Atoms``) with :class:`BatchedFIRE`; outcomes in input order."""
+    return BatchedFIRE(calculator, fmax=fmax, max_steps=max_steps, max_batch=max_batch,
+                       relax_cell=relax_cell).relax(structures)
+
+
+def relax_one_ase(atoms, calculator, fmax: float = 0.05, max_steps: int = 300) -> RelaxOutcome:
+    """The reference path: ASE's own ``FIRE(UnitCellFilter(atoms))`` on one structure."""
+    from ase.filters import UnitCellFilter
+    from ase.optimize import FIRE
+
+    atoms = atoms.copy()
+    atoms.pbc = True
+    atoms.calc = calculator
+    try:
+        energy0 = atoms.get_potential_energy()
+        ucf = UnitCellFilter(atoms)
+        opt = FIRE(ucf, logfile=None)
+        converged = bool(opt.run(fmax=fmax, steps=max_steps))
+        energy = atoms.get_potential_energy()
+        fmax_final = float(np.linalg.norm(ucf.get_forces(), axis=1).max())
+        error = None if np.isfinite(energy) else "non-finite energy"
+        steps = opt.nsteps
+    except Exception as err:  # a third-party calculator failing on this structure
+        energy0 = energy = fmax_final = float("nan")
+        converged, steps, error = False, 0, f"{type(err).__name__}: {err}"
+    atoms.calc = None
+    return RelaxOutcome(atoms, converged and error is None, steps, float(energy0), float(energy), fmax_final, error)
+
+
+def _to_atoms(structure, reference=None):
+    """``ase.Atoms`` from Atoms, a :class:`~e3relax_fast.data.Pair`-like ``(positions, cell)`` pair
+    with ``reference``'s species, or an ``(atomic_numbers, positions, cell)`` triple."""
+    from ase import Atoms
+
+    if isinstance(structure, Atoms):
+        return structure
+    if len(structure) == 2 and reference is not None:
+        positions, cell = structure
+        return Atoms(numbers=reference, positions=np.asarray(positions), cell=np.asarray(cell), pbc=True)
+    numbers, positions, cell = structure
+    return Atoms(numbers=np.asarray(numbers), positions=np.asarray(positions), cell=np.asarray(cell), pbc=True)
+
+
+def steps_saved(pairs: Sequence, predictions: Sequence, calculator, fmax: float = 0.05, max_steps: int = 300,
+                max_batch: int | None = 64) -> dict:
+    """Potential steps to converge from each unrelaxed structure vs from the model's prediction.
+
+    Args:
+        pairs: :class:`~e3relax_fast.data.Pair` records (their unrelaxed structures are relaxed).
+        predictions: one per pair: ``ase.Atoms``, ``(positions (n, 3), cell (3, 3))`` or an
+            ``(atomic_numbers, positions, cell)`` triple, atoms in the pair's order.
+        calculator: batched or ASE calculator; fmax (eV/Å), max_steps, max_batch: as
+            :class:`BatchedFIRE`.
+
+    Returns:
+        A dict of per-pair lists ``ids``, ``steps_unrelaxed``, ``steps_prediction``,
+        ``converged_unrelaxed``, ``converged_prediction``, ``energy_unrelaxed`` and
+        ``energy_prediction`` (eV/atom at the end of each relaxation) and summaries over the pairs
+        where both converged: ``n_both_converged``, ``mean_steps_unrelaxed``,
+        ``mean_steps_prediction``, ``mean_steps_saved``, ``median_steps_saved``,
+        ``fraction_steps_saved`` (1 - sum prediction / sum unrelaxed) and
+        ``mean_energy_difference`` (prediction-start minimum minus unrelaxed-start minimum, eV/atom;
+        negative: the prediction led to a lower minimum).
+    """
+    if len(pairs) != len(predictions):
+        raise ValueError(f"{len(pairs)} pairs but {len(predictions)} predictions")
+    start = [_to_atoms((p.atomic_numbers, p.pos_unrelaxed, p.cell_unrelaxed)) for p in pairs]
+    pred = [_to_atoms(s, p.atomic_numbers) for s, p in zip(predictions, pairs, strict=True)]
+    for p, a in zip(pairs, pred, strict=True):
+        if list(a.numbers) != list(p.atomic_numbers):
+            raise ValueError(f"pair {p.id}: the prediction has other species or atom order")
+    fire = BatchedFIRE(calculator, fmax=fmax, max_steps=max_steps, max_batch=max_batch)
+    outcomes = fire.relax(start + pred)
+    from_u, from_p = outcomes[:len(pairs)], outcomes[len(pairs):]
+    n = np.array([len(p.atomic_numbers) for p in pairs], dtype=np.float64)
+    result = {
+        "ids": [p.id for p in pairs],
+        "steps_unrelaxed": [o.steps for o in from_u],
+        "steps_prediction": [o.steps for o in from_p],
+        "converged_unrelaxed": [o.converged for o in from_u],
+        "converged_prediction": [o.converged for o in from_p],
+        "energy_unrelaxed": [o.energy / k for o, k in zip(from_u, n, strict=True)],
+        "energy_prediction": [o.energy / k for o, k in zip(from_p, n, strict=True)],
+    }
+    both = np.array(result["converged_unrelaxed"]) & np.array(result["converged_prediction"])
+    su = np.array(result["steps_unrelaxed"], dtype=np.float64)[both]
+    sp = np.array(result["steps_prediction"], dtype=np.float64)[both]
+    de = (np.array(result["energy_prediction"]) - np.array(result["energy_unrelaxed"]))[both]
+    nan = float("nan")
+    result.update({
+        "n_both_converged": int(both.sum()),
+        "mean_steps_unrelaxed": float(su.mean()) if both.any() else nan,
+        "mean_steps_prediction": float(sp.mean()) if both.any() else nan,
+        "mean_steps_saved": float((su - sp).mean()) if both.any() else nan,
+        "median_steps_saved": float(np.median(su - sp)) if both.any() else nan,
+        "fraction_steps_saved": float(1.0 - sp.sum() / su.sum()) if both.any() and su.sum() > 0 else nan,
+        "mean_energy_difference": float(de.mean()) if both.any() else nan,
+    })
+    return result

@@ -1,0 +1,240 @@
+"""Pair generation with ASE's EMT: protocols, determinism, the CIF-folder output, resume, CLI."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ase = pytest.importorskip("ase")
+from ase.build import bulk  # noqa: E402
+from ase.io import write  # noqa: E402
+
+from e3relax_fast.data import SPLITS, read_pairs  # noqa: E402
+from e3relax_fast.datagen import (  # noqa: E402
+    JobPlan,
+    apply_rattle,
+    apply_substitution,
+    generate,
+    load_seed_source,
+    parse_protocols,
+    similar_elements,
+    split_of,
+    substitutions,
+)
+
+Z = ase.data.atomic_numbers
+
+
+def emt_seeds(path: Path) -> Path:
+    """Six fcc binary seeds whose substitutions (Cu/Ag/Au, Ni/Pd/Pt) EMT can all evaluate."""
+    frames = []
+    for k, (a, b, lattice) in enumerate([("Cu", "Au", 3.85), ("Ni", "Pt", 3.7), ("Ag", "Pd", 4.0),
+                                         ("Cu", "Ni", 3.55), ("Au", "Pt", 3.95), ("Pd", "Cu", 3.75)]):
+        atoms = bulk(a, "fcc", a=lattice, cubic=True)
+        atoms.numbers[[1, 2]] = Z[b]
+        atoms.info["material_id"] = f"m{k}"
+        frames.append(atoms)
+    write(path, frames, format="extxyz")
+    return path
+
+
+def rows(path: Path) -> list[dict]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_similar_elements():
+    assert similar_elements(Z["O"]) == [Z["S"]]
+    assert similar_elements(Z["Ag"]) == [Z["Cu"], Z["Au"]]
+    assert similar_elements(Z["Bi"]) == [Z["Sb"]]  # Mc (row 7) is out: Z > 83
+    assert similar_elements(Z["La"]) == [Z["Y"], Z["Ce"]]
+    assert similar_elements(Z["Nd"]) == [Z["Ce"] + 1]  # Pr; Pm is radioactive
+    assert similar_elements(Z["Mo"]) == [Z["Cr"], Z["W"]]
+    for excluded in ("H", "He", "Ar", "Tc", "Po", "U"):
+        assert similar_elements(Z[excluded]) == []
+    assert Z["Tc"] not in similar_elements(Z["Mn"]) and Z["Kr"] not in similar_elements(Z["Ar"])
+
+
+def test_substitution_scales_volume_and_never_repeats():
+    seed = bulk("Cu", "fcc", a=3.6, cubic=True)
+    seed.numbers[[1, 2]] = Z["Ni"]
+    found = substitutions("s", seed.numbers, 10, seed=0)
+    keys = [tuple(sorted(m.items())) for m in found]
+    assert len(set(keys)) == len(keys) and 1 <= len(found) <= 3  # Cu->Ag, Ni->Pd, both
+    out, note = apply_substitution(seed, {Z["Cu"]: Z["Ag"]})
+    r = ase.data.covalent_radii
+    expected = (2 * r[Z["Ag"]] ** 3 + 2 * r[Z["Ni"]] ** 3) / (2 * r[Z["Cu"]] ** 3 + 2 * r[Z["Ni"]] ** 3)
+    assert note == "Cu>Ag" and np.isclose(out.get_volume() / seed.get_volume(), expected)
+    assert np.allclose(out.get_scaled_positions(), seed.get_scaled_positions())
+
+
+def test_rattle_strain_and_displacements():
+    seed = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
+    out = apply_rattle(seed, np.random.default_rng(0))
+    strain = np.linalg.solve(seed.cell.array, out.cell.array) - np.eye(3)
+    assert np.allclose(strain, strain.T) and np.abs(strain).max() <= 0.05
+    strained = seed.get_scaled_positions() @ out.cell.array
+    shift = out.positions - strained
+    assert 0.04 < shift.std() < 0.12 and out.get_volume() != seed.get_volume()
+
+
+def test_jobs_are_deterministic_and_split_by_seed(tmp_path):
+    source = load_seed_source(emt_seeds(tmp_path / "emt_6.extxyz"))
+    assert source.ids[0] == "emt-m0" and len(source) == 6
+    plan = JobPlan([source], parse_protocols("subst:1,rattle:1"), seed=3)
+    again = JobPlan([load_seed_source(tmp_path / "emt_6.extxyz")], parse_protocols("subst:1,rattle:1"), seed=3)
+    for k in range(14):
+        a, b = plan.job(k), again.job(k)
+        assert (a.atoms_id, a.seed_id, a.protocol, a.note) == (b.atoms_id, b.seed_id, b.protocol, b.note)
+        assert np.array_equal(a.atoms.positions, b.atoms.positions)
+    assert split_of("emt-m0") == split_of("emt-m0") in SPLITS
+    assert split_of("x", inherited={"x": "test"}) == "test"
+
+
+def test_seed_csv_and_cif_folder(tmp_path):
+    folder = tmp_path / "my_cifs"
+    folder.mkdir()
+    write(folder / "a.cif", bulk("Cu", "fcc", a=3.6))
+    write(folder / "b.cif", bulk("Ni", "fcc", a=3.5))
+    cifs = sorted(folder.glob("*.cif"))
+    with (tmp_path / "perov_5_val.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["", "material_id", "cif"])
+        for k, path in enumerate(cifs):
+            writer.writerow([k, 100 + k, path.read_text()])
+    from_csv = load_seed_source(tmp_path / "perov_5_val.csv")
+    from_folder = load_seed_source(folder)
+    assert from_csv.ids == ["perovval-100", "perovval-101"]
+    assert from_folder.ids == ["mycifs-a", "mycifs-b"]
+    assert list(from_csv.load(1).numbers) == list(from_folder.load(1).numbers) == [Z["Ni"]]
+
+
+def test_generate_reads_back_and_resumes(tmp_path):
+    seeds = emt_seeds(tmp_path / "emt_6.extxyz")
+    out = tmp_path / "pairs"
+    summary = generate([seeds], out, n=6, calculator="emt", batch_size=4, progress=False, extxyz=True)
+    assert summary["written"] == 6 and summary["total"] == 6
+    index = {r["atoms_id"]: r for r in rows(out / "index.csv")}
+    assert len(index) == 6 and set(rows(out / "index.csv")[0]) == {
+        "atoms_id", "protocol", "seed_id", "note", "natoms", "steps", "e_unrelaxed", "e_relaxed"}
+    seen, seeds_of_split = set(), {}
+    for split in SPLITS:
+        pairs = read_pairs(out, split)
+        assert [p.id for p in pairs] == sorted(p.id for p in pairs)
+        for p in pairs:
+            row = index[p.id]
+            assert p.id not in seen and len(p.atomic_numbers) == int(row["natoms"])
+            assert float(row["e_relaxed"]) <= float(row["e_unrelaxed"]) + 1e-6
+            assert np.isclose(abs(np.linalg.det(p.cell_relaxed)) / abs(np.linalg.det(p.cell_unrelaxed)), 1, atol=0.5)
+            seen.add(p.id)
+            seeds_of_split.setdefault(split, set()).add(row["seed_id"])
+        if not pairs:
+            assert not (out / "extxyz" / f"{split}_unrelaxed.extxyz.gz").exists()
+            continue
+        from_extxyz = read_pairs(out / "extxyz", split)
+        assert [p.id for p in from_extxyz] == [p.id for p in pairs]
+        for a, b in zip(pairs, from_extxyz, strict=True):
+            assert np.array_equal(a.atomic_numbers, b.atomic_numbers)
+            assert np.allclose(a.pos_relaxed, b.pos_relaxed) and np.allclose(a.cell_unrelaxed, b.cell_unrelaxed)
+    assert seen == set(index)
+    groups = list(seeds_of_split.values())
+    assert all(not (x & y) for i, x in enumerate(groups) for y in groups[i + 1:])  # no seed straddles splits
+    # The relaxed structure has the species of the unrelaxed one, with the substitution applied.
+    for row in index.values():
+        if row["protocol"] == "subst":
+            old, new = row["note"].split(";")[0].split(">")
+            pair = next(p for s in SPLITS for p in read_pairs(out, s) if p.id == row["atoms_id"])
+            assert Z[new] in pair.atomic_numbers and Z[old] not in pair.atomic_numbers
+
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "CIF").iterdir()}
+    again = generate([seeds], out, n=6, calculator="emt", batch_size=4, progress=False)
+    assert again["written"] == 0 and again["total"] == 6
+    more = generate([seeds], out, n=9, calculator="emt", batch_size=4, progress=False)
+    assert more["written"] == 3 and more["total"] == 9
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # done work is not redone
+    ids = [r["atoms_id"] for r in rows(out / "index.csv")]
+    assert len(ids) == len(set(ids)) == 9 and set(index) < set(ids)
+    assert sum(len(rows(out / f"{s}.csv")) for s in SPLITS) == 9
+
+    # A fresh run with the same settings makes the same jobs (ids, protocols, notes).
+    fresh = tmp_path / "fresh"
+    generate([seeds], fresh, n=9, calculator="emt", batch_size=2, progress=False)
+    key = ("atoms_id", "protocol", "seed_id", "note", "natoms")
+    assert sorted(tuple(r[k] for k in key) for r in rows(fresh / "index.csv")) == \
+        sorted(tuple(r[k] for k in key) for r in rows(out / "index.csv"))
+
+    with pytest.raises(ValueError, match="other settings"):
+        generate([seeds], out, n=10, calculator="emt", seed=1, progress=False)
+    (out / "datagen.lock").write_text(f"{os.getppid()}\n")  # a live process owns the folder
+    with pytest.raises(ValueError, match="being written"):
+        generate([seeds], out, n=10, calculator="emt", progress=False)
+
+
+def test_unconverged_runs_are_dropped_and_inherited_splits(tmp_path):
+    seeds = emt_seeds(tmp_path / "emt_6.extxyz")
+    first = tmp_path / "first"
+    generate([seeds], first, n=4, calculator="emt", progress=False, protocols="rattle")
+    seed_of = {r["atoms_id"]: r["seed_id"] for r in rows(first / "index.csv")}
+    split_by_seed = {seed_of[r["atoms_id"]]: split for split in SPLITS for r in rows(first / f"{split}.csv")}
+    out = tmp_path / "capped"
+    summary = generate([seeds], out, n=2, calculator="emt", max_steps=2, progress=False, max_attempts=3,
+                       inherit=first, batched=False)
+    assert summary["written"] == 0 and summary["dropped"] == 3
+    dropped = rows(out / "dropped.csv")
+    assert len(dropped) == 3 and all("not converged" in r["reason"] for r in dropped)
+    # resuming does not retry dropped ids
+    assert generate([seeds], out, n=2, calculator="emt", max_steps=2, progress=False, max_attempts=3,
+                    inherit=first, batched=False)["dropped"] == 0
+    from e3relax_fast.datagen import inherit_splits
+
+    assert inherit_splits(first) == split_by_seed
+
+
+def test_unbatched_and_workers_give_the_same_pairs(tmp_path):
+    seeds = emt_seeds(tmp_path / "emt_6.extxyz")
+    serial = tmp_path / "serial"
+    generate([seeds], serial, n=4, calculator="emt", batched=False, progress=False)
+    pooled = tmp_path / "pooled"
+    generate([seeds], pooled, n=4, calculator="emt", workers=2, batch_size=2, progress=False)
+    a = {r["atoms_id"]: r for r in rows(serial / "index.csv")}
+    b = {r["atoms_id"]: r for r in rows(pooled / "index.csv")}
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k]["note"] == b[k]["note"]
+        assert abs(float(a[k]["e_relaxed"]) - float(b[k]["e_relaxed"])) < 1e-3
+
+
+def test_cli_datagen(tmp_path, capsys):
+    from e3relax_fast.cli import main
+
+    seeds = emt_seeds(tmp_path / "emt_6.extxyz")
+    status = main(["datagen", "--seeds", str(seeds), "--out", str(tmp_path / "cli"), "--n", "3",
+                   "--calculator", "emt", "--protocol", "subst,rattle", "--no-batched", "--quiet"])
+    assert status == 0
+    assert "wrote 3 pairs" in capsys.readouterr().out
+    assert sum(len(read_pairs(tmp_path / "cli", s)) for s in SPLITS) == 3
+    assert main(["datagen", "--seeds", str(seeds), "--out", str(tmp_path / "bad"), "--n", "1",
+                 "--calculator", "emt", "--protocol", "melt", "--quiet"]) == 2
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # chgnet's own tensor-conversion warning
+def test_chgnet_datagen(tmp_path):
+    pytest.importorskip("chgnet", reason="chgnet is not installed (pip install e3relax-fast[datagen])")
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        atoms = bulk("Si", "diamond", a=5.6)
+        atoms.info["material_id"] = "si"
+        write(tmp_path / "si_1.extxyz", [atoms], format="extxyz")
+        summary = generate([tmp_path / "si_1.extxyz"], tmp_path / "out", n=1, calculator="chgnet",
+                           protocols="rattle", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["written"] == 1
+    assert sum(len(read_pairs(tmp_path / "out", s)) for s in SPLITS) == 1
