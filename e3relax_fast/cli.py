@@ -162,8 +162,10 @@ def run_train(args: argparse.Namespace) -> int:
     cache = Path(args.out) / "graphs"
     datasets = {}
     for split in (args.train_split, args.val_split):
-        # Graphs are built once and cached beside the run; reruns and resumes reuse them.
-        datasets[split] = PairDataset(read_pairs(args.data, split), cache=cache / f"{split}.pt")
+        # Every --data source contributes its split. Graphs are built once and cached beside the
+        # run (keyed by content), so reruns and resumes reuse them.
+        pairs = [pair for source in args.data for pair in read_pairs(source, split)]
+        datasets[split] = PairDataset(pairs, cache=cache / f"{split}.pt")
     summary = train(config, datasets[args.train_split], datasets[args.val_split], args.out, device=device,
                     max_steps=args.max_steps, progress=not args.quiet)
     print(f"trained {summary['step']} steps, {summary['epoch']} pseudo-epochs; "
@@ -178,7 +180,8 @@ def add_train_parser(subparsers) -> None:
         "ReduceLROnPlateau per pseudo-epoch, clipping, early stopping). Resumes from OUT/last.pt. "
         "Run under torchrun for several processes/GPUs.",
     )
-    p.add_argument("--data", required=True, help="CIF folder with split CSVs, extxyz folder, or ASE .db")
+    p.add_argument("--data", required=True, action="append",
+                   help="CIF folder with split CSVs, extxyz folder, or ASE .db; repeat to combine sources")
     p.add_argument("--out", required=True, help="run directory (checkpoints, graph cache)")
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", default="val")

@@ -12,6 +12,7 @@ from .reference.radius_graph import radius_graph as _reference_radius_graph
 OP = "radius_graph"
 backends.declare(OP, {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")})
 backends.register(OP, "reference", _reference_radius_graph)
+from . import _ext  # noqa: E402,F401  (registers the compiled "cpu"/"cuda" backends when built)
 
 
 class Graph(NamedTuple):

@@ -1,0 +1,86 @@
+// Plain C++ interface of the radius-graph launchers (no nanobind, no CUDA headers), shared by
+// module.cpp, radius_graph_cpu.cpp and radius_graph_cuda.cu.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace e3rg {
+
+// Crystals with more atoms than this use the cell list (default of the CPU launcher).
+constexpr int64_t kDefaultCellListThreshold = 768;
+
+struct CpuArgs {
+  const double* pos = nullptr;        // (N, 3) float64
+  int64_t n_atoms = 0;
+  const double* cells = nullptr;      // (G, 3, 3) float64, rows a, b, c
+  const int64_t* ptr = nullptr;       // (G + 1,) int64
+  int64_t n_graphs = 0;
+  double radius = 6.0;
+  int64_t max_neighbors = 50;
+  const int64_t* reserved = nullptr;  // (N,) or null
+  int num_threads = 0;                // <= 0: hardware concurrency
+  int64_t cell_list_threshold = kDefaultCellListThreshold;
+  int algo = 0;                       // 0: sequential top-K; 1: emulate the CUDA warp algorithm
+};
+
+// Outputs, malloc'ed by the launcher (the caller frees them with std::free).
+struct CpuOut {
+  int64_t n_edges = 0;
+  int64_t* edge_index = nullptr;  // (2, E)
+  int64_t* offsets = nullptr;     // (E, 3)
+  int64_t* rowptr = nullptr;      // (N + 1,)
+  double* dist = nullptr;         // (E,)
+  int64_t* ncand = nullptr;       // (N,)
+};
+
+// Returns 0 on success, otherwise a kErr* bit set (radius_graph.h) and a message in *err; the
+// outputs are then null.
+int radius_graph_cpu(const CpuArgs& args, CpuOut& out, std::string* err);
+
+std::string error_message(int bits);
+
+#ifdef E3RELAX_WITH_CUDA
+// CUDA launchers (radius_graph_cuda.cu). All pointers are device pointers; `stream` is a
+// cudaStream_t as an integer. Return "" on success, else the CUDA error string.
+struct CudaSelectArgs {
+  int device;                 // CUDA device of every array (this module has its own runtime state)
+  const double* pos;          // (N, 3)
+  int64_t n_atoms;
+  const double* cells;        // (G, 3, 3)
+  const int64_t* ptr;         // (G + 1,)
+  int64_t n_graphs;
+  double radius;
+  int64_t max_neighbors;
+  const int64_t* reserved;    // (N,) or null
+  double* wfrac;              // scratch (N, 3)
+  int32_t* shift;             // scratch (N, 3)
+  int32_t* kept;              // scratch (N, K, 4): (j, o0, o1, o2) of the kept non-self edges
+  int64_t* kept_count;        // (N,) out: kept non-self edges per centre
+  int64_t* ncand;             // (N,) out
+  int64_t* status;            // (1,) out: error bits (OR-ed in; zero it before the call)
+};
+struct CudaEmitArgs {
+  int device;
+  const double* pos;
+  int64_t n_atoms;
+  const double* cells;
+  const int64_t* ptr;
+  int64_t n_graphs;
+  int64_t max_neighbors;
+  const int32_t* kept;        // from select
+  const int64_t* kept_count;  // from select
+  const int64_t* rowptr;      // (N + 1,) exclusive scan of kept_count + 6
+  int64_t capacity;           // edges allocated in the outputs (E or a fixed capacity)
+  int64_t* edge_index;        // (2, capacity)
+  int64_t* offsets;           // (capacity, 3)
+  double* dist;               // (capacity,)
+};
+std::string cuda_select(const CudaSelectArgs& a, uintptr_t stream);
+std::string cuda_emit(const CudaEmitArgs& a, uintptr_t stream);
+// Number of CUDA devices, or -1 with the reason in *why.
+int cuda_device_count(std::string* why);
+std::string cuda_runtime_version();
+#endif
+
+}  // namespace e3rg

@@ -1,0 +1,353 @@
+"""The compiled radius-graph backends (csrc/, ``e3relax_fast._C``) against the reference.
+
+The C++ CPU launcher must reproduce the pure-PyTorch oracle (e3relax_fast/reference/radius_graph.py)
+exactly: integer outputs equal, distances equal to the bit. Every CPU path is checked:
+
+* ``algo=0`` (default): the symmetric image-box enumeration for small crystals, the cell list above
+  ``cell_list_threshold`` atoms;
+* ``algo=2``: brute force with exact per-pair image bounds (the header's ``scan_pair``), or the
+  cell list;
+* ``algo=1``: the CUDA kernel's warp algorithm (histogram pass, threshold, collect pass, rank sort,
+  boundary fallback) emulated lane by lane with the same header functions the kernel calls.
+
+``cell_list_threshold=0`` forces the cell list on every crystal, a huge threshold forces brute force.
+The CUDA launcher itself cannot run here; ``test_cuda_compiled_when_nvcc_present`` checks that it
+was compiled in when nvcc exists.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from e3relax_fast import _ext, backends, build_graph
+from e3relax_fast.reference.radius_graph import radius_graph as reference
+
+pytestmark = pytest.mark.skipif(_ext._C is None, reason=f"compiled extension unavailable: {_ext.IMPORT_ERROR}")
+
+DATA = Path(__file__).parent / "data"
+BIG = 10**9  # cell_list_threshold that forces brute force
+PATHS = [  # (algo, cell_list_threshold)
+    (0, None), (0, 0), (0, BIG), (1, 0), (1, BIG), (2, 0), (2, BIG),
+]
+
+
+def assert_same(a, b, what=""):
+    """Outputs equal exactly: same dtypes and shapes, integers equal, float64 equal to the bit."""
+    names = ("edge_index", "cell_offsets", "rowptr", "distances", "num_candidates")
+    for name, x, y in zip(names, a, b, strict=True):
+        assert x.dtype == y.dtype, f"{what} {name}: dtype {x.dtype} != {y.dtype}"
+        assert x.shape == y.shape, f"{what} {name}: shape {tuple(x.shape)} != {tuple(y.shape)}"
+        if x.dtype == torch.float64:
+            assert torch.equal(x.view(torch.int64), y.view(torch.int64)), f"{what} {name}: not bitwise equal"
+        else:
+            assert torch.equal(x, y), f"{what} {name}: differs"
+
+
+def cpu(pos, cells, ptr, radius=6.0, k=50, reserved=None, **kw):
+    return _ext.radius_graph_cpu(pos, cells, ptr, radius, k, reserved, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# golden graphs
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def golden():
+    with np.load(DATA / "graphs.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    n = len([k for k in arrays if k.endswith("_pos")])
+    out = []
+    for k in range(n):
+        pos = torch.from_numpy(arrays[f"s{k}_pos"])
+        out.append((pos, torch.from_numpy(arrays[f"s{k}_cell"]), torch.from_numpy(arrays[f"s{k}_zero_self"])))
+    return out
+
+
+@pytest.mark.parametrize("use_reserved", [False, True], ids=["plain", "reserved=zero_self"])
+def test_golden_each_structure(golden, use_reserved):
+    for k, (pos, cell, zero_self) in enumerate(golden):
+        ptr = torch.tensor([0, pos.shape[0]])
+        res = zero_self.to(torch.int64) if use_reserved else None
+        ref = reference(pos, cell[None], ptr, 6.0, 50, res)
+        for algo, thr in PATHS:
+            assert_same(ref, cpu(pos, cell[None], ptr, reserved=res, algo=algo, cell_list_threshold=thr),
+                        f"s{k} algo={algo} thr={thr}")
+
+
+def test_golden_batched_and_threads(golden):
+    """All golden structures in one batch (1 to 90 atoms), bool `reserved`, 1 and 2 threads."""
+    pos = torch.cat([p for p, _, _ in golden])
+    cells = torch.stack([c for _, c, _ in golden])
+    ptr = torch.tensor([0] + list(itertools.accumulate(p.shape[0] for p, _, _ in golden)))
+    res = torch.cat([z for _, _, z in golden])  # bool
+    ref = reference(pos, cells, ptr, 6.0, 50, res)
+    for nt in (1, 2):
+        assert_same(ref, cpu(pos, cells, ptr, reserved=res, num_threads=nt), f"threads={nt}")
+        assert_same(ref, cpu(pos, cells, ptr, reserved=res, num_threads=nt, algo=1, cell_list_threshold=16))
+    # the registered backend through the public entry point
+    g = build_graph(pos, cells, ptr, 6.0, 50, backend="cpu", reserved=res)
+    assert_same(ref, tuple(g))
+
+
+# --------------------------------------------------------------------------------------------------
+# randomized suite
+# --------------------------------------------------------------------------------------------------
+def _cell(rng, kind):
+    if kind == "tiny":  # 1.5-3 Å: the sphere spans many images
+        lengths = rng.uniform(1.5, 3.0, 3)
+    elif kind == "vacuum":  # slab with 20 Å of vacuum along c
+        lengths = rng.uniform(3.0, 6.0, 3)
+        lengths[2] += 20.0
+    else:
+        lengths = rng.uniform(2.5, 9.0, 3)
+    if kind == "skewed":  # angles down to 40 degrees
+        al, be, ga = np.radians(rng.uniform(40.0, 140.0, 3))
+    else:
+        al, be, ga = np.radians(rng.choice([90.0, rng.uniform(60.0, 120.0)], 3))
+    a = np.array([lengths[0], 0.0, 0.0])
+    b = lengths[1] * np.array([np.cos(ga), np.sin(ga), 0.0])
+    cx = np.cos(be)
+    cy = (np.cos(al) - np.cos(be) * np.cos(ga)) / np.sin(ga)
+    cz2 = 1.0 - cx * cx - cy * cy
+    if cz2 < 0.05:  # not a valid cell: fall back to a mildly skewed one
+        cx, cy, cz2 = 0.3, 0.2, 0.87
+    cell = np.stack([a, b, lengths[2] * np.array([cx, cy, np.sqrt(cz2)])])
+    if rng.random() < 0.3:  # arbitrary orientation
+        q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+        cell = cell @ q
+    return cell
+
+
+def _batch(rng, sizes, kinds, unwrap=0):
+    pos, cells, ptr = [], [], [0]
+    for n, kind in zip(sizes, kinds, strict=True):
+        cell = _cell(rng, kind)
+        frac = rng.random((n, 3))
+        if unwrap:  # positions far outside the cell, as given (not wrapped)
+            frac = frac + rng.integers(-unwrap, unwrap + 1, (n, 3))
+        pos.append(frac @ cell)
+        cells.append(cell)
+        ptr.append(ptr[-1] + n)
+    return torch.tensor(np.concatenate(pos)), torch.tensor(np.stack(cells)), torch.tensor(ptr)
+
+
+CASES = [
+    # (sizes, kinds, unwrap, radius, K, reserved, float32)
+    ([1], ["tiny"], 0, 6.0, 50, False, False),
+    ([1, 1, 2], ["tiny", "gen", "tiny"], 3, 6.0, 50, True, False),
+    ([3, 2], ["tiny", "skewed"], 0, 7.5, 80, False, True),
+    ([5, 8, 1], ["skewed", "skewed", "gen"], 2, 6.0, 50, True, False),
+    ([12, 4], ["vacuum", "vacuum"], 50, 6.0, 50, False, False),
+    ([20, 3, 7], ["gen", "skewed", "tiny"], 1, 4.0, 12, True, True),
+    ([40], ["skewed"], 0, 6.0, 50, False, False),
+    ([9, 9], ["gen", "vacuum"], 0, 6.0, 0, False, False),
+    ([6, 2, 6], ["tiny", "tiny", "skewed"], 0, 3.0, 1, True, False),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_random_suite(case):
+    sizes, kinds, unwrap, radius, k, use_res, f32 = CASES[case]
+    rng = np.random.default_rng(1000 + case)
+    pos, cells, ptr = _batch(rng, sizes, kinds, unwrap)
+    if f32:
+        pos, cells = pos.float(), cells.float()
+    res = torch.from_numpy(rng.integers(0, 2, pos.shape[0])) if use_res else None
+    ref = reference(pos, cells, ptr, radius, k, res)
+    for algo, thr in PATHS:
+        for nt in (1, 2):
+            out = cpu(pos, cells, ptr, radius, k, res, algo=algo, cell_list_threshold=thr, num_threads=nt)
+            assert_same(ref, out, f"case {case} algo={algo} thr={thr} threads={nt}")
+
+
+def test_symmetric_lattice_ties():
+    """Perfect fcc: many exactly tied keys at the cut (the (j, o) tie-break decides)."""
+    a = 3.6
+    basis = np.array([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+    fcc = np.array([(np.array(c) + b) * a for c in itertools.product(range(2), repeat=3) for b in basis])
+    pos, cells, ptr = torch.tensor(fcc), torch.tensor(np.eye(3) * 2 * a)[None], torch.tensor([0, len(fcc)])
+    for k in (12, 50, 80):
+        ref = reference(pos, cells, ptr, 6.0, k)
+        for algo, thr in PATHS:
+            assert_same(ref, cpu(pos, cells, ptr, 6.0, k, algo=algo, cell_list_threshold=thr), f"{k} {algo} {thr}")
+
+
+def test_warp_boundary_fallback():
+    """A 0.4 Å cubic cell with K = 6,000: the K-th key falls in a histogram bin holding more than
+    BOUNDARY_CAP candidates, so the warp algorithm takes its sequential fallback."""
+    a, radius, k = 0.4, 6.0, 6000
+    g = np.arange(-16, 17)
+    lat = np.array(list(itertools.product(g, g, g)), dtype=np.float64) * a
+    d = np.sqrt((lat**2).sum(1))
+    d = np.sort(d[(d <= radius) & (d > 0)])
+    qmax = round(radius / 1e-6)
+    bins = (np.round(d / 1e-6) * (_ext._C.HIST_BINS / (qmax + 1.0))).astype(np.int64)
+    assert np.sum(bins == bins[k - 1]) > _ext._C.BOUNDARY_CAP  # the case is the intended one
+    pos = torch.tensor([[0.05, 0.1, 0.15], [0.0, 0.0, 0.0], [0.25, 0.25, 0.25]], dtype=torch.float64)
+    cells = torch.tensor(np.stack([np.eye(3) * a, np.eye(3) * 0.5]))
+    ptr = torch.tensor([0, 1, 3])
+    ref = reference(pos, cells, ptr, radius, k)
+    for algo, thr in PATHS:
+        assert_same(ref, cpu(pos, cells, ptr, radius, k, algo=algo, cell_list_threshold=thr), f"{algo} {thr}")
+
+
+def _oracle_centre(pos, cell, i, radius, k):
+    """Independent NumPy oracle for one centre of a one-crystal input: every (j, o) in a generous
+    image box, lengths in the documented float64 order, key sort, cap, self-images dropped.
+    Returns (E_i, 5) rows (j, o0, o1, o2, distance bits) and the candidate count."""
+    inv = np.linalg.inv(cell)
+    reach = radius * np.linalg.norm(inv, axis=0) + 1.0
+    span = [np.arange(-int(np.ceil(r)) - 1, int(np.ceil(r)) + 2) for r in reach]
+    frac = pos @ inv
+    shift = np.floor(frac).astype(np.int64)
+    imgs = np.array(list(itertools.product(*span)), dtype=np.int64)  # wrapped-frame images
+    n = pos.shape[0]
+    j = np.repeat(np.arange(n), len(imgs))
+    o = np.tile(imgs, (n, 1)) - shift[j] + shift[i]
+    of = o.astype(np.float64)
+    shift_c = of[:, 0:1] * cell[0]
+    shift_c = shift_c + of[:, 1:2] * cell[1]
+    shift_c = shift_c + of[:, 2:3] * cell[2]
+    r = (pos[j] - pos[i]) + shift_c
+    d = np.sqrt(r[:, 0] * r[:, 0] + r[:, 1] * r[:, 1] + r[:, 2] * r[:, 2])
+    keep = (d <= radius) & ~((j == i) & (o == 0).all(axis=1))
+    j, o, d = j[keep], o[keep], d[keep]
+    q = np.round(d / 1e-6).astype(np.int64)
+    order = np.lexsort((o[:, 2], o[:, 1], o[:, 0], j, q))[:k]
+    sel = order[j[order] != i]
+    return np.column_stack([j[sel], o[sel], d[sel].view(np.int64)]), int(keep.sum())
+
+
+def test_large_crystal_cell_list_vs_brute_force():
+    """2,000 atoms (unwrapped, skewed cell): the cell list (default), forced brute force, the
+    hierarchical path and the emulated warp algorithm all equal the reference exactly, and sampled
+    centres also match an independent NumPy oracle."""
+    rng = np.random.default_rng(7)
+    cell = np.array([[22.0, 0.0, 0.0], [4.0, 21.0, 0.0], [2.0, 3.0, 23.0]])
+    frac = rng.random((2000, 3)) + rng.integers(-2, 3, (2000, 3))
+    pos = torch.tensor(frac @ cell)
+    cells = torch.tensor(cell)[None]
+    ptr = torch.tensor([0, 2000])
+    base = cpu(pos, cells, ptr)  # default: cell list (2,000 > threshold)
+    assert_same(reference(pos, cells, ptr), base, "reference")
+    for algo, thr in [(0, BIG), (2, 0), (2, BIG), (1, 0), (0, 0)]:
+        assert_same(base, cpu(pos, cells, ptr, algo=algo, cell_list_threshold=thr, num_threads=2), f"{algo} {thr}")
+    edge_index, offsets, rowptr, dist, ncand = base
+    for i in rng.choice(2000, 6, replace=False):
+        rows, count = _oracle_centre(pos.numpy(), cell, int(i), 6.0, 50)
+        a, b = int(rowptr[i]), int(rowptr[i + 1]) - 6
+        got = np.column_stack([edge_index[0, a:b].numpy(), offsets[a:b].numpy(), dist[a:b].numpy().view(np.int64)])
+        assert np.array_equal(got, rows), f"centre {i}"
+        assert int(ncand[i]) == count
+
+
+def test_mixed_sizes_threshold_switch():
+    """Small and large crystals in one batch, the threshold splitting them both ways."""
+    rng = np.random.default_rng(11)
+    pos, cells, ptr = _batch(rng, [3, 150, 1, 120, 17], ["tiny", "gen", "gen", "vacuum", "skewed"], unwrap=1)
+    ref = reference(pos, cells, ptr, 5.0, 40)
+    for thr in (0, 2, 16, 130, BIG):
+        for algo in (0, 1, 2):
+            assert_same(ref, cpu(pos, cells, ptr, 5.0, 40, algo=algo, cell_list_threshold=thr), f"{algo} {thr}")
+
+
+# --------------------------------------------------------------------------------------------------
+# API behaviour
+# --------------------------------------------------------------------------------------------------
+def test_empty_and_errors():
+    out = cpu(torch.zeros(0, 3), torch.eye(3)[None], torch.tensor([0, 0]))
+    assert_same(reference(torch.zeros(0, 3), torch.eye(3)[None], torch.tensor([0, 0])), out)
+    pos = torch.rand(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="non-singular"):
+        cpu(pos, torch.zeros(1, 3, 3), torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="ptr"):
+        cpu(pos, torch.eye(3)[None] * 5, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="reserved"):
+        cpu(pos, torch.eye(3)[None] * 5, torch.tensor([0, 4]), reserved=torch.tensor([0, -1, 0, 0]))
+
+
+def test_registration_and_auto():
+    assert "cpu" in backends.available("radius_graph")
+    name, fn = backends.resolve("radius_graph", "auto", "cpu")
+    assert name == "cpu" and fn is _ext.radius_graph_cpu
+
+
+def test_fixed_capacity_cpu():
+    rng = np.random.default_rng(3)
+    pos, cells, ptr = _batch(rng, [4, 6], ["gen", "skewed"])
+    ref = reference(pos, cells, ptr)
+    e = ref[3].shape[0]
+    g = _ext.build_graph_fixed(pos, cells, ptr, capacity=e + 10)
+    assert int(g.num_edges) == e and int(g.status) == 0
+    assert torch.equal(g.edge_index[:, :e], ref[0]) and torch.equal(g.rowptr, ref[2])
+    assert torch.equal(g.distances[:e], ref[3]) and bool((g.edge_index[:, e:] == -1).all())
+    with pytest.raises(_ext.GraphCapacityError) as info:
+        _ext.build_graph_fixed(pos, cells, ptr, capacity=e - 1)
+    assert info.value.required == e
+    g = _ext.build_graph_fixed(pos, cells, ptr, capacity=e - 1, check=False)
+    assert int(g.status) & _ext.ERR_OVERFLOW and int(g.num_edges) == e
+    with pytest.raises(_ext.GraphCapacityError):
+        _ext.check_fixed(g)
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA part (compile-time check only: no GPU here)
+# --------------------------------------------------------------------------------------------------
+def _nvcc_present() -> bool:
+    if os.environ.get("E3RELAX_NO_CUDA", "").strip() not in ("", "0"):
+        return False
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    return bool(
+        (home and os.path.isfile(os.path.join(home, "bin", "nvcc")))
+        or shutil.which("nvcc")
+        or os.path.isfile("/usr/local/cuda/bin/nvcc")
+        or glob.glob("/usr/local/cuda-*/bin/nvcc")
+    )
+
+
+def test_cuda_compiled_when_nvcc_present():
+    if not _nvcc_present():
+        pytest.skip("nvcc not found (or E3RELAX_NO_CUDA set): the CUDA launcher is not built here")
+    C = _ext._C
+    assert C.WITH_CUDA, "nvcc is present but e3relax_fast._C was built without its CUDA part"
+    assert hasattr(C, "radius_graph_cuda_select") and hasattr(C, "radius_graph_cuda_emit")
+    status = C.cuda_status()  # never raises, with or without a driver
+    assert isinstance(status, str) and status
+    if not (torch.cuda.is_available() and C.cuda_available()):
+        assert "cuda" not in backends.available("radius_graph")
+        assert _ext.CUDA_UNAVAILABLE_REASON
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_backend_matches_reference(golden):
+    if "cuda" not in backends.available("radius_graph"):
+        pytest.skip(f"cuda backend unavailable: {_ext.CUDA_UNAVAILABLE_REASON}")
+    pos = torch.cat([p for p, _, _ in golden])
+    cells = torch.stack([c for _, c, _ in golden])
+    ptr = torch.tensor([0] + list(itertools.accumulate(p.shape[0] for p, _, _ in golden)))
+    res = torch.cat([z for _, _, z in golden]).to(torch.int64)
+    for r in (None, res):
+        ref = reference(pos, cells, ptr, 6.0, 50, r)
+        out = _ext.radius_graph_cuda(pos.cuda(), cells.cuda(), ptr.cuda(), 6.0, 50, None if r is None else r.cuda())
+        assert_same(ref, tuple(t.cpu() for t in out))
+        e = ref[3].shape[0]
+        g = _ext.build_graph_fixed(pos.cuda(), cells.cuda(), ptr.cuda(), e + 5, 6.0, 50,
+                                   None if r is None else r.cuda())
+        assert torch.equal(g.edge_index[:, :e].cpu(), ref[0]) and int(g.num_edges) == e
+        with pytest.raises(_ext.GraphCapacityError):
+            _ext.build_graph_fixed(pos.cuda(), cells.cuda(), ptr.cuda(), e - 1, 6.0, 50,
+                                   None if r is None else r.cuda())
+    rng = np.random.default_rng(5)
+    for case in range(len(CASES)):
+        sizes, kinds, unwrap, radius, k, _, _ = CASES[case]
+        p, c, pt = _batch(rng, sizes, kinds, unwrap)
+        ref = reference(p, c, pt, radius, k)
+        out = _ext.radius_graph_cuda(p.cuda(), c.cuda(), pt.cuda(), radius, k)
+        assert_same(ref, tuple(t.cpu() for t in out), f"case {case}")
