@@ -30,6 +30,10 @@ try:  # registers backend "triton" when Triton and a CUDA device (or TRITON_INTE
     from . import kernels as _kernels  # noqa: E402,F401
 except ImportError:
     pass
+try:  # registers backend "cueq" when cuequivariance-torch imports (else records why it is missing)
+    from . import cueq as _cueq  # noqa: E402,F401
+except ImportError:
+    pass
 
 _INV_SQRT_2 = 1 / math.sqrt(2.0)
 _INV_SQRT_3 = 1 / math.sqrt(3.0)
