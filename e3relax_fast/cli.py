@@ -207,9 +207,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from .pretrained import load_pretrained
 
     model = load_pretrained(args.checkpoint, map_location=args.device)
-    dataset = PairDataset(read_pairs(args.data, args.split))
+    dataset = PairDataset([pair for source in args.data for pair in read_pairs(source, args.split)])
     result = evaluate_model(model, dataset, device=args.device, match=not args.no_match)
-    report = write_report(result, dataset, args.out, title=f"{args.checkpoint} on {args.data} ({args.split})")
+    sources = " + ".join(str(source) for source in args.data)
+    report = write_report(result, dataset, args.out, title=f"{args.checkpoint} on {sources} ({args.split})")
     print(report.read_text())
     return 0
 
@@ -221,7 +222,8 @@ def add_eval_parser(subparsers) -> None:
         "errors and StructureMatcher match rate, averaged over structures, beside the Dummy "
         "baseline (unrelaxed as prediction). Writes report.md and PNG plots.",
     )
-    p.add_argument("--data", required=True, help="CIF folder with split CSVs, extxyz folder, or ASE .db")
+    p.add_argument("--data", required=True, action="append",
+                   help="CIF folder with split CSVs, extxyz folder, or ASE .db; repeat to combine sources")
     p.add_argument("--split", default="val")
     p.add_argument("--checkpoint", default="default", help="checkpoint path or 'default' (bundled model)")
     p.add_argument("--out", required=True, help="report directory")
