@@ -13,6 +13,7 @@ import os
 from .. import backends
 
 MESSAGE_OP = "message_passing"
+RADIUS_OP = "radius_graph"
 
 
 def _usable() -> tuple[bool, str]:
@@ -33,13 +34,20 @@ def _register() -> None:
     ok, reason = _usable()
     if not ok:
         backends.mark_missing(MESSAGE_OP, "triton", reason)
+        backends.mark_missing(RADIUS_OP, "triton", reason)
         return
     try:
         from .message_passing import message_passing
     except Exception as exc:  # pragma: no cover - a broken Triton install must not break the package
         backends.mark_missing(MESSAGE_OP, "triton", f"kernel module failed to import: {exc!r}")
-        return
-    backends.register(MESSAGE_OP, "triton", message_passing)
+    else:
+        backends.register(MESSAGE_OP, "triton", message_passing)
+    try:
+        from .radius_graph import radius_graph
+    except Exception as exc:  # pragma: no cover - a broken Triton install must not break the package
+        backends.mark_missing(RADIUS_OP, "triton", f"kernel module failed to import: {exc!r}")
+    else:
+        backends.register(RADIUS_OP, "triton", radius_graph)
 
 
 _register()

@@ -45,3 +45,37 @@ def test_compiles_for_sm90(dtype):
         assert info["cubin"] > 0, name
         assert ".target sm_90" in info["ptx"], name
         assert info["shared"] <= H100_MAX_SHARED, f"{name}: {info['shared']} bytes of shared memory"
+
+
+RADIUS_SCRIPT = r"""
+import json
+from e3relax_fast.kernels import radius_graph as m
+out = m.aot_compile(arch=90, max_neighbors=50)
+print(json.dumps({name: {"cubin": len(k.asm["cubin"]), "ptx": k.asm["ptx"], "shared": k.metadata.shared}
+                  for name, k in out.items()}))
+"""
+
+
+def test_radius_graph_compiles_for_sm90_without_f64_fma():
+    """The radius-graph kernels compile for sm_90, and their float64 arithmetic is the explicitly
+    rounded PTX (mul/add/sub/div/sqrt .rn.f64): no fused multiply-add may change a distance bit.
+    FP fusion is left enabled (Triton's default) to show the kernels do not depend on it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    package_root = str(Path(e3relax_fast.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-c", RADIUS_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    kernels = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(kernels) == {"select", "fill"}
+    for name, info in kernels.items():
+        ptx = info["ptx"]
+        assert info["cubin"] > 0, name
+        assert ".target sm_90" in ptx, name
+        assert info["shared"] <= H100_MAX_SHARED, f"{name}: {info['shared']} bytes of shared memory"
+        assert "fma.rn.f64" not in ptx and "fma.rz.f64" not in ptx and "mad.rn.f64" not in ptx, \
+            f"{name}: float64 FMA in the PTX"
+        for op in ("mul.rn.f64", "add.rn.f64", "sqrt.rn.f64"):
+            assert op in ptx, f"{name}: {op} missing"
+    assert "div.rn.f64" in kernels["select"]["ptx"]
