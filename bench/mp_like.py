@@ -17,6 +17,16 @@ the lattice vectors):
 
 Everything is seeded: the same arguments give bit-identical arrays on every machine (given the
 same seed files). Run ``python bench/mp_like.py`` for a summary of both sets.
+
+**Cached inputs.** The seed files live outside the repository (``../shared/data``) and reading them
+needs ASE, so machines without either (the GPU machine, CI) use ``bench/data/mp_like_1000.npz``:
+the default mix (``n=1000, seed=0``, default strain and rattle) as concatenated arrays (``z`` uint8,
+``positions`` and ``cells`` float64, ``ptr`` int64; plus each crystal's ``sources`` label), written by
+``python bench/mp_like.py --write-cache``. :func:`mp_like_mix` generates when it can and otherwise
+serves the first ``n <= 1000`` crystals from the cache (the mix is generated crystal by crystal from
+one RNG stream, so the first ``n`` of 1000 are the mix of ``n``). ``tests/test_bench_inputs.py``
+checks that the cache equals a fresh generation. ``E3RELAX_BENCH_INPUTS=cached`` (or
+``generate``) forces one source; the default is ``auto``. The scaling series needs no files.
 """
 
 from __future__ import annotations
@@ -25,7 +35,6 @@ import csv
 import functools
 import io
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +43,11 @@ Triple = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 _REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("E3RELAX_DATA", _REPO.parent / "shared" / "data"))
+CACHE_PATH = Path(__file__).resolve().parent / "data" / "mp_like_1000.npz"
+# The generator arguments the cache was made with (the defaults of mp_like_mix), and its size.
+CACHE_N = 1000
+CACHE_ARGS = {"seed": 0, "max_atoms": 64, "max_strain": 0.03, "sigma": 0.02}
+SEED_FILES = ("seeds/oqmd_200.extxyz", "seeds/perov_5_val.csv", "seeds/carbon_24_val.csv", "pairs/chgnet_v1/CIF")
 
 # Hand-set size histogram (atoms per cell, inclusive bins) -> weight. Roughly MP-shaped:
 # few 1–2-atom cells, most mass between 5 and 32 atoms, a tail up to 64.
@@ -169,6 +183,61 @@ def strain_rattle(triple: Triple, rng: np.random.Generator, max_strain: float, s
 
 
 # --------------------------------------------------------------------------------------------
+# Cache (for machines without the seed files or ASE)
+# --------------------------------------------------------------------------------------------
+def seeds_available(data_dir: str | Path = DATA_DIR) -> tuple[bool, str]:
+    """``(True, "")`` if the seed files and ASE (needed to read them) are here, else ``(False, why)``."""
+    root = Path(data_dir)
+    missing = [f for f in SEED_FILES if not (root / f).exists()]
+    if missing:
+        return False, f"seed files not found under {root} ({', '.join(missing)})"
+    try:
+        import ase.io  # noqa: F401
+    except ImportError as exc:
+        return False, f"ASE is not importable ({exc}); it reads the seed files"
+    return True, ""
+
+
+def write_cache(path: str | Path = CACHE_PATH) -> Path:
+    """Generate the default 1,000-crystal mix and store it, compressed, at ``path``."""
+    triples, sources = _generate(CACHE_N, return_sources=True, **CACHE_ARGS)
+    counts = np.array([len(t[0]) for t in triples], dtype=np.int64)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        path,
+        z=np.concatenate([t[0] for t in triples]).astype(np.uint8),  # Z <= 118
+        positions=np.concatenate([t[1] for t in triples]).astype(np.float64),
+        cells=np.stack([t[2] for t in triples]).astype(np.float64),
+        ptr=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        sources=np.array(sources),
+        args=np.array(repr(dict(CACHE_ARGS, n=CACHE_N))),
+    )
+    return path
+
+
+def load_cache(n: int = CACHE_N, path: str | Path = CACHE_PATH, return_sources: bool = False):
+    """The first ``n`` (<= 1000) crystals of the cached default mix, as :func:`mp_like_mix` returns them."""
+    with np.load(path) as f:
+        z, pos, cells, ptr = f["z"], f["positions"], f["cells"], f["ptr"]
+        sources = [str(s) for s in f["sources"]]
+    if n > len(cells):
+        raise ValueError(f"the cache {path} holds {len(cells)} crystals, {n} were asked for")
+    out = [
+        (z[ptr[k]:ptr[k + 1]].astype(np.int64), pos[ptr[k]:ptr[k + 1]].copy(), cells[k].copy())
+        for k in range(n)
+    ]
+    return (out, sources[:n]) if return_sources else out
+
+
+def _input_mode() -> str:
+    mode = os.environ.get("E3RELAX_BENCH_INPUTS", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "cached", "generate"):
+        raise ValueError(f"E3RELAX_BENCH_INPUTS={mode!r}: expected auto, cached or generate")
+    return mode
+
+
+# --------------------------------------------------------------------------------------------
 # Public generators
 # --------------------------------------------------------------------------------------------
 def mp_like_mix(
@@ -183,7 +252,29 @@ def mp_like_mix(
 
     With ``return_sources=True`` returns ``(triples, sources)`` where ``sources[k]`` names the seed
     file and supercell of crystal ``k`` (e.g. ``"oqmd[17]x2x1x1"``).
+
+    Generated from the seed files when they (and ASE) are here; otherwise, for the default
+    arguments and ``n <= 1000``, read from ``bench/data/mp_like_1000.npz`` (identical arrays).
+    ``E3RELAX_BENCH_INPUTS=cached|generate`` forces one source.
     """
+    kwargs = {"seed": seed, "max_atoms": max_atoms, "max_strain": max_strain, "sigma": sigma}
+    mode = _input_mode()
+    cacheable = kwargs == CACHE_ARGS and n <= CACHE_N and CACHE_PATH.exists()
+    if mode == "cached" or (mode == "auto" and cacheable and not seeds_available()[0]):
+        if not cacheable:
+            raise ValueError(f"the cached mix {CACHE_PATH} serves only n <= {CACHE_N} with {CACHE_ARGS} "
+                             f"(asked: n={n}, {kwargs}; cache present: {CACHE_PATH.exists()})")
+        return load_cache(n, return_sources=return_sources)
+    ok, why = seeds_available()
+    if not ok:
+        raise FileNotFoundError(
+            f"cannot generate the MP-like mix: {why}; the cache {CACHE_PATH} covers only n <= {CACHE_N} "
+            f"with {CACHE_ARGS} (set E3RELAX_DATA to the data folder)"
+        )
+    return _generate(n, return_sources=return_sources, **kwargs)
+
+
+def _generate(n: int, seed: int, max_atoms: int, max_strain: float, sigma: float, return_sources: bool):
     pool = seed_pool()
     rng = np.random.default_rng(seed)
     bins = [(lo, min(hi, max_atoms), w) for lo, hi, w in SIZE_BINS if lo <= max_atoms]
@@ -253,9 +344,18 @@ def describe(triples: list[Triple]) -> str:
 
 
 if __name__ == "__main__":
-    count = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Describe (or cache) the benchmark inputs.")
+    ap.add_argument("n", nargs="?", type=int, default=1000, help="crystals in the mix (1000)")
+    ap.add_argument("--write-cache", action="store_true", help=f"(re)write {CACHE_PATH.name} from the seed files")
+    args = ap.parse_args()
+    if args.write_cache:
+        written = write_cache()
+        print(f"wrote {written} ({written.stat().st_size / 1e3:.0f} kB)")
+    count = args.n
     mix, src = mp_like_mix(count, return_sources=True)
-    print("MP-like mix:", describe(mix))
+    print("MP-like mix:", describe(mix), f"(seed files: {seeds_available()[1] or 'available'})")
     kinds: dict[str, int] = {}
     for s in src:
         kinds[s.split("[")[0]] = kinds.get(s.split("[")[0], 0) + 1

@@ -1,7 +1,11 @@
 """Run every CPU benchmark at its default size and write ``bench/RESULTS.md`` from scratch.
 
-    cd <repo root> && PYTHONPATH=. python bench/run_cpu.py      # ~5 min on 2 cores
-    PYTHONPATH=. python bench/run_cpu.py --no-scaling           # without the graph scaling series (~2 min)
+    cd <repo root> && PYTHONPATH=. python bench/run_cpu.py      # ~7 min on 2 cores
+    PYTHONPATH=. python bench/run_cpu.py --no-scaling           # without the graph scaling series (~4 min)
+    PYTHONPATH=. python bench/run_cpu.py --no-message-passing   # without the message-passing --quick run
+
+Benchmarks: graph building (MP-like mix and scaling series), ``relax_batch``, and the message
+op / layer / model microbenchmark in its ``--quick`` CPU form (eager reference vs torch.compile).
 
 CPU only by construction: CUDA is hidden (``CUDA_VISIBLE_DEVICES=""``) before torch is imported,
 so no GPU number can end up in the report. CSV rows also go to ``bench/out/*.csv``.
@@ -21,6 +25,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_message_passing  # noqa: E402
 import bench_radius_graph  # noqa: E402
 import bench_relax_batch  # noqa: E402
 import harness  # noqa: E402
@@ -130,6 +135,25 @@ def read_scaling(results) -> list[str]:
     return out
 
 
+def read_message_passing(results) -> list[str]:
+    """One sentence per case: torch.compile against eager, and the eager rate in the cost model."""
+    out = []
+    for case in dict.fromkeys(r.case for r in results):
+        eager, comp = _by(results, "eager", case), _by(results, "compile", case)
+        if eager is None:
+            continue
+        text = (f"{case}: eager {harness.fmt_time(eager.median_s)} ({harness.fmt_num(eager.throughput)} "
+                f"{eager.unit}, {eager.extra['gflops']:.3g} GFLOP/s, {eager.extra['gbps']:.3g} GB/s by the "
+                f"unfused traffic model)")
+        if comp is not None:
+            text += (f"; `torch.compile` {harness.fmt_time(comp.median_s)}, "
+                     f"{harness.fmt_ratio(comp.ratios.get('eager'))}{_min_ratio(eager, comp)} eager's speed")
+        else:
+            text += "; `torch.compile` not timed (see the table's notes)"
+        out.append(text + ".")
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-graph", type=int, default=1000, help="crystals for the graph benchmark (1000)")
@@ -139,6 +163,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-scaling", dest="scaling", action="store_false",
                     help="skip the 8..20,000-atom graph scaling series (~3 min)")
+    ap.add_argument("--no-message-passing", dest="message_passing", action="store_false",
+                    help="skip the message op / layer / model microbenchmark (--quick, ~1.5 min)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="report path (default bench/RESULTS.md)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch (and vesin) threads; default 1 (see RESULTS.md); 0 = torch's default")
@@ -164,6 +190,12 @@ def main(argv=None) -> None:
         args.n_relax, [bench_relax_batch._parse_size(s) for s in args.model_sizes],
         repeats=args.repeats, info=info,
     )
+    mp_md, mp_res = "", []
+    if args.message_passing:
+        mp_args = bench_message_passing.parse_args(
+            ["--quick", "--no-accuracy", "--device", "cpu", "--threads", str(threads)]
+        )
+        mp_md, mp_res = bench_message_passing.run(mp_args, info)
     load_end = harness.load_average()
     wall = time.perf_counter() - t0
 
@@ -182,6 +214,13 @@ def main(argv=None) -> None:
         threads_text = (
             f"torch (and vesin) ran on {threads} threads; pymatgen/matscipy/ASE are single-threaded. "
             "On a busy machine several torch threads per process can be far slower than one."
+        )
+    mp_reading = ""
+    if mp_res:
+        mp_reading = (
+            "\nMessage passing, CPU (`bench/bench_message_passing.py --quick`: eager reference vs "
+            "`torch.compile`, float32 forward, first 8 crystals of the mix):\n\n"
+            + bullets(read_message_passing(mp_res)) + "\n"
         )
     scaling_reading = ""
     if scaling_res:
@@ -217,18 +256,24 @@ Graph building (radius 6 Å, top-50, 6 self-image edges):
 `relax_batch` (untrained seeded models, CPU, float32):
 
 {bullets(read_relax(relax_res))}
-{scaling_reading}
+{scaling_reading}{mp_reading}
 ## Tables
 
 {graph_md}
 {scaling_md}
 {relax_md}
+{mp_md}
 ## GPU
 
-GPU: not yet measured on GPU. This command hides CUDA and reports CPU numbers only. On a machine
-with a GPU, `bench/bench_radius_graph.py` adds `reference@cuda` and any registered `cuda` /
-`triton` graph backends as extra providers, and `bench/bench_relax_batch.py --device cuda` times
-`relax_batch` there (`harness.measure` synchronises CUDA around every timed call).
+GPU: not yet measured on GPU. This command hides CUDA and reports CPU numbers only; every table
+above is CPU. On a machine with a GPU, `bash bench/gpu_check.sh` builds the extension, runs the GPU
+tests and both GPU benchmarks in one go (results under `${{OUT:-bench/out/gpu}}`, summary in
+`gpu_summary.md`): `bench/bench_radius_graph.py` adds `reference@cuda` and any registered `cuda` /
+`triton` graph backends as extra providers, and `bench/bench_message_passing.py` times the message
+op, one layer and the model with the `triton` (and any `cuda` / `cueq`) backends beside eager and
+`torch.compile`, against the card's measured peak bandwidth and FLOP rate, plus the
+float32/TF32/bf16 accuracy of the model output against float64. `bench/bench_relax_batch.py
+--device cuda` times `relax_batch` there (`harness.measure` synchronises CUDA around every timed call).
 
 ## Caveats
 
@@ -246,6 +291,9 @@ with a GPU, `bench/bench_radius_graph.py` adds `reference@cuda` and any register
 - The models are untrained (`torch.manual_seed(0)`); speed does not depend on the weights.
 - `relax_batch` one-at-a-time calls `relax_batch([s])` per structure, so it includes the
   per-call overhead a naive loop would pay.
+- Message passing on CPU is the `--quick` form: 8 crystals, and `torch.compile` only until 45 s of
+  compile time are spent (later cases show eager alone). Its FLOP and byte counts are the spec §14
+  cost model, not measurements; GB/s is the eager-equivalent (unfused) traffic rate for both rows.
 """
     args.out.write_text(report)
     print(f"\nwrote {args.out} ({wall / 60:.1f} min); CSV rows in {harness.OUT_DIR}/", flush=True)
