@@ -209,6 +209,13 @@ def run_eval(args: argparse.Namespace) -> int:
     model = load_pretrained(args.checkpoint, map_location=args.device)
     dataset = PairDataset([pair for source in args.data for pair in read_pairs(source, args.split)])
     result = evaluate_model(model, dataset, device=args.device, match=not args.no_match)
+    if args.steps_saved:
+        from .datagen import make_calculator
+        from .fire import steps_saved
+
+        calculator = make_calculator(args.steps_saved, batched=True, device=args.device)
+        result["steps_saved"] = steps_saved(dataset.pairs, result["predictions"], calculator,
+                                            fmax=args.fmax, max_steps=args.max_steps)
     sources = " + ".join(str(source) for source in args.data)
     report = write_report(result, dataset, args.out, title=f"{args.checkpoint} on {sources} ({args.split})")
     print(report.read_text())
@@ -229,6 +236,11 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-match", action="store_true", help="skip the (slow) StructureMatcher match rate")
+    p.add_argument("--steps-saved", metavar="CALC",
+                   help="also relax each structure with this potential (chgnet, emt, module:factory) from the "
+                   "unrelaxed structure and from the prediction, and report the optimiser steps saved")
+    p.add_argument("--fmax", type=float, default=0.05, help="force threshold for --steps-saved (eV/Å)")
+    p.add_argument("--max-steps", type=int, default=300, help="step limit for --steps-saved")
     p.set_defaults(func=run_eval)
 
 

@@ -93,6 +93,14 @@ def write_report(result: dict, dataset: PairDataset, out_dir: str | Path, title:
     if "match_rate" in result["model"]:
         lines.append(f"| match rate (StructureMatcher defaults) | {100 * result['model']['match_rate']:.1f}% | "
                      f"{100 * result['dummy']['match_rate']:.1f}% | |")
+    saved = result.get("steps_saved")
+    if saved is not None:
+        lines += ["", f"Potential steps to converge (FIRE, both starts converged for {saved['n_both_converged']} of "
+                  f"{len(saved['ids'])} structures): from the unrelaxed structure {saved['mean_steps_unrelaxed']:.1f}, "
+                  f"from the prediction {saved['mean_steps_prediction']:.1f}; saved {saved['mean_steps_saved']:.1f} "
+                  f"on average ({100 * saved['fraction_steps_saved']:.1f} % of all steps, median "
+                  f"{saved['median_steps_saved']:.1f}); final energy, prediction start minus unrelaxed start: "
+                  f"{1000 * saved['mean_energy_difference']:+.2f} meV/atom."]
     path = out_dir / "report.md"
     try:
         import matplotlib

@@ -51,3 +51,27 @@ def test_evaluate_identity_equals_dummy_and_report(tmp_path):
     text = report.read_text()
     assert "| coordinate MAE (Å) |" in text and "1.000 |" in text
     assert (tmp_path / "parity.png").exists() and (tmp_path / "errors.png").exists()
+
+
+def test_eval_cli_reports_steps_saved_with_emt(tmp_path):
+    """`e3relax-fast eval --steps-saved emt`: relaxes from both starts and reports the steps."""
+    from e3relax_fast import E3Relax
+    from e3relax_fast.cli import main
+    from e3relax_fast.data import Pair, write_extxyz_pairs
+
+    rng = np.random.default_rng(0)
+    pairs = []
+    for k in range(3):  # rattled fcc Cu (EMT knows Cu); "relaxed" = ideal cell
+        a = 3.61
+        frac = np.array([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+        cell = np.eye(3) * a
+        pos_r = frac @ cell
+        pairs.append(Pair(f"cu{k}", np.full(4, 29), pos_r + rng.normal(0, 0.05, (4, 3)), cell * 1.02, pos_r, cell))
+    write_extxyz_pairs(pairs, tmp_path / "data", "val")
+    torch.manual_seed(0)
+    model = E3Relax(hidden_channels=8, num_layers=2)
+    torch.save({"state_dict": model.state_dict(), "config": model.config}, tmp_path / "model.pt")
+    assert main(["eval", "--data", str(tmp_path / "data"), "--checkpoint", str(tmp_path / "model.pt"),
+                 "--out", str(tmp_path / "report"), "--no-match", "--steps-saved", "emt"]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "Potential steps to converge" in text and "both starts converged for 3 of 3" in text
