@@ -56,3 +56,48 @@ def golden_model_instance(golden: dict, paper_compat: bool = True, dtype=torch.f
     state = {k.removeprefix("param/"): torch.from_numpy(v) for k, v in golden.items() if k.startswith("param/")}
     model.load_state_dict(state)
     return model.to(dtype)
+
+
+def random_cell(rng, kind: str, lengths: dict | None = None):
+    """A random (3, 3) cell (rows = lattice vectors, Å) of a kind used by the neighbour-list suites:
+    "tiny" (much smaller than the 6 Å radius), "vacuum" (20 Å extra along c), "skewed" (angles down
+    to 40°) or general. ``lengths`` overrides the (low, high) edge-length range per kind."""
+    ranges = {"tiny": (1.5, 3.0), "vacuum": (3.0, 6.0), "general": (2.5, 9.0), **(lengths or {})}
+    if kind == "tiny":
+        edge = rng.uniform(*ranges["tiny"], 3)
+    elif kind == "vacuum":
+        edge = rng.uniform(*ranges["vacuum"], 3)
+        edge[2] += 20.0
+    else:
+        edge = rng.uniform(*ranges["general"], 3)
+    if kind == "skewed":
+        al, be, ga = np.radians(rng.uniform(40.0, 140.0, 3))
+    else:
+        al, be, ga = np.radians(rng.choice([90.0, rng.uniform(60.0, 120.0)], 3))
+    a = np.array([edge[0], 0.0, 0.0])
+    b = edge[1] * np.array([np.cos(ga), np.sin(ga), 0.0])
+    cx = np.cos(be)
+    cy = (np.cos(al) - np.cos(be) * np.cos(ga)) / np.sin(ga)
+    cz2 = 1.0 - cx * cx - cy * cy
+    if cz2 < 0.05:  # not a valid cell: fall back to a mildly skewed one
+        cx, cy, cz2 = 0.3, 0.2, 0.87
+    cell = np.stack([a, b, edge[2] * np.array([cx, cy, np.sqrt(cz2)])])
+    if rng.random() < 0.3:  # arbitrary orientation
+        q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+        cell = cell @ q
+    return cell
+
+
+def random_batch(rng, sizes, kinds, unwrap: int = 0, lengths: dict | None = None):
+    """``(positions (N, 3), cells (G, 3, 3), ptr (G+1,))`` float64 tensors of random crystals; with
+    ``unwrap`` > 0 positions lie up to that many cells outside their cell (not wrapped)."""
+    pos, cells, ptr = [], [], [0]
+    for n, kind in zip(sizes, kinds, strict=True):
+        cell = random_cell(rng, kind, lengths)
+        frac = rng.random((n, 3))
+        if unwrap:
+            frac = frac + rng.integers(-unwrap, unwrap + 1, (n, 3))
+        pos.append(frac @ cell)
+        cells.append(cell)
+        ptr.append(ptr[-1] + n)
+    return torch.tensor(np.concatenate(pos)), torch.tensor(np.stack(cells)), torch.tensor(ptr)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import random_batch
 
 from e3relax_fast import _ext, backends, build_graph
 from e3relax_fast.reference.radius_graph import radius_graph as reference
@@ -99,43 +100,7 @@ def test_golden_batched_and_threads(golden):
 # --------------------------------------------------------------------------------------------------
 # randomized suite
 # --------------------------------------------------------------------------------------------------
-def _cell(rng, kind):
-    if kind == "tiny":  # 1.5-3 Å: the sphere spans many images
-        lengths = rng.uniform(1.5, 3.0, 3)
-    elif kind == "vacuum":  # slab with 20 Å of vacuum along c
-        lengths = rng.uniform(3.0, 6.0, 3)
-        lengths[2] += 20.0
-    else:
-        lengths = rng.uniform(2.5, 9.0, 3)
-    if kind == "skewed":  # angles down to 40 degrees
-        al, be, ga = np.radians(rng.uniform(40.0, 140.0, 3))
-    else:
-        al, be, ga = np.radians(rng.choice([90.0, rng.uniform(60.0, 120.0)], 3))
-    a = np.array([lengths[0], 0.0, 0.0])
-    b = lengths[1] * np.array([np.cos(ga), np.sin(ga), 0.0])
-    cx = np.cos(be)
-    cy = (np.cos(al) - np.cos(be) * np.cos(ga)) / np.sin(ga)
-    cz2 = 1.0 - cx * cx - cy * cy
-    if cz2 < 0.05:  # not a valid cell: fall back to a mildly skewed one
-        cx, cy, cz2 = 0.3, 0.2, 0.87
-    cell = np.stack([a, b, lengths[2] * np.array([cx, cy, np.sqrt(cz2)])])
-    if rng.random() < 0.3:  # arbitrary orientation
-        q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
-        cell = cell @ q
-    return cell
-
-
-def _batch(rng, sizes, kinds, unwrap=0):
-    pos, cells, ptr = [], [], [0]
-    for n, kind in zip(sizes, kinds, strict=True):
-        cell = _cell(rng, kind)
-        frac = rng.random((n, 3))
-        if unwrap:  # positions far outside the cell, as given (not wrapped)
-            frac = frac + rng.integers(-unwrap, unwrap + 1, (n, 3))
-        pos.append(frac @ cell)
-        cells.append(cell)
-        ptr.append(ptr[-1] + n)
-    return torch.tensor(np.concatenate(pos)), torch.tensor(np.stack(cells)), torch.tensor(ptr)
+_batch = random_batch
 
 
 CASES = [

@@ -30,6 +30,8 @@ if (os.environ.get("TRITON_INTERPRET") == "1" and _version(triton.__version__) <
     pytest.skip(f"triton {triton.__version__}'s interpreter fails on loops over runtime bounds with "
                 f"numpy {np.__version__}: use triton >= 3.7 or numpy < 2.4", allow_module_level=True)
 
+from conftest import random_batch  # noqa: E402
+
 from e3relax_fast import backends, build_graph  # noqa: E402
 from e3relax_fast.reference.radius_graph import radius_graph as reference  # noqa: E402
 
@@ -110,43 +112,10 @@ def test_golden_batched_through_registry(golden):
 # --------------------------------------------------------------------------------------------------
 # randomized suite
 # --------------------------------------------------------------------------------------------------
-def _cell(rng, kind):
-    if kind == "tiny":  # 2-3 Å: the sphere spans many images
-        lengths = rng.uniform(2.0, 3.0, 3)
-    elif kind == "vacuum":  # slab with 20 Å of vacuum along c
-        lengths = rng.uniform(3.0, 5.0, 3)
-        lengths[2] += 20.0
-    else:
-        lengths = rng.uniform(2.5, 6.0, 3)
-    if kind == "skewed":  # angles down to 40 degrees
-        al, be, ga = np.radians(rng.uniform(40.0, 140.0, 3))
-    else:
-        al, be, ga = np.radians(rng.choice([90.0, rng.uniform(60.0, 120.0)], 3))
-    a = np.array([lengths[0], 0.0, 0.0])
-    b = lengths[1] * np.array([np.cos(ga), np.sin(ga), 0.0])
-    cx = np.cos(be)
-    cy = (np.cos(al) - np.cos(be) * np.cos(ga)) / np.sin(ga)
-    cz2 = 1.0 - cx * cx - cy * cy
-    if cz2 < 0.05:  # not a valid cell: fall back to a mildly skewed one
-        cx, cy, cz2 = 0.3, 0.2, 0.87
-    cell = np.stack([a, b, lengths[2] * np.array([cx, cy, np.sqrt(cz2)])])
-    if rng.random() < 0.3:  # arbitrary orientation
-        q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
-        cell = cell @ q
-    return cell
-
-
 def _batch(rng, sizes, kinds, unwrap=0):
-    pos, cells, ptr = [], [], [0]
-    for n, kind in zip(sizes, kinds, strict=True):
-        cell = _cell(rng, kind)
-        frac = rng.random((n, 3))
-        if unwrap:  # positions far outside the cell, as given (not wrapped)
-            frac = frac + rng.integers(-unwrap, unwrap + 1, (n, 3))
-        pos.append(frac @ cell)
-        cells.append(cell)
-        ptr.append(ptr[-1] + n)
-    return torch.tensor(np.concatenate(pos)), torch.tensor(np.stack(cells)), torch.tensor(ptr)
+    # Smaller cells than the other suites: the interpreter pays per tested image.
+    lengths = {"tiny": (2.0, 3.0), "vacuum": (3.0, 5.0), "general": (2.5, 6.0)}
+    return random_batch(rng, sizes, kinds, unwrap, lengths=lengths)
 
 
 CASES = [  # (seed, sizes, kinds, unwrap, dtype, radius, max_neighbors)
