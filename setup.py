@@ -4,7 +4,7 @@
 not depend on the installed torch. It is optional in every respect:
 
 * built when a C++ compiler and nanobind are available (nanobind is a build requirement);
-* its CUDA part (csrc/radius_graph_cuda.cu, linked with the static CUDA runtime) is compiled only
+* its CUDA part (csrc/*_cuda.cu, linked with the static CUDA runtime) is compiled only
   when ``nvcc`` is found (``$CUDA_HOME/bin``, ``$PATH``, ``/usr/local/cuda*``); the module still
   imports on machines without a GPU driver and reports that at run time;
 * any failure prints a warning and the install goes on without the failing part: without CUDA
@@ -31,9 +31,10 @@ from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
-OUR_SOURCES = [os.path.join(CSRC, "module.cpp"), os.path.join(CSRC, "radius_graph_cpu.cpp")]
-CUDA_SOURCES = [os.path.join(CSRC, "radius_graph_cuda.cu")]
-HEADERS = [os.path.join(CSRC, h) for h in ("radius_graph.h", "radius_graph_api.h")]
+OUR_SOURCES = [os.path.join(CSRC, f) for f in ("module.cpp", "radius_graph_cpu.cpp", "message_passing_cpu.cpp")]
+CUDA_SOURCES = [os.path.join(CSRC, f) for f in ("radius_graph_cuda.cu", "message_passing_cuda.cu")]
+HEADERS = [os.path.join(CSRC, h) for h in ("radius_graph.h", "radius_graph_api.h", "message_passing.h",
+                                           "message_passing_api.h")]
 # nanobind's core as one translation unit (its documented non-CMake route; the file list of the
 # unity source follows the installed nanobind version).
 NB_CORE = ["nb_combined.cpp"]

@@ -10,12 +10,16 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 
+#include <cmath>
 #include <cstdlib>
+#include <initializer_list>
 #include <optional>
 #include <string>
 
 #include "radius_graph.h"
 #include "radius_graph_api.h"
+#include "message_passing.h"
+#include "message_passing_api.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -128,6 +132,130 @@ void radius_graph_cuda_emit(GpuPos pos, GpuCells cells, GpuI64 ptr, int64_t max_
 }
 #endif
 
+// ---------------------------------------------------------------------------------------------
+// Fused message passing (message_passing.h): outputs written into caller buffers (every element).
+// ---------------------------------------------------------------------------------------------
+template <class T, class Dev>
+using MpIn = nb::ndarray<const T, nb::c_contig, Dev>;
+template <class T, class Dev>
+using MpW = nb::ndarray<const T, nb::ndim<2>, Dev>;  // any strides
+template <class T, class Dev>
+using MpOut = nb::ndarray<T, nb::c_contig, Dev>;
+
+template <class A>
+bool has_shape(const A& a, std::initializer_list<int64_t> shape) {
+  if (a.ndim() != shape.size()) return false;
+  size_t k = 0;
+  for (int64_t s : shape) {
+    if ((int64_t)a.shape(k++) != s) return false;
+  }
+  return true;
+}
+
+template <class T, class Dev>
+e3mp::Params<T> mp_params(const MpIn<T, Dev>& x_proj, const MpIn<T, Dev>& vec, const MpIn<T, Dev>& pos,
+                          const MpIn<T, Dev>& cells, const MpIn<int64_t, Dev>& edge_index,
+                          const MpIn<int64_t, Dev>& offsets, const MpIn<int64_t, Dev>& edge_graph,
+                          const MpIn<int64_t, Dev>& rowptr, const MpW<T, Dev>& weight, const MpIn<T, Dev>& bias,
+                          const MpIn<T, Dev>& centres, double coeff, double cutoff, MpOut<T, Dev>& ds,
+                          MpOut<T, Dev>& dv) {
+  if (vec.ndim() != 3 || vec.shape(1) != 3) throw nb::value_error("message_passing: vec must be (N, 3, H)");
+  const int64_t N = (int64_t)vec.shape(0), H = (int64_t)vec.shape(2);
+  if (cells.ndim() != 3) throw nb::value_error("message_passing: cells must be (G, 3, 3)");
+  const int64_t G = (int64_t)cells.shape(0);
+  if (edge_index.ndim() != 2 || edge_index.shape(0) != 2) throw nb::value_error("message_passing: edge_index must be (2, E)");
+  const int64_t E = (int64_t)edge_index.shape(1);
+  if (centres.ndim() != 1) throw nb::value_error("message_passing: rbf_centres must be (R,)");
+  const int64_t R = (int64_t)centres.shape(0);
+  if (!has_shape(x_proj, {N, 3 * H})) throw nb::value_error("message_passing: x_proj must be (N, 3H)");
+  if (!has_shape(pos, {N, 3})) throw nb::value_error("message_passing: positions must be (N, 3)");
+  if (!has_shape(cells, {G, 3, 3})) throw nb::value_error("message_passing: cells must be (G, 3, 3)");
+  if (!has_shape(offsets, {E, 3})) throw nb::value_error("message_passing: cell_offsets must be (E, 3)");
+  if (!has_shape(edge_graph, {E})) throw nb::value_error("message_passing: edge_graph must be (E,)");
+  if (!has_shape(rowptr, {N + 1})) throw nb::value_error("message_passing: rowptr must be (N + 1,)");
+  if (!has_shape(weight, {3 * H, R})) throw nb::value_error("message_passing: edge_weight must be (3H, R)");
+  if (!has_shape(bias, {3 * H})) throw nb::value_error("message_passing: edge_bias must be (3H,)");
+  if (!has_shape(ds, {N, H}) || !has_shape(dv, {N, 3, H}))
+    throw nb::value_error("message_passing: outputs must be (N, H) and (N, 3, H)");
+  if (!(cutoff > 0.0)) throw nb::value_error("message_passing: cutoff must be > 0");
+  e3mp::Params<T> p;
+  p.x_proj = x_proj.data();
+  p.vec = vec.data();
+  p.pos = pos.data();
+  p.cells = cells.data();
+  p.src = edge_index.data();
+  p.dst = edge_index.data() + E;
+  p.offsets = offsets.data();
+  p.edge_graph = edge_graph.data();
+  p.rowptr = rowptr.data();
+  p.weight = weight.data();
+  p.w_stride_c = (int64_t)weight.stride(0);
+  p.w_stride_r = (int64_t)weight.stride(1);
+  p.bias = bias.data();
+  p.centres = centres.data();
+  p.coeff = (T)coeff;
+  p.cutoff = (T)cutoff;
+  p.inv_sqrt3 = (T)(1.0 / std::sqrt(3.0));
+  p.inv_sqrt_h = (T)(1.0 / std::sqrt((double)(H > 0 ? H : 1)));
+  p.n_atoms = N;
+  p.n_graphs = G;
+  p.n_edges = E;
+  p.hidden = H;
+  p.num_rbf = R;
+  p.ds = ds.data();
+  p.dv = dv.data();
+  return p;
+}
+
+template <class T>
+void message_passing_cpu(MpIn<T, nb::device::cpu> x_proj, MpIn<T, nb::device::cpu> vec,
+                         MpIn<T, nb::device::cpu> pos, MpIn<T, nb::device::cpu> cells,
+                         MpIn<int64_t, nb::device::cpu> edge_index, MpIn<int64_t, nb::device::cpu> offsets,
+                         MpIn<int64_t, nb::device::cpu> edge_graph, MpIn<int64_t, nb::device::cpu> rowptr,
+                         MpW<T, nb::device::cpu> weight, MpIn<T, nb::device::cpu> bias,
+                         MpIn<T, nb::device::cpu> centres, double coeff, double cutoff, MpOut<T, nb::device::cpu> ds,
+                         MpOut<T, nb::device::cpu> dv, int num_threads) {
+  const e3mp::Params<T> p = mp_params<T, nb::device::cpu>(x_proj, vec, pos, cells, edge_index, offsets, edge_graph,
+                                                          rowptr, weight, bias, centres, coeff, cutoff, ds, dv);
+  int64_t bad;
+  {
+    nb::gil_scoped_release release;
+    bad = e3mp::message_passing_cpu(p, num_threads);
+  }
+  if (bad)
+    throw nb::value_error(("message_passing: " + std::to_string(bad) + " receiver(s) with invalid edges (rowptr " +
+                           "must be the receiver CSR of receiver-sorted edges; source and crystal indices in range)")
+                              .c_str());
+}
+
+#ifdef E3RELAX_WITH_CUDA
+template <class T>
+void message_passing_cuda(MpIn<T, nb::device::cuda> x_proj, MpIn<T, nb::device::cuda> vec,
+                          MpIn<T, nb::device::cuda> pos, MpIn<T, nb::device::cuda> cells,
+                          MpIn<int64_t, nb::device::cuda> edge_index, MpIn<int64_t, nb::device::cuda> offsets,
+                          MpIn<int64_t, nb::device::cuda> edge_graph, MpIn<int64_t, nb::device::cuda> rowptr,
+                          MpW<T, nb::device::cuda> weight, MpIn<T, nb::device::cuda> bias,
+                          MpIn<T, nb::device::cuda> centres, double coeff, double cutoff,
+                          MpOut<T, nb::device::cuda> ds, MpOut<T, nb::device::cuda> dv, uintptr_t stream) {
+  const e3mp::Params<T> p = mp_params<T, nb::device::cuda>(x_proj, vec, pos, cells, edge_index, offsets, edge_graph,
+                                                           rowptr, weight, bias, centres, coeff, cutoff, ds, dv);
+  const int dev = (int)ds.device_id();
+  const int ids[] = {(int)x_proj.device_id(), (int)vec.device_id(), (int)pos.device_id(), (int)cells.device_id(),
+                     (int)edge_index.device_id(), (int)offsets.device_id(), (int)edge_graph.device_id(),
+                     (int)rowptr.device_id(), (int)weight.device_id(), (int)bias.device_id(),
+                     (int)centres.device_id(), (int)dv.device_id()};
+  for (int id : ids) {
+    if (id != dev) throw nb::value_error("message_passing: all arrays must be on the same CUDA device");
+  }
+  std::string err;
+  {
+    nb::gil_scoped_release release;
+    err = e3mp::message_passing_cuda(p, dev, stream);
+  }
+  if (!err.empty()) throw std::runtime_error("message_passing (CUDA): " + err);
+}
+#endif
+
 bool cuda_available() {
 #ifdef E3RELAX_WITH_CUDA
   std::string why;
@@ -151,8 +279,23 @@ std::string cuda_status() {
 
 }  // namespace
 
+#define MP_ARGS_COMMON                                                                                  \
+  "x_proj"_a, "vec"_a, "positions"_a, "cells"_a, "edge_index"_a, "cell_offsets"_a, "edge_graph"_a, "rowptr"_a, \
+      "edge_weight"_a, "edge_bias"_a, "rbf_centres"_a, "rbf_coeff"_a, "cutoff"_a, "ds"_a.noconvert(),           \
+      "dv"_a.noconvert()
+#define MP_CPU_ARGS MP_ARGS_COMMON, "num_threads"_a = 0
+#define MP_CUDA_ARGS MP_ARGS_COMMON, "stream"_a
+#define MP_CPU_DOC                                                                                     \
+  "Fused message passing on the CPU into ds (N,H), dv (N,3,H) (every element written). float32 or\n"  \
+  "float64 arrays of one dtype, int64 indices, all C-contiguous except edge_weight (3H,R), any\n"     \
+  "strides. Edges receiver-sorted with receiver CSR rowptr. Raises ValueError on invalid edges."
+#define MP_CUDA_DOC                                                                                    \
+  "Fused message passing on a CUDA device (forward only, on `stream`, no host sync): same arrays\n"  \
+  "as message_passing_cpu; edge_weight best passed transposed in memory (stride (1, 3H)). Invalid\n" \
+  "receivers get NaN outputs."
+
 NB_MODULE(_C, m) {
-  m.doc() = "e3relax_fast compiled kernels (nanobind over DLPack): periodic radius graph.";
+  m.doc() = "e3relax_fast compiled kernels (nanobind over DLPack): periodic radius graph, fused message passing.";
 #ifdef E3RELAX_WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else
@@ -169,6 +312,13 @@ NB_MODULE(_C, m) {
         "cell_offsets (E,3), rowptr (N+1,), distances (E,), num_candidates (N,)). num_threads <= 0: all\n"
         "cores. Crystals with more than cell_list_threshold atoms use the cell list. algo=1 runs the\n"
         "CUDA kernel's warp algorithm, emulated (tests only).");
+  m.def("message_passing_cpu", &message_passing_cpu<float>, MP_CPU_ARGS, MP_CPU_DOC);
+  m.def("message_passing_cpu", &message_passing_cpu<double>, MP_CPU_ARGS, MP_CPU_DOC);
+#ifdef E3RELAX_WITH_CUDA
+  // Distinct names, no overloads: DLPack capsules must not meet a rejected overload first.
+  m.def("message_passing_cuda_f32", &message_passing_cuda<float>, MP_CUDA_ARGS, MP_CUDA_DOC);
+  m.def("message_passing_cuda_f64", &message_passing_cuda<double>, MP_CUDA_ARGS, MP_CUDA_DOC);
+#endif
   m.def("cuda_available", &cuda_available, "True when built with CUDA and a CUDA device is usable.");
   m.def("cuda_status", &cuda_status, "Why CUDA is or is not usable (never raises).");
 #ifdef E3RELAX_WITH_CUDA

@@ -1,4 +1,5 @@
-"""Compiled radius-graph backends (``e3relax_fast._C``, csrc/) behind the backend registry.
+"""Compiled backends (``e3relax_fast._C``, csrc/) behind the backend registry: radius graph and
+fused message passing.
 
 Importing this module (``graph.py`` does) registers, for op ``"radius_graph"``:
 
@@ -10,6 +11,11 @@ Importing this module (``graph.py`` does) registers, for op ``"radius_graph"``:
 and records with :func:`backends.mark_missing` why a backend is absent otherwise (``_C`` not
 built, built without nvcc, no driver, ...). Both functions have the reference's signature and
 return exactly the reference's output (integers equal, distances equal to the bit).
+
+For op ``"message_passing"`` it registers ``cuda`` (:func:`message_passing_cuda`, the fused kernel,
+forward only) under the same conditions. Its CPU launcher :func:`message_passing_cpu` (the same
+per-receiver logic) is a plain function for the tests, not a backend: the reference is the CPU
+choice.
 
 :func:`build_graph_fixed` is the fixed-capacity variant for CUDA graphs: caller-sized outputs, no
 host synchronisation when ``check=False``, and an overflow status instead of silent truncation.
@@ -289,6 +295,139 @@ def build_graph_fixed(
 
 
 # --------------------------------------------------------------------------------------------------
+# Fused message passing (csrc/message_passing*.{h,cpp,cu}), forward only
+# --------------------------------------------------------------------------------------------------
+MP_OP = "message_passing"
+_MP_FLOAT_INPUTS = ("x_proj", "vec", "positions", "cells", "edge_weight", "edge_bias")
+
+
+def _mp_arrays(x_proj, vec, positions, cells, edge_index, cell_offsets, edge_graph, edge_weight, edge_bias,
+               rbf_centres, rowptr, out, *, transpose_weight: bool):
+    """The launchers' arrays: floats in ``x_proj``'s dtype, int64 indices, C-contiguous (``edge_weight``
+    transposed in memory when asked), receiver-sorted edges with their CSR, and the outputs."""
+    dtype, device = x_proj.dtype, x_proj.device
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"message_passing: x_proj must be float32 or float64, got {dtype}")
+
+    def fl(t: Tensor) -> Tensor:
+        return t.detach().to(device=device, dtype=dtype).contiguous()
+
+    def i64(t: Tensor) -> Tensor:
+        return t.detach().to(device=device, dtype=torch.int64).contiguous()
+
+    n = vec.shape[0]
+    ei, off, eg = i64(edge_index), i64(cell_offsets), i64(edge_graph)
+    if rowptr is None:  # receiver-sort here (the model always passes sorted edges and their CSR)
+        order = torch.argsort(ei[1], stable=True)
+        ei, off, eg = ei[:, order].contiguous(), off[order].contiguous(), eg[order].contiguous()
+        rowptr = torch.searchsorted(ei[1], torch.arange(n + 1, device=device))
+    w = edge_weight.detach().to(device=device, dtype=dtype)
+    w = w.t().contiguous().t() if transpose_weight else w.contiguous()
+    h = vec.shape[2]
+    if out is None:
+        ds = torch.empty((n, h), dtype=dtype, device=device)
+        dv = torch.empty((n, 3, h), dtype=dtype, device=device)
+    else:
+        ds, dv = out
+        if (ds.shape != (n, h) or dv.shape != (n, 3, h) or ds.dtype != dtype or dv.dtype != dtype
+                or ds.device != device or dv.device != device or not ds.is_contiguous() or not dv.is_contiguous()):
+            raise ValueError("message_passing: out must be contiguous (N, H) and (N, 3, H) tensors in x_proj's "
+                             "dtype on its device")
+    arrays = (fl(x_proj), fl(vec), fl(positions), fl(cells), ei, off, eg, i64(rowptr), w, fl(edge_bias),
+              fl(rbf_centres))
+    return arrays, ds, dv
+
+
+def message_passing_cpu(
+    x_proj: Tensor,
+    vec: Tensor,
+    positions: Tensor,
+    cells: Tensor,
+    edge_index: Tensor,
+    cell_offsets: Tensor,
+    edge_graph: Tensor,
+    edge_weight: Tensor,
+    edge_bias: Tensor,
+    rbf_centres: Tensor,
+    rbf_coeff: float,
+    cutoff: float,
+    rowptr: Tensor | None = None,
+    *,
+    num_threads: int | None = None,
+    out: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The C++ CPU launcher of the fused message op (the CUDA kernel's per-receiver logic, on threads).
+
+    Same arguments and results as :func:`e3relax_fast.reference.message_passing.message_passing`
+    (no autograd: outputs are detached), CPU tensors only. With ``rowptr`` the edges must be
+    receiver-sorted and ``rowptr`` their receiver CSR; without it they are sorted here. ``out``:
+    optional ``(ds, dv)`` buffers to write (every element is written). Not a registered backend (the
+    reference is the CPU choice); it exists to test the kernel logic without a GPU.
+    """
+    if _C is None:
+        raise backends.BackendUnavailableError(IMPORT_ERROR or "e3relax_fast._C missing")
+    if x_proj.device.type != "cpu":
+        raise ValueError("message_passing_cpu: tensors must be on the CPU")
+    arrays, ds, dv = _mp_arrays(x_proj, vec, positions, cells, edge_index, cell_offsets, edge_graph, edge_weight,
+                                edge_bias, rbf_centres, rowptr, out, transpose_weight=False)
+    _C.message_passing_cpu(*arrays, float(rbf_coeff), float(cutoff), ds, dv,
+                           int(num_threads if num_threads is not None else torch.get_num_threads()))
+    return ds, dv
+
+
+def message_passing_cuda(
+    x_proj: Tensor,
+    vec: Tensor,
+    positions: Tensor,
+    cells: Tensor,
+    edge_index: Tensor,
+    cell_offsets: Tensor,
+    edge_graph: Tensor,
+    edge_weight: Tensor,
+    edge_bias: Tensor,
+    rbf_centres: Tensor,
+    rbf_coeff: float,
+    cutoff: float,
+    rowptr: Tensor | None = None,
+    *,
+    out: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Backend ``cuda`` of op ``message_passing``: the fused CUDA kernel, forward only (inference).
+
+    Same arguments and results as :func:`e3relax_fast.reference.message_passing.message_passing`.
+    One block per receiver, threads over channels, no atomics (deterministic), no host
+    synchronisation (CUDA-graph capturable when ``rowptr`` is given). With ``rowptr`` the edges must
+    be receiver-sorted and ``rowptr`` their receiver CSR (a receiver whose range holds another
+    receiver's edge or out-of-range indices gets NaN outputs); without it they are sorted here.
+
+    Raises:
+        RuntimeError: gradients are required (grad mode on and an input requires grad); use
+            ``torch.no_grad()`` / ``torch.inference_mode()`` or a differentiable backend.
+    """
+    if _C is None or not getattr(_C, "WITH_CUDA", False):
+        raise backends.BackendUnavailableError(IMPORT_ERROR or "e3relax_fast._C was built without CUDA")
+    if torch.is_grad_enabled():
+        tensors = (x_proj, vec, positions, cells, edge_weight, edge_bias, rbf_centres)
+        needs = [name for name, t in zip(_MP_FLOAT_INPUTS + ("rbf_centres",), tensors, strict=True) if t.requires_grad]
+        if needs:
+            raise RuntimeError(
+                f"message_passing backend 'cuda' is forward only (inference) but gradients are required for "
+                f"{', '.join(needs)}; run under torch.no_grad()/torch.inference_mode(), or use a differentiable "
+                f"backend ('triton', 'cueq' or 'reference')"
+            )
+    device = x_proj.device
+    if device.type != "cuda":
+        raise ValueError("message_passing_cuda: tensors must be on a CUDA device")
+    with torch.cuda.device(device):
+        arrays, ds, dv = _mp_arrays(x_proj, vec, positions, cells, edge_index, cell_offsets, edge_graph,
+                                    edge_weight, edge_bias, rbf_centres, rowptr, out, transpose_weight=True)
+        handle, s = _stream_handles(device)
+        fn = _C.message_passing_cuda_f64 if ds.dtype == torch.float64 else _C.message_passing_cuda_f32
+        fn(*(_dl(a, s) for a in arrays), float(rbf_coeff), float(cutoff), _dl(ds, s), _dl(dv, s), handle)
+    return ds, dv
+
+
+# --------------------------------------------------------------------------------------------------
 # Registration
 # --------------------------------------------------------------------------------------------------
 def _cuda_reason() -> str | None:
@@ -313,3 +452,7 @@ if CUDA_UNAVAILABLE_REASON is None:
     backends.register(OP, "cuda", radius_graph_cuda)
 else:
     backends.mark_missing(OP, "cuda", CUDA_UNAVAILABLE_REASON)
+if CUDA_UNAVAILABLE_REASON is None:
+    backends.register(MP_OP, "cuda", message_passing_cuda)
+else:
+    backends.mark_missing(MP_OP, "cuda", CUDA_UNAVAILABLE_REASON)

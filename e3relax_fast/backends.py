@@ -51,8 +51,12 @@ def available(op: str) -> list[str]:
     return sorted(_REGISTRY.get(op, {}))
 
 
-def resolve(op: str, backend: str, device_type: str) -> tuple[str, Callable]:
-    """Return ``(name, implementation)`` of ``op`` for the requested backend on ``device_type``."""
+def resolve(op: str, backend: str, device_type: str, skip: tuple[str, ...] = ()) -> tuple[str, Callable]:
+    """Return ``(name, implementation)`` of ``op`` for the requested backend on ``device_type``.
+
+    ``skip`` lists backends ``auto`` must not pick here (e.g. forward-only ones while gradients
+    are needed); a backend named explicitly is returned regardless.
+    """
     impls = _REGISTRY.get(op, {})
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} for {op}; expected one of {BACKENDS}")
@@ -64,7 +68,7 @@ def resolve(op: str, backend: str, device_type: str) -> tuple[str, Callable]:
                 f"Available: {available(op)}; use backend='auto' to fall back."
             )
         return backend, impls[backend]
-    order = _AUTO_ORDER.get(op, {}).get(device_type, ("reference",))
+    order = [name for name in _AUTO_ORDER.get(op, {}).get(device_type, ("reference",)) if name not in skip]
     preferred = order[0]
     for name in order:
         if name in impls:

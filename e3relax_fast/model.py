@@ -229,7 +229,9 @@ class E3Relax(nn.Module):
             batch = batch.with_graph(self.radius, self.max_neighbors)
         weight = self.atom_emb.embeddings.weight
         dtype, device = weight.dtype, weight.device
-        _, message_passing = backends.resolve(MESSAGE_OP, self.backend, device.type)
+        # The compiled "cuda" message op is forward-only: auto leaves it out when gradients are needed.
+        skip = ("cuda",) if torch.is_grad_enabled() else ()
+        _, message_passing = backends.resolve(MESSAGE_OP, self.backend, device.type, skip)
 
         pos = batch.positions.to(device=device, dtype=dtype)
         cell = batch.cells.to(device=device, dtype=dtype)
