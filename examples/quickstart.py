@@ -3,9 +3,9 @@
     python examples/quickstart.py
 
 Prints, per structure, the largest atomic displacement and the volume change predicted by the
-model. No pretrained model ships with e3relax-fast yet: until one does, this script falls back to
-an UNTRAINED, randomly initialised small model, so its numbers show how the API is used, not
-physics.
+shipped default model (README, "Pretrained model": a small model trained on CHGNet relaxations;
+treat its numbers accordingly). If the package was installed without its weights, it falls back
+to an UNTRAINED, randomly initialised model and says so loudly.
 """
 
 from __future__ import annotations
