@@ -17,17 +17,16 @@ RADIUS_OP = "radius_graph"
 
 
 def _usable() -> tuple[bool, str]:
+    import torch
+
+    # Checked before importing triton (slow to import) so CPU-only machines skip it entirely.
+    if os.environ.get("TRITON_INTERPRET", "0") != "1" and not torch.cuda.is_available():
+        return False, "no CUDA device (set TRITON_INTERPRET=1 before importing e3relax_fast to run the kernels on CPU)"
     try:
         import triton  # noqa: F401
     except ImportError as exc:  # pragma: no cover - depends on the environment
         return False, f"triton is not installed ({exc}); pip install 'e3relax-fast[triton]'"
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return True, ""
-    import torch
-
-    if torch.cuda.is_available():
-        return True, ""
-    return False, "no CUDA device (set TRITON_INTERPRET=1 before importing e3relax_fast to run the kernels on CPU)"
+    return True, ""
 
 
 def _register() -> None:
