@@ -86,18 +86,6 @@ def _make_original(_pymatgen) -> harness.Provider:
 # --------------------------------------------------------------------------------------------
 # e3relax_fast backends (reference, and cpu/cuda/triton when registered)
 # --------------------------------------------------------------------------------------------
-def _chunks(triples, chunk_atoms: int):
-    chunk, atoms = [], 0
-    for t in triples:
-        if chunk and atoms + len(t[0]) > chunk_atoms:
-            yield chunk
-            chunk, atoms = [], 0
-        chunk.append(t)
-        atoms += len(t[0])
-    if chunk:
-        yield chunk
-
-
 def _make_ours(e3r, chunk_atoms: int) -> list[harness.Provider]:
     import torch
 
@@ -115,7 +103,7 @@ def _make_ours(e3r, chunk_atoms: int) -> list[harness.Provider]:
 
             def prepare(triples, device=device):
                 batches = []
-                for chunk in _chunks(triples, chunk_atoms):
+                for chunk in harness.chunks_by_atoms(triples, chunk_atoms):
                     b = e3r.Batch.from_arrays(chunk, dtype=torch.float64).to(device)
                     batches.append((b.positions, b.cells, b.ptr))
                 return batches
@@ -226,7 +214,7 @@ def candidate_pairs_ours(triples) -> int:
     from e3relax_fast import Batch, build_graph
 
     total = 0
-    for chunk in _chunks(triples, 20000):
+    for chunk in harness.chunks_by_atoms(triples, 20000):
         b = Batch.from_arrays(chunk, dtype=torch.float64)
         total += int(build_graph(b.positions, b.cells, b.ptr, RADIUS, MAX_NEIGHBORS).num_candidates.sum())
     return total

@@ -57,18 +57,6 @@ def _parse_size(text: str) -> tuple[int, int]:
     return int(h), int(l_ or 4)
 
 
-def _chunks(triples, max_atoms: int):
-    chunk, atoms = [], 0
-    for t in triples:
-        if chunk and atoms + len(t[0]) > max_atoms:
-            yield chunk
-            chunk, atoms = [], 0
-        chunk.append(t)
-        atoms += len(t[0])
-    if chunk:
-        yield chunk
-
-
 def _time_model_size(hidden, layers, *, triples, atoms, batches, singles, relax_batch, device, max_atoms,
                      graph_backend, repeats, warmup, long_s) -> list[harness.Result]:
     """Time every mode for one model size, interleaved; returns the results."""
@@ -163,7 +151,7 @@ def run(n: int = 48, sizes=((512, 4), (64, 4)), max_atoms: int | None = None, de
     if plan is not None:  # the package's own grouping, so the split timings use relax_batch's batches
         groups = [[triples[k] for k in g] for g in plan([len(t[0]) for t in triples], None, max_atoms)]
     else:
-        groups = list(_chunks(triples, max_atoms))
+        groups = list(harness.chunks_by_atoms(triples, max_atoms))
     batches = [e3r.Batch.from_arrays(c).to(device) for c in groups]
     singles = [e3r.Batch.from_arrays([t]).to(device) for t in triples]
     print(f"[{BENCH}] {mp_like.describe(triples)}; {len(batches)} batch(es) of <= {max_atoms} atoms", flush=True)

@@ -402,3 +402,17 @@ def measure_interleaved(
             if name not in done:
                 times[name].append(timed(name))
     return times
+
+
+def chunks_by_atoms(triples, max_atoms: int):
+    """Consecutive groups of ``(z, positions, cell)`` triples with at most ``max_atoms`` atoms each
+    (a larger crystal forms a group of its own)."""
+    chunk, atoms = [], 0
+    for t in triples:
+        if chunk and atoms + len(t[0]) > max_atoms:
+            yield chunk
+            chunk, atoms = [], 0
+        chunk.append(t)
+        atoms += len(t[0])
+    if chunk:
+        yield chunk

@@ -144,10 +144,22 @@ def add_relax_parser(subparsers) -> None:
     p.set_defaults(func=run_relax)
 
 
+def _add_data_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, action="append",
+                   help="CIF folder with split CSVs, extxyz folder, or ASE .db; repeat to combine sources")
+
+
+def _read_split(sources: list[str], split: str) -> list:
+    """The pairs of ``split`` from every ``--data`` source, in order."""
+    from .data import read_pairs
+
+    return [pair for source in sources for pair in read_pairs(source, split)]
+
+
 def run_train(args: argparse.Namespace) -> int:
     import os
 
-    from .data import PairDataset, read_pairs
+    from .data import PairDataset
     from .train import TrainConfig, init_distributed, train
 
     init_distributed()
@@ -164,8 +176,7 @@ def run_train(args: argparse.Namespace) -> int:
     for split in (args.train_split, args.val_split):
         # Every --data source contributes its split. Graphs are built once and cached beside the
         # run (keyed by content), so reruns and resumes reuse them.
-        pairs = [pair for source in args.data for pair in read_pairs(source, split)]
-        datasets[split] = PairDataset(pairs, cache=cache / f"{split}.pt")
+        datasets[split] = PairDataset(_read_split(args.data, split), cache=cache / f"{split}.pt")
     summary = train(config, datasets[args.train_split], datasets[args.val_split], args.out, device=device,
                     max_steps=args.max_steps, progress=not args.quiet)
     print(f"trained {summary['step']} steps, {summary['epoch']} pseudo-epochs; "
@@ -180,8 +191,7 @@ def add_train_parser(subparsers) -> None:
         "ReduceLROnPlateau per pseudo-epoch, clipping, early stopping). Resumes from OUT/last.pt. "
         "Run under torchrun for several processes/GPUs.",
     )
-    p.add_argument("--data", required=True, action="append",
-                   help="CIF folder with split CSVs, extxyz folder, or ASE .db; repeat to combine sources")
+    _add_data_argument(p)
     p.add_argument("--out", required=True, help="run directory (checkpoints, graph cache)")
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", default="val")
@@ -201,13 +211,13 @@ def add_train_parser(subparsers) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .data import PairDataset, read_pairs
+    from .data import PairDataset
     from .evaluate import evaluate as evaluate_model
     from .evaluate import write_report
     from .pretrained import load_pretrained
 
     model = load_pretrained(args.checkpoint, map_location=args.device)
-    dataset = PairDataset([pair for source in args.data for pair in read_pairs(source, args.split)])
+    dataset = PairDataset(_read_split(args.data, args.split))
     result = evaluate_model(model, dataset, device=args.device, match=not args.no_match)
     if args.steps_saved:
         from .datagen import make_calculator
@@ -229,8 +239,7 @@ def add_eval_parser(subparsers) -> None:
         "errors and StructureMatcher match rate, averaged over structures, beside the Dummy "
         "baseline (unrelaxed as prediction). Writes report.md and PNG plots.",
     )
-    p.add_argument("--data", required=True, action="append",
-                   help="CIF folder with split CSVs, extxyz folder, or ASE .db; repeat to combine sources")
+    _add_data_argument(p)
     p.add_argument("--split", default="val")
     p.add_argument("--checkpoint", default="default", help="checkpoint path or 'default' (bundled model)")
     p.add_argument("--out", required=True, help="report directory")

@@ -101,3 +101,31 @@ def random_batch(rng, sizes, kinds, unwrap: int = 0, lengths: dict | None = None
         cells.append(cell)
         ptr.append(ptr[-1] + n)
     return torch.tensor(np.concatenate(pos)), torch.tensor(np.stack(cells)), torch.tensor(ptr)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For tiny models: intra-op threads only add overhead (a lot on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def require_triton_backend(op: str) -> None:
+    """Skip the calling test module unless Triton's ``op`` backend can run here (call it at import)."""
+    triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'e3relax-fast[triton]')")
+
+    def version(text: str) -> tuple[int, int]:
+        major, minor = text.split(".")[:2]
+        return int(major), int(minor)
+
+    if (os.environ.get("TRITON_INTERPRET") == "1" and version(triton.__version__) < (3, 7)
+            and version(np.__version__) >= (2, 4)):
+        pytest.skip(f"triton {triton.__version__}'s interpreter fails on loops over runtime bounds with "
+                    f"numpy {np.__version__}: use triton >= 3.7 or numpy < 2.4", allow_module_level=True)
+    from e3relax_fast import backends
+
+    if "triton" not in backends.available(op):
+        pytest.skip("triton backend not registered here (no CUDA device and TRITON_INTERPRET unset)",
+                    allow_module_level=True)

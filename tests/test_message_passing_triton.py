@@ -8,37 +8,21 @@ costs about a millisecond per program and per interpreted operation.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
-from conftest import golden_batch, golden_model_instance
+from conftest import golden_batch, golden_model_instance, require_triton_backend
 
-triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'e3relax-fast[triton]')")
+require_triton_backend("message_passing")
 
-
-def _version(text: str) -> tuple[int, int]:
-    major, minor = text.split(".")[:2]
-    return int(major), int(minor)
-
-
-if (os.environ.get("TRITON_INTERPRET") == "1" and _version(triton.__version__) < (3, 7)
-        and _version(np.__version__) >= (2, 4)):
-    pytest.skip(f"triton {triton.__version__}'s interpreter fails on loops over runtime bounds with "
-                f"numpy {np.__version__}: use triton >= 3.7 or numpy < 2.4", allow_module_level=True)
+from e3relax_fast.kernels import message_passing as km  # noqa: E402
 
 from e3relax_fast import backends  # noqa: E402
 from e3relax_fast.loss import layerwise_loss  # noqa: E402
 from e3relax_fast.model import E3Relax  # noqa: E402
 from e3relax_fast.reference.message_passing import message_passing as reference_op  # noqa: E402
 from e3relax_fast.reference.rbf import rbf_centres, rbf_coefficient  # noqa: E402
-
-if "triton" not in backends.available("message_passing"):
-    pytest.skip("triton backend not registered here (no CUDA device and TRITON_INTERPRET unset)",
-                allow_module_level=True)
-
-from e3relax_fast.kernels import message_passing as km  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INPUTS = ("x_proj", "vec", "positions", "cells", "edge_weight", "edge_bias")

@@ -10,36 +10,18 @@ kernels fail to write makes the comparison fail.
 from __future__ import annotations
 
 import itertools
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import random_batch, require_triton_backend
 
-triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'e3relax-fast[triton]')")
-
-
-def _version(text: str) -> tuple[int, int]:
-    major, minor = text.split(".")[:2]
-    return int(major), int(minor)
-
-
-if (os.environ.get("TRITON_INTERPRET") == "1" and _version(triton.__version__) < (3, 7)
-        and _version(np.__version__) >= (2, 4)):
-    pytest.skip(f"triton {triton.__version__}'s interpreter fails on loops over runtime bounds with "
-                f"numpy {np.__version__}: use triton >= 3.7 or numpy < 2.4", allow_module_level=True)
-
-from conftest import random_batch  # noqa: E402
-
-from e3relax_fast import backends, build_graph  # noqa: E402
-from e3relax_fast.reference.radius_graph import radius_graph as reference  # noqa: E402
-
-if "triton" not in backends.available("radius_graph"):
-    pytest.skip("triton backend not registered here (no CUDA device and TRITON_INTERPRET unset)",
-                allow_module_level=True)
-
+require_triton_backend("radius_graph")
 from e3relax_fast.kernels import radius_graph as krg  # noqa: E402
+
+from e3relax_fast import build_graph  # noqa: E402
+from e3relax_fast.reference.radius_graph import radius_graph as reference  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
