@@ -356,7 +356,10 @@ struct BoxScratch {
   }
 };
 
-inline void crystal_box(const CpuArgs& a, const Prepared& P, int g, BoxScratch& X, PodVec<OutEdge>& out, int* kept,
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+void crystal_box(const CpuArgs& a, const Prepared& P, int g, BoxScratch& X, PodVec<OutEdge>& out, int* kept,
                         int64_t* ncand) {
   const Cell& cg = P.cells[g];
   const double* C = cg.C;
@@ -797,7 +800,7 @@ int radius_graph_cpu(const CpuArgs& a, CpuOut& out, std::string* err) {
     }
   };
   // Phase 2 is a copy: in parallel only when it is large (saves a wake-up round otherwise).
-  if (T > 1 && E > (int64_t(1) << 21)) worker_pool().run(T, worker2);
+  if (T > 1 && E > (int64_t(1) << 16)) worker_pool().run(T, worker2);
   else worker2(0);
   return_buffers(bufs);
   return 0;
