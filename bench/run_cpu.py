@@ -25,6 +25,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_datagen  # noqa: E402
 import bench_message_passing  # noqa: E402
 import bench_radius_graph  # noqa: E402
 import bench_relax_batch  # noqa: E402
@@ -166,6 +167,10 @@ def main(argv=None) -> None:
     ap.add_argument("--no-message-passing", dest="message_passing", action="store_false",
                     help="skip the message op / layer / model microbenchmark (--quick, ~1.5 min)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="report path (default bench/RESULTS.md)")
+    ap.add_argument("--graph-threads", type=int, default=2,
+                    help="threads of the second graph run (original, cpu, vesin only; 2); 0 skips it")
+    ap.add_argument("--datagen-n", type=int, default=24,
+                    help="structures of the pair-generation benchmark (24, ~2 min with CHGNet); 0 skips it")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch (and vesin) threads; default 1 (see RESULTS.md); 0 = torch's default")
     args = ap.parse_args(argv)
@@ -183,6 +188,16 @@ def main(argv=None) -> None:
     graph_md, graph_res = bench_radius_graph.run_mix(
         args.n_graph, repeats=args.repeats, verify_n=args.verify, info=info
     )
+    graph2_md, graph2_res = "", []
+    if args.graph_threads:
+        harness.set_threads(args.graph_threads)
+        graph2_md, graph2_res = bench_radius_graph.run_mix(
+            args.n_graph, repeats=max(args.repeats, 5), providers=["original", "cpu", "vesin"], info=info
+        )
+        harness.set_threads(args.threads)
+    datagen_md, datagen_res = "", []
+    if args.datagen_n:
+        datagen_md, datagen_res = bench_datagen.run(args.datagen_n, info=info)
     scaling_md, scaling_res = "", []
     if args.scaling:
         scaling_md, scaling_res = bench_radius_graph.run_scaling(repeats=args.repeats, info=info)
@@ -222,6 +237,20 @@ def main(argv=None) -> None:
             "`torch.compile`, float32 forward, first 8 crystals of the mix):\n\n"
             + bullets(read_message_passing(mp_res)) + "\n"
         )
+    graph2_reading = ""
+    if graph2_res:
+        graph2_reading = (
+            f"\nGraph building again on {args.graph_threads} threads (our `cpu` backend and vesin; the original "
+            "pipeline is single-threaded), same mix:\n\n" + bullets(read_graph(graph2_res)) + "\n"
+        )
+    datagen_reading = ""
+    if datagen_res:
+        base, fast = _by(datagen_res, "ase_fire"), _by(datagen_res, "batched_fire")
+        datagen_reading = (
+            f"\nPair generation (`bench/bench_datagen.py`, CHGNet, one core): batched FIRE "
+            f"{fast.throughput:,.0f} pairs/hour, {harness.fmt_ratio(fast.ratios.get('ase_fire'))} ASE FIRE one "
+            f"structure at a time ({base.throughput:,.0f} pairs/hour); {fast.extra['energy_agreement']}.\n"
+        )
     scaling_reading = ""
     if scaling_res:
         scaling_reading = "\nGraph scaling series (diamond supercells):\n\n" + bullets(read_scaling(scaling_res)) + "\n"
@@ -252,7 +281,7 @@ reports, and treat ratios within ~2× of 1 as ties unless they reproduce on a qu
 Graph building (radius 6 Å, top-50, 6 self-image edges):
 
 {bullets(read_graph(graph_res))}
-
+{graph2_reading}{datagen_reading}
 `relax_batch` (untrained seeded models, CPU, float32):
 
 {bullets(read_relax(relax_res))}
@@ -260,6 +289,8 @@ Graph building (radius 6 Å, top-50, 6 self-image edges):
 ## Tables
 
 {graph_md}
+{graph2_md}
+{datagen_md}
 {scaling_md}
 {relax_md}
 {mp_md}
