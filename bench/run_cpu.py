@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_datagen  # noqa: E402
 import bench_message_passing  # noqa: E402
+import bench_precision  # noqa: E402
 import bench_radius_graph  # noqa: E402
 import bench_relax_batch  # noqa: E402
 import harness  # noqa: E402
@@ -171,6 +172,7 @@ def main(argv=None) -> None:
                     help="threads of the second graph run (original, cpu, vesin only; 2); 0 skips it")
     ap.add_argument("--datagen-n", type=int, default=24,
                     help="structures of the pair-generation benchmark (24, ~2 min with CHGNet); 0 skips it")
+    ap.add_argument("--n-precision", type=int, default=200, help="validation pairs of the precision benchmark (200)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch (and vesin) threads; default 1 (see RESULTS.md); 0 = torch's default")
     args = ap.parse_args(argv)
@@ -195,6 +197,7 @@ def main(argv=None) -> None:
             args.n_graph, repeats=max(args.repeats, 5), providers=["original", "cpu", "vesin"], info=info
         )
         harness.set_threads(args.threads)
+    precision_md, precision_res = bench_precision.run(args.n_precision, "cpu", repeats=args.repeats, info=info)
     datagen_md, datagen_res = "", []
     if args.datagen_n:
         datagen_md, datagen_res = bench_datagen.run(args.datagen_n, info=info)
@@ -251,6 +254,16 @@ def main(argv=None) -> None:
             f"{fast.throughput:,.0f} pairs/hour, {harness.fmt_ratio(fast.ratios.get('ase_fire'))} ASE FIRE one "
             f"structure at a time ({base.throughput:,.0f} pairs/hour); {fast.extra['energy_agreement']}.\n"
         )
+    precision_reading = ""
+    if precision_res:
+        f32, bf = _by(precision_res, "float32"), _by(precision_res, "bf16")
+        precision_reading = (
+            f"\nInference precision (`bench/bench_precision.py`, shipped model, CPU): float32 moves atoms by at most "
+            f"{f32.extra['max_dpos']:.1e} Å from float64; bf16 autocast by at most {bf.extra['max_dpos']:.1e} Å (mean "
+            f"{bf.extra['mean_dpos']:.1e} Å), coordinate MAE {bf.extra['coord_mae']:.4f} vs "
+            f"{f32.extra['coord_mae']:.4f} Å in float32, at {harness.fmt_ratio(bf.ratios.get('float32'))} "
+            "float32's speed. TF32: not yet measured on GPU.\n"
+        )
     scaling_reading = ""
     if scaling_res:
         scaling_reading = "\nGraph scaling series (diamond supercells):\n\n" + bullets(read_scaling(scaling_res)) + "\n"
@@ -281,7 +294,7 @@ reports, and treat ratios within ~2× of 1 as ties unless they reproduce on a qu
 Graph building (radius 6 Å, top-50, 6 self-image edges):
 
 {bullets(read_graph(graph_res))}
-{graph2_reading}{datagen_reading}
+{graph2_reading}{datagen_reading}{precision_reading}
 `relax_batch` (untrained seeded models, CPU, float32):
 
 {bullets(read_relax(relax_res))}
@@ -291,6 +304,7 @@ Graph building (radius 6 Å, top-50, 6 self-image edges):
 {graph_md}
 {graph2_md}
 {datagen_md}
+{precision_md}
 {scaling_md}
 {relax_md}
 {mp_md}

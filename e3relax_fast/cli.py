@@ -94,10 +94,14 @@ def run_relax(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 max_atoms=args.max_atoms,
                 on_error=args.on_error,
+                precision=args.precision,
             )
     except InvalidStructureError as err:
         print(f"error: {where(err.index)}: {err.reason}", file=sys.stderr)
         return 1
+    except ValueError as err:  # an option this model or device cannot honour (e.g. tf32 on CPU)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
     for index, reason in results.errors.items():
         print(f"error: {where(index)}: {reason}", file=sys.stderr)
@@ -131,6 +135,9 @@ def add_relax_parser(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--batch-size", type=int, help="at most N structures per batch")
     p.add_argument("--max-atoms", type=int, help="at most N atoms per batch (default: 4096 on CPU)")
+    p.add_argument("--precision", choices=("default", "tf32", "bf16"), default="default",
+                   help="matmul arithmetic: the model's own (default), TF32 (CUDA) or bf16 autocast; accuracy "
+                   "against float64 in bench/RESULTS.md")
     p.add_argument(
         "--on-error",
         choices=("raise", "skip", "return_input"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Iterable, Sequence
@@ -73,6 +74,27 @@ def plan_batches(
     return batches
 
 
+PRECISIONS = ("default", "tf32", "bf16")
+
+
+@contextlib.contextmanager
+def inference_precision(precision: str, device: torch.device):
+    """Matmul arithmetic for a forward pass (see ``relax_batch(precision=...)``); restores the
+    global TF32 switches afterwards."""
+    if precision == "bf16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    elif precision == "tf32":
+        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    else:
+        yield
+
+
 def _prepare_model(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
     """``model`` itself if already on ``device`` in ``dtype``, else a moved copy (the caller's
     model is never modified)."""
@@ -126,6 +148,7 @@ def relax_batch(
     refine=None,
     refine_steps: int = 0,
     refine_fmax: float = 0.05,
+    precision: str = "default",
 ) -> RelaxResult:
     """Predict the relaxed structure of every input in one forward pass per batch.
 
@@ -152,6 +175,12 @@ def relax_batch(
             prediction is continued with at most ``refine_steps`` batched FIRE + unit-cell-filter
             steps (fewer once forces/stress fall below ``refine_fmax`` eV/Å). Needs ASE. A structure
             the potential fails on keeps its one-shot prediction (reported by a RelaxWarning).
+        precision: arithmetic of the model's matrix products, for inference speed:
+            ``"default"`` (the model dtype's own arithmetic; torch's global TF32 switches are left as
+            they are), ``"tf32"`` (TF32 tensor-core matmuls on CUDA; float32 models, CUDA only) or
+            ``"bf16"`` (``torch.autocast`` to bfloat16: linear layers in bf16, everything else in
+            float32; float32 models). Graphs and the returned structures stay float64. Accuracy
+            against float64 is measured by ``bench/bench_precision.py`` (bench/RESULTS.md).
 
     Returns:
         :class:`RelaxResult`: one relaxed structure per input, in input order and of the input's
@@ -159,11 +188,17 @@ def relax_batch(
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     items = [structures] if structure_kind(structures) is not None else list(structures)
     device = torch.device(device)
     if model is None:
         model = load_pretrained("default", map_location=device)
     model = _prepare_model(model, device, dtype)
+    if precision != "default" and next(model.parameters()).dtype != torch.float32:
+        raise ValueError(f"precision={precision!r} needs a float32 model (pass dtype=torch.float32)")
+    if precision == "tf32" and device.type != "cuda":
+        raise ValueError(f"precision='tf32' needs a CUDA device, got device={str(device)!r}")
     num_elements = getattr(model, "num_elements", None)
 
     errors: dict[int, str] = {}
@@ -198,9 +233,10 @@ def relax_batch(
     try:
         for group in plan_batches([len(arrays[i][0]) for i in valid], batch_size, max_atoms):
             indices = [valid[k] for k in group]
-            positions, cells, finite = _predict(
-                model, [arrays[i] for i in indices], device, radius, max_neighbors, graph_backend
-            )
+            with inference_precision(precision, device):
+                positions, cells, finite = _predict(
+                    model, [arrays[i] for i in indices], device, radius, max_neighbors, graph_backend
+                )
             for index, pos, cell, ok in zip(indices, positions, cells, finite, strict=True):
                 if ok:
                     results[index] = from_arrays_like(items[index], pos, cell)

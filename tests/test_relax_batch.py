@@ -274,3 +274,21 @@ def test_infer_config_at_paper_size_shapes():
         "num_rbf": 128,
         "num_elements": 118,
     }
+
+
+def test_inference_precisions():
+    shipped = load_pretrained("default")
+    inputs = structures()
+    f32 = relax_batch(inputs, shipped, dtype=torch.float32)
+    bf16 = relax_batch(inputs, shipped, dtype=torch.float32, precision="bf16")
+    assert not torch.is_autocast_enabled("cpu")
+    dev = max(float(np.abs(geometry(a)[k] - geometry(b)[k]).max())
+              for a, b in zip(f32, bf16, strict=True) for k in (0, 1))
+    # bf16 matmuls really ran (results differ) and stay close (bench_precision measures ~0.03 Å).
+    assert 1e-5 < dev < 0.2
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        relax_batch(inputs, shipped, precision="tf32")
+    with pytest.raises(ValueError, match="needs a float32 model"):
+        relax_batch(inputs, shipped, dtype=torch.float64, precision="bf16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        relax_batch(inputs, shipped, precision="fp8")
