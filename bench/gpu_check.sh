@@ -171,7 +171,8 @@ grep -E "^(e3relax_fast._C|radius_graph|message_passing):" "$OUT_DIR/build.log" 
 
 # --- 3. GPU tests --------------------------------------------------------------------------------
 TEST_FILES=()
-for f in tests/test_radius_graph*.py tests/test_message_passing_triton.py tests/test_triton_aot.py \
+for f in tests/test_radius_graph*.py tests/test_message_passing_triton.py tests/test_message_passing_cuda.py \
+         tests/test_lattice_*_triton.py tests/test_triton_aot.py tests/test_model_capture.py \
          tests/test_model_golden.py tests/test_model_symmetry.py; do
   [ -f "$f" ] || continue
   # A test file importing pymatgen or ASE at module level cannot be collected on the GPU machine.
