@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from . import backends
 from .batch import Batch, graph_index_from_ptr
 from .reference.geometry import edge_vectors, lattice_vectors, safe_norm
-from .reference.lattice_pool import segment_mean
+from .reference.lattice_message import lattice_message as _reference_lattice_message
+from .reference.lattice_pool import segment_mean as _reference_segment_mean
 from .reference.message_passing import message_passing as _reference_message_passing
 from .reference.rbf import radial_basis, rbf_centres, rbf_coefficient
 
@@ -26,6 +27,14 @@ MESSAGE_OP = "message_passing"
 # On CPU the reference is the right choice (the fused kernels target GPUs).
 backends.declare(MESSAGE_OP, {"cpu": ("reference",), "cuda": ("triton", "cuda", "cueq", "reference")})
 backends.register(MESSAGE_OP, "reference", _reference_message_passing)
+# The atom–lattice ops (Step 0/A geometry and message, Step 0/E pooling) have no CPU kernels either.
+LATTICE_MESSAGE_OP = "lattice_message"
+LATTICE_POOL_OP = "lattice_pool"
+for _op, _fn in ((LATTICE_MESSAGE_OP, _reference_lattice_message), (LATTICE_POOL_OP, _reference_segment_mean)):
+    backends.declare(_op, {"cpu": ("reference",), "cuda": ("triton", "reference")})
+    backends.register(_op, "reference", _fn)
+# Backends that implement only the atom–atom op run the atom–lattice ops on the reference.
+_LATTICE_BACKEND = {"cuda": "reference", "cueq": "reference"}
 try:  # registers backend "triton" when Triton and a CUDA device (or TRITON_INTERPRET=1) are present
     from . import kernels as _kernels  # noqa: E402,F401
 except ImportError:
@@ -36,7 +45,6 @@ except ImportError:
     pass
 
 _INV_SQRT_2 = 1 / math.sqrt(2.0)
-_INV_SQRT_3 = 1 / math.sqrt(3.0)
 _NORM_EPS = 1e-8  # added (not clamped) inside the channel norm n(b) (spec §1.3)
 
 
@@ -147,7 +155,11 @@ class E3Relax(nn.Module):
         num_elements: rows of the element table, indexed by Z (118; Z must be 1..117).
         paper_compat: reproduce the original exactly (column-wise lattice update, absolute-position
             atom–lattice geometry). Needed for the authors' checkpoints and golden parity.
-        backend: message-passing backend, ``"auto" | "reference" | "triton" | "cuda" | "cueq"``.
+        backend: kernel backend, ``"auto" | "reference" | "triton" | "cuda" | "cueq"``. It selects
+            the atom–atom message op and, for ``"auto"``, ``"reference"`` and ``"triton"``, also the
+            atom–lattice ops (lattice message of Step A, per-crystal means of Steps 0 and E);
+            ``"cuda"`` and ``"cueq"`` implement only the atom–atom op, so with them the atom–lattice
+            ops run on the reference.
         radius, max_neighbors: graph rule used when a batch comes without a graph.
     """
 
@@ -232,6 +244,9 @@ class E3Relax(nn.Module):
         # The compiled "cuda" message op is forward-only: auto leaves it out when gradients are needed.
         skip = ("cuda",) if torch.is_grad_enabled() else ()
         _, message_passing = backends.resolve(MESSAGE_OP, self.backend, device.type, skip)
+        lattice_backend = _LATTICE_BACKEND.get(self.backend, self.backend)
+        _, lattice_message = backends.resolve(LATTICE_MESSAGE_OP, lattice_backend, device.type)
+        _, segment_mean = backends.resolve(LATTICE_POOL_OP, lattice_backend, device.type)
 
         pos = batch.positions.to(device=device, dtype=dtype)
         cell = batch.cells.to(device=device, dtype=dtype)
@@ -258,22 +273,22 @@ class E3Relax(nn.Module):
         for n in range(self.num_layers):
             nodes = self._lattice_nodes(n)
             # --- Step 0: atom–lattice geometry from the layer's input positions and cell.
+            # The atom–lattice pairs themselves (q, its length, direction and basis) are computed
+            # inside the lattice message op of Step A.
             centres = None if self.paper_compat else segment_mean(pos, ptr, graph_index)
-            q = lattice_vectors(pos, cell, graph_index, centres)  # (N, k, xyz)
-            q_len = safe_norm(q)  # (N, 3)
-            w_hat = -q / q_len.unsqueeze(-1)
-            g = rbf(q_len)  # (N, 3, R)
             if trace is not None:
                 r = edge_vectors(pos, cell, edge_index, cell_offsets, edge_graph)
                 trace[f"L{n}_edge_dist"] = safe_norm(r)
-                trace[f"L{n}_lattice_dist"] = q_len
+                trace[f"L{n}_lattice_dist"] = safe_norm(lattice_vectors(pos, cell, graph_index, centres))
 
             # --- Step A: lattice -> atom, k = 1, 2, 3 in sequence.
             for k, node in enumerate(nodes):
-                gate = node.x_local_proj(s) * node.edge_local_proj(g[:, k]) * _INV_SQRT_3
-                a1, a2, a3 = gate.split(h, dim=-1)
-                s = s + a3
-                v = (a1.unsqueeze(1) * v + w_hat[:, k].unsqueeze(-1) * a2.unsqueeze(1)) * (1 / math.sqrt(h))
+                ds, v = lattice_message(
+                    node.x_local_proj(s), v, pos, cell, graph_index, centres, k,
+                    node.edge_local_proj.weight, node.edge_local_proj.bias, rbf.rbf.offset, rbf.rbf.coeff,
+                    rbf.cutoff,
+                )
+                s = s + ds
                 s = s + scaled_silu(node.mlp_scalar_local(torch.cat([s, lat_s[k][graph_index]], dim=-1)))
                 v = v + node.mlp_vector_local(v + lat_v[k][graph_index])
                 if trace is not None:

@@ -8,12 +8,22 @@ backend is missing, which :func:`e3relax_fast.backends.resolve` reports.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 from .. import backends
 
 MESSAGE_OP = "message_passing"
 RADIUS_OP = "radius_graph"
+LATTICE_MESSAGE_OP = "lattice_message"
+LATTICE_POOL_OP = "lattice_pool"
+# (op, kernel module, function) of every Triton backend this package provides.
+_OPS = (
+    (MESSAGE_OP, "message_passing", "message_passing"),
+    (RADIUS_OP, "radius_graph", "radius_graph"),
+    (LATTICE_MESSAGE_OP, "lattice_message", "lattice_message"),
+    (LATTICE_POOL_OP, "lattice_pool", "segment_mean"),
+)
 
 
 def _usable() -> tuple[bool, str]:
@@ -31,22 +41,16 @@ def _usable() -> tuple[bool, str]:
 
 def _register() -> None:
     ok, reason = _usable()
-    if not ok:
-        backends.mark_missing(MESSAGE_OP, "triton", reason)
-        backends.mark_missing(RADIUS_OP, "triton", reason)
-        return
-    try:
-        from .message_passing import message_passing
-    except Exception as exc:  # pragma: no cover - a broken Triton install must not break the package
-        backends.mark_missing(MESSAGE_OP, "triton", f"kernel module failed to import: {exc!r}")
-    else:
-        backends.register(MESSAGE_OP, "triton", message_passing)
-    try:
-        from .radius_graph import radius_graph
-    except Exception as exc:  # pragma: no cover - a broken Triton install must not break the package
-        backends.mark_missing(RADIUS_OP, "triton", f"kernel module failed to import: {exc!r}")
-    else:
-        backends.register(RADIUS_OP, "triton", radius_graph)
+    for op, module, name in _OPS:
+        if not ok:
+            backends.mark_missing(op, "triton", reason)
+            continue
+        try:
+            fn = getattr(importlib.import_module(f".{module}", __name__), name)
+        except Exception as exc:  # pragma: no cover - a broken Triton install must not break the package
+            backends.mark_missing(op, "triton", f"kernel module failed to import: {exc!r}")
+        else:
+            backends.register(op, "triton", fn)
 
 
 _register()
