@@ -283,8 +283,10 @@ class E3Relax(nn.Module):
 
             # --- Step A: lattice -> atom, k = 1, 2, 3 in sequence.
             for k, node in enumerate(nodes):
+                # .to(dtype): under bf16 autocast the projection comes out in bf16; the fused ops
+                # take one working dtype (a no-op otherwise).
                 ds, v = lattice_message(
-                    node.x_local_proj(s), v, pos, cell, graph_index, centres, k,
+                    node.x_local_proj(s).to(dtype), v, pos, cell, graph_index, centres, k,
                     node.edge_local_proj.weight, node.edge_local_proj.bias, rbf.rbf.offset, rbf.rbf.coeff,
                     rbf.cutoff,
                 )
@@ -301,7 +303,7 @@ class E3Relax(nn.Module):
             # --- Step B: atom–atom messages (PaiNN form), summed per receiver.
             mp = self.message_passing_layers[n]
             ds, dv = message_passing(
-                mp.x_proj(s), v, pos, cell, *mp_edges,
+                mp.x_proj(s).to(dtype), v, pos, cell, *mp_edges,
                 mp.edge_proj.weight, mp.edge_proj.bias, rbf.rbf.offset, rbf.rbf.coeff, rbf.cutoff,
                 rowptr=rowptr,
             )

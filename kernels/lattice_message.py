@@ -43,7 +43,6 @@ dtype, because a Python float literal would be rounded to float32 inside the ker
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, replace
 
@@ -53,7 +52,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.geometry import EPS, lattice_vectors
-from .message_passing import _basis_tile, _envelope
+from .message_passing import _basis_tile, _envelope, _scalars
 
 # Tests set this to True so every buffer the kernels must fill starts as NaN (unwritten -> fails).
 POISON_OUTPUTS = False
@@ -332,11 +331,6 @@ def _alloc(shape, like: Tensor) -> Tensor:
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
     return torch.empty(shape, dtype=like.dtype, device=like.device)
-
-
-def _scalars(coeff: float, cutoff: float, h: int, like: Tensor) -> Tensor:
-    return torch.tensor([coeff, cutoff, 1 / math.sqrt(3.0), 1 / math.sqrt(h), EPS], dtype=like.dtype,
-                        device=like.device)
 
 
 def _forward(x_proj, vec, positions, cells, centres, graph_index, k, edge_weight, edge_bias, mu, scal,

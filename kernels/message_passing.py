@@ -46,6 +46,7 @@ Python float literal would be rounded to float32 inside the kernel.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, replace
@@ -401,8 +402,15 @@ def _alloc(shape, like: Tensor) -> Tensor:
 
 
 def _scalars(coeff: float, cutoff: float, h: int, like: Tensor) -> Tensor:
-    return torch.tensor([coeff, cutoff, 1 / math.sqrt(3.0), 1 / math.sqrt(h), EPS], dtype=like.dtype,
-                        device=like.device)
+    """The kernels' float constants as a tensor in ``like``'s dtype, on its device."""
+    return _scalars_cached(float(coeff), float(cutoff), int(h), like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _scalars_cached(coeff: float, cutoff: float, h: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # Cached: building it is a host-to-device copy, which must not happen inside a CUDA-graph
+    # capture (or on every call). Never written to.
+    return torch.tensor([coeff, cutoff, 1 / math.sqrt(3.0), 1 / math.sqrt(h), EPS], dtype=dtype, device=device)
 
 
 def _forward(x_proj, vec, positions, cells, src, offsets, edge_graph, edge_weight, edge_bias, centres,

@@ -242,6 +242,21 @@ def test_model_float32_matches_reference(golden_model):
         assert_close(outs["triton"].cells[n].detach(), outs["reference"].cells[n].detach(), 5e-6, "cell")
 
 
+def test_model_runs_under_bf16_autocast(golden_model):
+    """relax_batch(precision="bf16") autocasts the model: the fused ops still get one working dtype
+    (float32) and the result stays near the float32 one (bf16 only changes torch's own matmuls)."""
+    batch = golden_batch(golden_model, torch.float32)
+    model = golden_model_instance(golden_model, paper_compat=False, dtype=torch.float32).eval()
+    model.backend = "triton"
+    with torch.no_grad():
+        plain = model(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = model(batch)
+    assert auto.positions[-1].dtype == torch.float32
+    dev = float((auto.positions[-1] - plain.positions[-1]).abs().max())
+    assert 0 < dev < 0.05
+
+
 def test_model_backend_argument():
     model = E3Relax(hidden_channels=16, num_layers=1, backend="triton")
     assert model.backend == "triton"
