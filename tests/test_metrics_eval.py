@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from test_train import _denoising_pairs
 
@@ -47,10 +48,23 @@ def test_evaluate_identity_equals_dummy_and_report(tmp_path):
     for key, value in result["dummy"].items():
         assert abs(result["model"][key] - value) < 1e-12, key
     assert result["dummy"]["coord_mae"] > 0.01 and 0.0 <= result["dummy"]["match_rate"] <= 1.0
+    assert result["ratio_ci"]["coord_mae"] == (1.0, 1.0) and result["better"]["coord_mae"] == 0.0
     report = write_report(result, dataset, tmp_path, "identity")
     text = report.read_text()
-    assert "| coordinate MAE (Å) |" in text and "1.000 |" in text
+    assert "| coordinate MAE (Å) |" in text and "1.000 | 1.000–1.000 | 0 % |" in text
     assert (tmp_path / "parity.png").exists() and (tmp_path / "errors.png").exists()
+
+
+def test_ratio_interval():
+    from e3relax_fast.evaluate import ratio_interval
+
+    rng = np.random.default_rng(1)
+    dummy = rng.uniform(0.1, 1.0, 400)
+    assert ratio_interval(0.5 * dummy, dummy) == pytest.approx((0.5, 0.5))
+    noisy = dummy * rng.uniform(0.6, 1.0, 400)  # true ratio about 0.8
+    lo, hi = ratio_interval(noisy, dummy)
+    assert lo < noisy.mean() / dummy.mean() < hi and 0.7 < lo < hi < 0.9 and hi - lo < 0.1
+    assert ratio_interval(noisy, dummy) == (lo, hi)  # fixed seed
 
 
 def test_eval_cli_reports_steps_saved_with_emt(tmp_path):
