@@ -131,17 +131,7 @@ def _sync() -> None:
 
 def measure(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
     """Median wall time (s) of ``repeats`` calls of ``fn()`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    _sync()
-    times = []
-    for _ in range(max(1, repeats)):
-        _sync()
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(measure_all(fn, repeats, warmup))
 
 
 def measure_all(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> list[float]:

@@ -52,7 +52,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.geometry import EPS, lattice_vectors
-from .message_passing import _basis_tile, _envelope, _scalars
+from .message_passing import _basis_tile, _chunk_biases, _envelope, _load_scalars, _scalars
 
 # Tests set this to True so every buffer the kernels must fill starts as NaN (unwritten -> fails).
 POISON_OUTPUTS = False
@@ -135,11 +135,7 @@ def _lm_fwd_kernel(
     nm = n < N
     h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
-    coeff = tl.load(scal_ptr + 0)
-    cutoff = tl.load(scal_ptr + 1)
-    inv_sqrt3 = tl.load(scal_ptr + 2)
-    inv_sqrt_h = tl.load(scal_ptr + 3)
-    eps = tl.load(scal_ptr + 4)
+    coeff, cutoff, inv_sqrt3, inv_sqrt_h, eps = _load_scalars(scal_ptr)
     H3 = 3 * H
 
     qx, qy, qz, _, d = _lattice_geometry(pos_ptr, cell_ptr, cen_ptr, gi_ptr, n, nm, K, eps, CENTRED)
@@ -193,15 +189,9 @@ def _lm_bwd_kernel(
     pid_h = tl.program_id(1)
     h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
-    coeff = tl.load(scal_ptr + 0)
-    cutoff = tl.load(scal_ptr + 1)
-    inv_sqrt3 = tl.load(scal_ptr + 2)
-    inv_sqrt_h = tl.load(scal_ptr + 3)
-    eps = tl.load(scal_ptr + 4)
+    coeff, cutoff, inv_sqrt3, inv_sqrt_h, eps = _load_scalars(scal_ptr)
     H3 = 3 * H
-    bias1 = tl.load(b_ptr + h, mask=hm, other=0.0)
-    bias2 = tl.load(b_ptr + H + h, mask=hm, other=0.0)
-    bias3 = tl.load(b_ptr + 2 * H + h, mask=hm, other=0.0)
+    bias1, bias2, bias3 = _chunk_biases(b_ptr, h, hm, H)
     zero_h = tl.zeros([BLOCK_H], dtype=xp_ptr.dtype.element_ty)
     acc_gb1 = zero_h
     acc_gb2 = zero_h

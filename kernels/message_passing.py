@@ -70,6 +70,20 @@ def _interpreting() -> bool:
 # Triton device functions
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _load_scalars(scal_ptr):
+    """The float constants of :func:`_scalars`: coeff, cutoff, 1/sqrt(3), 1/sqrt(H), eps."""
+    return (tl.load(scal_ptr + 0), tl.load(scal_ptr + 1), tl.load(scal_ptr + 2), tl.load(scal_ptr + 3),
+            tl.load(scal_ptr + 4))
+
+
+@triton.jit
+def _chunk_biases(b_ptr, h, hm, H):
+    """The edge-projection bias of channels ``h`` (mask ``hm``) in each of the three chunks."""
+    return (tl.load(b_ptr + h, mask=hm, other=0.0), tl.load(b_ptr + H + h, mask=hm, other=0.0),
+            tl.load(b_ptr + 2 * H + h, mask=hm, other=0.0))
+
+
+@triton.jit
 def _edge_geometry(pos_ptr, cell_ptr, off_ptr, fx, fy, fz, other, g, e, em, eps,
                    SOURCE_FIXED: tl.constexpr):
     """Edge vectors r = p_j + o C_g - p_i of a tile of edges ``e`` (mask ``em``, crystals ``g``).
@@ -170,15 +184,9 @@ def _mp_fwd_kernel(
     pid_h = tl.program_id(1)
     h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
-    coeff = tl.load(scal_ptr + 0)
-    cutoff = tl.load(scal_ptr + 1)
-    inv_sqrt3 = tl.load(scal_ptr + 2)
-    inv_sqrt_h = tl.load(scal_ptr + 3)
-    eps = tl.load(scal_ptr + 4)
+    coeff, cutoff, inv_sqrt3, inv_sqrt_h, eps = _load_scalars(scal_ptr)
     H3 = 3 * H
-    bias1 = tl.load(b_ptr + h, mask=hm, other=0.0)
-    bias2 = tl.load(b_ptr + H + h, mask=hm, other=0.0)
-    bias3 = tl.load(b_ptr + 2 * H + h, mask=hm, other=0.0)
+    bias1, bias2, bias3 = _chunk_biases(b_ptr, h, hm, H)
     zero_h = tl.zeros([BLOCK_H], dtype=xp_ptr.dtype.element_ty)
 
     for t in range(0, nodes_per_program):
@@ -247,11 +255,7 @@ def _mp_bwd_kernel(
     pid_h = tl.program_id(1)
     h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
-    coeff = tl.load(scal_ptr + 0)
-    cutoff = tl.load(scal_ptr + 1)
-    inv_sqrt3 = tl.load(scal_ptr + 2)
-    inv_sqrt_h = tl.load(scal_ptr + 3)
-    eps = tl.load(scal_ptr + 4)
+    coeff, cutoff, inv_sqrt3, inv_sqrt_h, eps = _load_scalars(scal_ptr)
     H3 = 3 * H
     hc = CHUNK * H + h  # row of W, column of x_proj
     bias = tl.load(b_ptr + hc, mask=hm, other=0.0)
