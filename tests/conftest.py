@@ -112,6 +112,34 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def assert_close(got, expected, rel: float, name: str, check_dtype: bool = False) -> None:
+    """Kernel-vs-reference check: same shape (and dtype with ``check_dtype``), every value finite (an
+    unwritten NaN-poisoned output fails) and max |got - expected| <= rel * max |expected|, in float64."""
+    if check_dtype:
+        assert got.dtype == expected.dtype, f"{name}: dtype {got.dtype} != {expected.dtype}"
+    assert got.shape == expected.shape, f"{name}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten output?)"
+    err = (got.double() - expected.double()).abs().max().item() if got.numel() else 0.0
+    scale = expected.double().abs().max().item() if expected.numel() else 0.0
+    assert err <= rel * max(scale, 1e-30), f"{name}: max |err| {err:.3e} > {rel:.0e} * {scale:.3e}"
+
+
+def run_with_grads(op, args: dict, inputs, requires, seed: int = 1, **kwargs):
+    """``op(**args, **kwargs)`` (two outputs) and the gradients, with respect to the ``requires``
+    entries of ``args`` that are not None, of a random linear functional of both outputs. Entries
+    named in ``inputs`` are detached copies. Returns ``(out1, out2, {name: gradient})``."""
+    requires = tuple(name for name in requires if args[name] is not None)
+    args = {name: (v.detach().clone().requires_grad_(name in requires) if name in inputs and v is not None else v)
+            for name, v in args.items()}
+    out1, out2 = op(**args, **kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(out1.shape, generator=gen, dtype=torch.float64).to(out1)
+    w2 = torch.randn(out2.shape, generator=gen, dtype=torch.float64).to(out2)
+    loss = (out1 * w1).sum() + (out2 * w2).sum()
+    grads = dict(zip(requires, torch.autograd.grad(loss, [args[name] for name in requires]), strict=True))
+    return out1.detach(), out2.detach(), grads
+
+
 def require_triton_backend(op: str) -> None:
     """Skip the calling test module unless Triton's ``op`` backend can run here (call it at import)."""
     triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'e3relax-fast[triton]')")

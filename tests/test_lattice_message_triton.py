@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import golden_batch, golden_model_instance, require_triton_backend
+from conftest import assert_close, golden_batch, golden_model_instance, require_triton_backend, run_with_grads
 
 require_triton_backend("lattice_message")
 
@@ -81,26 +81,11 @@ def random_case(dtype, centred, hidden=32, num_rbf=128, cutoff=6.0, seed=0, size
 
 
 def run(op, args, k, requires=INPUTS, seed=1, **kwargs):
-    """Forward and the gradients of a random linear functional of both outputs."""
-    requires = tuple(name for name in requires if args[name] is not None)
-    args = {name: (v.detach().clone().requires_grad_(name in requires) if name in INPUTS and v is not None else v)
-            for name, v in args.items()}
-    ds, v_out = op(**args, k=k, **kwargs)
-    gen = torch.Generator().manual_seed(seed)
-    w_s = torch.randn(ds.shape, generator=gen, dtype=torch.float64).to(ds)
-    w_v = torch.randn(v_out.shape, generator=gen, dtype=torch.float64).to(v_out)
-    loss = (ds * w_s).sum() + (v_out * w_v).sum()
-    grads = dict(zip(requires, torch.autograd.grad(loss, [args[name] for name in requires]), strict=True))
-    return ds.detach(), v_out.detach(), grads
+    """``(ds, v_out, gradients)`` of a random linear functional of both outputs (inputs given as None,
+    e.g. centres in the paper form, are skipped)."""
+    return run_with_grads(op, args, INPUTS, requires, seed, k=k, **kwargs)
 
 
-def assert_close(got, expected, rel, name):
-    """max |got - expected| <= rel * max |expected|; returns the relative error."""
-    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten output?)"
-    scale = expected.abs().max().item()
-    err = (got.to(expected.dtype) - expected).abs().max().item()
-    assert err <= rel * max(scale, 1e-30), f"{name}: max |err| {err:.3e} > {rel:.0e} * {scale:.3e}"
-    return err / max(scale, 1e-30)
 
 
 def compare(args, expected_args, k, rel, config=None):

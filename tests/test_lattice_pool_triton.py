@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import require_triton_backend
+from conftest import assert_close, require_triton_backend
 
 require_triton_backend("lattice_pool")
 
@@ -46,12 +46,6 @@ def run(op, x, ptr, graph_index, seed=1, **kwargs):
     return out.detach(), grad
 
 
-def assert_close(got, expected, rel, name):
-    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten output?)"
-    assert got.shape == expected.shape, f"{name}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    err = (got - expected).abs().max().item() if expected.numel() else 0.0
-    assert err <= rel * max(scale, 1e-30), f"{name}: max |err| {err:.3e} > {rel:.0e} * {scale:.3e}"
 
 
 def test_registered():

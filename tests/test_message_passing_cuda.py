@@ -11,6 +11,7 @@ beforehand. The CUDA backend itself is compared with the reference when a device
 
 from __future__ import annotations
 
+import functools
 import glob
 import math
 import os
@@ -18,10 +19,13 @@ import shutil
 
 import pytest
 import torch
+from conftest import assert_close as conftest_assert_close
 
 from e3relax_fast import _ext, backends
 from e3relax_fast.reference.message_passing import message_passing as reference_op
 from e3relax_fast.reference.rbf import rbf_centres, rbf_coefficient
+
+assert_close = functools.partial(conftest_assert_close, check_dtype=True)
 
 pytestmark = pytest.mark.skipif(_ext._C is None, reason=f"compiled extension unavailable: {_ext.IMPORT_ERROR}")
 
@@ -85,12 +89,6 @@ def make_case(dtype=torch.float64, hidden=32, num_rbf=128, cutoff=6.0, seed=0, s
     return kwargs, rowptr
 
 
-def assert_close(got, expected, rel, name):
-    assert got.dtype == expected.dtype and got.shape == expected.shape, name
-    assert torch.isfinite(got).all(), f"{name}: non-finite entries (unwritten output?)"
-    err = (got.double() - expected.double()).abs().max().item() if got.numel() else 0.0
-    scale = expected.double().abs().max().item() if expected.numel() else 0.0
-    assert err <= rel * max(scale, 1e-30), f"{name}: max |err| {err:.3e} > {rel:.0e} * {scale:.3e}"
 
 
 def poisoned(kwargs):

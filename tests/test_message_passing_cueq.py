@@ -8,6 +8,7 @@ outputs), so there is nothing to NaN-poison; receivers without edges are checked
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import subprocess
@@ -18,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import golden_batch, golden_model_instance
+from conftest import assert_close as conftest_assert_close
+from conftest import golden_batch, golden_model_instance, run_with_grads
 
 pytest.importorskip("cuequivariance_torch", reason="cuequivariance-torch is not installed "
                     "(pip install 'e3relax-fast[cueq]')")
@@ -86,23 +88,13 @@ def random_case(dtype, hidden=16, num_rbf=32, cutoff=6.0, seed=0, sizes=(1, 5, 1
 
 
 def run(op, args, requires=INPUTS, seed=1):
-    """Forward, and the gradients of a random linear functional of both outputs."""
-    args = {k: (v.detach().clone().requires_grad_(k in requires) if k in INPUTS else v) for k, v in args.items()}
-    ds, dv = op(**args)
-    gen = torch.Generator().manual_seed(seed)
-    w_s = torch.randn(ds.shape, generator=gen, dtype=torch.float64).to(ds)
-    w_v = torch.randn(dv.shape, generator=gen, dtype=torch.float64).to(dv)
-    loss = (ds * w_s).sum() + (dv * w_v).sum()
-    grads = dict(zip(requires, torch.autograd.grad(loss, [args[k] for k in requires]), strict=True))
-    return ds.detach(), dv.detach(), grads
+    """``(ds, dv, gradients)`` of a random linear functional of both outputs."""
+    return run_with_grads(op, args, INPUTS, requires, seed)
 
 
-def assert_close(got, expected, rel, name):
-    assert got.shape == expected.shape and got.dtype == expected.dtype, name
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    scale = expected.abs().max().item()
-    err = (got - expected).abs().max().item()
-    assert err <= rel * max(scale, 1e-30), f"{name}: max |err| {err:.3e} > {rel:.0e} * {scale:.3e}"
+assert_close = functools.partial(conftest_assert_close, check_dtype=True)
+
+
 
 
 def test_registered():

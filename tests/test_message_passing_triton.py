@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import golden_batch, golden_model_instance, require_triton_backend
+from conftest import assert_close, golden_batch, golden_model_instance, require_triton_backend, run_with_grads
 
 require_triton_backend("message_passing")
 
@@ -94,22 +94,10 @@ def random_case(dtype, hidden=32, num_rbf=128, cutoff=6.0, seed=0, sizes=(1, 4, 
 
 
 def run(op, args, requires=INPUTS, seed=1, **kwargs):
-    """Forward and the gradients of a random linear functional of both outputs."""
-    args = {k: (v.detach().clone().requires_grad_(k in requires) if k in INPUTS else v) for k, v in args.items()}
-    ds, dv = op(**args, **kwargs)
-    gen = torch.Generator().manual_seed(seed)
-    w_s = torch.randn(ds.shape, generator=gen, dtype=torch.float64).to(ds)
-    w_v = torch.randn(dv.shape, generator=gen, dtype=torch.float64).to(dv)
-    loss = (ds * w_s).sum() + (dv * w_v).sum()
-    grads = dict(zip(requires, torch.autograd.grad(loss, [args[k] for k in requires]), strict=True))
-    return ds.detach(), dv.detach(), grads
+    """``(ds, dv, gradients)`` of a random linear functional of both outputs."""
+    return run_with_grads(op, args, INPUTS, requires, seed, **kwargs)
 
 
-def assert_close(got, expected, rel, name):
-    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten output?)"
-    scale = expected.abs().max().item()
-    err = (got - expected).abs().max().item()
-    assert err <= rel * max(scale, 1e-30), f"{name}: max |err| {err:.3e} > {rel:.0e} * {scale:.3e}"
 
 
 def compare(dtype, rel, config=None, **case):
