@@ -11,7 +11,8 @@
 #   build.log                 the extension build (setup.py build_ext --inplace; pip -e as fallback)
 #   pytest.log                the GPU test files (-p no:cacheprovider, explicit file list)
 #   bench_radius_graph.md     graph building on the MP-like mix (+ scaling series), cuda providers included
-#   bench_message_passing.md  message op / layer / model microbenchmarks, peaks, accuracy vs float64
+#   bench_message_passing.md  message op / layer / model microbenchmarks, peaks, accuracy vs float64,
+#                             and the atom–lattice ops (bench_lattice_message.py)
 #   bench.log                 both benchmarks' console output
 #   extras.tar.gz             junit XML and the benchmarks' CSV rows
 #
@@ -224,9 +225,17 @@ mp_bench() {
   # shellcheck disable=SC2086
   "$PY" bench/bench_message_passing.py --md "$OUT_DIR/bench_message_passing.md" "${extra[@]}" ${MP_BENCH_ARGS:-}
 }
-export -f graph_bench mp_bench
+# The atom–lattice ops: appended to bench_message_passing.md (the output folder holds at most 8 files).
+lattice_bench() {
+  local args=(--n 1000 --device cuda)
+  [ "$DRY" = 1 ] && args=(--n 5 --sizes 32 --repeats 2 --device cpu)
+  "$PY" bench/bench_lattice_message.py "${args[@]}" > "$WORK/lattice.md" && cat "$WORK/lattice.md" \
+    && { echo; sed -n '/^## /,$p' "$WORK/lattice.md"; } >> "$OUT_DIR/bench_message_passing.md"
+}
+export -f graph_bench mp_bench lattice_bench
 run_stage bench_radius_graph 100 "$OUT_DIR/bench.log" graph_bench
-run_stage bench_message_passing 330 "$OUT_DIR/bench.log" mp_bench
+run_stage bench_message_passing 300 "$OUT_DIR/bench.log" mp_bench
+run_stage bench_lattice_message 30 "$OUT_DIR/bench.log" lattice_bench
 
 # --- 5. summary --------------------------------------------------------------------------------------
 card="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"

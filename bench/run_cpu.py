@@ -26,6 +26,7 @@ from pathlib import Path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_datagen  # noqa: E402
+import bench_lattice_message  # noqa: E402
 import bench_message_passing  # noqa: E402
 import bench_precision  # noqa: E402
 import bench_radius_graph  # noqa: E402
@@ -271,6 +272,8 @@ def main(argv=None) -> None:
             ["--quick", "--no-accuracy", "--device", "cpu", "--threads", str(threads)]
         )
         mp_md, mp_res = bench_message_passing.run(mp_args, info)
+        lattice_md, _ = bench_lattice_message.run(200, [64, 512], "cpu", repeats=max(args.repeats, 5), info=info)
+        mp_md += "\n" + lattice_md
     correctness_md, correctness_summary = kernel_correctness()
     print(f"== kernel correctness: {correctness_summary}", flush=True)
     load_end = harness.load_average()
