@@ -43,7 +43,7 @@ nb::tuple radius_graph_cpu(CpuPos pos, CpuCells cells, CpuI64 ptr, double radius
   if (reserved && (int64_t)reserved->shape(0) != N)
     throw nb::value_error("radius_graph: reserved must have one entry per atom");
   if (!(radius >= 0.0) || !(radius < 1e4)) throw nb::value_error("radius_graph: radius must be in [0, 1e4)");
-  if (algo < 0 || algo > 2) throw nb::value_error("radius_graph: algo must be 0, 1 or 2");
+  if (algo < 0 || algo > 3) throw nb::value_error("radius_graph: algo must be 0, 1, 2 or 3");
   e3rg::CpuArgs a;
   a.pos = pos.data();
   a.n_atoms = N;
@@ -311,7 +311,9 @@ NB_MODULE(_C, m) {
         "optional (N,) int64 `reserved`; all C-contiguous. Returns numpy arrays (edge_index (2,E),\n"
         "cell_offsets (E,3), rowptr (N+1,), distances (E,), num_candidates (N,)). num_threads <= 0: all\n"
         "cores. Crystals with more than cell_list_threshold atoms use the cell list. algo=1 runs the\n"
-        "CUDA kernel's warp algorithm, emulated (tests only).");
+        "CUDA kernel's warp algorithm, emulated, algo=2 brute force with per-pair bounds, algo=3 the\n"
+        "default without its AVX-512 path (tests only).");
+  m.attr("CPU_AVX512") = e3rg::cpu_simd_avx512();
   m.def("message_passing_cpu", &message_passing_cpu<float>, MP_CPU_ARGS, MP_CPU_DOC);
   m.def("message_passing_cpu", &message_passing_cpu<double>, MP_CPU_ARGS, MP_CPU_DOC);
 #ifdef E3RELAX_WITH_CUDA

@@ -21,7 +21,8 @@ struct CpuArgs {
   const int64_t* reserved = nullptr;  // (N,) or null
   int num_threads = 0;                // <= 0: hardware concurrency
   int64_t cell_list_threshold = kDefaultCellListThreshold;
-  int algo = 0;                       // 0: sequential top-K; 1: emulate the CUDA warp algorithm
+  int algo = 0;                       // 0: default; 1: emulate the CUDA warp algorithm; 2: brute force with
+                                      // per-pair bounds; 3: algo 0 without its AVX-512 path (tests)
 };
 
 // Outputs, malloc'ed by the launcher (the caller frees them with std::free).
@@ -39,6 +40,9 @@ struct CpuOut {
 int radius_graph_cpu(const CpuArgs& args, CpuOut& out, std::string* err);
 
 std::string error_message(int bits);
+
+// Whether algo 0 takes the AVX-512 path of the small-crystal enumeration on this CPU.
+bool cpu_simd_avx512();
 
 #ifdef E3RELAX_WITH_CUDA
 // CUDA launchers (radius_graph_cuda.cu). All pointers are device pointers; `stream` is a

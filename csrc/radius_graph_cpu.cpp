@@ -27,10 +27,15 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <mutex>
 #include <thread>
 #include <utility>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 #include "radius_graph.h"
 #include "radius_graph_api.h"
@@ -339,6 +344,11 @@ inline void centre_hier(const CpuArgs& a, const Prepared& P, int i, HierScratch&
 // trades ~5x more (cheap) distance evaluations for no per-pair bounds and few mispredicted
 // branches, and halves the work with the symmetry.
 // ---------------------------------------------------------------------------------------------
+struct Ident {  // neighbour and image offset of one candidate
+  int j;
+  int o[3];
+};
+
 struct BoxScratch {
   PodVec<int> ia, ib, ie;        // o' of the listed images
   PodVec<double> fa, fb, fe;     // the same as doubles
@@ -350,11 +360,81 @@ struct BoxScratch {
   std::vector<int> sizes;
   std::vector<uint64_t> keys;
   Selector sel;
+  // AVX-512 path: candidates per centre as squared lengths (then lengths) and identities.
+  std::vector<PodVec<double>> slists;
+  std::vector<PodVec<Ident>> ilists;
+  PodVec<double> sblock;      // squared lengths of one j's images (8-padded)
+  PodVec<uint8_t> mblock;     // their within-radius bit masks, 8 images per byte
+  PodVec<uint64_t> kbuf;      // one centre's keys, padded to the sorting network's size
+  PodVec<int> row_lo, row_hi;  // E range of each (A, B) row of the image box
   void resize(size_t n) {
     for (auto* v : {&ia, &ib, &ie}) v->resize(n);
     for (auto* v : {&fa, &fb, &fe, &shx, &shy, &shz}) v->resize(n);
   }
 };
+
+
+// The image list of one centre (wrapped fractional coordinates wi): the o' of its box (per axis
+// [ceil(-reach - 1 + w_i), floor(reach + w_i)]) whose whole image cell may reach within the radius
+// (image cell centre within sqrt(lim2) of the centre atom), in lexicographic order,
+// with their shifts ((o0 a + o1 b) + o2 c). Returns their number T; zero_slot = the slot of
+// o' = 0 or -1. Slots [T, T rounded up to 8) are padding (NaN shifts: never within the radius)
+// for the 8-wide loops of the AVX-512 path.
+inline int image_list(const Cell& cg, const double* wi, double lim2, BoxScratch& X, int& zero_slot) {
+  const double* C = cg.C;
+  long long lo[3], hi[3];
+  for (int k = 0; k < 3; ++k) {
+    lo[k] = (long long)dceil(-cg.reach[k] - 1.0 + wi[k] - kFracEps);
+    hi[k] = (long long)dfloor(cg.reach[k] + wi[k] + kFracEps);
+  }
+  const size_t box = (size_t)((hi[0] - lo[0] + 1) * (hi[1] - lo[1] + 1) * (hi[2] - lo[2] + 1));
+  if (X.ia.size() < box + 8) X.resize(2 * box + 8);
+  int* ia = X.ia.data();
+  int* ib = X.ib.data();
+  int* ie = X.ie.data();
+  double* fa = X.fa.data();
+  double* fb = X.fb.data();
+  double* fe = X.fe.data();
+  double* shx = X.shx.data();
+  double* shy = X.shy.data();
+  double* shz = X.shz.data();
+  int T = 0;
+  zero_slot = -1;
+  for (long long A = lo[0]; A <= hi[0]; ++A) {
+    const double u0 = (double)A + 0.5 - wi[0];
+    for (long long B = lo[1]; B <= hi[1]; ++B) {
+      // The image cells of this row whose centre u0 a + u1 b + u2 c lies within the bounding
+      // sphere: a quadratic in u2, solved, and widened by 1e-6 (fractional) for rounding.
+      const double u1 = (double)B + 0.5 - wi[1];
+      const double vc = u0 * cg.ac + u1 * cg.bc;
+      const double vv = (u0 * u0 * cg.aa + 2.0 * u0 * u1 * cg.ab) + u1 * u1 * cg.bb;
+      const double disc = vc * vc - cg.cc * (vv - lim2);
+      if (!(disc >= 0.0)) continue;
+      const double sq = std::sqrt(disc);
+      const long long e_lo = std::max(lo[2], (long long)dceil((-vc - sq) * cg.inv_cc - 0.5 + wi[2] - 1e-6));
+      const long long e_hi = std::min(hi[2], (long long)dfloor((-vc + sq) * cg.inv_cc - 0.5 + wi[2] + 1e-6));
+      for (long long E = e_lo; E <= e_hi; ++E) {
+        if (A == 0 && B == 0 && E == 0) zero_slot = T;
+        const double f0 = (double)A, f1 = (double)B, f2 = (double)E;
+        ia[T] = (int)A;
+        ib[T] = (int)B;
+        ie[T] = (int)E;
+        fa[T] = f0;
+        fb[T] = f1;
+        fe[T] = f2;
+        shx[T] = xadd(xadd(xmul(f0, C[0]), xmul(f1, C[3])), xmul(f2, C[6]));
+        shy[T] = xadd(xadd(xmul(f0, C[1]), xmul(f1, C[4])), xmul(f2, C[7]));
+        shz[T] = xadd(xadd(xmul(f0, C[2]), xmul(f1, C[5])), xmul(f2, C[8]));
+        ++T;
+      }
+    }
+  }
+  for (int t = T; t < ((T + 7) & ~7); ++t) {
+    ia[t] = ib[t] = ie[t] = 0;
+    fa[t] = fb[t] = fe[t] = shx[t] = shy[t] = shz[t] = std::numeric_limits<double>::quiet_NaN();
+  }
+  return T;
+}
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -377,46 +457,17 @@ void crystal_box(const CpuArgs& a, const Prepared& P, int g, BoxScratch& X, PodV
     const double* wi = &P.wfrac[3 * i];
     const int* si = &P.shift[3 * i];
     const double* pi = a.pos + 3 * i;
-    // --- image list of centre i ----------------------------------------------------------
-    long long lo[3], hi[3];
-    for (int k = 0; k < 3; ++k) {
-      lo[k] = (long long)dceil(-cg.reach[k] - 1.0 + wi[k] - kFracEps);
-      hi[k] = (long long)dfloor(cg.reach[k] + wi[k] + kFracEps);
-    }
-    const size_t box = (size_t)((hi[0] - lo[0] + 1) * (hi[1] - lo[1] + 1) * (hi[2] - lo[2] + 1));
-    if (X.ia.size() < box) X.resize(2 * box);
-    int* ia = X.ia.data();
-    int* ib = X.ib.data();
-    int* ie = X.ie.data();
-    double* fa = X.fa.data();
-    double* fb = X.fb.data();
-    double* fe = X.fe.data();
-    double* shx = X.shx.data();
-    double* shy = X.shy.data();
-    double* shz = X.shz.data();
-    int T = 0;
     int zero_slot = -1;
-    for (long long A = lo[0]; A <= hi[0]; ++A)
-      for (long long B = lo[1]; B <= hi[1]; ++B)
-        for (long long E = lo[2]; E <= hi[2]; ++E) {
-          const double u0 = (double)A + 0.5 - wi[0], u1 = (double)B + 0.5 - wi[1], u2 = (double)E + 0.5 - wi[2];
-          const double cx = u0 * C[0] + u1 * C[3] + u2 * C[6];
-          const double cy = u0 * C[1] + u1 * C[4] + u2 * C[7];
-          const double cz = u0 * C[2] + u1 * C[5] + u2 * C[8];
-          if (cx * cx + cy * cy + cz * cz > lim2) continue;  // the whole image cell is beyond the radius
-          if (A == 0 && B == 0 && E == 0) zero_slot = T;
-          const double f0 = (double)A, f1 = (double)B, f2 = (double)E;
-          ia[T] = (int)A;
-          ib[T] = (int)B;
-          ie[T] = (int)E;
-          fa[T] = f0;
-          fb[T] = f1;
-          fe[T] = f2;
-          shx[T] = xadd(xadd(xmul(f0, C[0]), xmul(f1, C[3])), xmul(f2, C[6]));
-          shy[T] = xadd(xadd(xmul(f0, C[1]), xmul(f1, C[4])), xmul(f2, C[7]));
-          shz[T] = xadd(xadd(xmul(f0, C[2]), xmul(f1, C[5])), xmul(f2, C[8]));
-          ++T;
-        }
+    const int T = image_list(cg, wi, lim2, X, zero_slot);
+    const int* ia = X.ia.data();
+    const int* ib = X.ib.data();
+    const int* ie = X.ie.data();
+    const double* fa = X.fa.data();
+    const double* fb = X.fb.data();
+    const double* fe = X.fe.data();
+    const double* shx = X.shx.data();
+    const double* shy = X.shy.data();
+    const double* shz = X.shz.data();
     if ((int)X.ss.size() < T) {
       X.ss.resize(T);
       X.hit.resize(T);
@@ -509,6 +560,389 @@ void crystal_box(const CpuArgs& a, const Prepared& P, int g, BoxScratch& X, PodV
     }
   }
 }
+
+
+// ---------------------------------------------------------------------------------------------
+// crystal_box_avx512: the same enumeration and result as crystal_box, with AVX-512 where the
+// portable path is scalar or relies on auto-vectorisation (chosen at run time when the CPU has
+// AVX-512 F/DQ/VL/BW; algo=3 forces the portable path so that the tests compare both):
+//   * the 8-wide distance loop yields a bit mask of the images within the radius, and the hits
+//     are read off the mask (no scalar compaction pass over every image);
+//   * a hit stores only its squared length and identity; sqrt and quantisation run later, 8
+//     candidates at a time, per centre (vsqrtpd/vdivpd are correctly rounded like their scalar
+//     forms, and the conversion rounds half to even like llrint in the default mode);
+//   * a centre's keys (q << kIdxBits | index) are sorted by a bitonic network in registers when
+//     they fit in 128 slots (padding keys are all ones, larger than any real key), else by the
+//     portable counting-sort Selector.
+// Keys are unique (the index is in the low bits), so any correct sort gives the same order.
+// ---------------------------------------------------------------------------------------------
+#if defined(__x86_64__) && defined(__GNUC__)
+#define E3RG_AVX512_PATH 1
+#define E3RG_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw")))
+
+// One compare-exchange step of the network inside a register: lane l meets lane perm[l]; the
+// lanes in `upper` keep the larger key.
+E3RG_AVX512 inline __m512i cx8(__m512i v, __m512i perm, __mmask8 upper) {
+  const __m512i p = _mm512_permutexvar_epi64(perm, v);
+  return _mm512_mask_blend_epi64(upper, _mm512_min_epu64(v, p), _mm512_max_epu64(v, p));
+}
+
+// Lane permutations l -> l ^ x.
+E3RG_AVX512 inline __m512i lane_xor(int x) {
+  return _mm512_set_epi64(7 ^ x, 6 ^ x, 5 ^ x, 4 ^ x, 3 ^ x, 2 ^ x, 1 ^ x, 0 ^ x);
+}
+
+// Sorts 8 * R keys (R = 1, 2, 4, 8 or 16) in place, ascending: each register sorted by a bitonic
+// network, then bitonic merges of doubling size (first step against the reversed partner block,
+// then half-cleaners across registers and inside them).
+template <int R>
+E3RG_AVX512 void bitonic_sort(uint64_t* keys) {
+  const __m512i x1 = lane_xor(1), x2 = lane_xor(2), x3 = lane_xor(3), x4 = lane_xor(4), x7 = lane_xor(7);
+  __m512i v[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    __m512i w = _mm512_loadu_si512(keys + 8 * r);
+    w = cx8(w, x1, 0xAA);
+    w = cx8(w, x3, 0xCC);
+    w = cx8(w, x1, 0xAA);
+    w = cx8(w, x7, 0xF0);
+    w = cx8(w, x2, 0xCC);
+    v[r] = cx8(w, x1, 0xAA);
+  }
+#pragma GCC unroll 4
+  for (int w = 2; w <= R; w *= 2) {  // merge blocks of w registers (8w keys)
+#pragma GCC unroll 16
+    for (int b = 0; b < R; b += w)
+#pragma GCC unroll 8
+      for (int k = 0; k < w / 2; ++k) {  // key i meets key i ^ (8w - 1)
+        const __m512i lo = v[b + k], hi = _mm512_permutexvar_epi64(x7, v[b + w - 1 - k]);
+        v[b + k] = _mm512_min_epu64(lo, hi);
+        v[b + w - 1 - k] = _mm512_permutexvar_epi64(x7, _mm512_max_epu64(lo, hi));
+      }
+#pragma GCC unroll 4
+    for (int d = w / 4; d >= 1; d /= 2)  // key i meets key i ^ 8d
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r)
+        if (!(r & d)) {
+          const __m512i lo = v[r], hi = v[r + d];
+          v[r] = _mm512_min_epu64(lo, hi);
+          v[r + d] = _mm512_max_epu64(lo, hi);
+        }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) v[r] = cx8(cx8(cx8(v[r], x4, 0xF0), x2, 0xCC), x1, 0xAA);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) _mm512_storeu_si512(keys + 8 * r, v[r]);
+}
+
+// Squared lengths of one neighbour's images (T slots, 8-padded) into X.sblock and their
+// within-radius masks into X.mblock; returns the number of hits.
+E3RG_AVX512 inline int box_distances(const double* C, double dpx, double dpy, double dpz, int d0, int d1, int d2,
+                                     int T, double sr, int zero_slot, BoxScratch& X) {
+  const int nblk = (T + 7) >> 3;
+  if ((int)X.mblock.size() < nblk) {
+    X.mblock.resize(2 * nblk);
+    X.sblock.resize(16 * nblk);
+  }
+  double* ss = X.sblock.data();
+  uint8_t* mk = X.mblock.data();
+  const __m512d px = _mm512_set1_pd(dpx), py = _mm512_set1_pd(dpy), pz = _mm512_set1_pd(dpz);
+  const __m512d srv = _mm512_set1_pd(sr);
+  int m = 0;
+  if (d0 == 0 && d1 == 0 && d2 == 0) {
+    for (int b = 0; b < nblk; ++b) {
+      const __m512d rx = _mm512_add_pd(px, _mm512_loadu_pd(X.shx.data() + 8 * b));
+      const __m512d ry = _mm512_add_pd(py, _mm512_loadu_pd(X.shy.data() + 8 * b));
+      const __m512d rz = _mm512_add_pd(pz, _mm512_loadu_pd(X.shz.data() + 8 * b));
+      const __m512d s2 = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(rx, rx), _mm512_mul_pd(ry, ry)),
+                                       _mm512_mul_pd(rz, rz));
+      _mm512_storeu_pd(ss + 8 * b, s2);
+      const __mmask8 k = _mm512_cmp_pd_mask(s2, srv, _CMP_LE_OQ);
+      mk[b] = (uint8_t)k;
+      m += __builtin_popcount(k);
+    }
+    if (zero_slot >= 0) {  // the zero-offset self pair (only when j == i, the caller's case here)
+      const uint8_t bit = (uint8_t)(1u << (zero_slot & 7));
+      if (mk[zero_slot >> 3] & bit) {
+        mk[zero_slot >> 3] &= (uint8_t)~bit;
+        --m;
+      }
+    }
+  } else {
+    const __m512d e0 = _mm512_set1_pd(d0), e1 = _mm512_set1_pd(d1), e2 = _mm512_set1_pd(d2);
+    const __m512d c0 = _mm512_set1_pd(C[0]), c1 = _mm512_set1_pd(C[1]), c2 = _mm512_set1_pd(C[2]);
+    const __m512d c3 = _mm512_set1_pd(C[3]), c4 = _mm512_set1_pd(C[4]), c5 = _mm512_set1_pd(C[5]);
+    const __m512d c6 = _mm512_set1_pd(C[6]), c7 = _mm512_set1_pd(C[7]), c8 = _mm512_set1_pd(C[8]);
+    for (int b = 0; b < nblk; ++b) {
+      const __m512d o0 = _mm512_add_pd(_mm512_loadu_pd(X.fa.data() + 8 * b), e0);
+      const __m512d o1 = _mm512_add_pd(_mm512_loadu_pd(X.fb.data() + 8 * b), e1);
+      const __m512d o2 = _mm512_add_pd(_mm512_loadu_pd(X.fe.data() + 8 * b), e2);
+      const __m512d rx = _mm512_add_pd(
+          px, _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(o0, c0), _mm512_mul_pd(o1, c3)), _mm512_mul_pd(o2, c6)));
+      const __m512d ry = _mm512_add_pd(
+          py, _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(o0, c1), _mm512_mul_pd(o1, c4)), _mm512_mul_pd(o2, c7)));
+      const __m512d rz = _mm512_add_pd(
+          pz, _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(o0, c2), _mm512_mul_pd(o1, c5)), _mm512_mul_pd(o2, c8)));
+      const __m512d s2 = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(rx, rx), _mm512_mul_pd(ry, ry)),
+                                       _mm512_mul_pd(rz, rz));
+      _mm512_storeu_pd(ss + 8 * b, s2);
+      const __mmask8 k = _mm512_cmp_pd_mask(s2, srv, _CMP_LE_OQ);
+      mk[b] = (uint8_t)k;
+      m += __builtin_popcount(k);
+    }
+  }
+  return m;
+}
+
+// image_list with AVX-512: the rows' E ranges 8 rows at a time (same formulas, floor/ceil by
+// roundscale; results equal the scalar dceil/dfloor), then each row's images written 8 at a time.
+// Same list and padding as image_list.
+E3RG_AVX512 inline int image_list_avx512(const Cell& cg, const double* wi, double lim2, BoxScratch& X,
+                                         int& zero_slot) {
+  const double* C = cg.C;
+  long long lo[3], hi[3];
+  for (int k = 0; k < 3; ++k) {
+    lo[k] = (long long)dceil(-cg.reach[k] - 1.0 + wi[k] - kFracEps);
+    hi[k] = (long long)dfloor(cg.reach[k] + wi[k] + kFracEps);
+  }
+  const int n0 = (int)(hi[0] - lo[0] + 1), n1 = (int)(hi[1] - lo[1] + 1);
+  const int rows = n0 * n1;
+  const size_t box = (size_t)rows * (size_t)(hi[2] - lo[2] + 1);
+  if (X.ia.size() < box + 16) X.resize(2 * box + 16);
+  if ((int)X.row_lo.size() < rows + 8) {
+    X.row_lo.resize(2 * rows + 8);
+    X.row_hi.resize(2 * rows + 8);
+  }
+  int* rlo = X.row_lo.data();
+  int* rhi = X.row_hi.data();
+  const __m512d aa = _mm512_set1_pd(cg.aa), bb = _mm512_set1_pd(cg.bb), ab = _mm512_set1_pd(cg.ab);
+  const __m512d ac = _mm512_set1_pd(cg.ac), bc = _mm512_set1_pd(cg.bc), cc = _mm512_set1_pd(cg.cc);
+  const __m512d icc = _mm512_set1_pd(cg.inv_cc), l2 = _mm512_set1_pd(lim2), two = _mm512_set1_pd(2.0);
+  const __m512d wlo = _mm512_set1_pd(-0.5 + wi[2] - 1e-6), whi = _mm512_set1_pd(-0.5 + wi[2] + 1e-6);
+  const __m512d lo2 = _mm512_set1_pd((double)lo[2]), hi2 = _mm512_set1_pd((double)hi[2]);
+  const __m512i riota = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  for (int r0 = 0; r0 < rows; r0 += 8) {
+    // row r = (A - lo0) * n1 + (B - lo1)
+    const __m512i r = _mm512_add_epi64(riota, _mm512_set1_epi64(r0));
+    const __m512d rd = _mm512_cvtepi64_pd(r);
+    const __m512d qa = _mm512_roundscale_pd(_mm512_div_pd(rd, _mm512_set1_pd((double)n1)), _MM_FROUND_TO_NEG_INF);
+    const __m512d qb = _mm512_sub_pd(rd, _mm512_mul_pd(qa, _mm512_set1_pd((double)n1)));
+    // u0 = A + 0.5 - w0 with A = lo0 + qa (the scalar form adds (double)A + 0.5 - w0 in that order)
+    const __m512d A = _mm512_add_pd(qa, _mm512_set1_pd((double)lo[0]));
+    const __m512d B = _mm512_add_pd(qb, _mm512_set1_pd((double)lo[1]));
+    const __m512d u0 = _mm512_sub_pd(_mm512_add_pd(A, _mm512_set1_pd(0.5)), _mm512_set1_pd(wi[0]));
+    const __m512d u1 = _mm512_sub_pd(_mm512_add_pd(B, _mm512_set1_pd(0.5)), _mm512_set1_pd(wi[1]));
+    const __m512d vc = _mm512_add_pd(_mm512_mul_pd(u0, ac), _mm512_mul_pd(u1, bc));
+    const __m512d vv = _mm512_add_pd(
+        _mm512_add_pd(_mm512_mul_pd(_mm512_mul_pd(u0, u0), aa), _mm512_mul_pd(_mm512_mul_pd(_mm512_mul_pd(two, u0), u1), ab)),
+        _mm512_mul_pd(_mm512_mul_pd(u1, u1), bb));
+    const __m512d disc = _mm512_sub_pd(_mm512_mul_pd(vc, vc), _mm512_mul_pd(cc, _mm512_sub_pd(vv, l2)));
+    const __mmask8 ok = _mm512_cmp_pd_mask(disc, _mm512_setzero_pd(), _CMP_GE_OQ);
+    const __m512d sq = _mm512_sqrt_pd(_mm512_maskz_mov_pd(ok, disc));
+    const __m512d nvc = _mm512_sub_pd(_mm512_setzero_pd(), vc);
+    const __m512d el = _mm512_roundscale_pd(_mm512_add_pd(_mm512_mul_pd(_mm512_sub_pd(nvc, sq), icc), wlo),
+                                            _MM_FROUND_TO_POS_INF);
+    const __m512d eh = _mm512_roundscale_pd(_mm512_add_pd(_mm512_mul_pd(_mm512_add_pd(nvc, sq), icc), whi),
+                                            _MM_FROUND_TO_NEG_INF);
+    // Clamped to [lo2, hi2 + 1] and [lo2 - 1, hi2] (exact int32 conversions); rows with disc < 0
+    // (or NaN) get the empty range [hi2 + 1, lo2 - 1].
+    const __m512d one = _mm512_set1_pd(1.0);
+    const __m512d el_c = _mm512_mask_min_pd(_mm512_add_pd(hi2, one), ok, _mm512_max_pd(el, lo2), _mm512_add_pd(hi2, one));
+    const __m512d eh_c = _mm512_mask_max_pd(_mm512_sub_pd(lo2, one), ok, _mm512_min_pd(eh, hi2), _mm512_sub_pd(lo2, one));
+    _mm256_storeu_si256((__m256i*)(rlo + r0), _mm512_cvttpd_epi32(el_c));
+    _mm256_storeu_si256((__m256i*)(rhi + r0), _mm512_cvttpd_epi32(eh_c));
+  }
+  int* ia = X.ia.data();
+  int* ib = X.ib.data();
+  int* ie = X.ie.data();
+  double* fa = X.fa.data();
+  double* fb = X.fb.data();
+  double* fe = X.fe.data();
+  double* shx = X.shx.data();
+  double* shy = X.shy.data();
+  double* shz = X.shz.data();
+  const __m256i eiota = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+  int T = 0;
+  zero_slot = -1;
+  for (int r = 0; r < rows; ++r) {
+    const int el = rlo[r], eh = rhi[r];
+    if (el > eh) continue;
+    const int A = (int)lo[0] + r / n1, B = (int)lo[1] + r % n1;
+    if (A == 0 && B == 0 && el <= 0 && 0 <= eh) zero_slot = T - el;
+    const __m512d f0 = _mm512_set1_pd((double)A), f1 = _mm512_set1_pd((double)B);
+    const __m512d sx = _mm512_add_pd(_mm512_mul_pd(f0, _mm512_set1_pd(C[0])), _mm512_mul_pd(f1, _mm512_set1_pd(C[3])));
+    const __m512d sy = _mm512_add_pd(_mm512_mul_pd(f0, _mm512_set1_pd(C[1])), _mm512_mul_pd(f1, _mm512_set1_pd(C[4])));
+    const __m512d sz = _mm512_add_pd(_mm512_mul_pd(f0, _mm512_set1_pd(C[2])), _mm512_mul_pd(f1, _mm512_set1_pd(C[5])));
+    for (int e0 = el; e0 <= eh; e0 += 8) {  // full 8-wide stores: the buffers have 16 slots of slack
+      const __m256i e = _mm256_add_epi32(eiota, _mm256_set1_epi32(e0));
+      const __m512d f2 = _mm512_cvtepi32_pd(e);
+      _mm256_storeu_si256((__m256i*)(ia + T), _mm256_set1_epi32(A));
+      _mm256_storeu_si256((__m256i*)(ib + T), _mm256_set1_epi32(B));
+      _mm256_storeu_si256((__m256i*)(ie + T), e);
+      _mm512_storeu_pd(fa + T, f0);
+      _mm512_storeu_pd(fb + T, f1);
+      _mm512_storeu_pd(fe + T, f2);
+      _mm512_storeu_pd(shx + T, _mm512_add_pd(sx, _mm512_mul_pd(f2, _mm512_set1_pd(C[6]))));
+      _mm512_storeu_pd(shy + T, _mm512_add_pd(sy, _mm512_mul_pd(f2, _mm512_set1_pd(C[7]))));
+      _mm512_storeu_pd(shz + T, _mm512_add_pd(sz, _mm512_mul_pd(f2, _mm512_set1_pd(C[8]))));
+      T += std::min(8, eh - e0 + 1);
+    }
+  }
+  const __m512d nan = _mm512_set1_pd(std::numeric_limits<double>::quiet_NaN());
+  _mm256_storeu_si256((__m256i*)(ia + T), _mm256_setzero_si256());
+  _mm256_storeu_si256((__m256i*)(ib + T), _mm256_setzero_si256());
+  _mm256_storeu_si256((__m256i*)(ie + T), _mm256_setzero_si256());
+  for (double* p : {fa, fb, fe, shx, shy, shz}) _mm512_storeu_pd(p + T, nan);
+  return T;
+}
+
+E3RG_AVX512 void crystal_box_avx512(const CpuArgs& a, const Prepared& P, int g, BoxScratch& X, PodVec<OutEdge>& out,
+                                    int* kept, int64_t* ncand) {
+  const Cell& cg = P.cells[g];
+  const double* C = cg.C;
+  const int start = (int)a.ptr[g], n = (int)(a.ptr[g + 1] - a.ptr[g]);
+  if ((int)X.slists.size() < n) {
+    X.slists.resize(n);
+    X.ilists.resize(n);
+  }
+  X.sizes.assign(n, 0);
+  const double lim = std::sqrt(cg.rb2) + P.rcirc[g] + 1e-6;
+  const double lim2 = lim * lim * (1.0 + 1e-12);
+  const double sr = P.sr;
+  for (int il = 0; il < n; ++il) {
+    const int i = start + il;
+    const int* si = &P.shift[3 * i];
+    const double* pi = a.pos + 3 * i;
+    int zero_slot = -1;
+    const int T = image_list_avx512(cg, &P.wfrac[3 * i], lim2, X, zero_slot);
+    const int* ia = X.ia.data();
+    const int* ib = X.ib.data();
+    const int* ie = X.ie.data();
+    const int nblk = (T + 7) >> 3;
+    for (int jl = il; jl < n; ++jl) {
+      const int j = start + jl;
+      const double* pj = a.pos + 3 * j;
+      const int* sj = &P.shift[3 * j];
+      const int d0 = si[0] - sj[0], d1 = si[1] - sj[1], d2 = si[2] - sj[2];
+      const int m = box_distances(C, pj[0] - pi[0], pj[1] - pi[1], pj[2] - pi[2], d0, d1, d2, T, sr,
+                                  jl == il ? zero_slot : -1, X);
+      if (m == 0) continue;
+      const double* ss = X.sblock.data();
+      const uint8_t* mk = X.mblock.data();
+      int& ni = X.sizes[il];
+      int& nj = X.sizes[jl];
+      for (int l : {il, jl}) {
+        const int need = X.sizes[l] + m;
+        if ((int)X.slists[l].size() < need) {
+          X.slists[l].resize(2 * need);
+          X.ilists[l].resize(2 * need);
+        }
+      }
+      double* si_s = X.slists[il].data() + ni;
+      Ident* si_id = X.ilists[il].data() + ni;
+      ni += m;
+      if (jl == il) {
+        int h = 0;
+        for (int b = 0; b < nblk; ++b)
+          for (unsigned k = mk[b]; k; k &= k - 1) {
+            const int t = 8 * b + __builtin_ctz(k);
+            si_s[h] = ss[t];
+            si_id[h] = Ident{j, {ia[t] + d0, ib[t] + d1, ie[t] + d2}};
+            ++h;
+          }
+      } else {
+        // Mirrored block written back to front: -o of ascending o is descending, so list j
+        // stays in (neighbour, offset) order.
+        double* sj_s = X.slists[jl].data() + nj + (m - 1);
+        Ident* sj_id = X.ilists[jl].data() + nj + (m - 1);
+        nj += m;
+        int h = 0;
+        for (int b = 0; b < nblk; ++b)
+          for (unsigned k = mk[b]; k; k &= k - 1) {
+            const int t = 8 * b + __builtin_ctz(k);
+            const int o0 = ia[t] + d0, o1 = ib[t] + d1, o2 = ie[t] + d2;
+            si_s[h] = ss[t];
+            si_id[h] = Ident{j, {o0, o1, o2}};
+            sj_s[-h] = ss[t];
+            sj_id[-h] = Ident{i, {-o0, -o1, -o2}};
+            ++h;
+          }
+      }
+    }
+  }
+  // --- selection per centre -----------------------------------------------------------------
+  const __m512d quantum = _mm512_set1_pd(kQuantum);
+  const __m512i iota = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i ones = _mm512_set1_epi64(-1);
+  for (int il = 0; il < n; ++il) {
+    const int i = start + il;
+    const int nc = X.sizes[il];
+    const int m = std::min(nc, P.cap[i]);
+    ncand[i] = nc;
+    kept[i] = 0;
+    if (m <= 0) continue;
+    int width = 8;
+    while (width < nc) width *= 2;
+    if ((int)X.kbuf.size() < width) X.kbuf.resize(width);
+    uint64_t* key = X.kbuf.data();
+    double* dl = X.slists[il].data();  // squared lengths, replaced by lengths here
+    for (int c = 0; c < nc; c += 8) {
+      const __mmask8 live = (__mmask8)(nc - c >= 8 ? 0xFF : (1u << (nc - c)) - 1);
+      const __m512d d = _mm512_sqrt_pd(_mm512_maskz_loadu_pd(live, dl + c));
+      _mm512_mask_storeu_pd(dl + c, live, d);
+      const __m512i q = _mm512_cvt_roundpd_epi64(_mm512_div_pd(d, quantum),
+                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512i kv = _mm512_or_si512(_mm512_slli_epi64(q, kIdxBits),
+                                         _mm512_add_epi64(iota, _mm512_set1_epi64(c)));
+      _mm512_storeu_si512(key + c, _mm512_mask_blend_epi64(live, ones, kv));
+    }
+    for (int c = (nc + 7) & ~7; c < width; c += 8) _mm512_storeu_si512(key + c, ones);
+    const uint64_t* sorted = key;
+    switch (width) {
+      case 8: bitonic_sort<1>(key); break;
+      case 16: bitonic_sort<2>(key); break;
+      case 32: bitonic_sort<4>(key); break;
+      case 64: bitonic_sort<8>(key); break;
+      case 128: bitonic_sort<16>(key); break;
+      default:
+        X.sel.select(key, nc, m, [](uint64_t x, uint64_t y) { return x < y; });
+        sorted = X.sel.sorted.data();
+    }
+    const Ident* id = X.ilists[il].data();
+    const size_t base = out.size();
+    if (out.capacity() < base + m) out.reserve(2 * (base + m));
+    out.resize(base + m);
+    OutEdge* dst = out.data() + base;
+    int k = 0;
+    for (int t = 0; t < m; ++t) {
+      const uint64_t c = sorted[t] & kIdxMask;
+      const Ident& e = id[c];
+      dst[k] = OutEdge{e.j, {e.o[0], e.o[1], e.o[2]}, dl[c]};
+      k += e.j != i;
+    }
+    out.resize(base + k);
+    kept[i] = k;
+  }
+}
+
+#endif
+
+}  // namespace
+
+bool cpu_simd_avx512() {
+#ifdef E3RG_AVX512_PATH
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+namespace {
 
 // algo=1: the CUDA warp algorithm, lanes emulated in turn (same header steps as the kernel).
 struct WarpEmu {
@@ -701,7 +1135,7 @@ int radius_graph_cpu(const CpuArgs& a, CpuOut& out, std::string* err) {
     for (int64_t g = 0; g < a.n_graphs; ++g) {
       const int64_t s = a.ptr[g], e = a.ptr[g + 1];
       if (e == s) continue;
-      const bool box = a.algo == 0 && !P.binned[g];
+      const bool box = (a.algo == 0 || a.algo == 3) && !P.binned[g];
       if (box) {
         if (!open_box || open + (e - s) > target(s)) close(s);
         open_box = 1;
@@ -728,6 +1162,8 @@ int radius_graph_cpu(const CpuArgs& a, CpuOut& out, std::string* err) {
   std::vector<int> unit_owner(n_units);
   std::vector<int64_t> unit_off(n_units);
   std::atomic<int64_t> next{0};
+  const bool use_avx512 = a.algo == 0 && cpu_simd_avx512();
+  (void)use_avx512;
   auto worker1 = [&](int tid) {
     HierScratch S;
     BoxScratch X;
@@ -744,7 +1180,11 @@ int radius_graph_cpu(const CpuArgs& a, CpuOut& out, std::string* err) {
       if (unit_box[u]) {
         for (int64_t c = c0; c < c1;) {
           const int g = P.graph_of[c];
-          crystal_box(a, P, g, X, ob, kept.data(), out.ncand);
+#ifdef E3RG_AVX512_PATH
+          if (use_avx512) crystal_box_avx512(a, P, g, X, ob, kept.data(), out.ncand);
+          else
+#endif
+            crystal_box(a, P, g, X, ob, kept.data(), out.ncand);
           c = a.ptr[g + 1];
         }
         continue;

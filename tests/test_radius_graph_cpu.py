@@ -4,7 +4,9 @@ The C++ CPU launcher must reproduce the pure-PyTorch oracle (e3relax_fast/refere
 exactly: integer outputs equal, distances equal to the bit. Every CPU path is checked:
 
 * ``algo=0`` (default): the symmetric image-box enumeration for small crystals, the cell list above
-  ``cell_list_threshold`` atoms;
+  ``cell_list_threshold`` atoms; on CPUs with AVX-512 the image box runs its AVX-512 path (mask-driven
+  hits, vectorised sqrt/quantisation, bitonic key sort in registers);
+* ``algo=3``: ``algo=0`` with the portable (non-AVX-512) image box, so both paths are compared here;
 * ``algo=2``: brute force with exact per-pair image bounds (the header's ``scan_pair``), or the
   cell list;
 * ``algo=1``: the CUDA kernel's warp algorithm (histogram pass, threshold, collect pass, rank sort,
@@ -36,7 +38,7 @@ pytestmark = pytest.mark.skipif(_ext._C is None, reason=f"compiled extension una
 DATA = Path(__file__).parent / "data"
 BIG = 10**9  # cell_list_threshold that forces brute force
 PATHS = [  # (algo, cell_list_threshold)
-    (0, None), (0, 0), (0, BIG), (1, 0), (1, BIG), (2, 0), (2, BIG),
+    (0, None), (0, 0), (0, BIG), (1, 0), (1, BIG), (2, 0), (2, BIG), (3, BIG),
 ]
 
 
@@ -219,8 +221,42 @@ def test_mixed_sizes_threshold_switch():
     pos, cells, ptr = _batch(rng, [3, 150, 1, 120, 17], ["tiny", "gen", "gen", "vacuum", "skewed"], unwrap=1)
     ref = reference(pos, cells, ptr, 5.0, 40)
     for thr in (0, 2, 16, 130, BIG):
-        for algo in (0, 1, 2):
+        for algo in (0, 1, 2, 3):
             assert_same(ref, cpu(pos, cells, ptr, 5.0, 40, algo=algo, cell_list_threshold=thr), f"{algo} {thr}")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def test_avx512_path_taken_where_available():
+    """On a CPU with AVX-512 F/DQ/VL/BW the default small-crystal path is the AVX-512 one (so the
+    comparisons of algo 0 with algo 3 in this file test two different code paths)."""
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    want = {"avx512f", "avx512dq", "avx512vl", "avx512bw"} <= flags
+    assert bool(_ext._C.CPU_AVX512) == want
+
+
+@pytest.mark.parametrize("radius", [2.0, 3.0, 3.8, 4.6, 5.4, 6.5, 8.0])
+def test_candidate_counts_across_sort_widths(radius):
+    """Radii from 2 to 8 Å over small dense and sparse crystals give centres with 1 to several
+    hundred candidates: every width of the AVX-512 path's sorting network (8 .. 128 keys, padded)
+    and its counting-sort fallback above 128, against the reference and the portable path."""
+    rng = np.random.default_rng(int(radius * 10))
+    pos, cells, ptr = _batch(rng, [1, 2, 5, 9, 16, 24], ["tiny", "gen", "skewed", "gen", "vacuum", "gen"], unwrap=1)
+    for k in (50, 1000):
+        ref = reference(pos, cells, ptr, radius, k)
+        counts = ref[4]
+        assert int(counts.max()) > 0
+        for algo in (0, 3):
+            assert_same(ref, cpu(pos, cells, ptr, radius, k, algo=algo, cell_list_threshold=BIG), f"{algo} k={k}")
 
 
 # --------------------------------------------------------------------------------------------------
