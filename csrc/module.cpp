@@ -30,9 +30,10 @@ using CpuPos = nb::ndarray<const double, nb::shape<-1, 3>, nb::c_contig, nb::dev
 using CpuCells = nb::ndarray<const double, nb::shape<-1, 3, 3>, nb::c_contig, nb::device::cpu>;
 using CpuI64 = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
+// A numpy array owning a block of e3rg::out_alloc (released to the launcher's cache).
 template <class T>
 nb::ndarray<nb::numpy, T> own(T* p, std::initializer_list<size_t> shape) {
-  nb::capsule owner(p, [](void* q) noexcept { std::free(q); });
+  nb::capsule owner(p, [](void* q) noexcept { e3rg::out_free(q); });
   return nb::ndarray<nb::numpy, T>(p, shape, owner);
 }
 
@@ -64,11 +65,11 @@ nb::tuple radius_graph_cpu(CpuPos pos, CpuCells cells, CpuI64 ptr, double radius
     rc = e3rg::radius_graph_cpu(a, o, &err);
   }
   if (rc != 0) {
-    std::free(o.edge_index);
-    std::free(o.offsets);
-    std::free(o.rowptr);
-    std::free(o.dist);
-    std::free(o.ncand);
+    e3rg::out_free(o.edge_index);
+    e3rg::out_free(o.offsets);
+    e3rg::out_free(o.rowptr);
+    e3rg::out_free(o.dist);
+    e3rg::out_free(o.ncand);
     throw nb::value_error(err.c_str());
   }
   const size_t E = (size_t)o.n_edges;

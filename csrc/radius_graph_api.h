@@ -2,6 +2,7 @@
 // module.cpp, radius_graph_cpu.cpp and radius_graph_cuda.cu.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -25,7 +26,7 @@ struct CpuArgs {
                                       // per-pair bounds; 3: algo 0 without its AVX-512 path (tests)
 };
 
-// Outputs, malloc'ed by the launcher (the caller frees them with std::free).
+// Outputs, allocated by the launcher with out_alloc (the caller releases them with out_free).
 struct CpuOut {
   int64_t n_edges = 0;
   int64_t* edge_index = nullptr;  // (2, E)
@@ -40,6 +41,10 @@ struct CpuOut {
 int radius_graph_cpu(const CpuArgs& args, CpuOut& out, std::string* err);
 
 std::string error_message(int bits);
+
+// Output memory of radius_graph_cpu: out_free keeps released blocks (up to 128 MB) for later calls.
+void* out_alloc(size_t bytes);
+void out_free(void* p);
 
 // Whether algo 0 takes the AVX-512 path of the small-crystal enumeration on this CPU.
 bool cpu_simd_avx512();

@@ -2,19 +2,23 @@
 //
 // Phase 0 (serial, O(N + G)): per-crystal geometry, wrapped fractional coordinates of every atom,
 //   cell-list bins of the crystals with more than `cell_list_threshold` atoms.
-// Phase 1 (threads): work units (groups of small crystals, or ranges of centres of a large one)
-//   are taken from an atomic counter; each unit appends its centres' kept non-self edges, centre
-//   by centre, to the worker's buffer and counts every centre's candidates.
-// Phase 2: rowptr = exclusive scan of (kept + 6); outputs allocated once; the units are copied
-//   to their final place (by all workers when the output is large) with the six self-image edges
-//   of every centre. The output is receiver-sorted by construction (no global sort).
+// Phase 1 (threads, one parallel region): outputs are allocated for the most edges possible
+//   (cap + 6 per centre). Work units (groups of small crystals, or ranges of centres of a large
+//   one) are taken from an atomic counter; each unit appends its centres' kept non-self edges,
+//   centre by centre, to the worker's buffer and counts every centre's candidates. A unit's output
+//   offset is known once every earlier unit is done; its worker then copies it there (with the six
+//   self-image edges of each centre and its rowptr entries), usually right away, from its cache.
+//   When all units are done each worker writes the receiver row (which starts at E) of its units.
+//   The output is receiver-sorted by construction (no global sort).
 //
 // Paths (all give the reference's result exactly; tests/test_radius_graph_cpu.py checks each):
 //   * algo 0, small crystal   -> crystal_box: symmetric image-box enumeration (below);
 //   * algo 0, binned crystal  -> centre_hier over the cell list (scan_bin of the header);
 //   * algo 2                  -> centre_hier: brute force with exact per-pair image bounds
 //                                (scan_pair of the header), or the cell list;
-//   * algo 1                  -> the CUDA kernel's warp algorithm, emulated lane by lane.
+//   * algo 1                  -> the CUDA kernel's warp algorithm, emulated lane by lane;
+//   * algo 3                  -> algo 0 without the AVX-512 path of crystal_box (tests).
+// On CPUs with AVX-512 F/DQ/VL/BW, algo 0 runs crystal_box_avx512 (same result, see there).
 //
 // Must be compiled with -ffp-contract=off (the distance is an exact contract, see radius_graph.h).
 
@@ -22,6 +26,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdlib>
@@ -1021,10 +1026,67 @@ void return_buffers(std::vector<PodVec<OutEdge>>& bufs) {
   }
 }
 
+// Output blocks. The caller releases them with out_free, which keeps up to kOutCacheBytes of them
+// for later calls: a graph's outputs are tens of MB, which glibc would map fresh (page faults, ~20 %
+// of the copy phase) on every call and unmap on release. A 64-byte header holds the capacity.
+constexpr size_t kOutCacheBytes = size_t(128) << 20;
+constexpr size_t kOutHeader = 64;
+std::mutex g_out_mutex;
+std::vector<std::pair<size_t, void*>> g_out_cache;  // (capacity, block), most recently released last
+size_t g_out_cached = 0;
+
+}  // namespace
+
+void* out_alloc(size_t bytes) {
+  {
+    std::lock_guard<std::mutex> lock(g_out_mutex);
+    // The smallest cached block that fits without wasting more than about half of it.
+    int best = -1;
+    for (int t = 0; t < (int)g_out_cache.size(); ++t) {
+      const size_t cap = g_out_cache[t].first;
+      if (cap >= bytes && cap <= 2 * bytes + 65536 && (best < 0 || cap < g_out_cache[best].first)) best = t;
+    }
+    if (best >= 0) {
+      char* base = static_cast<char*>(g_out_cache[best].second);
+      g_out_cached -= g_out_cache[best].first;
+      g_out_cache.erase(g_out_cache.begin() + best);
+      return base + kOutHeader;
+    }
+  }
+  char* base = static_cast<char*>(std::malloc(bytes + kOutHeader));
+  if (base == nullptr) return nullptr;
+  *reinterpret_cast<size_t*>(base) = bytes;
+  return base + kOutHeader;
+}
+
+void out_free(void* p) {
+  if (p == nullptr) return;
+  char* base = static_cast<char*>(p) - kOutHeader;
+  const size_t cap = *reinterpret_cast<size_t*>(base);
+  std::lock_guard<std::mutex> lock(g_out_mutex);
+  if (cap > kOutCacheBytes / 2) {
+    std::free(base);
+    return;
+  }
+  while (g_out_cached + cap > kOutCacheBytes && !g_out_cache.empty()) {  // evict the oldest
+    g_out_cached -= g_out_cache.front().first;
+    std::free(g_out_cache.front().second);
+    g_out_cache.erase(g_out_cache.begin());
+  }
+  g_out_cache.emplace_back(cap, base);
+  g_out_cached += cap;
+}
+
+namespace {
+
 // Persistent helper threads. run(n, fn) calls fn(0) on the caller and fn(1 .. n-1) on helpers;
 // fn takes work from a shared atomic counter until none is left. run() returns once every call
 // of fn that started has returned; a helper that is scheduled late, after the work is gone, does
 // not start (so a loaded machine does not make the caller wait for an idle helper's wake-up).
+// Waits spin briefly before blocking: a helper for kHelperSpin after its job (consecutive calls,
+// e.g. a batch built in chunks, find it awake), the caller up to kCallerSpin for the helpers'
+// last units. Waking a blocked thread costs tens to hundreds of microseconds on a virtual
+// machine (the idle vCPU is descheduled), as much as a whole small call.
 class WorkerPool {
  public:
   void run(int n, const std::function<void(int)>& fn) {
@@ -1035,37 +1097,58 @@ class WorkerPool {
       job_ = &fn;
       want_ = n;
       next_slot_ = 1;
-      ++gen_;
+      gen_.fetch_add(1);
     }
     cv_.notify_all();
     fn(0);
+    spin_until([this] { return busy_.load() == 0; }, kCallerSpin);
     std::unique_lock<std::mutex> lock(mu_);
     job_ = nullptr;
-    done_cv_.wait(lock, [this] { return busy_ == 0; });
+    done_cv_.wait(lock, [this] { return busy_.load() == 0; });
   }
 
  private:
+  static constexpr auto kHelperSpin = std::chrono::microseconds(200);
+  static constexpr auto kCallerSpin = std::chrono::microseconds(2000);
+
+  template <class Pred>
+  static void spin_until(Pred done, std::chrono::microseconds limit) {
+    const auto until = std::chrono::steady_clock::now() + limit;
+    for (int k = 0; !done(); ++k) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+      if ((k & 63) == 63 && std::chrono::steady_clock::now() > until) return;
+    }
+  }
+
   void loop() {
     uint64_t seen = 0;
     std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
-      cv_.wait(lock, [&] { return job_ != nullptr && gen_ != seen && next_slot_ < want_; });
-      seen = gen_;
+      if (gen_.load() == seen) {
+        lock.unlock();
+        spin_until([&] { return gen_.load() != seen; }, kHelperSpin);
+        lock.lock();
+      }
+      cv_.wait(lock, [&] { return job_ != nullptr && gen_.load() != seen && next_slot_ < want_; });
+      seen = gen_.load();
       const int slot = next_slot_++;
       const std::function<void(int)>* f = job_;
-      ++busy_;
+      busy_.fetch_add(1);
       lock.unlock();
       (*f)(slot);
       lock.lock();
-      if (--busy_ == 0) done_cv_.notify_all();
+      if (busy_.fetch_sub(1) == 1) done_cv_.notify_all();
     }
   }
   std::mutex call_mu_, mu_;
   std::condition_variable cv_, done_cv_;
   std::vector<std::thread> threads_;
   const std::function<void(int)>* job_ = nullptr;
-  uint64_t gen_ = 0;
-  int want_ = 0, next_slot_ = 1, busy_ = 0;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> busy_{0};
+  int want_ = 0, next_slot_ = 1;
 };
 
 // One pool per process (re-created in a forked child, whose helpers do not exist). Never
@@ -1156,25 +1239,65 @@ int radius_graph_cpu(const CpuArgs& a, CpuOut& out, std::string* err) {
   if (n_units < T) T = (int)std::max<int64_t>(1, n_units);
 
   // ---- phase 1 ------------------------------------------------------------------------------
+  // Outputs sized for the most edges the graph can have (cap_i + 6 per centre); only the first E
+  // entries are written (the untouched rest of the blocks is never faulted in).
+  int64_t e_cap = 0;
+  for (int64_t i = 0; i < N; ++i) e_cap += P.cap[i] + 6;
+  e_cap = std::max<int64_t>(e_cap, 1);
   std::vector<int> kept(N);
-  out.ncand = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * std::max<int64_t>(N, 1)));
+  out.ncand = static_cast<int64_t*>(out_alloc(sizeof(int64_t) * std::max<int64_t>(N, 1)));
+  out.rowptr = static_cast<int64_t*>(out_alloc(sizeof(int64_t) * (N + 1)));
+  out.edge_index = static_cast<int64_t*>(out_alloc(sizeof(int64_t) * 2 * e_cap));
+  out.offsets = static_cast<int64_t*>(out_alloc(sizeof(int64_t) * 3 * e_cap));
+  out.dist = static_cast<double*>(out_alloc(sizeof(double) * e_cap));
   std::vector<PodVec<OutEdge>> bufs = take_buffers(T);
-  std::vector<int> unit_owner(n_units);
-  std::vector<int64_t> unit_off(n_units);
+  std::vector<int64_t> unit_off(n_units);  // start of the unit's kept edges in its worker's buffer
+  std::vector<int64_t> unit_edge(n_units);  // start of the unit's edges in the output
   std::atomic<int64_t> next{0};
   const bool use_avx512 = a.algo == 0 && cpu_simd_avx512();
   (void)use_avx512;
+  // Units complete out of order; the output offset of unit u is known once units 0..u-1 are done.
+  // A worker copies each of its units to the output as soon as that is so (usually at once,
+  // while the unit's edges are still in its cache), so its buffer is emptied and reused.
+  std::mutex order_mu;
+  std::vector<char> unit_done(n_units, 0);
+  std::vector<int64_t> unit_count(n_units);
+  int64_t ordered = 0, ordered_edges = 0;  // units [0, ordered) are done; their edges
+  std::atomic<int64_t> n_done{0};
+  auto flush = [&](const PodVec<OutEdge>& ob, int64_t u) {
+    const OutEdge* src = ob.data() + unit_off[u];
+    int64_t e = unit_edge[u];
+    for (int64_t i = unit_start[u]; i < unit_start[u + 1]; ++i) {
+      out.rowptr[i] = e;
+      for (int t = 0; t < kept[i]; ++t, ++e, ++src) {
+        out.edge_index[e] = src->j;
+        out.offsets[3 * e] = src->o[0];
+        out.offsets[3 * e + 1] = src->o[1];
+        out.offsets[3 * e + 2] = src->o[2];
+        out.dist[e] = src->d;
+      }
+      const double* cell = a.cells + 9 * P.graph_of[i];
+      const double* pi = a.pos + 3 * i;
+      for (int t = 0; t < 6; ++t, ++e) {
+        const int o0 = self_offset(t, 0), o1 = self_offset(t, 1), o2 = self_offset(t, 2);
+        out.edge_index[e] = i;
+        out.offsets[3 * e] = o0;
+        out.offsets[3 * e + 1] = o1;
+        out.offsets[3 * e + 2] = o2;
+        out.dist[e] = edge_length(pi, pi, cell, o0, o1, o2);
+      }
+    }
+  };
   auto worker1 = [&](int tid) {
     HierScratch S;
     BoxScratch X;
     WarpEmu W;
     if (a.algo == 1) W.init(K);
     PodVec<OutEdge>& ob = bufs[tid];
-    ob.reserve(static_cast<size_t>(std::min<int64_t>(N, 1 << 20) / T + 1) * std::min(K, 64));
+    std::vector<int64_t> mine, pending;  // this worker's units; those not yet copied
     for (;;) {
       const int64_t u = next.fetch_add(1);
       if (u >= n_units) break;
-      unit_owner[u] = tid;
       unit_off[u] = (int64_t)ob.size();
       const int64_t c0 = unit_start[u], c1 = unit_start[u + 1];
       if (unit_box[u]) {
@@ -1187,61 +1310,59 @@ int radius_graph_cpu(const CpuArgs& a, CpuOut& out, std::string* err) {
             crystal_box(a, P, g, X, ob, kept.data(), out.ncand);
           c = a.ptr[g + 1];
         }
-        continue;
+      } else {
+        for (int64_t i = c0; i < c1; ++i) {
+          long long nc = 0;
+          if (a.algo == 1) centre_warp_emulated(a, P, (int)i, W, ob, kept[i], nc);
+          else centre_hier(a, P, (int)i, S, ob, kept[i], nc);
+          out.ncand[i] = nc;
+        }
       }
-      for (int64_t i = c0; i < c1; ++i) {
-        long long nc = 0;
-        if (a.algo == 1) centre_warp_emulated(a, P, (int)i, W, ob, kept[i], nc);
-        else centre_hier(a, P, (int)i, S, ob, kept[i], nc);
-        out.ncand[i] = nc;
+      int64_t count = 6 * (c1 - c0);
+      for (int64_t i = c0; i < c1; ++i) count += kept[i];
+      int64_t ready;
+      {
+        std::lock_guard<std::mutex> lock(order_mu);
+        unit_count[u] = count;
+        unit_done[u] = 1;
+        for (; ordered < n_units && unit_done[ordered]; ++ordered) {
+          unit_edge[ordered] = ordered_edges;
+          ordered_edges += unit_count[ordered];
+        }
+        ready = ordered;
       }
+      n_done.fetch_add(1);
+      mine.push_back(u);
+      pending.push_back(u);
+      size_t k = 0;
+      for (; k < pending.size() && pending[k] < ready; ++k) flush(ob, pending[k]);
+      pending.erase(pending.begin(), pending.begin() + (long)k);
+      if (pending.empty()) ob.clear();
+    }
+    if (mine.empty()) return;
+    // The rest needs every unit done: the remaining copies and the receiver row, which starts at
+    // E. The units still running are held by workers that are running, so this wait ends.
+    for (int k = 0; n_done.load() < n_units; ++k) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+      if ((k & 1023) == 1023) std::this_thread::yield();
+    }
+    for (int64_t u : pending) flush(ob, u);
+    int64_t E;
+    {
+      std::lock_guard<std::mutex> lock(order_mu);
+      E = ordered_edges;
+    }
+    for (int64_t u : mine) {
+      int64_t e = unit_edge[u];
+      for (int64_t i = unit_start[u]; i < unit_start[u + 1]; ++i)
+        for (int64_t stop = e + kept[i] + 6; e < stop; ++e) out.edge_index[E + e] = i;
     }
   };
   worker_pool().run(T, worker1);
-
-  // ---- phase 2 ------------------------------------------------------------------------------
-  out.rowptr = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * (N + 1)));
-  out.rowptr[0] = 0;
-  for (int64_t i = 0; i < N; ++i) out.rowptr[i + 1] = out.rowptr[i] + kept[i] + 6;
-  const int64_t E = out.rowptr[N];
-  out.n_edges = E;
-  const int64_t Ea = std::max<int64_t>(E, 1);
-  out.edge_index = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * 2 * Ea));
-  out.offsets = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * 3 * Ea));
-  out.dist = static_cast<double*>(std::malloc(sizeof(double) * Ea));
-  std::atomic<int64_t> next2{0};
-  auto worker2 = [&](int) {
-    for (;;) {
-      const int64_t u = next2.fetch_add(1);
-      if (u >= n_units) break;
-      const OutEdge* src = bufs[unit_owner[u]].data() + unit_off[u];
-      for (int64_t i = unit_start[u]; i < unit_start[u + 1]; ++i) {
-        int64_t e = out.rowptr[i];
-        for (int t = 0; t < kept[i]; ++t, ++e, ++src) {
-          out.edge_index[e] = src->j;
-          out.edge_index[E + e] = i;
-          out.offsets[3 * e] = src->o[0];
-          out.offsets[3 * e + 1] = src->o[1];
-          out.offsets[3 * e + 2] = src->o[2];
-          out.dist[e] = src->d;
-        }
-        const double* cell = a.cells + 9 * P.graph_of[i];
-        const double* pi = a.pos + 3 * i;
-        for (int t = 0; t < 6; ++t, ++e) {
-          const int o0 = self_offset(t, 0), o1 = self_offset(t, 1), o2 = self_offset(t, 2);
-          out.edge_index[e] = i;
-          out.edge_index[E + e] = i;
-          out.offsets[3 * e] = o0;
-          out.offsets[3 * e + 1] = o1;
-          out.offsets[3 * e + 2] = o2;
-          out.dist[e] = edge_length(pi, pi, cell, o0, o1, o2);
-        }
-      }
-    }
-  };
-  // Phase 2 is a copy: in parallel only when it is large (saves a wake-up round otherwise).
-  if (T > 1 && E > (int64_t(1) << 16)) worker_pool().run(T, worker2);
-  else worker2(0);
+  out.n_edges = ordered_edges;
+  out.rowptr[N] = ordered_edges;
   return_buffers(bufs);
   return 0;
 }
