@@ -78,8 +78,18 @@ def test_cache_equals_fresh_generation():
     assert fresh_sources == cached_sources
     for k, (a, b) in enumerate(zip(fresh, cached, strict=True)):
         for name, x, y in zip(("z", "positions", "cell"), a, b, strict=True):
-            assert x.dtype == y.dtype and np.array_equal(x, y), f"crystal {k}: {name} differs"
+            assert x.dtype == y.dtype and _same(x, y), f"crystal {k}: {name} differs"
     # The mix of n crystals is the first n of the 1000 (what lets the cache serve any n <= 1000).
     small = mp_like._generate(40, return_sources=False, **mp_like.CACHE_ARGS)
     for a, b in zip(small, cached[:40], strict=True):
-        assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+        assert all(_same(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _same(x: np.ndarray, y: np.ndarray) -> bool:
+    """Integers equal; coordinates equal to 1e-12 Å: the generator's matrix products round
+    differently in the last bit across NumPy releases (seen: ≤ 3.6e-15 Å with NumPy 2.4)."""
+    if x.shape != y.shape:
+        return False
+    if np.issubdtype(x.dtype, np.floating):
+        return bool(np.all(np.abs(x - y) <= 1e-12))
+    return bool(np.array_equal(x, y))
