@@ -330,9 +330,10 @@ def run_mix(n: int = 1000, seed: int = 0, repeats: int = 3, warmup: int = 1, chu
     md = (
         f"### Graph building, MP-like mix\n\n{mp_like.describe(triples)}; {pairs:,} candidate pairs "
         f"≤ {RADIUS} Å. Median of {repeats} timed calls after {warmup} warm-up call(s), providers "
-        f"interleaved round-robin (a call over 5 s is timed once). `reference` runs the mix in chunks "
-        f"of ≤ {chunk_atoms} atoms; the others one structure at a time. × = baseline time / provider "
-        f"time (> 1 is faster). pairs/s counts the same candidate pairs for every provider.\n\n"
+        f"interleaved round-robin (a call over 5 s is timed once). Our backends (`reference`, `cpu`, ...) "
+        f"build the mix in batches of ≤ {chunk_atoms} atoms, one call per batch; the others one structure at "
+        f"a time. × = baseline time / provider time (> 1 is faster). pairs/s counts the same candidate pairs "
+        f"for every provider.\n\n"
         f"{table}\n{notes}\n"
     )
     harness.append_csv(results, BENCH, baseline="original", info=info)

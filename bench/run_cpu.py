@@ -214,6 +214,17 @@ def read_message_passing(results) -> list[str]:
     return out
 
 
+def cpu_path_text() -> str:
+    """Which small-crystal path the C++ `cpu` backend took on this machine."""
+    from e3relax_fast import _ext
+
+    if _ext._C is None:
+        return "the C++ extension is not built here"
+    if getattr(_ext._C, "CPU_AVX512", False):
+        return "the `cpu` backend ran its AVX-512 path (this CPU has AVX-512 F/DQ/VL/BW)"
+    return "the `cpu` backend ran its portable path (no AVX-512 on this CPU)"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-graph", type=int, default=1000, help="crystals for the graph benchmark (1000)")
@@ -306,7 +317,7 @@ def main(argv=None) -> None:
     if graph2_res:
         graph2_reading = (
             f"\nGraph building again on {args.graph_threads} threads (our `cpu` backend and vesin; the original "
-            "pipeline is single-threaded), same mix:\n\n" + bullets(read_graph(graph2_res)) + "\n"
+            f"pipeline is single-threaded), same mix; {cpu_path_text()}:\n\n" + bullets(read_graph(graph2_res)) + "\n"
         )
     datagen_reading = ""
     if datagen_res:
