@@ -13,12 +13,14 @@
 //
 // Paths (all give the reference's result exactly; tests/test_radius_graph_cpu.py checks each):
 //   * algo 0, small crystal   -> crystal_box: symmetric image-box enumeration (below);
-//   * algo 0, binned crystal  -> centre_hier over the cell list (scan_bin of the header);
+//   * algo 0, binned crystal  -> centre_hier over the cell list (scan_bin of the header), or
+//                                centre_cells_avx512 (the same bins, 8 neighbours at a time);
 //   * algo 2                  -> centre_hier: brute force with exact per-pair image bounds
 //                                (scan_pair of the header), or the cell list;
 //   * algo 1                  -> the CUDA kernel's warp algorithm, emulated lane by lane;
-//   * algo 3                  -> algo 0 without the AVX-512 path of crystal_box (tests).
-// On CPUs with AVX-512 F/DQ/VL/BW, algo 0 runs crystal_box_avx512 (same result, see there).
+//   * algo 3                  -> algo 0 without its AVX-512 paths (tests).
+// On CPUs with AVX-512 F/DQ/VL/BW, algo 0 runs crystal_box_avx512 for small crystals and
+// centre_cells_avx512 for binned ones (same results, see there).
 //
 // Must be compiled with -ffp-contract=off (the distance is an exact contract, see radius_graph.h).
 
@@ -106,6 +108,10 @@ struct Prepared {
   std::vector<long long> bin_off; // (G,) offset of the crystal's bin CSR in bin_start
   std::vector<int> bin_start;     // concatenated per-crystal CSRs (nbins + 1 each), absolute
   std::vector<int> bin_atoms;     // (N,) atoms sorted by bin within each crystal
+  // Binned crystals, in bin_atoms order (AVX-512 cell-list path): positions and integer shifts
+  // (as doubles, exact), and each atom's position in that order.
+  std::vector<double> bx, by, bz, bs0, bs1, bs2;
+  std::vector<int> bin_pos;       // (N,)
   std::vector<double> rcirc;      // (G,) circumradius of the cell (half its longest body diagonal)
   double sr = 0.0;                // largest s with fl(sqrt(s)) <= radius: d <= radius <=> s <= sr
 };
@@ -197,6 +203,20 @@ int prepare(const CpuArgs& a, Prepared& P) {
     std::vector<int> fill(start, start + nbins);
     for (int64_t i = s; i < e; ++i) P.bin_atoms[fill[bin_id[i - s]]++] = (int)i;
     off += nbins + 1;
+    if (P.bx.empty()) {
+      for (auto* v : {&P.bx, &P.by, &P.bz, &P.bs0, &P.bs1, &P.bs2}) v->resize(N);
+      P.bin_pos.resize(N);
+    }
+    for (int64_t t = s; t < e; ++t) {
+      const int i = P.bin_atoms[t];
+      P.bin_pos[i] = (int)t;
+      P.bx[t] = a.pos[3 * i];
+      P.by[t] = a.pos[3 * i + 1];
+      P.bz[t] = a.pos[3 * i + 2];
+      P.bs0[t] = P.shift[3 * i];
+      P.bs1[t] = P.shift[3 * i + 1];
+      P.bs2[t] = P.shift[3 * i + 2];
+    }
   }
   return 0;
 }
@@ -371,6 +391,8 @@ struct BoxScratch {
   PodVec<double> sblock;      // squared lengths of one j's images (8-padded)
   PodVec<uint8_t> mblock;     // their within-radius bit masks, 8 images per byte
   PodVec<uint64_t> kbuf;      // one centre's keys, padded to the sorting network's size
+  PodVec<double> cs;          // cell-list path: one centre's candidates (squared lengths, then
+  PodVec<Ident> cid;          // lengths) and identities
   PodVec<int> row_lo, row_hi;  // E range of each (A, B) row of the image box
   void resize(size_t n) {
     for (auto* v : {&ia, &ib, &ie}) v->resize(n);
@@ -568,9 +590,10 @@ void crystal_box(const CpuArgs& a, const Prepared& P, int g, BoxScratch& X, PodV
 
 
 // ---------------------------------------------------------------------------------------------
-// crystal_box_avx512: the same enumeration and result as crystal_box, with AVX-512 where the
-// portable path is scalar or relies on auto-vectorisation (chosen at run time when the CPU has
-// AVX-512 F/DQ/VL/BW; algo=3 forces the portable path so that the tests compare both):
+// AVX-512 paths, chosen at run time when the CPU has AVX-512 F/DQ/VL/BW (algo=3 forces the
+// portable paths so that the tests compare both). crystal_box_avx512: the same enumeration and
+// result as crystal_box, with AVX-512 where the portable path is scalar or relies on
+// auto-vectorisation:
 //   * the 8-wide distance loop yields a bit mask of the images within the radius, and the hits
 //     are read off the mask (no scalar compaction pass over every image);
 //   * a hit stores only its squared length and identity; sqrt and quantisation run later, 8
@@ -580,6 +603,7 @@ void crystal_box(const CpuArgs& a, const Prepared& P, int g, BoxScratch& X, PodV
 //     they fit in 128 slots (padding keys are all ones, larger than any real key), else by the
 //     portable counting-sort Selector.
 // Keys are unique (the index is in the low bits), so any correct sort gives the same order.
+// centre_cells_avx512 does the same for the cell list (see there).
 // ---------------------------------------------------------------------------------------------
 #if defined(__x86_64__) && defined(__GNUC__)
 #define E3RG_AVX512_PATH 1
@@ -801,6 +825,167 @@ E3RG_AVX512 inline int image_list_avx512(const Cell& cg, const double* wi, doubl
   return T;
 }
 
+// Appends the kept non-self candidates among the first m sorted keys of a centre's list (lengths
+// dl, identities id); returns how many.
+inline int emit_keys(int i, const uint64_t* sorted, int m, const Ident* id, const double* dl, PodVec<OutEdge>& out) {
+  const size_t base = out.size();
+  if (out.capacity() < base + m) out.reserve(2 * (base + m));
+  out.resize(base + m);
+  OutEdge* dst = out.data() + base;
+  int k = 0;
+  for (int t = 0; t < m; ++t) {
+    const uint64_t c = sorted[t] & kIdxMask;
+    const Ident& e = id[c];
+    dst[k] = OutEdge{e.j, {e.o[0], e.o[1], e.o[2]}, dl[c]};
+    k += e.j != i;
+  }
+  out.resize(base + k);
+  return k;
+}
+
+// Top-K selection of one centre's candidates (AVX-512 paths): lengths from the squared lengths
+// (in place), keys q << kIdxBits | index, sorted by the bitonic network up to 128 keys or the
+// Selector; returns the first m = min(nc, cap) keys in (q, index) order. With `lex` the list is in
+// (neighbour, offset) order, so (q, index) is the contract's order; otherwise (cell list) runs of
+// equal q are reordered by (neighbour, offset), including the run at the cut, whose members
+// beyond the first m are looked up among all keys.
+E3RG_AVX512 const uint64_t* select_keys(double* dl, const Ident* id, int nc, int m, bool lex, BoxScratch& X) {
+  const __m512d quantum = _mm512_set1_pd(kQuantum);
+  const __m512i iota = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i ones = _mm512_set1_epi64(-1);
+  int width = 8;
+  while (width < nc) width *= 2;
+  if ((int)X.kbuf.size() < width) X.kbuf.resize(width);
+  uint64_t* key = X.kbuf.data();
+  for (int c = 0; c < nc; c += 8) {
+    const __mmask8 live = (__mmask8)(nc - c >= 8 ? 0xFF : (1u << (nc - c)) - 1);
+    const __m512d d = _mm512_sqrt_pd(_mm512_maskz_loadu_pd(live, dl + c));
+    _mm512_mask_storeu_pd(dl + c, live, d);
+    const __m512i q = _mm512_cvt_roundpd_epi64(_mm512_div_pd(d, quantum), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i kv = _mm512_or_si512(_mm512_slli_epi64(q, kIdxBits), _mm512_add_epi64(iota, _mm512_set1_epi64(c)));
+    _mm512_storeu_si512(key + c, _mm512_mask_blend_epi64(live, ones, kv));
+  }
+  for (int c = (nc + 7) & ~7; c < width; c += 8) _mm512_storeu_si512(key + c, ones);
+  uint64_t* sorted = key;
+  switch (width) {
+    case 8: bitonic_sort<1>(key); break;
+    case 16: bitonic_sort<2>(key); break;
+    case 32: bitonic_sort<4>(key); break;
+    case 64: bitonic_sort<8>(key); break;
+    case 128: bitonic_sort<16>(key); break;
+    default:
+      X.sel.select(key, nc, m, [](uint64_t x, uint64_t y) { return x < y; });
+      sorted = X.sel.sorted.data();
+  }
+  if (lex) return sorted;
+  auto tuple_lt = [id](uint64_t x, uint64_t y) {
+    const Ident& u = id[x & kIdxMask];
+    const Ident& v = id[y & kIdxMask];
+    if (u.j != v.j) return u.j < v.j;
+    if (u.o[0] != v.o[0]) return u.o[0] < v.o[0];
+    if (u.o[1] != v.o[1]) return u.o[1] < v.o[1];
+    return u.o[2] < v.o[2];
+  };
+  // The run of q at the cut: all its members among the nc keys, the smallest in tuple order kept.
+  const uint64_t qb = sorted[m - 1] >> kIdxBits;
+  int r0 = m - 1;
+  while (r0 > 0 && (sorted[r0 - 1] >> kIdxBits) == qb) --r0;
+  std::vector<uint64_t>& run = X.keys;
+  run.clear();
+  for (int c = 0; c < nc; ++c)  // key holds every key (sorted by the network, or as built)
+    if ((key[c] >> kIdxBits) == qb) run.push_back(key[c]);
+  if ((int)run.size() > m - r0) {
+    std::sort(run.begin(), run.end(), tuple_lt);
+    std::copy(run.begin(), run.begin() + (m - r0), sorted + r0);
+  }
+  // Every run of equal q in the first m, in tuple order.
+  for (int r = 0; r < m;) {
+    int e = r + 1;
+    while (e < m && (sorted[e] >> kIdxBits) == (sorted[r] >> kIdxBits)) ++e;
+    if (e - r > 1) std::sort(sorted + r, sorted + e, tuple_lt);
+    r = e;
+  }
+  return sorted;
+}
+
+// Cell-list crystals with AVX-512: the same candidates as centre_hier over the cell list, 8
+// neighbours at a time. The extended bins of one (B0, B1) row are contiguous in bin order between
+// two wraps of B2, so each such segment is one run of atoms with one image o'.
+E3RG_AVX512 void centre_cells_avx512(const CpuArgs& a, const Prepared& P, int i, BoxScratch& X, PodVec<OutEdge>& out,
+                                     int& kept, long long& ncand) {
+  const int g = P.graph_of[i];
+  const Cell& cg = P.cells[g];
+  const double* C = cg.C;
+  Centre c;
+  make_centre(i, a.ptr[g], a.ptr[g + 1] - a.ptr[g], a.pos, P.wfrac.data(), P.shift.data(), c);
+  const int* bstart = &P.bin_start[P.bin_off[g]];
+  long long lo[3], hi[3];
+  for (int k = 0; k < 3; ++k) bin_range(cg, c, k, lo[k], hi[k]);
+  const int nb0 = cg.nb[0], nb1 = cg.nb[1], nb2 = cg.nb[2];
+  const __m512d pix = _mm512_set1_pd(c.p[0]), piy = _mm512_set1_pd(c.p[1]), piz = _mm512_set1_pd(c.p[2]);
+  const __m512d c0 = _mm512_set1_pd(C[0]), c1 = _mm512_set1_pd(C[1]), c2 = _mm512_set1_pd(C[2]);
+  const __m512d c3 = _mm512_set1_pd(C[3]), c4 = _mm512_set1_pd(C[4]), c5 = _mm512_set1_pd(C[5]);
+  const __m512d c6 = _mm512_set1_pd(C[6]), c7 = _mm512_set1_pd(C[7]), c8 = _mm512_set1_pd(C[8]);
+  const __m512d srv = _mm512_set1_pd(P.sr);
+  const int self_t = P.bin_pos[i];
+  PodVec<double>& ls = X.cs;
+  PodVec<Ident>& lid = X.cid;
+  int n = 0;
+  alignas(64) double s2buf[8];
+  for (long long B0 = lo[0]; B0 <= hi[0]; ++B0) {
+    const long long O0 = floordiv(B0, nb0), b0 = B0 - O0 * nb0;
+    for (long long B1 = lo[1]; B1 <= hi[1]; ++B1) {
+      const long long O1 = floordiv(B1, nb1), b1 = B1 - O1 * nb1;
+      const long long row = (b0 * nb1 + b1) * nb2;
+      for (long long B2 = lo[2]; B2 <= hi[2];) {
+        const long long O2 = floordiv(B2, nb2);
+        const long long last = std::min<long long>(hi[2], (O2 + 1) * nb2 - 1);
+        const int t0 = bstart[row + (B2 - O2 * nb2)], t1 = bstart[row + (last - O2 * nb2) + 1];
+        B2 = last + 1;
+        // o = o' + s_i - s_j, as doubles (exact): ob - s_j
+        const int oi0 = (int)O0 + c.s[0], oi1 = (int)O1 + c.s[1], oi2 = (int)O2 + c.s[2];
+        const __m512d ob0 = _mm512_set1_pd(oi0), ob1 = _mm512_set1_pd(oi1), ob2 = _mm512_set1_pd(oi2);
+        const bool zero_image = O0 == 0 && O1 == 0 && O2 == 0;
+        for (int t = t0; t < t1; t += 8) {
+          const __mmask8 live = (__mmask8)(t1 - t >= 8 ? 0xFF : (1u << (t1 - t)) - 1);
+          const __m512d o0 = _mm512_sub_pd(ob0, _mm512_maskz_loadu_pd(live, P.bs0.data() + t));
+          const __m512d o1 = _mm512_sub_pd(ob1, _mm512_maskz_loadu_pd(live, P.bs1.data() + t));
+          const __m512d o2 = _mm512_sub_pd(ob2, _mm512_maskz_loadu_pd(live, P.bs2.data() + t));
+          const __m512d rx = _mm512_add_pd(_mm512_sub_pd(_mm512_maskz_loadu_pd(live, P.bx.data() + t), pix),
+              _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(o0, c0), _mm512_mul_pd(o1, c3)), _mm512_mul_pd(o2, c6)));
+          const __m512d ry = _mm512_add_pd(_mm512_sub_pd(_mm512_maskz_loadu_pd(live, P.by.data() + t), piy),
+              _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(o0, c1), _mm512_mul_pd(o1, c4)), _mm512_mul_pd(o2, c7)));
+          const __m512d rz = _mm512_add_pd(_mm512_sub_pd(_mm512_maskz_loadu_pd(live, P.bz.data() + t), piz),
+              _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(o0, c2), _mm512_mul_pd(o1, c5)), _mm512_mul_pd(o2, c8)));
+          const __m512d s2 = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(rx, rx), _mm512_mul_pd(ry, ry)),
+                                           _mm512_mul_pd(rz, rz));
+          unsigned k = _mm512_mask_cmp_pd_mask(live, s2, srv, _CMP_LE_OQ);
+          if (zero_image && self_t >= t && self_t < t + 8) k &= ~(1u << (self_t - t));  // (i, 0)
+          if (!k) continue;
+          _mm512_store_pd(s2buf, s2);
+          if ((int)ls.size() < n + 8) {
+            ls.resize(2 * n + 64);
+            lid.resize(2 * n + 64);
+          }
+          for (; k; k &= k - 1) {
+            const int l = __builtin_ctz(k);
+            const int j = P.bin_atoms[t + l];
+            const int* sj = &P.shift[3 * j];
+            ls[n] = s2buf[l];
+            lid[n] = Ident{j, {oi0 - sj[0], oi1 - sj[1], oi2 - sj[2]}};
+            ++n;
+          }
+        }
+      }
+    }
+  }
+  ncand = n;
+  kept = 0;
+  const int m = std::min(n, P.cap[i]);
+  if (m <= 0) return;
+  kept = emit_keys(i, select_keys(ls.data(), lid.data(), n, m, false, X), m, lid.data(), ls.data(), out);
+}
+
 E3RG_AVX512 void crystal_box_avx512(const CpuArgs& a, const Prepared& P, int g, BoxScratch& X, PodVec<OutEdge>& out,
                                     int* kept, int64_t* ncand) {
   const Cell& cg = P.cells[g];
@@ -876,9 +1061,6 @@ E3RG_AVX512 void crystal_box_avx512(const CpuArgs& a, const Prepared& P, int g, 
     }
   }
   // --- selection per centre -----------------------------------------------------------------
-  const __m512d quantum = _mm512_set1_pd(kQuantum);
-  const __m512i iota = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
-  const __m512i ones = _mm512_set1_epi64(-1);
   for (int il = 0; il < n; ++il) {
     const int i = start + il;
     const int nc = X.sizes[il];
@@ -886,47 +1068,9 @@ E3RG_AVX512 void crystal_box_avx512(const CpuArgs& a, const Prepared& P, int g, 
     ncand[i] = nc;
     kept[i] = 0;
     if (m <= 0) continue;
-    int width = 8;
-    while (width < nc) width *= 2;
-    if ((int)X.kbuf.size() < width) X.kbuf.resize(width);
-    uint64_t* key = X.kbuf.data();
-    double* dl = X.slists[il].data();  // squared lengths, replaced by lengths here
-    for (int c = 0; c < nc; c += 8) {
-      const __mmask8 live = (__mmask8)(nc - c >= 8 ? 0xFF : (1u << (nc - c)) - 1);
-      const __m512d d = _mm512_sqrt_pd(_mm512_maskz_loadu_pd(live, dl + c));
-      _mm512_mask_storeu_pd(dl + c, live, d);
-      const __m512i q = _mm512_cvt_roundpd_epi64(_mm512_div_pd(d, quantum),
-                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __m512i kv = _mm512_or_si512(_mm512_slli_epi64(q, kIdxBits),
-                                         _mm512_add_epi64(iota, _mm512_set1_epi64(c)));
-      _mm512_storeu_si512(key + c, _mm512_mask_blend_epi64(live, ones, kv));
-    }
-    for (int c = (nc + 7) & ~7; c < width; c += 8) _mm512_storeu_si512(key + c, ones);
-    const uint64_t* sorted = key;
-    switch (width) {
-      case 8: bitonic_sort<1>(key); break;
-      case 16: bitonic_sort<2>(key); break;
-      case 32: bitonic_sort<4>(key); break;
-      case 64: bitonic_sort<8>(key); break;
-      case 128: bitonic_sort<16>(key); break;
-      default:
-        X.sel.select(key, nc, m, [](uint64_t x, uint64_t y) { return x < y; });
-        sorted = X.sel.sorted.data();
-    }
+    double* dl = X.slists[il].data();
     const Ident* id = X.ilists[il].data();
-    const size_t base = out.size();
-    if (out.capacity() < base + m) out.reserve(2 * (base + m));
-    out.resize(base + m);
-    OutEdge* dst = out.data() + base;
-    int k = 0;
-    for (int t = 0; t < m; ++t) {
-      const uint64_t c = sorted[t] & kIdxMask;
-      const Ident& e = id[c];
-      dst[k] = OutEdge{e.j, {e.o[0], e.o[1], e.o[2]}, dl[c]};
-      k += e.j != i;
-    }
-    out.resize(base + k);
-    kept[i] = k;
+    kept[i] = emit_keys(i, select_keys(dl, id, nc, m, true, X), m, id, dl, out);
   }
 }
 
@@ -1314,6 +1458,9 @@ int radius_graph_cpu(const CpuArgs& a, CpuOut& out, std::string* err) {
         for (int64_t i = c0; i < c1; ++i) {
           long long nc = 0;
           if (a.algo == 1) centre_warp_emulated(a, P, (int)i, W, ob, kept[i], nc);
+#ifdef E3RG_AVX512_PATH
+          else if (use_avx512 && P.binned[P.graph_of[i]]) centre_cells_avx512(a, P, (int)i, X, ob, kept[i], nc);
+#endif
           else centre_hier(a, P, (int)i, S, ob, kept[i], nc);
           out.ncand[i] = nc;
         }

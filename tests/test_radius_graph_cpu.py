@@ -4,9 +4,10 @@ The C++ CPU launcher must reproduce the pure-PyTorch oracle (e3relax_fast/refere
 exactly: integer outputs equal, distances equal to the bit. Every CPU path is checked:
 
 * ``algo=0`` (default): the symmetric image-box enumeration for small crystals, the cell list above
-  ``cell_list_threshold`` atoms; on CPUs with AVX-512 the image box runs its AVX-512 path (mask-driven
-  hits, vectorised sqrt/quantisation, bitonic key sort in registers);
-* ``algo=3``: ``algo=0`` with the portable (non-AVX-512) image box, so both paths are compared here;
+  ``cell_list_threshold`` atoms; on CPUs with AVX-512 both run their AVX-512 paths (8-wide distance
+  masks, vectorised sqrt/quantisation, bitonic key sort in registers; the cell list then reorders
+  exactly tied keys by (neighbour, offset));
+* ``algo=3``: ``algo=0`` with the portable (non-AVX-512) paths, so both are compared here;
 * ``algo=2``: brute force with exact per-pair image bounds (the header's ``scan_pair``), or the
   cell list;
 * ``algo=1``: the CUDA kernel's warp algorithm (histogram pass, threshold, collect pass, rank sort,
@@ -204,7 +205,7 @@ def test_large_crystal_cell_list_vs_brute_force():
     ptr = torch.tensor([0, 2000])
     base = cpu(pos, cells, ptr)  # default: cell list (2,000 > threshold)
     assert_same(reference(pos, cells, ptr), base, "reference")
-    for algo, thr in [(0, BIG), (2, 0), (2, BIG), (1, 0), (0, 0)]:
+    for algo, thr in [(0, BIG), (2, 0), (2, BIG), (1, 0), (0, 0), (3, 0), (3, BIG)]:
         assert_same(base, cpu(pos, cells, ptr, algo=algo, cell_list_threshold=thr, num_threads=2), f"{algo} {thr}")
     edge_index, offsets, rowptr, dist, ncand = base
     for i in rng.choice(2000, 6, replace=False):
