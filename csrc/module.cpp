@@ -302,16 +302,17 @@ NB_MODULE(_C, m) {
 #else
   m.attr("WITH_CUDA") = false;
 #endif
-  m.attr("DEFAULT_CELL_LIST_THRESHOLD") = e3rg::kDefaultCellListThreshold;
+  m.attr("DEFAULT_CELL_LIST_THRESHOLD") = e3rg::default_cell_list_threshold(0);
   m.attr("HIST_BINS") = e3rg::kHistBins;
   m.attr("BOUNDARY_CAP") = e3rg::kBoundaryCap;
   m.def("radius_graph_cpu", &radius_graph_cpu, "positions"_a, "cells"_a, "ptr"_a, "radius"_a, "max_neighbors"_a,
-        "reserved"_a.none(), "num_threads"_a = 0, "cell_list_threshold"_a = e3rg::kDefaultCellListThreshold,
+        "reserved"_a.none(), "num_threads"_a = 0, "cell_list_threshold"_a = -1,
         "algo"_a = 0,
         "Radius graph of a batch on the CPU. Inputs: (N,3) float64, (G,3,3) float64, (G+1,) int64, and an\n"
         "optional (N,) int64 `reserved`; all C-contiguous. Returns numpy arrays (edge_index (2,E),\n"
         "cell_offsets (E,3), rowptr (N+1,), distances (E,), num_candidates (N,)). num_threads <= 0: all\n"
-        "cores. Crystals with more than cell_list_threshold atoms use the cell list. algo=1 runs the\n"
+        "cores. Crystals with more than cell_list_threshold atoms use the cell list (< 0: the default of\n"
+        "algo on this CPU, DEFAULT_CELL_LIST_THRESHOLD for algo 0). algo=1 runs the\n"
         "CUDA kernel's warp algorithm, emulated, algo=2 brute force with per-pair bounds, algo=3 the\n"
         "default without its AVX-512 path (tests only).");
   m.attr("CPU_AVX512") = e3rg::cpu_simd_avx512();

@@ -8,8 +8,11 @@
 
 namespace e3rg {
 
-// Crystals with more atoms than this use the cell list (default of the CPU launcher).
+// Crystals with more atoms than this use the cell list (default of the CPU launcher's portable
+// paths; its AVX-512 cell list overtakes the image box far earlier, see
+// default_cell_list_threshold).
 constexpr int64_t kDefaultCellListThreshold = 768;
+constexpr int64_t kDefaultCellListThresholdAvx512 = 128;
 
 struct CpuArgs {
   const double* pos = nullptr;        // (N, 3) float64
@@ -21,7 +24,7 @@ struct CpuArgs {
   int64_t max_neighbors = 50;
   const int64_t* reserved = nullptr;  // (N,) or null
   int num_threads = 0;                // <= 0: hardware concurrency
-  int64_t cell_list_threshold = kDefaultCellListThreshold;
+  int64_t cell_list_threshold = kDefaultCellListThreshold;  // < 0: default_cell_list_threshold(algo)
   int algo = 0;                       // 0: default; 1: emulate the CUDA warp algorithm; 2: brute force with
                                       // per-pair bounds; 3: algo 0 without its AVX-512 path (tests)
 };
@@ -46,8 +49,12 @@ std::string error_message(int bits);
 void* out_alloc(size_t bytes);
 void out_free(void* p);
 
-// Whether algo 0 takes the AVX-512 path of the small-crystal enumeration on this CPU.
+// Whether algo 0 takes the AVX-512 paths on this CPU.
 bool cpu_simd_avx512();
+// The default cell-list threshold of `algo` on this CPU (measured crossovers on rattled diamond
+// supercells: image box vs cell list ~500 atoms on the portable paths, < 128 with AVX-512; the
+// MP-like mix, <= 64 atoms, is faster on the image box either way).
+int64_t default_cell_list_threshold(int algo);
 
 #ifdef E3RELAX_WITH_CUDA
 // CUDA launchers (radius_graph_cuda.cu). All pointers are device pointers; `stream` is a

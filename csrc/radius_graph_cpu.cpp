@@ -1091,6 +1091,10 @@ bool cpu_simd_avx512() {
 #endif
 }
 
+int64_t default_cell_list_threshold(int algo) {
+  return algo == 0 && cpu_simd_avx512() ? kDefaultCellListThresholdAvx512 : kDefaultCellListThreshold;
+}
+
 namespace {
 
 // algo=1: the CUDA warp algorithm, lanes emulated in turn (same header steps as the kernel).
@@ -1332,8 +1336,10 @@ int radius_graph_cpu(const CpuArgs& a, CpuOut& out, std::string* err) {
     return kErrBadPtr;
   }
   Prepared P;
+  CpuArgs args = a;
+  if (args.cell_list_threshold < 0) args.cell_list_threshold = default_cell_list_threshold(a.algo);
   if (N > 0 || a.n_graphs > 0) {
-    const int e = prepare(a, P);
+    const int e = prepare(args, P);
     if (e) {
       if (err) *err = error_message(e);
       return e;

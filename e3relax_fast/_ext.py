@@ -47,7 +47,8 @@ ERR_BAD_PTR = 4
 ERR_BAD_RESERVED = 8
 ERR_OVERFLOW = 16
 
-# Crystals with more atoms than this use the cell list in the CPU launcher (brute force below).
+# Crystals with more atoms than this use the cell list in the CPU launcher's default path (the
+# image box below); 128 on CPUs with AVX-512 (its cell list is the faster one from there), else 768.
 CELL_LIST_THRESHOLD = int(getattr(_C, "DEFAULT_CELL_LIST_THRESHOLD", 768))
 
 
@@ -108,10 +109,11 @@ def radius_graph_cpu(
     """The reference's :func:`~e3relax_fast.reference.radius_graph.radius_graph`, in C++.
 
     Extra keyword arguments: ``num_threads`` (default ``torch.get_num_threads()``),
-    ``cell_list_threshold`` (crystals with more atoms use the cell list; default
-    :data:`CELL_LIST_THRESHOLD`), ``algo`` (0: default, the symmetric image-box enumeration for
-    small crystals and the cell list for large ones; 1: the CUDA kernel's warp algorithm emulated
-    on the CPU; 2: brute force with exact per-pair image bounds; 1 and 2 exist for the tests).
+    ``cell_list_threshold`` (crystals with more atoms use the cell list; default: that of ``algo``
+    on this CPU, :data:`CELL_LIST_THRESHOLD` for algo 0), ``algo`` (0: default, the symmetric
+    image-box enumeration for small crystals and the cell list for large ones, with AVX-512 where
+    the CPU has it; 1: the CUDA kernel's warp algorithm emulated on the CPU; 2: brute force with
+    exact per-pair image bounds; 3: algo 0 without AVX-512; 1 to 3 exist for the tests).
     Outputs are on ``positions.device``.
     """
     if _C is None:
@@ -122,7 +124,7 @@ def radius_graph_cpu(
     out = _C.radius_graph_cpu(
         pos, cell, p, float(radius), int(max_neighbors), res,
         int(num_threads if num_threads is not None else torch.get_num_threads()),
-        int(CELL_LIST_THRESHOLD if cell_list_threshold is None else cell_list_threshold),
+        int(-1 if cell_list_threshold is None else cell_list_threshold),
         int(algo),
     )
     tensors = tuple(torch.from_numpy(a) for a in out)
