@@ -391,6 +391,7 @@ struct BoxScratch {
   PodVec<double> sblock;      // squared lengths of one j's images (8-padded)
   PodVec<uint8_t> mblock;     // their within-radius bit masks, 8 images per byte
   PodVec<uint64_t> kbuf;      // one centre's keys, padded to the sorting network's size
+  PodVec<uint32_t> kbuf32;    // the same as 32-bit keys (at most 128 candidates, radius < 33.5 Å)
   PodVec<double> cs;          // cell-list path: one centre's candidates (squared lengths, then
   PodVec<Ident> cid;          // lengths) and identities
   PodVec<int> row_lo, row_hi;  // E range of each (A, B) row of the image box
@@ -664,6 +665,63 @@ E3RG_AVX512 void bitonic_sort(uint64_t* keys) {
   for (int r = 0; r < R; ++r) _mm512_storeu_si512(keys + 8 * r, v[r]);
 }
 
+// The same network on 32-bit keys, 16 per register (twice the keys per instruction): sorts
+// 16 * R keys (R = 1, 2, 4 or 8) in place, ascending.
+E3RG_AVX512 inline __m512i cx16(__m512i v, __m512i perm, __mmask16 upper) {
+  const __m512i p = _mm512_permutexvar_epi32(perm, v);
+  return _mm512_mask_blend_epi32(upper, _mm512_min_epu32(v, p), _mm512_max_epu32(v, p));
+}
+
+E3RG_AVX512 inline __m512i lane16_xor(int x) {
+  return _mm512_set_epi32(15 ^ x, 14 ^ x, 13 ^ x, 12 ^ x, 11 ^ x, 10 ^ x, 9 ^ x, 8 ^ x, 7 ^ x, 6 ^ x, 5 ^ x, 4 ^ x,
+                          3 ^ x, 2 ^ x, 1 ^ x, 0 ^ x);
+}
+
+template <int R>
+E3RG_AVX512 void bitonic_sort32(uint32_t* keys) {
+  const __m512i x1 = lane16_xor(1), x2 = lane16_xor(2), x3 = lane16_xor(3), x4 = lane16_xor(4);
+  const __m512i x7 = lane16_xor(7), x8 = lane16_xor(8), x15 = lane16_xor(15);
+  __m512i v[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    __m512i w = _mm512_loadu_si512(keys + 16 * r);
+    w = cx16(w, x1, 0xAAAA);
+    w = cx16(w, x3, 0xCCCC);
+    w = cx16(w, x1, 0xAAAA);
+    w = cx16(w, x7, 0xF0F0);
+    w = cx16(w, x2, 0xCCCC);
+    w = cx16(w, x1, 0xAAAA);
+    w = cx16(w, x15, 0xFF00);
+    w = cx16(w, x4, 0xF0F0);
+    w = cx16(w, x2, 0xCCCC);
+    v[r] = cx16(w, x1, 0xAAAA);
+  }
+#pragma GCC unroll 4
+  for (int w = 2; w <= R; w *= 2) {
+#pragma GCC unroll 8
+    for (int b = 0; b < R; b += w)
+#pragma GCC unroll 4
+      for (int k = 0; k < w / 2; ++k) {
+        const __m512i lo = v[b + k], hi = _mm512_permutexvar_epi32(x15, v[b + w - 1 - k]);
+        v[b + k] = _mm512_min_epu32(lo, hi);
+        v[b + w - 1 - k] = _mm512_permutexvar_epi32(x15, _mm512_max_epu32(lo, hi));
+      }
+#pragma GCC unroll 4
+    for (int d = w / 4; d >= 1; d /= 2)
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+        if (!(r & d)) {
+          const __m512i lo = v[r], hi = v[r + d];
+          v[r] = _mm512_min_epu32(lo, hi);
+          v[r + d] = _mm512_max_epu32(lo, hi);
+        }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) v[r] = cx16(cx16(cx16(cx16(v[r], x8, 0xFF00), x4, 0xF0F0), x2, 0xCCCC), x1, 0xAAAA);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) _mm512_storeu_si512(keys + 16 * r, v[r]);
+}
+
 // Squared lengths of one neighbour's images (T slots, 8-padded) into X.sblock and their
 // within-radius masks into X.mblock; returns the number of hits.
 E3RG_AVX512 inline int box_distances(const double* C, double dpx, double dpy, double dpz, int d0, int d1, int d2,
@@ -849,7 +907,8 @@ inline int emit_keys(int i, const uint64_t* sorted, int m, const Ident* id, cons
 // (neighbour, offset) order, so (q, index) is the contract's order; otherwise (cell list) runs of
 // equal q are reordered by (neighbour, offset), including the run at the cut, whose members
 // beyond the first m are looked up among all keys.
-E3RG_AVX512 const uint64_t* select_keys(double* dl, const Ident* id, int nc, int m, bool lex, BoxScratch& X) {
+E3RG_AVX512 const uint64_t* select_keys(double* dl, const Ident* id, int nc, int m, bool lex, bool small_q,
+                                         BoxScratch& X) {
   const __m512d quantum = _mm512_set1_pd(kQuantum);
   const __m512i iota = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i ones = _mm512_set1_epi64(-1);
@@ -867,15 +926,40 @@ E3RG_AVX512 const uint64_t* select_keys(double* dl, const Ident* id, int nc, int
   }
   for (int c = (nc + 7) & ~7; c < width; c += 8) _mm512_storeu_si512(key + c, ones);
   uint64_t* sorted = key;
-  switch (width) {
-    case 8: bitonic_sort<1>(key); break;
-    case 16: bitonic_sort<2>(key); break;
-    case 32: bitonic_sort<4>(key); break;
-    case 64: bitonic_sort<8>(key); break;
-    case 128: bitonic_sort<16>(key); break;
-    default:
-      X.sel.select(key, nc, m, [](uint64_t x, uint64_t y) { return x < y; });
-      sorted = X.sel.sorted.data();
+  if (width >= 16 && width <= 128 && small_q) {
+    // 32-bit keys q << 7 | index (q < 2^25, fewer than 128 candidates): half the network's work.
+    if ((int)X.kbuf32.size() < width) X.kbuf32.resize(width);
+    uint32_t* k32 = X.kbuf32.data();
+    const __m512i low = _mm512_set1_epi64(127);
+    for (int c = 0; c < width; c += 8) {
+      const __m512i kv = _mm512_loadu_si512(key + c);
+      const __m512i packed = _mm512_or_si512(_mm512_slli_epi64(_mm512_srli_epi64(kv, kIdxBits), 7), _mm512_and_si512(kv, low));
+      // padding keys (all ones) stay all ones
+      _mm256_storeu_si256((__m256i*)(k32 + c), _mm512_cvtepi64_epi32(_mm512_mask_blend_epi64(
+          _mm512_cmpeq_epi64_mask(kv, ones), packed, _mm512_set1_epi64(0xFFFFFFFF))));
+    }
+    switch (width) {
+      case 16: bitonic_sort32<1>(k32); break;
+      case 32: bitonic_sort32<2>(k32); break;
+      case 64: bitonic_sort32<4>(k32); break;
+      default: bitonic_sort32<8>(k32); break;
+    }
+    for (int c = 0; c < nc; c += 8) {  // back to the 64-bit form (q << kIdxBits | index), all nc
+      const __m512i kv = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i*)(k32 + c)));
+      _mm512_storeu_si512(key + c, _mm512_or_si512(_mm512_slli_epi64(_mm512_srli_epi64(kv, 7), kIdxBits),
+                                                   _mm512_and_si512(kv, low)));
+    }
+  } else {
+    switch (width) {
+      case 8: bitonic_sort<1>(key); break;
+      case 16: bitonic_sort<2>(key); break;
+      case 32: bitonic_sort<4>(key); break;
+      case 64: bitonic_sort<8>(key); break;
+      case 128: bitonic_sort<16>(key); break;
+      default:
+        X.sel.select(key, nc, m, [](uint64_t x, uint64_t y) { return x < y; });
+        sorted = X.sel.sorted.data();
+    }
   }
   if (lex) return sorted;
   auto tuple_lt = [id](uint64_t x, uint64_t y) {
@@ -983,7 +1067,7 @@ E3RG_AVX512 void centre_cells_avx512(const CpuArgs& a, const Prepared& P, int i,
   kept = 0;
   const int m = std::min(n, P.cap[i]);
   if (m <= 0) return;
-  kept = emit_keys(i, select_keys(ls.data(), lid.data(), n, m, false, X), m, lid.data(), ls.data(), out);
+  kept = emit_keys(i, select_keys(ls.data(), lid.data(), n, m, false, cg.qmax < (1 << 25) - 1, X), m, lid.data(), ls.data(), out);
 }
 
 E3RG_AVX512 void crystal_box_avx512(const CpuArgs& a, const Prepared& P, int g, BoxScratch& X, PodVec<OutEdge>& out,
@@ -1070,7 +1154,7 @@ E3RG_AVX512 void crystal_box_avx512(const CpuArgs& a, const Prepared& P, int g, 
     if (m <= 0) continue;
     double* dl = X.slists[il].data();
     const Ident* id = X.ilists[il].data();
-    kept[i] = emit_keys(i, select_keys(dl, id, nc, m, true, X), m, id, dl, out);
+    kept[i] = emit_keys(i, select_keys(dl, id, nc, m, true, cg.qmax < (1 << 25) - 1, X), m, id, dl, out);
   }
 }
 

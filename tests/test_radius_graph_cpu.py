@@ -245,6 +245,23 @@ def test_avx512_path_taken_where_available():
     assert bool(_ext._C.CPU_AVX512) == want
 
 
+def test_long_radius_64bit_keys():
+    """Radius 34 Å (q >= 2^25): the AVX-512 path sorts 64-bit keys at every width (shorter radii
+    pack them into 32 bits); sparse 20-25 Å cells give centres with 6 to 81 candidates, every
+    network width from 8 to 128."""
+    rng = np.random.default_rng(34)
+    cells = np.stack([np.diag(d) for d in ([25.0, 25.0, 25.0], [24.0, 24.0, 25.5], [22.0, 22.0, 22.0],
+                                           [24.0, 20.0, 23.0], [21.0, 20.0, 20.0])])
+    sizes = [1, 1, 1, 2, 4]
+    pos = np.concatenate([rng.random((n, 3)) @ c for n, c in zip(sizes, cells, strict=True)])
+    pos, cells, ptr = torch.tensor(pos), torch.tensor(cells), torch.tensor(np.cumsum([0] + sizes))
+    ref = reference(pos, cells, ptr, 34.0, 50)
+    widths = {max(8, 1 << (int(c) - 1).bit_length()) for c in ref[4].tolist()}
+    assert widths == {8, 16, 32, 64, 128}, widths
+    for algo in (0, 3):
+        assert_same(ref, cpu(pos, cells, ptr, 34.0, 50, algo=algo, cell_list_threshold=BIG), f"algo={algo}")
+
+
 @pytest.mark.parametrize("radius", [2.0, 3.0, 3.8, 4.6, 5.4, 6.5, 8.0])
 def test_candidate_counts_across_sort_widths(radius):
     """Radii from 2 to 8 Å over small dense and sparse crystals give centres with 1 to several
