@@ -610,116 +610,97 @@ void crystal_box(const CpuArgs& a, const Prepared& P, int g, BoxScratch& X, PodV
 #define E3RG_AVX512_PATH 1
 #define E3RG_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw")))
 
-// One compare-exchange step of the network inside a register: lane l meets lane perm[l]; the
-// lanes in `upper` keep the larger key.
-E3RG_AVX512 inline __m512i cx8(__m512i v, __m512i perm, __mmask8 upper) {
-  const __m512i p = _mm512_permutexvar_epi64(perm, v);
-  return _mm512_mask_blend_epi64(upper, _mm512_min_epu64(v, p), _mm512_max_epu64(v, p));
-}
+// Bitonic sorting network on unsigned keys in AVX-512 registers, for 64-bit keys (8 per register)
+// or 32-bit keys (16 per register; half the work for the same count). A step pairs lane l with
+// lane l ^ x; the lanes in `upper` keep the larger key. The lane permutations are built once per
+// sort (the constructor) and stay in registers.
+struct Keys64 {
+  using Key = uint64_t;
+  static constexpr int kLanes = 8;
+  __m512i x1, x2, x3, x4, x7;
+  E3RG_AVX512 Keys64() : x1(lane_xor(1)), x2(lane_xor(2)), x3(lane_xor(3)), x4(lane_xor(4)), x7(lane_xor(7)) {}
+  E3RG_AVX512 static __m512i lane_xor(int x) {
+    return _mm512_set_epi64(7 ^ x, 6 ^ x, 5 ^ x, 4 ^ x, 3 ^ x, 2 ^ x, 1 ^ x, 0 ^ x);
+  }
+  E3RG_AVX512 static __m512i min(__m512i a, __m512i b) { return _mm512_min_epu64(a, b); }
+  E3RG_AVX512 static __m512i max(__m512i a, __m512i b) { return _mm512_max_epu64(a, b); }
+  E3RG_AVX512 __m512i reverse(__m512i v) const { return _mm512_permutexvar_epi64(x7, v); }
+  E3RG_AVX512 static __m512i cx(__m512i v, __m512i perm, __mmask8 upper) {
+    const __m512i p = _mm512_permutexvar_epi64(perm, v);
+    return _mm512_mask_blend_epi64(upper, _mm512_min_epu64(v, p), _mm512_max_epu64(v, p));
+  }
+  E3RG_AVX512 __m512i sort(__m512i w) const {  // the register's 8 keys
+    w = cx(w, x1, 0xAA);
+    w = cx(cx(w, x3, 0xCC), x1, 0xAA);
+    return cx(cx(cx(w, x7, 0xF0), x2, 0xCC), x1, 0xAA);
+  }
+  E3RG_AVX512 __m512i clean(__m512i w) const {  // a bitonic register's 8 keys
+    return cx(cx(cx(w, x4, 0xF0), x2, 0xCC), x1, 0xAA);
+  }
+};
+struct Keys32 {
+  using Key = uint32_t;
+  static constexpr int kLanes = 16;
+  __m512i x1, x2, x3, x4, x7, x8, x15;
+  E3RG_AVX512 Keys32()
+      : x1(lane_xor(1)), x2(lane_xor(2)), x3(lane_xor(3)), x4(lane_xor(4)), x7(lane_xor(7)), x8(lane_xor(8)),
+        x15(lane_xor(15)) {}
+  E3RG_AVX512 static __m512i lane_xor(int x) {
+    return _mm512_set_epi32(15 ^ x, 14 ^ x, 13 ^ x, 12 ^ x, 11 ^ x, 10 ^ x, 9 ^ x, 8 ^ x, 7 ^ x, 6 ^ x, 5 ^ x, 4 ^ x,
+                            3 ^ x, 2 ^ x, 1 ^ x, 0 ^ x);
+  }
+  E3RG_AVX512 static __m512i min(__m512i a, __m512i b) { return _mm512_min_epu32(a, b); }
+  E3RG_AVX512 static __m512i max(__m512i a, __m512i b) { return _mm512_max_epu32(a, b); }
+  E3RG_AVX512 __m512i reverse(__m512i v) const { return _mm512_permutexvar_epi32(x15, v); }
+  E3RG_AVX512 static __m512i cx(__m512i v, __m512i perm, __mmask16 upper) {
+    const __m512i p = _mm512_permutexvar_epi32(perm, v);
+    return _mm512_mask_blend_epi32(upper, _mm512_min_epu32(v, p), _mm512_max_epu32(v, p));
+  }
+  E3RG_AVX512 __m512i sort(__m512i w) const {  // the register's 16 keys
+    w = cx(w, x1, 0xAAAA);
+    w = cx(cx(w, x3, 0xCCCC), x1, 0xAAAA);
+    w = cx(cx(cx(w, x7, 0xF0F0), x2, 0xCCCC), x1, 0xAAAA);
+    return cx(cx(cx(cx(w, x15, 0xFF00), x4, 0xF0F0), x2, 0xCCCC), x1, 0xAAAA);
+  }
+  E3RG_AVX512 __m512i clean(__m512i w) const {  // a bitonic register's 16 keys
+    return cx(cx(cx(cx(w, x8, 0xFF00), x4, 0xF0F0), x2, 0xCCCC), x1, 0xAAAA);
+  }
+};
 
-// Lane permutations l -> l ^ x.
-E3RG_AVX512 inline __m512i lane_xor(int x) {
-  return _mm512_set_epi64(7 ^ x, 6 ^ x, 5 ^ x, 4 ^ x, 3 ^ x, 2 ^ x, 1 ^ x, 0 ^ x);
-}
-
-// Sorts 8 * R keys (R = 1, 2, 4, 8 or 16) in place, ascending: each register sorted by a bitonic
-// network, then bitonic merges of doubling size (first step against the reversed partner block,
-// then half-cleaners across registers and inside them).
-template <int R>
-E3RG_AVX512 void bitonic_sort(uint64_t* keys) {
-  const __m512i x1 = lane_xor(1), x2 = lane_xor(2), x3 = lane_xor(3), x4 = lane_xor(4), x7 = lane_xor(7);
+// Sorts kLanes * R keys in place, ascending: each register by the in-register network, then
+// bitonic merges of doubling size (first step against the reversed partner block, then
+// half-cleaners across registers and inside them).
+template <class L, int R>
+E3RG_AVX512 void bitonic_sort(typename L::Key* keys) {
+  constexpr int n = L::kLanes;
+  const L net;
   __m512i v[R];
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-    __m512i w = _mm512_loadu_si512(keys + 8 * r);
-    w = cx8(w, x1, 0xAA);
-    w = cx8(w, x3, 0xCC);
-    w = cx8(w, x1, 0xAA);
-    w = cx8(w, x7, 0xF0);
-    w = cx8(w, x2, 0xCC);
-    v[r] = cx8(w, x1, 0xAA);
-  }
+  for (int r = 0; r < R; ++r) v[r] = net.sort(_mm512_loadu_si512(keys + n * r));
 #pragma GCC unroll 4
-  for (int w = 2; w <= R; w *= 2) {  // merge blocks of w registers (8w keys)
+  for (int w = 2; w <= R; w *= 2) {  // merge blocks of w registers
 #pragma GCC unroll 16
     for (int b = 0; b < R; b += w)
 #pragma GCC unroll 8
-      for (int k = 0; k < w / 2; ++k) {  // key i meets key i ^ (8w - 1)
-        const __m512i lo = v[b + k], hi = _mm512_permutexvar_epi64(x7, v[b + w - 1 - k]);
-        v[b + k] = _mm512_min_epu64(lo, hi);
-        v[b + w - 1 - k] = _mm512_permutexvar_epi64(x7, _mm512_max_epu64(lo, hi));
+      for (int k = 0; k < w / 2; ++k) {  // key i meets key i ^ (n w - 1)
+        const __m512i lo = v[b + k], hi = net.reverse(v[b + w - 1 - k]);
+        v[b + k] = L::min(lo, hi);
+        v[b + w - 1 - k] = net.reverse(L::max(lo, hi));
       }
 #pragma GCC unroll 4
-    for (int d = w / 4; d >= 1; d /= 2)  // key i meets key i ^ 8d
+    for (int d = w / 4; d >= 1; d /= 2)  // key i meets key i ^ n d
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r)
         if (!(r & d)) {
           const __m512i lo = v[r], hi = v[r + d];
-          v[r] = _mm512_min_epu64(lo, hi);
-          v[r + d] = _mm512_max_epu64(lo, hi);
+          v[r] = L::min(lo, hi);
+          v[r + d] = L::max(lo, hi);
         }
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) v[r] = cx8(cx8(cx8(v[r], x4, 0xF0), x2, 0xCC), x1, 0xAA);
+    for (int r = 0; r < R; ++r) v[r] = net.clean(v[r]);
   }
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) _mm512_storeu_si512(keys + 8 * r, v[r]);
-}
-
-// The same network on 32-bit keys, 16 per register (twice the keys per instruction): sorts
-// 16 * R keys (R = 1, 2, 4 or 8) in place, ascending.
-E3RG_AVX512 inline __m512i cx16(__m512i v, __m512i perm, __mmask16 upper) {
-  const __m512i p = _mm512_permutexvar_epi32(perm, v);
-  return _mm512_mask_blend_epi32(upper, _mm512_min_epu32(v, p), _mm512_max_epu32(v, p));
-}
-
-E3RG_AVX512 inline __m512i lane16_xor(int x) {
-  return _mm512_set_epi32(15 ^ x, 14 ^ x, 13 ^ x, 12 ^ x, 11 ^ x, 10 ^ x, 9 ^ x, 8 ^ x, 7 ^ x, 6 ^ x, 5 ^ x, 4 ^ x,
-                          3 ^ x, 2 ^ x, 1 ^ x, 0 ^ x);
-}
-
-template <int R>
-E3RG_AVX512 void bitonic_sort32(uint32_t* keys) {
-  const __m512i x1 = lane16_xor(1), x2 = lane16_xor(2), x3 = lane16_xor(3), x4 = lane16_xor(4);
-  const __m512i x7 = lane16_xor(7), x8 = lane16_xor(8), x15 = lane16_xor(15);
-  __m512i v[R];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    __m512i w = _mm512_loadu_si512(keys + 16 * r);
-    w = cx16(w, x1, 0xAAAA);
-    w = cx16(w, x3, 0xCCCC);
-    w = cx16(w, x1, 0xAAAA);
-    w = cx16(w, x7, 0xF0F0);
-    w = cx16(w, x2, 0xCCCC);
-    w = cx16(w, x1, 0xAAAA);
-    w = cx16(w, x15, 0xFF00);
-    w = cx16(w, x4, 0xF0F0);
-    w = cx16(w, x2, 0xCCCC);
-    v[r] = cx16(w, x1, 0xAAAA);
-  }
-#pragma GCC unroll 4
-  for (int w = 2; w <= R; w *= 2) {
-#pragma GCC unroll 8
-    for (int b = 0; b < R; b += w)
-#pragma GCC unroll 4
-      for (int k = 0; k < w / 2; ++k) {
-        const __m512i lo = v[b + k], hi = _mm512_permutexvar_epi32(x15, v[b + w - 1 - k]);
-        v[b + k] = _mm512_min_epu32(lo, hi);
-        v[b + w - 1 - k] = _mm512_permutexvar_epi32(x15, _mm512_max_epu32(lo, hi));
-      }
-#pragma GCC unroll 4
-    for (int d = w / 4; d >= 1; d /= 2)
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r)
-        if (!(r & d)) {
-          const __m512i lo = v[r], hi = v[r + d];
-          v[r] = _mm512_min_epu32(lo, hi);
-          v[r + d] = _mm512_max_epu32(lo, hi);
-        }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) v[r] = cx16(cx16(cx16(cx16(v[r], x8, 0xFF00), x4, 0xF0F0), x2, 0xCCCC), x1, 0xAAAA);
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) _mm512_storeu_si512(keys + 16 * r, v[r]);
+  for (int r = 0; r < R; ++r) _mm512_storeu_si512(keys + n * r, v[r]);
 }
 
 // Squared lengths of one neighbour's images (T slots, 8-padded) into X.sblock and their
@@ -939,10 +920,10 @@ E3RG_AVX512 const uint64_t* select_keys(double* dl, const Ident* id, int nc, int
           _mm512_cmpeq_epi64_mask(kv, ones), packed, _mm512_set1_epi64(0xFFFFFFFF))));
     }
     switch (width) {
-      case 16: bitonic_sort32<1>(k32); break;
-      case 32: bitonic_sort32<2>(k32); break;
-      case 64: bitonic_sort32<4>(k32); break;
-      default: bitonic_sort32<8>(k32); break;
+      case 16: bitonic_sort<Keys32, 1>(k32); break;
+      case 32: bitonic_sort<Keys32, 2>(k32); break;
+      case 64: bitonic_sort<Keys32, 4>(k32); break;
+      default: bitonic_sort<Keys32, 8>(k32); break;
     }
     for (int c = 0; c < nc; c += 8) {  // back to the 64-bit form (q << kIdxBits | index), all nc
       const __m512i kv = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i*)(k32 + c)));
@@ -951,11 +932,11 @@ E3RG_AVX512 const uint64_t* select_keys(double* dl, const Ident* id, int nc, int
     }
   } else {
     switch (width) {
-      case 8: bitonic_sort<1>(key); break;
-      case 16: bitonic_sort<2>(key); break;
-      case 32: bitonic_sort<4>(key); break;
-      case 64: bitonic_sort<8>(key); break;
-      case 128: bitonic_sort<16>(key); break;
+      case 8: bitonic_sort<Keys64, 1>(key); break;
+      case 16: bitonic_sort<Keys64, 2>(key); break;
+      case 32: bitonic_sort<Keys64, 4>(key); break;
+      case 64: bitonic_sort<Keys64, 8>(key); break;
+      case 128: bitonic_sort<Keys64, 16>(key); break;
       default:
         X.sel.select(key, nc, m, [](uint64_t x, uint64_t y) { return x < y; });
         sorted = X.sel.sorted.data();
