@@ -10,7 +10,8 @@ Providers (all get the same ``(z, positions, cell)`` triples; format conversion 
   batched in chunks of about ``--chunk-atoms`` atoms. Second baseline.
 * ``cpu`` / ``cuda`` / ``triton`` — further e3relax_fast backends, added automatically when
   ``e3relax_fast.backends.available("radius_graph")`` lists them (``cuda``/``triton`` only when
-  CUDA is available).
+  CUDA is available). Where ``cpu`` runs its AVX-512 paths, ``cpu-portable`` is the same backend
+  without them (``algo=3``: what CPUs without AVX-512 run).
 * ``vesin``, ``matscipy``, ``ase`` — radius-only neighbour lists (full list, per structure).
   They do **less work**: no top-K selection, no fixed self-image edges.
 
@@ -89,7 +90,7 @@ def _make_original(_pymatgen) -> harness.Provider:
 def _make_ours(e3r, chunk_atoms: int) -> list[harness.Provider]:
     import torch
 
-    from e3relax_fast import backends
+    from e3relax_fast import _ext, backends
 
     names = backends.available("radius_graph")
     out = []
@@ -118,7 +119,23 @@ def _make_ours(e3r, chunk_atoms: int) -> list[harness.Provider]:
             name = backend if device == "cpu" else f"{backend}@cuda"
             threads = str(torch.get_num_threads()) if device == "cpu" else "GPU"
             out.append(harness.Provider(name, backend, device, prepare, run, threads=threads))
+            if backend == "cpu" and getattr(_ext._C, "CPU_AVX512", False):
+                out.append(_portable_provider(prepare, threads))
     return out
+
+
+def _portable_provider(prepare, threads: str) -> harness.Provider:
+    """``cpu-portable``: the `cpu` backend without its AVX-512 paths (``algo=3``), what a CPU without
+    AVX-512 (most laptops, ARM) runs; listed only where the default `cpu` takes the AVX-512 paths."""
+    from e3relax_fast import _ext
+
+    def run(batches):
+        total = 0
+        for pos, cells, ptr in batches:
+            total += _ext.radius_graph_cpu(pos, cells, ptr, RADIUS, MAX_NEIGHBORS, algo=3)[0].shape[1]
+        return total
+
+    return harness.Provider("cpu-portable", "cpu (algo=3)", "cpu", prepare, run, threads=threads)
 
 
 # --------------------------------------------------------------------------------------------

@@ -263,7 +263,8 @@ def main(argv=None) -> None:
     if args.graph_threads:
         harness.set_threads(args.graph_threads)
         graph2_md, graph2_res = bench_radius_graph.run_mix(
-            args.n_graph, repeats=max(args.repeats, 5), providers=["original", "cpu", "vesin"], info=info
+            args.n_graph, repeats=max(args.repeats, 5), providers=["original", "cpu", "cpu-portable", "vesin"],
+            info=info,
         )
         harness.set_threads(args.threads)
     precision_md, precision_res = bench_precision.run(args.n_precision, "cpu", repeats=args.repeats, info=info)
