@@ -406,8 +406,8 @@ struct BoxScratch {
 // [ceil(-reach - 1 + w_i), floor(reach + w_i)]) whose whole image cell may reach within the radius
 // (image cell centre within sqrt(lim2) of the centre atom), in lexicographic order,
 // with their shifts ((o0 a + o1 b) + o2 c). Returns their number T; zero_slot = the slot of
-// o' = 0 or -1. Slots [T, T rounded up to 8) are padding (NaN shifts: never within the radius)
-// for the 8-wide loops of the AVX-512 path.
+// o' = 0 or -1. (image_list_avx512 builds the same list, up to rounding at its border: both are
+// supersets of the images within the radius, whose exact test decides.)
 inline int image_list(const Cell& cg, const double* wi, double lim2, BoxScratch& X, int& zero_slot) {
   const double* C = cg.C;
   long long lo[3], hi[3];
@@ -416,7 +416,7 @@ inline int image_list(const Cell& cg, const double* wi, double lim2, BoxScratch&
     hi[k] = (long long)dfloor(cg.reach[k] + wi[k] + kFracEps);
   }
   const size_t box = (size_t)((hi[0] - lo[0] + 1) * (hi[1] - lo[1] + 1) * (hi[2] - lo[2] + 1));
-  if (X.ia.size() < box + 8) X.resize(2 * box + 8);
+  if (X.ia.size() < box) X.resize(2 * box);
   int* ia = X.ia.data();
   int* ib = X.ib.data();
   int* ie = X.ie.data();
@@ -456,10 +456,6 @@ inline int image_list(const Cell& cg, const double* wi, double lim2, BoxScratch&
         ++T;
       }
     }
-  }
-  for (int t = T; t < ((T + 7) & ~7); ++t) {
-    ia[t] = ib[t] = ie[t] = 0;
-    fa[t] = fb[t] = fe[t] = shx[t] = shy[t] = shz[t] = std::numeric_limits<double>::quiet_NaN();
   }
   return T;
 }
@@ -601,8 +597,9 @@ void crystal_box(const CpuArgs& a, const Prepared& P, int g, BoxScratch& X, PodV
 //     candidates at a time, per centre (vsqrtpd/vdivpd are correctly rounded like their scalar
 //     forms, and the conversion rounds half to even like llrint in the default mode);
 //   * a centre's keys (q << kIdxBits | index) are sorted by a bitonic network in registers when
-//     they fit in 128 slots (padding keys are all ones, larger than any real key), else by the
-//     portable counting-sort Selector.
+//     they fit in 128 slots (padding keys are all ones, larger than any real key; packed into
+//     32 bits, q << 7 | index, when the radius allows), else by the portable counting-sort
+//     Selector.
 // Keys are unique (the index is in the low bits), so any correct sort gives the same order.
 // centre_cells_avx512 does the same for the cell list (see there).
 // ---------------------------------------------------------------------------------------------
