@@ -1241,25 +1241,34 @@ void return_buffers(std::vector<PodVec<OutEdge>>& bufs) {
 // of the copy phase) on every call and unmap on release. A 64-byte header holds the capacity.
 constexpr size_t kOutCacheBytes = size_t(128) << 20;
 constexpr size_t kOutHeader = 64;
-std::mutex g_out_mutex;
-std::vector<std::pair<size_t, void*>> g_out_cache;  // (capacity, block), most recently released last
-size_t g_out_cached = 0;
+// Never destroyed (like the worker pool): arrays released during interpreter shutdown, after
+// static destructors ran, must still find it; the blocks it holds stay reachable.
+struct OutCache {
+  std::mutex mu;
+  std::vector<std::pair<size_t, void*>> blocks;  // (capacity, block), most recently released last
+  size_t bytes = 0;
+};
+OutCache& out_cache() {
+  static OutCache* cache = new OutCache();
+  return *cache;
+}
 
 }  // namespace
 
 void* out_alloc(size_t bytes) {
   {
-    std::lock_guard<std::mutex> lock(g_out_mutex);
+    OutCache& c = out_cache();
+    std::lock_guard<std::mutex> lock(c.mu);
     // The smallest cached block that fits without wasting more than about half of it.
     int best = -1;
-    for (int t = 0; t < (int)g_out_cache.size(); ++t) {
-      const size_t cap = g_out_cache[t].first;
-      if (cap >= bytes && cap <= 2 * bytes + 65536 && (best < 0 || cap < g_out_cache[best].first)) best = t;
+    for (int t = 0; t < (int)c.blocks.size(); ++t) {
+      const size_t cap = c.blocks[t].first;
+      if (cap >= bytes && cap <= 2 * bytes + 65536 && (best < 0 || cap < c.blocks[best].first)) best = t;
     }
     if (best >= 0) {
-      char* base = static_cast<char*>(g_out_cache[best].second);
-      g_out_cached -= g_out_cache[best].first;
-      g_out_cache.erase(g_out_cache.begin() + best);
+      char* base = static_cast<char*>(c.blocks[best].second);
+      c.bytes -= c.blocks[best].first;
+      c.blocks.erase(c.blocks.begin() + best);
       return base + kOutHeader;
     }
   }
@@ -1273,18 +1282,19 @@ void out_free(void* p) {
   if (p == nullptr) return;
   char* base = static_cast<char*>(p) - kOutHeader;
   const size_t cap = *reinterpret_cast<size_t*>(base);
-  std::lock_guard<std::mutex> lock(g_out_mutex);
+  OutCache& c = out_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
   if (cap > kOutCacheBytes / 2) {
     std::free(base);
     return;
   }
-  while (g_out_cached + cap > kOutCacheBytes && !g_out_cache.empty()) {  // evict the oldest
-    g_out_cached -= g_out_cache.front().first;
-    std::free(g_out_cache.front().second);
-    g_out_cache.erase(g_out_cache.begin());
+  while (c.bytes + cap > kOutCacheBytes && !c.blocks.empty()) {  // evict the oldest
+    c.bytes -= c.blocks.front().first;
+    std::free(c.blocks.front().second);
+    c.blocks.erase(c.blocks.begin());
   }
-  g_out_cache.emplace_back(cap, base);
-  g_out_cached += cap;
+  c.blocks.emplace_back(cap, base);
+  c.bytes += cap;
 }
 
 namespace {
