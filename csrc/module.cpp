@@ -70,6 +70,10 @@ nb::tuple radius_graph_cpu(CpuPos pos, CpuCells cells, CpuI64 ptr, double radius
     e3rg::out_free(o.rowptr);
     e3rg::out_free(o.dist);
     e3rg::out_free(o.ncand);
+    if (rc == e3rg::kErrNoMemory) {
+      PyErr_SetString(PyExc_MemoryError, err.c_str());
+      throw nb::python_error();
+    }
     throw nb::value_error(err.c_str());
   }
   const size_t E = (size_t)o.n_edges;

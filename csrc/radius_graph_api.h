@@ -39,8 +39,12 @@ struct CpuOut {
   int64_t* ncand = nullptr;       // (N,)
 };
 
-// Returns 0 on success, otherwise a kErr* bit set (radius_graph.h) and a message in *err; the
-// outputs are then null.
+// The outputs could not be allocated (CPU launcher only; the other error bits are in
+// radius_graph.h).
+constexpr int kErrNoMemory = 32;
+
+// Returns 0 on success, otherwise a kErr* bit set (radius_graph.h, or kErrNoMemory) and a message
+// in *err; the outputs are then null.
 int radius_graph_cpu(const CpuArgs& args, CpuOut& out, std::string* err);
 
 std::string error_message(int bits);

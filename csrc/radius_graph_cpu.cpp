@@ -402,6 +402,13 @@ struct BoxScratch {
 };
 
 
+// Squared radius around an image cell's centre within which the cell may hold a candidate of an
+// atom: bound radius plus the cell's circumradius, widened for rounding.
+inline double image_lim2(const Cell& cg, double rcirc) {
+  const double lim = std::sqrt(cg.rb2) + rcirc + 1e-6;
+  return lim * lim * (1.0 + 1e-12);
+}
+
 // The image list of one centre (wrapped fractional coordinates wi): the o' of its box (per axis
 // [ceil(-reach - 1 + w_i), floor(reach + w_i)]) whose whole image cell may reach within the radius
 // (image cell centre within sqrt(lim2) of the centre atom), in lexicographic order,
@@ -473,8 +480,7 @@ void crystal_box(const CpuArgs& a, const Prepared& P, int g, BoxScratch& X, PodV
     X.klists.resize(n);
   }
   X.sizes.assign(n, 0);
-  const double lim = std::sqrt(cg.rb2) + P.rcirc[g] + 1e-6;
-  const double lim2 = lim * lim * (1.0 + 1e-12);
+  const double lim2 = image_lim2(cg, P.rcirc[g]);
   const double sr = P.sr;
   for (int il = 0; il < n; ++il) {
     const int i = start + il;
@@ -700,9 +706,32 @@ E3RG_AVX512 void bitonic_sort(typename L::Key* keys) {
   for (int r = 0; r < R; ++r) _mm512_storeu_si512(keys + n * r, v[r]);
 }
 
+// The contract's squared length 8 lanes at a time, in the documented operation order:
+// r = dp + ((o0 a + o1 b) + o2 c), s = (rx rx + ry ry) + rz rz (no FMA: separate mul and add).
+struct CellVec {  // the cell's nine entries, broadcast
+  __m512d c[9];
+  E3RG_AVX512 explicit CellVec(const double* C) {
+    for (int k = 0; k < 9; ++k) c[k] = _mm512_set1_pd(C[k]);
+  }
+};
+E3RG_AVX512 inline __m512d norm2(__m512d rx, __m512d ry, __m512d rz) {
+  return _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(rx, rx), _mm512_mul_pd(ry, ry)), _mm512_mul_pd(rz, rz));
+}
+E3RG_AVX512 inline __m512d sq_length(const CellVec& cv, __m512d dx, __m512d dy, __m512d dz, __m512d o0, __m512d o1,
+                                     __m512d o2) {
+  const __m512d* c = cv.c;
+  const __m512d rx = _mm512_add_pd(
+      dx, _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(o0, c[0]), _mm512_mul_pd(o1, c[3])), _mm512_mul_pd(o2, c[6])));
+  const __m512d ry = _mm512_add_pd(
+      dy, _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(o0, c[1]), _mm512_mul_pd(o1, c[4])), _mm512_mul_pd(o2, c[7])));
+  const __m512d rz = _mm512_add_pd(
+      dz, _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(o0, c[2]), _mm512_mul_pd(o1, c[5])), _mm512_mul_pd(o2, c[8])));
+  return norm2(rx, ry, rz);
+}
+
 // Squared lengths of one neighbour's images (T slots, 8-padded) into X.sblock and their
 // within-radius masks into X.mblock; returns the number of hits.
-E3RG_AVX512 inline int box_distances(const double* C, double dpx, double dpy, double dpz, int d0, int d1, int d2,
+E3RG_AVX512 inline int box_distances(const CellVec& cv, double dpx, double dpy, double dpz, int d0, int d1, int d2,
                                      int T, double sr, int zero_slot, BoxScratch& X) {
   const int nblk = (T + 7) >> 3;
   if ((int)X.mblock.size() < nblk) {
@@ -719,8 +748,7 @@ E3RG_AVX512 inline int box_distances(const double* C, double dpx, double dpy, do
       const __m512d rx = _mm512_add_pd(px, _mm512_loadu_pd(X.shx.data() + 8 * b));
       const __m512d ry = _mm512_add_pd(py, _mm512_loadu_pd(X.shy.data() + 8 * b));
       const __m512d rz = _mm512_add_pd(pz, _mm512_loadu_pd(X.shz.data() + 8 * b));
-      const __m512d s2 = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(rx, rx), _mm512_mul_pd(ry, ry)),
-                                       _mm512_mul_pd(rz, rz));
+      const __m512d s2 = norm2(rx, ry, rz);
       _mm512_storeu_pd(ss + 8 * b, s2);
       const __mmask8 k = _mm512_cmp_pd_mask(s2, srv, _CMP_LE_OQ);
       mk[b] = (uint8_t)k;
@@ -735,21 +763,10 @@ E3RG_AVX512 inline int box_distances(const double* C, double dpx, double dpy, do
     }
   } else {
     const __m512d e0 = _mm512_set1_pd(d0), e1 = _mm512_set1_pd(d1), e2 = _mm512_set1_pd(d2);
-    const __m512d c0 = _mm512_set1_pd(C[0]), c1 = _mm512_set1_pd(C[1]), c2 = _mm512_set1_pd(C[2]);
-    const __m512d c3 = _mm512_set1_pd(C[3]), c4 = _mm512_set1_pd(C[4]), c5 = _mm512_set1_pd(C[5]);
-    const __m512d c6 = _mm512_set1_pd(C[6]), c7 = _mm512_set1_pd(C[7]), c8 = _mm512_set1_pd(C[8]);
     for (int b = 0; b < nblk; ++b) {
-      const __m512d o0 = _mm512_add_pd(_mm512_loadu_pd(X.fa.data() + 8 * b), e0);
-      const __m512d o1 = _mm512_add_pd(_mm512_loadu_pd(X.fb.data() + 8 * b), e1);
-      const __m512d o2 = _mm512_add_pd(_mm512_loadu_pd(X.fe.data() + 8 * b), e2);
-      const __m512d rx = _mm512_add_pd(
-          px, _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(o0, c0), _mm512_mul_pd(o1, c3)), _mm512_mul_pd(o2, c6)));
-      const __m512d ry = _mm512_add_pd(
-          py, _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(o0, c1), _mm512_mul_pd(o1, c4)), _mm512_mul_pd(o2, c7)));
-      const __m512d rz = _mm512_add_pd(
-          pz, _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(o0, c2), _mm512_mul_pd(o1, c5)), _mm512_mul_pd(o2, c8)));
-      const __m512d s2 = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(rx, rx), _mm512_mul_pd(ry, ry)),
-                                       _mm512_mul_pd(rz, rz));
+      const __m512d s2 = sq_length(cv, px, py, pz, _mm512_add_pd(_mm512_loadu_pd(X.fa.data() + 8 * b), e0),
+                                   _mm512_add_pd(_mm512_loadu_pd(X.fb.data() + 8 * b), e1),
+                                   _mm512_add_pd(_mm512_loadu_pd(X.fe.data() + 8 * b), e2));
       _mm512_storeu_pd(ss + 8 * b, s2);
       const __mmask8 k = _mm512_cmp_pd_mask(s2, srv, _CMP_LE_OQ);
       mk[b] = (uint8_t)k;
@@ -759,9 +776,9 @@ E3RG_AVX512 inline int box_distances(const double* C, double dpx, double dpy, do
   return m;
 }
 
-// image_list with AVX-512: the rows' E ranges 8 rows at a time (same formulas, floor/ceil by
-// roundscale; results equal the scalar dceil/dfloor), then each row's images written 8 at a time.
-// Same list and padding as image_list.
+// image_list with AVX-512: the rows' E ranges 8 rows at a time (the same formulas, floor/ceil by
+// roundscale), then each row's images written 8 at a time. Slots [T, T rounded up to 8) are
+// padding (NaN shifts: never within the radius) for box_distances' 8-wide blocks.
 E3RG_AVX512 inline int image_list_avx512(const Cell& cg, const double* wi, double lim2, BoxScratch& X,
                                          int& zero_slot) {
   const double* C = cg.C;
@@ -880,12 +897,12 @@ inline int emit_keys(int i, const uint64_t* sorted, int m, const Ident* id, cons
 }
 
 // Top-K selection of one centre's candidates (AVX-512 paths): lengths from the squared lengths
-// (in place), keys q << kIdxBits | index, sorted by the bitonic network up to 128 keys or the
-// Selector; returns the first m = min(nc, cap) keys in (q, index) order. With `lex` the list is in
+// (in place), keys q << kIdxBits | index (qmax: the largest possible q), sorted by the bitonic
+// network up to 128 keys or the Selector; returns the first m = min(nc, cap) keys in (q, index) order. With `lex` the list is in
 // (neighbour, offset) order, so (q, index) is the contract's order; otherwise (cell list) runs of
 // equal q are reordered by (neighbour, offset), including the run at the cut, whose members
 // beyond the first m are looked up among all keys.
-E3RG_AVX512 const uint64_t* select_keys(double* dl, const Ident* id, int nc, int m, bool lex, bool small_q,
+E3RG_AVX512 const uint64_t* select_keys(double* dl, const Ident* id, int nc, int m, bool lex, long long qmax,
                                          BoxScratch& X) {
   const __m512d quantum = _mm512_set1_pd(kQuantum);
   const __m512i iota = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
@@ -904,8 +921,9 @@ E3RG_AVX512 const uint64_t* select_keys(double* dl, const Ident* id, int nc, int
   }
   for (int c = (nc + 7) & ~7; c < width; c += 8) _mm512_storeu_si512(key + c, ones);
   uint64_t* sorted = key;
-  if (width >= 16 && width <= 128 && small_q) {
-    // 32-bit keys q << 7 | index (q < 2^25, fewer than 128 candidates): half the network's work.
+  if (width >= 16 && width <= 128 && qmax < (1 << 25) - 1) {
+    // 32-bit keys q << 7 | index (at most 128 candidates, q below 2^25 - 1 so no real key is all
+    // ones): half the network's work.
     if ((int)X.kbuf32.size() < width) X.kbuf32.resize(width);
     uint32_t* k32 = X.kbuf32.data();
     const __m512i low = _mm512_set1_epi64(127);
@@ -977,7 +995,6 @@ E3RG_AVX512 void centre_cells_avx512(const CpuArgs& a, const Prepared& P, int i,
                                      int& kept, long long& ncand) {
   const int g = P.graph_of[i];
   const Cell& cg = P.cells[g];
-  const double* C = cg.C;
   Centre c;
   make_centre(i, a.ptr[g], a.ptr[g + 1] - a.ptr[g], a.pos, P.wfrac.data(), P.shift.data(), c);
   const int* bstart = &P.bin_start[P.bin_off[g]];
@@ -985,9 +1002,7 @@ E3RG_AVX512 void centre_cells_avx512(const CpuArgs& a, const Prepared& P, int i,
   for (int k = 0; k < 3; ++k) bin_range(cg, c, k, lo[k], hi[k]);
   const int nb0 = cg.nb[0], nb1 = cg.nb[1], nb2 = cg.nb[2];
   const __m512d pix = _mm512_set1_pd(c.p[0]), piy = _mm512_set1_pd(c.p[1]), piz = _mm512_set1_pd(c.p[2]);
-  const __m512d c0 = _mm512_set1_pd(C[0]), c1 = _mm512_set1_pd(C[1]), c2 = _mm512_set1_pd(C[2]);
-  const __m512d c3 = _mm512_set1_pd(C[3]), c4 = _mm512_set1_pd(C[4]), c5 = _mm512_set1_pd(C[5]);
-  const __m512d c6 = _mm512_set1_pd(C[6]), c7 = _mm512_set1_pd(C[7]), c8 = _mm512_set1_pd(C[8]);
+  const CellVec cv(cg.C);
   const __m512d srv = _mm512_set1_pd(P.sr);
   const int self_t = P.bin_pos[i];
   PodVec<double>& ls = X.cs;
@@ -1010,17 +1025,12 @@ E3RG_AVX512 void centre_cells_avx512(const CpuArgs& a, const Prepared& P, int i,
         const bool zero_image = O0 == 0 && O1 == 0 && O2 == 0;
         for (int t = t0; t < t1; t += 8) {
           const __mmask8 live = (__mmask8)(t1 - t >= 8 ? 0xFF : (1u << (t1 - t)) - 1);
-          const __m512d o0 = _mm512_sub_pd(ob0, _mm512_maskz_loadu_pd(live, P.bs0.data() + t));
-          const __m512d o1 = _mm512_sub_pd(ob1, _mm512_maskz_loadu_pd(live, P.bs1.data() + t));
-          const __m512d o2 = _mm512_sub_pd(ob2, _mm512_maskz_loadu_pd(live, P.bs2.data() + t));
-          const __m512d rx = _mm512_add_pd(_mm512_sub_pd(_mm512_maskz_loadu_pd(live, P.bx.data() + t), pix),
-              _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(o0, c0), _mm512_mul_pd(o1, c3)), _mm512_mul_pd(o2, c6)));
-          const __m512d ry = _mm512_add_pd(_mm512_sub_pd(_mm512_maskz_loadu_pd(live, P.by.data() + t), piy),
-              _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(o0, c1), _mm512_mul_pd(o1, c4)), _mm512_mul_pd(o2, c7)));
-          const __m512d rz = _mm512_add_pd(_mm512_sub_pd(_mm512_maskz_loadu_pd(live, P.bz.data() + t), piz),
-              _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(o0, c2), _mm512_mul_pd(o1, c5)), _mm512_mul_pd(o2, c8)));
-          const __m512d s2 = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(rx, rx), _mm512_mul_pd(ry, ry)),
-                                           _mm512_mul_pd(rz, rz));
+          const __m512d s2 = sq_length(cv, _mm512_sub_pd(_mm512_maskz_loadu_pd(live, P.bx.data() + t), pix),
+                                       _mm512_sub_pd(_mm512_maskz_loadu_pd(live, P.by.data() + t), piy),
+                                       _mm512_sub_pd(_mm512_maskz_loadu_pd(live, P.bz.data() + t), piz),
+                                       _mm512_sub_pd(ob0, _mm512_maskz_loadu_pd(live, P.bs0.data() + t)),
+                                       _mm512_sub_pd(ob1, _mm512_maskz_loadu_pd(live, P.bs1.data() + t)),
+                                       _mm512_sub_pd(ob2, _mm512_maskz_loadu_pd(live, P.bs2.data() + t)));
           unsigned k = _mm512_mask_cmp_pd_mask(live, s2, srv, _CMP_LE_OQ);
           if (zero_image && self_t >= t && self_t < t + 8) k &= ~(1u << (self_t - t));  // (i, 0)
           if (!k) continue;
@@ -1045,21 +1055,21 @@ E3RG_AVX512 void centre_cells_avx512(const CpuArgs& a, const Prepared& P, int i,
   kept = 0;
   const int m = std::min(n, P.cap[i]);
   if (m <= 0) return;
-  kept = emit_keys(i, select_keys(ls.data(), lid.data(), n, m, false, cg.qmax < (1 << 25) - 1, X), m, lid.data(), ls.data(), out);
+  kept = emit_keys(i, select_keys(ls.data(), lid.data(), n, m, false, cg.qmax, X), m, lid.data(), ls.data(),
+                   out);
 }
 
 E3RG_AVX512 void crystal_box_avx512(const CpuArgs& a, const Prepared& P, int g, BoxScratch& X, PodVec<OutEdge>& out,
                                     int* kept, int64_t* ncand) {
   const Cell& cg = P.cells[g];
-  const double* C = cg.C;
+  const CellVec cv(cg.C);
   const int start = (int)a.ptr[g], n = (int)(a.ptr[g + 1] - a.ptr[g]);
   if ((int)X.slists.size() < n) {
     X.slists.resize(n);
     X.ilists.resize(n);
   }
   X.sizes.assign(n, 0);
-  const double lim = std::sqrt(cg.rb2) + P.rcirc[g] + 1e-6;
-  const double lim2 = lim * lim * (1.0 + 1e-12);
+  const double lim2 = image_lim2(cg, P.rcirc[g]);
   const double sr = P.sr;
   for (int il = 0; il < n; ++il) {
     const int i = start + il;
@@ -1076,7 +1086,7 @@ E3RG_AVX512 void crystal_box_avx512(const CpuArgs& a, const Prepared& P, int g, 
       const double* pj = a.pos + 3 * j;
       const int* sj = &P.shift[3 * j];
       const int d0 = si[0] - sj[0], d1 = si[1] - sj[1], d2 = si[2] - sj[2];
-      const int m = box_distances(C, pj[0] - pi[0], pj[1] - pi[1], pj[2] - pi[2], d0, d1, d2, T, sr,
+      const int m = box_distances(cv, pj[0] - pi[0], pj[1] - pi[1], pj[2] - pi[2], d0, d1, d2, T, sr,
                                   jl == il ? zero_slot : -1, X);
       if (m == 0) continue;
       const double* ss = X.sblock.data();
@@ -1132,7 +1142,7 @@ E3RG_AVX512 void crystal_box_avx512(const CpuArgs& a, const Prepared& P, int g, 
     if (m <= 0) continue;
     double* dl = X.slists[il].data();
     const Ident* id = X.ilists[il].data();
-    kept[i] = emit_keys(i, select_keys(dl, id, nc, m, true, cg.qmax < (1 << 25) - 1, X), m, id, dl, out);
+    kept[i] = emit_keys(i, select_keys(dl, id, nc, m, true, cg.qmax, X), m, id, dl, out);
   }
 }
 
@@ -1472,6 +1482,15 @@ int radius_graph_cpu(const CpuArgs& a, CpuOut& out, std::string* err) {
   out.edge_index = static_cast<int64_t*>(out_alloc(sizeof(int64_t) * 2 * e_cap));
   out.offsets = static_cast<int64_t*>(out_alloc(sizeof(int64_t) * 3 * e_cap));
   out.dist = static_cast<double*>(out_alloc(sizeof(double) * e_cap));
+  if (!out.ncand || !out.rowptr || !out.edge_index || !out.offsets || !out.dist) {
+    for (void* p : {(void*)out.ncand, (void*)out.rowptr, (void*)out.edge_index, (void*)out.offsets, (void*)out.dist})
+      out_free(p);
+    out = CpuOut{};
+    if (err)
+      *err = "radius_graph: out of memory: the outputs for up to " + std::to_string(e_cap) + " edges need " +
+             std::to_string((48 * e_cap) >> 20) + " MB";
+    return kErrNoMemory;
+  }
   std::vector<PodVec<OutEdge>> bufs = take_buffers(T);
   std::vector<int64_t> unit_off(n_units);  // start of the unit's kept edges in its worker's buffer
   std::vector<int64_t> unit_edge(n_units);  // start of the unit's edges in the output

@@ -292,6 +292,21 @@ def test_empty_and_errors():
         cpu(pos, torch.eye(3)[None] * 5, torch.tensor([0, 4]), reserved=torch.tensor([0, -1, 0, 0]))
 
 
+def test_out_of_memory_is_a_clear_error():
+    """Outputs that cannot be allocated (2,000 atoms with K = 2^24: room for 3.4e10 edges) raise
+    MemoryError naming the problem, not a crash."""
+    try:
+        overcommit = Path("/proc/sys/vm/overcommit_memory").read_text().strip()
+    except OSError:
+        overcommit = ""
+    if overcommit != "0":
+        pytest.skip(f"needs the kernel's heuristic overcommit (vm.overcommit_memory=0), here {overcommit!r}")
+    rng = np.random.default_rng(3)
+    pos, cells, ptr = _batch(rng, [2000], ["gen"])
+    with pytest.raises(MemoryError, match="out of memory"):
+        cpu(pos, cells, ptr, 6.0, 2**24, num_threads=1)
+
+
 def test_registration_and_auto():
     assert "cpu" in backends.available("radius_graph")
     name, fn = backends.resolve("radius_graph", "auto", "cpu")
