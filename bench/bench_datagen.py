@@ -63,7 +63,7 @@ def run(n: int = 24, batch: int = 32, info: dict | None = None):
         return "", []
     import torch
 
-    from e3relax_fast.fire import BatchedFIRE, CHGNetBatchCalculator, relax_one_ase
+    from e3relax_fast.datagen import BatchedFIRE, CHGNetBatchCalculator, relax_one_ase
 
     warnings.filterwarnings("ignore", module="chgnet")
     jobs = make_jobs(n)

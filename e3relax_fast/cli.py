@@ -227,8 +227,7 @@ def run_eval(args: argparse.Namespace) -> int:
     dataset = PairDataset(_read_split(args.data, args.split))
     result = evaluate_model(model, dataset, device=args.device, match=not args.no_match)
     if args.steps_saved:
-        from .datagen import make_calculator
-        from .fire import steps_saved
+        from .datagen import make_calculator, steps_saved
 
         calculator = make_calculator(args.steps_saved, batched=True, device=args.device)
         result["steps_saved"] = steps_saved(dataset.pairs, result["predictions"], calculator,

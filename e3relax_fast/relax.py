@@ -267,7 +267,7 @@ def _refine(items, arrays, predicted, results, calculator, steps: int, fmax: flo
     """Continue each prediction with a few batched FIRE steps (in place in ``results``)."""
     from ase import Atoms
 
-    from .fire import BatchedFIRE
+    from .datagen import BatchedFIRE
 
     indices = list(predicted)
     start = [Atoms(numbers=arrays[i][0], positions=predicted[i][0], cell=predicted[i][1], pbc=True) for i in indices]

@@ -11,11 +11,10 @@ from ase.build import bulk  # noqa: E402
 from ase.calculators.emt import EMT  # noqa: E402
 
 from e3relax_fast.data import Pair  # noqa: E402
-from e3relax_fast.fire import (  # noqa: E402
+from e3relax_fast.datagen import (  # noqa: E402
     ASEBatchCalculator,
     BatchedFIRE,
     relax_one_ase,
-    relax_structures,
     steps_saved,
 )
 
@@ -57,7 +56,7 @@ def test_same_minima_as_ase_fire_unitcellfilter():
 def test_inputs_untouched_and_outcomes_in_input_order():
     structures = emt_structures(3, seed=1)
     before = [(a.positions.copy(), a.cell.array.copy()) for a in structures]
-    outcomes = relax_structures(structures, ASEBatchCalculator(EMT()), max_batch=2)
+    outcomes = BatchedFIRE(ASEBatchCalculator(EMT()), max_batch=2).relax(structures)
     for atoms, (pos, cell), out in zip(structures, before, outcomes, strict=True):
         assert np.array_equal(atoms.positions, pos) and np.array_equal(atoms.cell.array, cell)
         assert atoms.calc is None and out.atoms.calc is None
@@ -140,7 +139,7 @@ def test_chgnet_batched_adapter_matches_its_ase_calculator():
 
     from chgnet.model import CHGNetCalculator
 
-    from e3relax_fast.fire import CHGNetBatchCalculator
+    from e3relax_fast.datagen import CHGNetBatchCalculator
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

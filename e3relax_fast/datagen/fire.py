@@ -24,16 +24,12 @@ structure after another) and :class:`CHGNetBatchCalculator` (CHGNet's batched pr
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-BatchCalculator = Callable[[list], tuple]
-
-#: eV/Å³ per GPa.
-GPA = 1.0 / 160.21766208
+from .calculators import as_batch_calculator
 
 
 @dataclass(frozen=True)
@@ -82,121 +78,6 @@ def _as_full_stress(stresses) -> np.ndarray:
     if s.ndim != 3 or s.shape[1:] != (3, 3):
         raise ValueError(f"stresses must be (B, 3, 3) or (B, 6), got {s.shape}")
     return s
-
-
-class ASEBatchCalculator:
-    """Batched-calculator adapter for any ASE calculator: evaluates the structures one by one.
-
-    A structure whose evaluation raises gets NaN results (reported as an error by the optimiser)
-    instead of stopping the batch; ``KeyboardInterrupt`` still propagates.
-    """
-
-    def __init__(self, calculator) -> None:
-        self.calculator = calculator
-
-    def __call__(self, atoms_list: Sequence) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-        energies = np.full(len(atoms_list), np.nan)
-        forces = [np.full((len(a), 3), np.nan) for a in atoms_list]
-        stresses = np.full((len(atoms_list), 3, 3), np.nan)
-        for k, atoms in enumerate(atoms_list):
-            atoms.calc = self.calculator
-            try:
-                energies[k] = atoms.get_potential_energy()
-                forces[k] = np.asarray(atoms.get_forces(), dtype=np.float64)
-                stresses[k] = atoms.get_stress(voigt=False)
-            except Exception:  # any failure of a third-party calculator marks this structure only
-                energies[k] = np.nan
-            finally:
-                atoms.calc = None
-        return energies, forces, stresses
-
-
-@contextlib.contextmanager
-def _first_order_autograd():
-    """Make ``torch.autograd.grad`` skip ``create_graph`` while active.
-
-    CHGNet's forward asks for ``create_graph=True`` (needed for training on forces); for
-    inference that builds a double-backward graph that costs time and memory and grows with the
-    batch. Gradients are unchanged (float32 noise). Not thread-safe: patches a module attribute.
-    """
-    import torch
-
-    original = torch.autograd.grad
-
-    def grad(*args, **kwargs):
-        kwargs["create_graph"] = False
-        return original(*args, **kwargs)
-
-    torch.autograd.grad = grad
-    try:
-        yield
-    finally:
-        torch.autograd.grad = original
-
-
-class CHGNetBatchCalculator:
-    """Batched-calculator adapter for CHGNet (``chgnet`` package): graphs are built per structure,
-    the model runs on up to ``batch_size`` structures per forward call
-    (``CHGNet.predict_graph``). Energies are converted from eV/atom to eV, stress from GPa to eV/Å³.
-
-    Args:
-        model: a ``chgnet.model.CHGNet``; ``None`` loads the pretrained one shipped in the wheel
-            (``model_name``, default "0.3.0").
-        batch_size: structures per forward call.
-        device: torch device for a model loaded here.
-        first_order: skip CHGNet's ``create_graph=True`` (see :func:`_first_order_autograd`);
-            same results, faster.
-    """
-
-    def __init__(self, model=None, batch_size: int = 32, device: str = "cpu", first_order: bool = True,
-                 model_name: str = "0.3.0") -> None:
-        from chgnet.model import CHGNet
-
-        self.model = model if model is not None else CHGNet.load(model_name=model_name, verbose=False,
-                                                                 use_device=device)
-        self.batch_size = batch_size
-        self.first_order = first_order
-        # A structure with an atom that has no neighbour within the cutoff fails (NaN results).
-        self.model.graph_converter.set_isolated_atom_response("error")
-
-    def __call__(self, atoms_list: Sequence) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-        from pymatgen.core import Lattice, Structure
-
-        energies = np.full(len(atoms_list), np.nan)
-        forces = [np.full((len(a), 3), np.nan) for a in atoms_list]
-        stresses = np.full((len(atoms_list), 3, 3), np.nan)
-        graphs, where = [], []
-        for k, atoms in enumerate(atoms_list):
-            try:
-                structure = Structure(Lattice(atoms.cell.array), atoms.numbers, atoms.positions,
-                                      coords_are_cartesian=True)
-                graphs.append(self.model.graph_converter(structure))
-                where.append(k)
-            except (ValueError, RuntimeError):  # e.g. an isolated atom: this structure fails, the batch goes on
-                continue
-        if not graphs:
-            return energies, forces, stresses
-        context = _first_order_autograd() if self.first_order else contextlib.nullcontext()
-        with context:
-            predictions = self.model.predict_graph(graphs, task="efs", batch_size=self.batch_size)
-        if isinstance(predictions, dict):
-            predictions = [predictions]
-        for k, p in zip(where, predictions, strict=True):
-            n = len(atoms_list[k])
-            energies[k] = float(p["e"]) * (n if self.model.is_intensive else 1)
-            forces[k] = np.asarray(p["f"], dtype=np.float64)
-            stresses[k] = np.asarray(p["s"], dtype=np.float64) * GPA
-        return energies, forces, stresses
-
-
-def as_batch_calculator(calculator) -> BatchCalculator:
-    """An ASE calculator (has ``get_potential_energy``/``calculate``) wrapped in
-    :class:`ASEBatchCalculator`; any other callable is returned unchanged."""
-    if hasattr(calculator, "calculate") and hasattr(calculator, "get_property"):
-        return ASEBatchCalculator(calculator)
-    if not callable(calculator):
-        raise TypeError(f"not a calculator: {calculator!r}")
-    return calculator
 
 
 @dataclass
@@ -417,13 +298,6 @@ class BatchedFIRE:
         state.cell = state.orig_cell @ np.swapaxes(new_deform, 1, 2)
         state.pos = np.einsum("nij,nj->ni", new_deform[seg], r)
         state.steps = state.steps + 1
-
-
-def relax_structures(structures: Sequence, calculator, fmax: float = 0.05, max_steps: int = 300,
-                     max_batch: int | None = None, relax_cell: bool = True) -> list[RelaxOutcome]:
-    """Relax ``structures`` (``ase.Atoms``) with :class:`BatchedFIRE`; outcomes in input order."""
-    return BatchedFIRE(calculator, fmax=fmax, max_steps=max_steps, max_batch=max_batch,
-                       relax_cell=relax_cell).relax(structures)
 
 
 def relax_one_ase(atoms, calculator, fmax: float = 0.05, max_steps: int = 300) -> RelaxOutcome:

@@ -33,235 +33,25 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import os
-import re
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .data import SPLITS
+from ..data import SPLITS
+from .calculators import make_calculator
+from .fire import BatchedFIRE, relax_one_ase
+from .protocols import apply_rattle, apply_substitution, parse_protocols, seeded_rng, substitutions
+from .seeds import SeedSource, load_seed_source
 
 INDEX_COLUMNS = ("atoms_id", "protocol", "seed_id", "note", "natoms", "steps", "e_unrelaxed", "e_relaxed")
 DROPPED_COLUMNS = ("atoms_id", "protocol", "seed_id", "note", "natoms", "steps", "reason")
-PROTOCOLS = ("subst", "rattle")
 #: Largest allowed volume ratio (either way) between relaxed and unrelaxed cells.
 MAX_VOLUME_RATIO = 3.0
-STRAIN = 0.05  # strain entries uniform in [-STRAIN, STRAIN]
-RATTLE_SIGMA = 0.08  # Å
-
-# --- chemistry ----------------------------------------------------------------------------------
-
-NOBLE_GASES = frozenset({2, 10, 18, 36, 54, 86})
-RADIOACTIVE = frozenset({43, 61})  # Tc, Pm; and everything above Bi (Z > 83)
-MAX_SUBST_Z = 83
-LANTHANIDES = range(58, 72)  # Ce..Lu; La sits in group 3
-_PERIOD_ENDS = (2, 10, 18, 36, 54, 86, 118)
-
-
-def period_group(z: int) -> tuple[int, int | None]:
-    """(row, IUPAC group) of element ``z``; group ``None`` for Ce–Lu and Th–Lr."""
-    start = 0
-    for row, end in enumerate(_PERIOD_ENDS, start=1):
-        if z <= end:
-            pos = z - start - 1
-            length = end - start
-            if length == 2:
-                return row, (1 if pos == 0 else 18)
-            if length == 8:
-                return row, (pos + 1 if pos < 2 else pos + 11)
-            if length == 18:
-                return row, pos + 1
-            if pos <= 2:  # alkali, alkaline earth, La/Ac
-                return row, pos + 1
-            if pos <= 16:
-                return row, None
-            return row, pos - 13
-        start = end
-    raise ValueError(f"no element Z={z}")
-
-
-def _allowed(z: int) -> bool:
-    return 1 < z <= MAX_SUBST_Z and z not in NOBLE_GASES and z not in RADIOACTIVE
-
-
-def similar_elements(z: int) -> list[int]:
-    """Elements that may replace ``z`` in ``subst`` (ascending Z; empty if ``z`` itself is excluded)."""
-    if not _allowed(z):
-        return []
-    row, group = period_group(z)
-    out = set()
-    if group is not None:
-        for other in range(1, MAX_SUBST_Z + 1):
-            r, g = period_group(other)
-            if g == group and abs(r - row) == 1:
-                out.add(other)
-    if z in LANTHANIDES or z == 57:
-        out.update(o for o in (z - 1, z + 1) if 57 <= o <= 71)
-    return sorted(o for o in out if _allowed(o))
-
-
-def _radius_cubed_sum(numbers: Sequence[int]) -> float:
-    from ase.data import covalent_radii
-
-    return float(np.sum(covalent_radii[np.asarray(numbers)] ** 3))
-
-
-# --- seeds --------------------------------------------------------------------------------------
-
-
-@dataclass
-class SeedSource:
-    """Seed crystals of one file or folder: ids and a loader ``load(i) -> ase.Atoms``."""
-
-    name: str
-    ids: list[str]
-    load: Callable = field(repr=False)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def _prefix(path: Path) -> str:
-    stem = path.name
-    for suffix in (".gz", ".extxyz", ".xyz", ".csv"):
-        stem = stem.removesuffix(suffix)
-    return re.sub(r"[^a-z]", "", stem.lower()) or "seed"
-
-
-def _read_cif_text(text: str):
-    from ase.io import read
-
-    return read(io.StringIO(text), format="cif")
-
-
-def load_seed_source(path: str | Path) -> SeedSource:
-    """Seeds from a CSV with a ``cif`` column (ids ``<prefix>-<material_id>``, prefix: the letters
-    of the file name, e.g. ``perovval``), an extxyz/xyz file (ids from ``info`` ``atoms_id``,
-    ``material_id`` or another ``*_id`` key, else the frame index) or a folder of ``*.cif`` files
-    (ids ``<folder prefix>-<file stem>``)."""
-    from ase.io import read
-
-    path = Path(path)
-    prefix = _prefix(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.cif"))
-        if not files:
-            raise ValueError(f"no .cif files in {path}")
-        return SeedSource(prefix, [f"{prefix}-{f.stem}" for f in files], lambda i: read(files[i], format="cif"))
-    if path.suffix == ".csv":
-        csv.field_size_limit(sys.maxsize)
-        with path.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        if not rows or "cif" not in rows[0]:
-            raise ValueError(f"{path}: no 'cif' column")
-        key = next((k for k in ("material_id", "atoms_id", "id") if k in rows[0]), None)
-        ids = [f"{prefix}-{row[key] if key else k}" for k, row in enumerate(rows)]
-        texts = [row["cif"] for row in rows]
-        return SeedSource(prefix, ids, lambda i: _read_cif_text(texts[i]))
-    frames = read(path, index=":")
-    ids = []
-    for k, atoms in enumerate(frames):
-        info = atoms.info
-        key = next((x for x in ("atoms_id", "material_id", "seed_id") if x in info), None)
-        key = key or next((x for x in sorted(info) if x.endswith("_id")), None)
-        ids.append(f"{prefix}-{info[key] if key else k}")
-    return SeedSource(prefix, ids, lambda i: frames[i].copy())
-
-
-# --- protocols ----------------------------------------------------------------------------------
-
-
-def _rng(*words) -> np.random.Generator:
-    digest = hashlib.sha256("|".join(map(str, words)).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
-
-
-def _draw_substitution(numbers: np.ndarray, rng: np.random.Generator) -> dict[int, int] | None:
-    species = sorted(set(int(z) for z in numbers))
-    options = {z: similar_elements(z) for z in species}
-    movable = [z for z in species if options[z]]
-    if not movable:
-        return None
-    count = int(rng.integers(1, len(movable) + 1))
-    chosen = [movable[i] for i in rng.permutation(len(movable))[:count]]
-    present = set(species)
-    mapping = {}
-    for z in chosen:
-        free = [o for o in options[z] if o not in present]
-        if not free:
-            continue
-        new = int(free[rng.integers(len(free))])
-        mapping[z] = new
-        present.discard(z)
-        present.add(new)
-    return mapping or None
-
-
-def substitutions(seed_id: str, numbers: np.ndarray, count: int, seed: int, tries: int = 50) -> list[dict]:
-    """The first ``count`` distinct substitutions of a seed (fewer if it has no more); element
-    maps ``{old Z: new Z}``, drawn from the seed's own RNG stream."""
-    rng = _rng(seed, seed_id, "subst")
-    found: list[dict] = []
-    seen = set()
-    for _ in range(tries * count):
-        if len(found) >= count:
-            break
-        mapping = _draw_substitution(numbers, rng)
-        if mapping is None:
-            break
-        key = tuple(sorted(mapping.items()))
-        if key not in seen:
-            seen.add(key)
-            found.append(mapping)
-    return found
-
-
-def apply_substitution(atoms, mapping: dict[int, int]):
-    """A copy of ``atoms`` with elements replaced and the volume scaled by Σ r_new³ / Σ r_old³."""
-    from ase.data import chemical_symbols
-
-    out = atoms.copy()
-    old = out.numbers.copy()
-    out.numbers = np.array([mapping.get(int(z), int(z)) for z in old])
-    scale = (_radius_cubed_sum(out.numbers) / _radius_cubed_sum(old)) ** (1.0 / 3.0)
-    out.set_cell(out.cell.array * scale, scale_atoms=True)
-    note = ";".join(f"{chemical_symbols[a]}>{chemical_symbols[b]}" for a, b in sorted(mapping.items()))
-    return out, note
-
-
-def apply_rattle(atoms, rng: np.random.Generator):
-    """A copy of ``atoms`` strained (symmetric ε, entries in [−0.05, 0.05]) and rattled (σ = 0.08 Å)."""
-    out = atoms.copy()
-    upper = rng.uniform(-STRAIN, STRAIN, size=6)
-    eps = np.zeros((3, 3))
-    eps[np.triu_indices(3)] = upper
-    eps = eps + np.triu(eps, 1).T
-    out.set_cell(out.cell.array @ (np.eye(3) + eps), scale_atoms=True)
-    out.positions = out.positions + rng.normal(0.0, RATTLE_SIGMA, size=out.positions.shape)
-    return out
-
-
-def parse_protocols(text: str) -> dict[str, float]:
-    """``"subst,rattle"`` or with weights ``"subst:4,rattle:1"`` → normalised weights."""
-    weights = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, weight = part.partition(":")
-        if name not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
-        weights[name] = float(weight) if weight else 1.0
-        if weights[name] <= 0:
-            raise ValueError(f"protocol weight must be positive: {part!r}")
-    if not weights:
-        raise ValueError("no protocol given")
-    total = sum(weights.values())
-    return {k: v / total for k, v in weights.items()}
-
 
 # --- jobs ---------------------------------------------------------------------------------------
 
@@ -291,7 +81,7 @@ class JobPlan:
         self.protocols = protocols
         self.seed = seed
         self.id_prefix = id_prefix
-        self.order = [_rng(seed, "order", s.name, len(s)).permutation(len(s)) for s in self.sources]
+        self.order = [seeded_rng(seed, "order", s.name, len(s)).permutation(len(s)) for s in self.sources]
         self._cache: dict[str, object] = {}
 
     def locate(self, k: int) -> tuple[SeedSource, int, int]:
@@ -306,7 +96,8 @@ class JobPlan:
 
     def _protocol(self, seed_id: str, variant: int) -> str:
         names = list(self.protocols)
-        return names[_rng(self.seed, seed_id, variant, "protocol").choice(len(names), p=list(self.protocols.values()))]
+        rng = seeded_rng(self.seed, seed_id, variant, "protocol")
+        return names[rng.choice(len(names), p=list(self.protocols.values()))]
 
     def job(self, k: int) -> Job:
         from ase import Atoms
@@ -324,7 +115,7 @@ class JobPlan:
                 unrelaxed, note = apply_substitution(atoms, found[rank])
                 return Job(self.atoms_id(k), seed_id, "subst", note, unrelaxed)
             protocol = "rattle"  # no (further) distinct substitution for this seed
-        unrelaxed = apply_rattle(atoms, _rng(self.seed, seed_id, variant, "rattle"))
+        unrelaxed = apply_rattle(atoms, seeded_rng(self.seed, seed_id, variant, "rattle"))
         return Job(self.atoms_id(k), seed_id, protocol, "rattle", unrelaxed)
 
 
@@ -350,36 +141,6 @@ def inherit_splits(root: str | Path) -> dict[str, str]:
                     if row.get("atoms_id") in seed_of:
                         out[seed_of[row["atoms_id"]]] = split
     return out
-
-
-# --- calculators and relaxation -----------------------------------------------------------------
-
-
-def make_calculator(name: str, batched: bool, batch_size: int = 32, device: str = "cpu"):
-    """``"chgnet"`` (pretrained CHGNet 0.3.0), ``"emt"`` (ASE's EMT) or ``"module:factory"`` (an
-    ASE calculator class or factory). With ``batched`` the result is a batched calculator for
-    :class:`~e3relax_fast.fire.BatchedFIRE`, else an ASE calculator."""
-    from .fire import ASEBatchCalculator, CHGNetBatchCalculator
-
-    if name == "chgnet":
-        if batched:
-            return CHGNetBatchCalculator(batch_size=batch_size, device=device)
-        from chgnet.model import CHGNetCalculator
-
-        # An isolated atom fails the structure, as in the batched adapter.
-        return CHGNetCalculator(use_device=device, on_isolated_atoms="error")
-    if name == "emt":
-        from ase.calculators.emt import EMT
-
-        calc = EMT()
-    elif ":" in name:
-        import importlib
-
-        module, _, attr = name.partition(":")
-        calc = getattr(importlib.import_module(module), attr)()
-    else:
-        raise ValueError(f"unknown calculator {name!r}: use chgnet, emt or module:factory")
-    return ASEBatchCalculator(calc) if batched else calc
 
 
 @dataclass
@@ -412,7 +173,6 @@ def _init_worker(settings: Settings) -> None:
 
 def _relax_iter(atoms_iter, settings: Settings) -> Iterator[tuple[int, object]]:
     """Yield ``(position in atoms_iter, RelaxOutcome)`` as relaxations finish."""
-    from .fire import BatchedFIRE, relax_one_ase
 
     if "calc" not in _WORKER or _WORKER["settings"] != settings:
         _init_worker(settings)
@@ -432,7 +192,7 @@ def _relax_chunk(args) -> list:
 
 def judge(job: Job, outcome) -> str | None:
     """Why a relaxation is dropped, or ``None`` to keep it."""
-    from .structures import InvalidStructureError, validate
+    from ..structures import InvalidStructureError, validate
 
     if outcome.error:
         return outcome.error
@@ -685,7 +445,7 @@ def _generate(seeds, out, n, protocols, calculator, workers, batched, fmax, max_
     seconds = time.perf_counter() - start
     splits = write_splits(out, split_fractions, inherited)
     if extxyz:
-        from .data import read_cif_pairs, write_extxyz_pairs
+        from ..data import read_cif_pairs, write_extxyz_pairs
 
         for split in SPLITS:
             pairs = read_cif_pairs(out, split)
@@ -740,7 +500,3 @@ def _check_config(path: Path, config: dict) -> None:
         return
     path.write_text(json.dumps(config, indent=1) + "\n")
 
-
-__all__ = ["Job", "JobPlan", "SeedSource", "Settings", "apply_rattle", "apply_substitution", "generate",
-           "inherit_splits", "judge", "load_seed_source", "make_calculator", "parse_protocols", "period_group",
-           "similar_elements", "split_of", "substitutions", "write_splits"]
