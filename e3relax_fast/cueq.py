@@ -64,7 +64,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .reference.geometry import edge_vectors, safe_norm
+from .geometry import edge_vectors, safe_norm
 from .reference.message_passing import message_passing as _reference_message_passing
 from .reference.rbf import radial_basis
 

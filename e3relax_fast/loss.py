@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from .batch import graph_index_from_ptr
+from .geometry import safe_norm
 from .model import E3RelaxOutput
-from .reference.geometry import safe_norm
 
 # The 27 candidate images t in {-1, 0, 1}^3, in a fixed order so ties resolve deterministically.
 _IMAGES = torch.tensor(list(itertools.product((-1, 0, 1), repeat=3)), dtype=torch.int64)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from . import backends
 from .batch import Batch, graph_index_from_ptr
-from .reference.geometry import edge_vectors, lattice_vectors, safe_norm
+from .geometry import edge_vectors, lattice_vectors, safe_norm
 from .reference.lattice_message import lattice_message as _reference_lattice_message
 from .reference.lattice_pool import segment_mean as _reference_segment_mean
 from .reference.message_passing import message_passing as _reference_message_passing

@@ -22,8 +22,8 @@ import torch.distributed as dist
 
 from .batch import graph_index_from_ptr
 from .data import PairDataset
+from .geometry import safe_norm
 from .model import E3Relax
-from .reference.geometry import safe_norm
 
 
 @dataclass

@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference.geometry import EPS, lattice_vectors
+from ..geometry import EPS, lattice_vectors
 from .message_passing import _basis_tile, _chunk_biases, _envelope, _load_scalars, _scalars
 
 # Tests set this to True so every buffer the kernels must fill starts as NaN (unwritten -> fails).

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference.radius_graph import _REACH_ABS_MARGIN, _REACH_REL_MARGIN, DISTANCE_QUANTUM
+from ..geometry import DISTANCE_QUANTUM, REACH_ABS_MARGIN, REACH_REL_MARGIN
 
 # Tests set this to True so every buffer the kernels must fill starts poisoned (NaN / -7).
 POISON_OUTPUTS = False
@@ -388,7 +388,7 @@ def prepare(positions: Tensor, cells: Tensor, ptr: Tensor, radius: float, max_ne
                                             output_size=n_atoms)
     inv, info = torch.linalg.inv_ex(cell)  # no error check, no sync
     reach = radius * torch.linalg.vector_norm(inv, dim=1)
-    reach = reach * (1.0 + _REACH_REL_MARGIN) + _REACH_ABS_MARGIN  # (G, 3), as the reference
+    reach = reach * (1.0 + REACH_REL_MARGIN) + REACH_ABS_MARGIN  # (G, 3), as the reference
     bad_graph = (info != 0) | ~torch.isfinite(reach).all(dim=1) | ~torch.isfinite(cell).flatten(1).all(dim=1)
     reach = torch.where(bad_graph[:, None], torch.zeros_like(reach), reach)
 

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from .geometry import lattice_vectors, safe_norm
+from ..geometry import lattice_vectors, safe_norm
 from .rbf import radial_basis
 
 

@@ -43,22 +43,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..geometry import DISTANCE_QUANTUM, REACH_ABS_MARGIN, REACH_REL_MARGIN, SELF_IMAGE_OFFSETS
+
 # Upper bound on (pair, image) tests per chunk of centres. The working set is a few hundred bytes
 # per test, so this keeps the peak near 100 MB whatever the batch size (and small chunks stay in
 # cache: on CPU, 2^18 was as fast as or faster than larger chunks).
 CHUNK_WORK = 1 << 18
-
-# Quantum of the distance key q(d) = round(d / DISTANCE_QUANTUM), in Å.
-DISTANCE_QUANTUM = 1e-6
-
-# Margin added to the fractional reach so that an image exactly at the radius is never missed by
-# rounding in inv(C) or in f = p @ inv(C) (errors ~1e-16 relative; the margin only enlarges the
-# enumerated superset, it never changes the candidate set).
-_REACH_REL_MARGIN = 1e-9
-_REACH_ABS_MARGIN = 1e-9
-
-# The six fixed self-image offsets of §3.4 (images at +c, +b, +a, +b+c, +a+c, +a+b), in order.
-SELF_IMAGE_OFFSETS = ((0, 0, 1), (0, 1, 0), (1, 0, 0), (0, 1, 1), (1, 0, 1), (1, 1, 0))
 
 
 def edge_lengths(pos: Tensor, cells: Tensor, graph_of_atom: Tensor, i: Tensor, j: Tensor, o: Tensor) -> Tensor:
@@ -184,7 +174,7 @@ def radius_graph(
     inv = torch.linalg.inv(cell)  # (G, 3, 3); f = p @ inv(C) for row-vector lattice rows
     # Fractional extent of the sphere along each axis: max over |r| <= radius of r . inv[:, k].
     reach = radius * torch.linalg.vector_norm(inv, dim=1)  # (G, 3): column norms
-    reach = reach * (1.0 + _REACH_REL_MARGIN) + _REACH_ABS_MARGIN
+    reach = reach * (1.0 + REACH_REL_MARGIN) + REACH_ABS_MARGIN
     if not bool(torch.isfinite(reach).all()):
         raise ValueError("radius_graph: every cell must be finite and non-singular")
 
