@@ -31,9 +31,12 @@ from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
-OUR_SOURCES = [os.path.join(CSRC, f) for f in ("module.cpp", "radius_graph_cpu.cpp", "message_passing_cpu.cpp")]
+OUR_SOURCES = [os.path.join(CSRC, f) for f in ("module.cpp", "radius_graph_cpu.cpp", "radius_graph_cpu_avx512.cpp",
+                                                "radius_graph_warp_emulation.cpp", "thread_pool.cpp",
+                                                "output_cache.cpp", "message_passing_cpu.cpp")]
 CUDA_SOURCES = [os.path.join(CSRC, f) for f in ("radius_graph_cuda.cu", "message_passing_cuda.cu")]
-HEADERS = [os.path.join(CSRC, h) for h in ("radius_graph.h", "radius_graph_api.h", "message_passing.h",
+HEADERS = [os.path.join(CSRC, h) for h in ("radius_graph.h", "radius_graph_api.h", "radius_graph_cpu_internal.h",
+                                           "thread_pool.h", "output_cache.h", "message_passing.h",
                                            "message_passing_api.h")]
 # nanobind's core as one translation unit (its documented non-CMake route; the file list of the
 # unity source follows the installed nanobind version).

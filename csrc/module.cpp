@@ -56,7 +56,7 @@ nb::tuple radius_graph_cpu(CpuPos pos, CpuCells cells, CpuI64 ptr, double radius
   a.reserved = reserved ? reserved->data() : nullptr;
   a.num_threads = num_threads;
   a.cell_list_threshold = cell_list_threshold;
-  a.algo = algo;
+  a.path = static_cast<e3rg::GraphPath>(algo);  // checked above; the ints are GraphPath's values
   e3rg::CpuOut o;
   std::string err;
   int rc;
@@ -306,7 +306,7 @@ NB_MODULE(_C, m) {
 #else
   m.attr("WITH_CUDA") = false;
 #endif
-  m.attr("DEFAULT_CELL_LIST_THRESHOLD") = e3rg::default_cell_list_threshold(0);
+  m.attr("DEFAULT_CELL_LIST_THRESHOLD") = e3rg::default_cell_list_threshold(e3rg::GraphPath::Auto);
   m.attr("HIST_BINS") = e3rg::kHistBins;
   m.attr("BOUNDARY_CAP") = e3rg::kBoundaryCap;
   m.def("radius_graph_cpu", &radius_graph_cpu, "positions"_a, "cells"_a, "ptr"_a, "radius"_a, "max_neighbors"_a,

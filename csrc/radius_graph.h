@@ -35,7 +35,7 @@
 //
 // Selection. Sequential form: a sorted array of at most cap entries with insertion (topk_push);
 // the CPU launcher instead collects a centre's candidates and selects with a counting sort on q
-// (radius_graph_cpu.cpp), same result. Warp form (CUDA, one warp per centre; also emulated on the
+// (Selector, radius_graph_cpu_internal.h), same result. Warp form (CUDA, one warp per centre; also emulated on the
 // CPU for the tests): pass 1 counts the candidates into a 256-bin histogram of q, which gives the
 // bin T holding the cap-th key; pass 2 collects the candidates of bins < T (all kept) and of bin T
 // (the boundary, at most kBoundaryCap) into shared memory; a rank sort on the total key order then
@@ -726,8 +726,8 @@ RG_HD void emit_slot(int i, int t, int kc, const int* kept, const double* pos, c
 
 // --------------------------------------------------------------------------------------------
 // The warp form, step by step. The CUDA kernel runs each step on all 32 lanes of a warp with a
-// __syncwarp() between steps; the CPU emulation (radius_graph_cpu.cpp, algo=1) runs each step
-// for lane = 0..31 in turn. Same functions, same step sequence:
+// __syncwarp() between steps; the CPU emulation (radius_graph_warp_emulation.cpp, algo=1) runs
+// each step for lane = 0..31 in turn. Same functions, same step sequence:
 //
 //   warp_begin;          | sync
 //   warp_pass1;          | sync

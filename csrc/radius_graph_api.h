@@ -1,10 +1,13 @@
 // Plain C++ interface of the radius-graph launchers (no nanobind, no CUDA headers), shared by
-// module.cpp, radius_graph_cpu.cpp and radius_graph_cuda.cu.
+// module.cpp, the CPU launcher (radius_graph_cpu*.cpp, radius_graph_warp_emulation.cpp) and
+// radius_graph_cuda.cu.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <string>
+
+#include "output_cache.h"
 
 namespace e3rg {
 
@@ -13,6 +16,16 @@ namespace e3rg {
 // default_cell_list_threshold).
 constexpr int64_t kDefaultCellListThreshold = 768;
 constexpr int64_t kDefaultCellListThresholdAvx512 = 128;
+
+// The CPU launcher's enumeration (radius_graph_cpu.cpp). Every path gives the reference's result
+// exactly; all but Auto exist for the tests, which compare them. The values are the `algo`
+// integers of the Python interface (module.cpp passes them through): keep them.
+enum class GraphPath : int {
+  Auto = 0,           // image box for small crystals, cell list for large ones; AVX-512 where the CPU has it
+  WarpEmulation = 1,  // the CUDA kernel's warp algorithm, emulated lane by lane
+  BruteForce = 2,     // exact per-pair image bounds for small crystals (cell list for large ones)
+  Portable = 3,       // Auto without its AVX-512 paths
+};
 
 struct CpuArgs {
   const double* pos = nullptr;        // (N, 3) float64
@@ -24,12 +37,12 @@ struct CpuArgs {
   int64_t max_neighbors = 50;
   const int64_t* reserved = nullptr;  // (N,) or null
   int num_threads = 0;                // <= 0: hardware concurrency
-  int64_t cell_list_threshold = kDefaultCellListThreshold;  // < 0: default_cell_list_threshold(algo)
-  int algo = 0;                       // 0: default; 1: emulate the CUDA warp algorithm; 2: brute force with
-                                      // per-pair bounds; 3: algo 0 without its AVX-512 path (tests)
+  int64_t cell_list_threshold = kDefaultCellListThreshold;  // < 0: default_cell_list_threshold(path)
+  GraphPath path = GraphPath::Auto;
 };
 
-// Outputs, allocated by the launcher with out_alloc (the caller releases them with out_free).
+// Outputs, allocated by the launcher with out_alloc (output_cache.h; the caller releases them
+// with out_free).
 struct CpuOut {
   int64_t n_edges = 0;
   int64_t* edge_index = nullptr;  // (2, E)
@@ -49,16 +62,12 @@ int radius_graph_cpu(const CpuArgs& args, CpuOut& out, std::string* err);
 
 std::string error_message(int bits);
 
-// Output memory of radius_graph_cpu: out_free keeps released blocks (up to 128 MB) for later calls.
-void* out_alloc(size_t bytes);
-void out_free(void* p);
-
-// Whether algo 0 takes the AVX-512 paths on this CPU.
+// Whether GraphPath::Auto takes the AVX-512 paths on this CPU (radius_graph_cpu_avx512.cpp).
 bool cpu_simd_avx512();
-// The default cell-list threshold of `algo` on this CPU (measured crossovers on rattled diamond
+// The default cell-list threshold of `path` on this CPU (measured crossovers on rattled diamond
 // supercells: image box vs cell list ~500 atoms on the portable paths, < 128 with AVX-512; the
 // MP-like mix, <= 64 atoms, is faster on the image box either way).
-int64_t default_cell_list_threshold(int algo);
+int64_t default_cell_list_threshold(GraphPath path);
 
 #ifdef E3RELAX_WITH_CUDA
 // CUDA launchers (radius_graph_cuda.cu). All pointers are device pointers; `stream` is a
