@@ -38,28 +38,22 @@ first-order only (``once_differentiable``).
 Precision: float32 and float64, with the conventions of ``kernels/message_passing.py``:
 ``input_precision="ieee"`` by default (``"tf32"``/``"tf32x3"`` opt in, untested here), and float
 constants (coeff, cutoff, 1/sqrt(3), 1/sqrt(H), eps) passed through a small tensor in the working
-dtype, because a Python float literal would be rounded to float32 inside the kernel.
+dtype, because a Python float literal would be rounded to float32 inside the kernel. The radial
+basis, its envelope and that constants tensor are shared with ``message_passing`` (``basis.py``).
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..geometry import EPS, lattice_vectors
-from .message_passing import _basis_tile, _chunk_biases, _envelope, _load_scalars, _scalars
-
-# Tests set this to True so every buffer the kernels must fill starts as NaN (unwritten -> fails).
-POISON_OUTPUTS = False
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ..geometry import EPS
+from .basis import basis_tile, chunk_biases, envelope, load_scalars, scalars
+from .utils import GateConfig, alloc, compile_for_gpu, interpreting
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +96,7 @@ def _three_gates(x, env, denv, nm, w_ptr, mu_ptr, h, hm, H, R, coeff, cutoff,
     for k0 in range(0, R, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         km = k < R
-        f, df = _basis_tile(x, env, denv, nm, mu_ptr, k, km, coeff, cutoff, WITH_DERIVATIVE)
+        f, df = basis_tile(x, env, denv, nm, mu_ptr, k, km, coeff, cutoff, WITH_DERIVATIVE)
         wm = hm[:, None] & km[None, :]
         wrow = w_ptr + h[:, None] * R + k[None, :]
         w1 = tl.trans(tl.load(wrow, mask=wm, other=0.0))
@@ -135,11 +129,11 @@ def _lm_fwd_kernel(
     nm = n < N
     h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
-    coeff, cutoff, inv_sqrt3, inv_sqrt_h, eps = _load_scalars(scal_ptr)
+    coeff, cutoff, inv_sqrt3, inv_sqrt_h, eps = load_scalars(scal_ptr)
     H3 = 3 * H
 
     qx, qy, qz, _, d = _lattice_geometry(pos_ptr, cell_ptr, cen_ptr, gi_ptr, n, nm, K, eps, CENTRED)
-    x, env, _ = _envelope(d, cutoff, False)
+    x, env, _ = envelope(d, cutoff, False)
     g1, g2, g3, _, _, _ = _three_gates(x, env, env, nm, w_ptr, mu_ptr, h, hm, H, R, coeff, cutoff, False,
                                        BLOCK_N, BLOCK_H, BLOCK_K, PRECISION)
     m2 = nm[:, None] & hm[None, :]
@@ -169,7 +163,7 @@ def _accumulate_weight_grad(gw_rows, gg, x, env, nm, mu_ptr, hm, R, coeff, cutof
     for k0 in range(0, R, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         km = k < R
-        f, _ = _basis_tile(x, env, env, nm, mu_ptr, k, km, coeff, cutoff, False)
+        f, _ = basis_tile(x, env, env, nm, mu_ptr, k, km, coeff, cutoff, False)
         wm = hm[:, None] & km[None, :]
         gw = tl.load(gw_rows[:, None] + k[None, :], mask=wm, other=0.0)
         gw = tl.dot(tl.trans(gg), f, gw, input_precision=PRECISION, out_dtype=gw.dtype)
@@ -189,9 +183,9 @@ def _lm_bwd_kernel(
     pid_h = tl.program_id(1)
     h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
-    coeff, cutoff, inv_sqrt3, inv_sqrt_h, eps = _load_scalars(scal_ptr)
+    coeff, cutoff, inv_sqrt3, inv_sqrt_h, eps = load_scalars(scal_ptr)
     H3 = 3 * H
-    bias1, bias2, bias3 = _chunk_biases(b_ptr, h, hm, H)
+    bias1, bias2, bias3 = chunk_biases(b_ptr, h, hm, H)
     zero_h = tl.zeros([BLOCK_H], dtype=xp_ptr.dtype.element_ty)
     acc_gb1 = zero_h
     acc_gb2 = zero_h
@@ -203,7 +197,7 @@ def _lm_bwd_kernel(
         nm = n < N
         m2 = nm[:, None] & hm[None, :]
         qx, qy, qz, _, d = _lattice_geometry(pos_ptr, cell_ptr, cen_ptr, gi_ptr, n, nm, K, eps, CENTRED)
-        x, env, denv = _envelope(d, cutoff, NEED_GEOM)
+        x, env, denv = envelope(d, cutoff, NEED_GEOM)
         g1, g2, g3, dg1, dg2, dg3 = _three_gates(x, env, denv, nm, w_ptr, mu_ptr, h, hm, H, R, coeff, cutoff,
                                                  NEED_GEOM, BLOCK_N, BLOCK_H, BLOCK_K, PRECISION)
         g1 = g1 + bias1[None, :]
@@ -262,24 +256,18 @@ def _lm_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launch configuration
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class KernelConfig:
+@dataclass(frozen=True, kw_only=True)
+class KernelConfig(GateConfig):
     """Tile sizes and launch parameters; ``None`` fields are chosen from the problem and device.
 
-    block_n: atoms per tile (>= 16, the M side of the gate GEMM). block_h: channels per program
-    (>= 16). block_k: radial functions per step of the K-loop (>= 16). bwd_tiles_per_program: atom
+    block_n: atoms per tile (>= 16, the M side of the gate GEMM). bwd_tiles_per_program: atom
     tiles handled in turn by one backward program (each program keeps one (3H, R) W-gradient
-    partial). input_precision: ``"ieee"`` (exact float32, the default) or ``"tf32"`` /
-    ``"tf32x3"`` (tensor cores; float32 only).
+    partial). block_h, block_k, num_warps, num_stages, input_precision: see
+    :class:`~e3relax_fast.kernels.utils.GateConfig`.
     """
 
     block_n: int | None = None
-    block_h: int | None = None
-    block_k: int | None = None
     bwd_tiles_per_program: int | None = None
-    num_warps: int | None = None
-    num_stages: int | None = None
-    input_precision: str = "ieee"
 
 
 def gpu_tiles(dtype: torch.dtype, hidden: int) -> dict:
@@ -298,7 +286,7 @@ def gpu_tiles(dtype: torch.dtype, hidden: int) -> dict:
 def _resolve_config(cfg: KernelConfig | None, n: int, h: int, r: int, dtype: torch.dtype,
                     device) -> KernelConfig:
     cfg = cfg or KernelConfig()
-    if _interpreting() or device.type != "cuda":
+    if interpreting() or device.type != "cuda":
         # The interpreter pays ~1 ms per program and per interpreted op: few programs, big tiles.
         block_n = cfg.block_n or min(64, max(16, triton.next_power_of_2(n)))
         defaults = dict(block_n=block_n, block_h=min(128, max(16, triton.next_power_of_2(h))),
@@ -313,21 +301,14 @@ def _resolve_config(cfg: KernelConfig | None, n: int, h: int, r: int, dtype: tor
         # partials (one (3H, R) slice per program) stay small.
         blocks = max(1, (4 * sms) // n_hb)
         defaults["bwd_tiles_per_program"] = max(1, triton.cdiv(tiles, blocks))
-    out = {k: (getattr(cfg, k) if getattr(cfg, k) is not None else v) for k, v in defaults.items()}
-    return replace(cfg, **out)
-
-
-def _alloc(shape, like: Tensor) -> Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return cfg.with_defaults(defaults)
 
 
 def _forward(x_proj, vec, positions, cells, centres, graph_index, k, edge_weight, edge_bias, mu, scal,
              cfg: KernelConfig):
     n, h = vec.shape[0], vec.shape[2]
-    ds = _alloc((n, h), x_proj)
-    v_out = _alloc((n, 3, h), x_proj)
+    ds = alloc((n, h), x_proj)
+    v_out = alloc((n, 3, h), x_proj)
     if n == 0:
         return ds, v_out
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(h, cfg.block_h))
@@ -356,13 +337,13 @@ def _backward(gds, gvo, saved, centred: bool, k: int, need, cfg: KernelConfig):
     n_hb = triton.cdiv(h, cfg.block_h)
     tpp = cfg.bwd_tiles_per_program
     n_prog = triton.cdiv(triton.cdiv(n, cfg.block_n), tpp)
-    gxp = _alloc((n, 3 * h), x_proj)
-    gvec = _alloc((n, 3, h), x_proj)
+    gxp = alloc((n, 3 * h), x_proj)
+    gvec = alloc((n, 3, h), x_proj)
     # Accumulated in place by the kernel (each program owns one slice): must start at zero.
     gw_part = x_proj.new_zeros((n_prog, 3 * h, r)) if need_wb else x_proj.new_empty(0)
-    gb_part = _alloc((n_prog, 3 * h), x_proj) if need_wb else x_proj.new_empty(0)
-    gdist_part = _alloc((n, n_hb), x_proj) if need_geom else x_proj.new_empty(0)
-    gdir_part = _alloc((n, n_hb, 3), x_proj) if need_geom else x_proj.new_empty(0)
+    gb_part = alloc((n_prog, 3 * h), x_proj) if need_wb else x_proj.new_empty(0)
+    gdist_part = alloc((n, n_hb), x_proj) if need_geom else x_proj.new_empty(0)
+    gdir_part = alloc((n, n_hb, 3), x_proj) if need_geom else x_proj.new_empty(0)
     _lm_bwd_kernel[(n_prog, n_hb)](
         x_proj, vec, positions, cells, positions if centres is None else centres, graph_index, edge_weight,
         edge_bias, mu, scal, gds, gvo, gxp, gvec, gw_part, gb_part, gdist_part, gdir_part,
@@ -376,7 +357,11 @@ def _backward(gds, gvo, saved, centred: bool, k: int, need, cfg: KernelConfig):
     g_pos = g_cell = g_cen = None
     if need_geom:
         # dL/dd and dL/dw -> dL/dq (d = sqrt(max(|q|^2, eps)), w = -q/d), from the same q as the kernel.
-        q = lattice_vectors(positions, cells, graph_index, centres)[:, k]
+        # q = C_g[k] - (p - c_g) is written out here rather than taken from the shared geometry
+        # (geometry.lattice_vectors, which the reference uses), so that the gradient check against
+        # the reference compares two independent implementations of it.
+        p = positions if centres is None else positions - centres[graph_index]
+        q = cells[graph_index, k] - p
         qq = (q * q).sum(-1)
         d = torch.sqrt(torch.clamp(qq, min=EPS))
         gdir = gdir_part.sum(1)
@@ -465,17 +450,12 @@ def lattice_message(
     if k not in (0, 1, 2):
         raise ValueError(f"lattice node k must be 0, 1 or 2, got {k!r}")
     cfg = _resolve_config(config, n, h, rbf_centres.shape[0], dtype, x_proj.device)
-    if cfg.input_precision not in ("ieee", "tf32", "tf32x3") or (
-            dtype == torch.float64 and cfg.input_precision != "ieee"):
-        raise ValueError(f"input_precision {cfg.input_precision!r}: use 'ieee' (float64 and float32), "
-                         "'tf32' or 'tf32x3' (float32 only)")
-    if min(cfg.block_n, cfg.block_h, cfg.block_k) < 16:
-        raise ValueError("block_n, block_h and block_k must be >= 16 (tl.dot tile minimum)")
+    cfg.check(dtype, "block_n")
     return _FusedLatticeMessage.apply(
         x_proj.contiguous(), vec.contiguous(), positions.contiguous(), cells.contiguous(),
         None if centres is None else centres.contiguous(), edge_weight.contiguous(), edge_bias.contiguous(),
         graph_index.to(torch.int64).contiguous(), int(k), rbf_centres.to(dtype).contiguous(),
-        _scalars(rbf_coeff, cutoff, h, x_proj), cfg,
+        scalars(rbf_coeff, cutoff, h, x_proj), cfg,
     )
 
 
@@ -491,34 +471,19 @@ def aot_compile(dtype: torch.dtype = torch.float32, hidden: int = 512, num_rbf: 
 
     Returns ``{kernel name: compiled kernel}`` (``.asm`` holds ``ttgir``/``ptx``/``cubin``).
     """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if _interpreting():
-        raise RuntimeError("aot_compile needs the kernels compiled without TRITON_INTERPRET=1 "
-                           "(import this module in a process where it is unset)")
-
-    cfg = config or KernelConfig()
-    tiles = {k: (getattr(cfg, k) if getattr(cfg, k) is not None else v)
-             for k, v in gpu_tiles(dtype, hidden).items()}
+    tiles = (config or KernelConfig()).with_defaults(gpu_tiles(dtype, hidden))
     fp = "*fp32" if dtype == torch.float32 else "*fp64"
-    target = GPUTarget("cuda", arch, 32)
-    options = {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]}
-    consts = {"CENTRED": centred, "BLOCK_N": tiles["block_n"], "BLOCK_H": tiles["block_h"],
-              "BLOCK_K": tiles["block_k"], "PRECISION": cfg.input_precision}
+    consts = {"CENTRED": centred, "BLOCK_N": tiles.block_n, "BLOCK_H": tiles.block_h, "BLOCK_K": tiles.block_k,
+              "PRECISION": tiles.input_precision}
     common = {"xp_ptr": fp, "vec_ptr": fp, "pos_ptr": fp, "cell_ptr": fp, "cen_ptr": fp, "gi_ptr": "*i64",
-              "w_ptr": fp, "b_ptr": fp, "mu_ptr": fp, "scal_ptr": fp}
+              "w_ptr": fp, "b_ptr": fp, "mu_ptr": fp, "scal_ptr": fp, "N": "i32", "H": "i32", "R": "i32", "K": "i32"}
     out = {}
     if "fwd" in kernels:
-        sig = {**common, "ds_ptr": fp, "vo_ptr": fp, "N": "i32", "H": "i32", "R": "i32", "K": "i32",
-               **dict.fromkeys(consts, "constexpr")}
-        out["fwd"] = triton.compile(ASTSource(_lm_fwd_kernel, sig, consts), target=target, options=options)
+        types = {**common, "ds_ptr": fp, "vo_ptr": fp}
+        out["fwd"] = compile_for_gpu(_lm_fwd_kernel, types, consts, arch, tiles.num_warps, tiles.num_stages)
     if "bwd" in kernels:
-        # In the kernel's parameter order.
-        bconsts = {"CENTRED": centred, "NEED_W": True, "NEED_GEOM": True,
-                   **{k: v for k, v in consts.items() if k != "CENTRED"}}
-        sig = {**common, "gds_ptr": fp, "gvo_ptr": fp, "gxp_ptr": fp, "gvec_ptr": fp, "gw_ptr": fp, "gb_ptr": fp,
-               "gdist_ptr": fp, "gdir_ptr": fp, "N": "i32", "H": "i32", "R": "i32", "K": "i32",
-               "tiles_per_program": "i32", "num_hblocks": "i32", **dict.fromkeys(bconsts, "constexpr")}
-        out["bwd"] = triton.compile(ASTSource(_lm_bwd_kernel, sig, bconsts), target=target, options=options)
+        types = {**common, "gds_ptr": fp, "gvo_ptr": fp, "gxp_ptr": fp, "gvec_ptr": fp, "gw_ptr": fp, "gb_ptr": fp,
+                 "gdist_ptr": fp, "gdir_ptr": fp, "tiles_per_program": "i32", "num_hblocks": "i32"}
+        out["bwd"] = compile_for_gpu(_lm_bwd_kernel, types, {**consts, "NEED_W": True, "NEED_GEOM": True}, arch,
+                                     tiles.num_warps, tiles.num_stages)
     return out

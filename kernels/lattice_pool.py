@@ -1,9 +1,10 @@
-"""Per-crystal mean of atom features in Triton (spec §6 Step 0 centres, Step E pooling).
+"""Op ``lattice_pool``: the per-crystal mean of atom features in Triton (spec §6 Step 0 centres,
+Step E pooling).
 
 Twin of :func:`e3relax_fast.reference.lattice_pool.segment_mean`, same arguments. ``x`` of shape
 ``(N, ...)`` is read as ``(N, F)`` with ``F`` the product of its trailing dimensions.
 
-Forward (``_segment_mean_kernel``): grid ``(G, feature blocks)``. A program owns one crystal and
+Forward (``_lattice_pool_kernel``): grid ``(G, feature blocks)``. A program owns one crystal and
 ``block_f`` features; it walks the crystal's CSR atom range ``ptr[g]:ptr[g+1]`` in tiles of
 ``block_a`` atoms, sums each tile over its atoms and accumulates in registers, then divides by the
 atom count (clamped to 1, so an empty crystal gets 0) and stores once. Every output element is
@@ -18,24 +19,18 @@ backward works).
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-# Tests set this to True so every buffer the kernel must fill starts as NaN (unwritten -> fails).
-POISON_OUTPUTS = False
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .utils import LaunchConfig, alloc, compile_for_gpu, interpreting
 
 
 @triton.jit
-def _segment_mean_kernel(x_ptr, ptr_ptr, out_ptr, F, BLOCK_A: tl.constexpr, BLOCK_F: tl.constexpr):
+def _lattice_pool_kernel(x_ptr, ptr_ptr, out_ptr, F, BLOCK_A: tl.constexpr, BLOCK_F: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)
     f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     fm = f < F
@@ -50,16 +45,16 @@ def _segment_mean_kernel(x_ptr, ptr_ptr, out_ptr, F, BLOCK_A: tl.constexpr, BLOC
     tl.store(out_ptr + g * F + f, acc / count, mask=fm)
 
 
-@dataclass(frozen=True)
-class PoolConfig:
+@dataclass(frozen=True, kw_only=True)
+class PoolConfig(LaunchConfig):
     """Launch parameters; ``None`` fields are chosen from the problem and device.
 
-    block_a: atoms summed per loop step. block_f: features per program (powers of two).
+    block_a: atoms summed per loop step. block_f: features per program (powers of two). num_warps:
+    warps per program.
     """
 
     block_a: int | None = None
     block_f: int | None = None
-    num_warps: int | None = None
 
 
 def gpu_tiles(features: int) -> dict:
@@ -70,27 +65,24 @@ def gpu_tiles(features: int) -> dict:
 
 def _resolve_config(cfg: PoolConfig | None, features: int, device) -> PoolConfig:
     cfg = cfg or PoolConfig()
-    if _interpreting() or device.type != "cuda":
+    if interpreting() or device.type != "cuda":
         # The interpreter pays per program and per loop step: one feature block, long atom tiles.
         defaults = dict(block_a=64, block_f=triton.next_power_of_2(features), num_warps=4)
     else:
         defaults = gpu_tiles(features)
-    return replace(cfg, **{k: (getattr(cfg, k) if getattr(cfg, k) is not None else v) for k, v in defaults.items()})
+    return cfg.with_defaults(defaults)
 
 
 def _forward(x2, ptr, cfg: PoolConfig) -> Tensor:
     g, f = ptr.shape[0] - 1, x2.shape[1]
-    if POISON_OUTPUTS:
-        out = torch.full((g, f), float("nan"), dtype=x2.dtype, device=x2.device)
-    else:
-        out = torch.empty((g, f), dtype=x2.dtype, device=x2.device)
+    out = alloc((g, f), x2)
     if g and f:
-        _segment_mean_kernel[(g, triton.cdiv(f, cfg.block_f))](
+        _lattice_pool_kernel[(g, triton.cdiv(f, cfg.block_f))](
             x2, ptr, out, f, BLOCK_A=cfg.block_a, BLOCK_F=cfg.block_f, num_warps=cfg.num_warps)
     return out
 
 
-class _SegmentMean(torch.autograd.Function):
+class _LatticePool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, ptr, graph_index, cfg):
         ctx.save_for_backward(ptr, graph_index)
@@ -103,7 +95,7 @@ class _SegmentMean(torch.autograd.Function):
         return (grad / counts.unsqueeze(-1))[graph_index], None, None, None
 
 
-def segment_mean(x: Tensor, ptr: Tensor, graph_index: Tensor, *, config: PoolConfig | None = None) -> Tensor:
+def lattice_pool(x: Tensor, ptr: Tensor, graph_index: Tensor, *, config: PoolConfig | None = None) -> Tensor:
     """Fused Triton twin of :func:`e3relax_fast.reference.lattice_pool.segment_mean`.
 
     Args:
@@ -118,14 +110,14 @@ def segment_mean(x: Tensor, ptr: Tensor, graph_index: Tensor, *, config: PoolCon
         ``(G, ...)`` means in the dtype of ``x``; a crystal without atoms gets 0.
     """
     if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"triton segment_mean supports float32 and float64, got {x.dtype}")
+        raise TypeError(f"triton lattice_pool supports float32 and float64, got {x.dtype}")
     n = x.shape[0]
     if ptr.dim() != 1 or graph_index.shape != (n,):
         raise ValueError(f"shapes: x {tuple(x.shape)}, ptr {tuple(ptr.shape)}, graph_index "
                          f"{tuple(graph_index.shape)}; expected (N, ...), (G+1,), (N,)")
     features = math.prod(x.shape[1:])
     cfg = _resolve_config(config, features, x.device)
-    out = _SegmentMean.apply(x.reshape(n, features).contiguous(), ptr.to(torch.int64).contiguous(),
+    out = _LatticePool.apply(x.reshape(n, features).contiguous(), ptr.to(torch.int64).contiguous(),
                              graph_index.to(torch.int64), cfg)
     return out.reshape(ptr.shape[0] - 1, *x.shape[1:])
 
@@ -134,16 +126,8 @@ def aot_compile(dtype: torch.dtype = torch.float32, features: int = 1536, arch: 
                 config: PoolConfig | None = None) -> dict:
     """Compile the forward kernel (``"fwd"``) for ``sm_{arch}`` without a device, with the GPU
     defaults for ``features`` (1536 = 3H at H=512). Returns ``{"fwd": compiled kernel}``."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if _interpreting():
-        raise RuntimeError("aot_compile needs the kernels compiled without TRITON_INTERPRET=1 "
-                           "(import this module in a process where it is unset)")
-    cfg = config or PoolConfig()
-    tiles = {k: (getattr(cfg, k) if getattr(cfg, k) is not None else v) for k, v in gpu_tiles(features).items()}
+    tiles = (config or PoolConfig()).with_defaults(gpu_tiles(features))
     fp = "*fp32" if dtype == torch.float32 else "*fp64"
-    sig = {"x_ptr": fp, "ptr_ptr": "*i64", "out_ptr": fp, "F": "i32", "BLOCK_A": "constexpr", "BLOCK_F": "constexpr"}
-    consts = {"BLOCK_A": tiles["block_a"], "BLOCK_F": tiles["block_f"]}
-    return {"fwd": triton.compile(ASTSource(_segment_mean_kernel, sig, consts), target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": tiles["num_warps"], "num_stages": 1})}
+    types = {"x_ptr": fp, "ptr_ptr": "*i64", "out_ptr": fp, "F": "i32"}
+    consts = {"BLOCK_A": tiles.block_a, "BLOCK_F": tiles.block_f}
+    return {"fwd": compile_for_gpu(_lattice_pool_kernel, types, consts, arch, tiles.num_warps)}

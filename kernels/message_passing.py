@@ -42,47 +42,28 @@ TF32; FMA units), so results match the reference to rounding; ``KernelConfig(inp
 tested here, the CPU interpreter ignores the setting). Float constants (coeff, cutoff,
 1/sqrt(3), 1/sqrt(H), eps) reach the kernels through a small tensor in the working dtype, because a
 Python float literal would be rounded to float32 inside the kernel.
+
+The radial basis, its envelope and that constants tensor are shared with ``lattice_message``
+(``basis.py``); the launch-configuration base and the ahead-of-time compile are in ``utils.py``.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-EPS = 1e-8  # safe-norm clamp (spec §1.3); identical to reference.geometry.EPS
-
-# Tests set this to True so every buffer the kernels must fill starts as NaN (unwritten -> fails).
-POISON_OUTPUTS = False
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ..geometry import EPS
+from .basis import basis_tile, chunk_biases, envelope, load_scalars, scalars
+from .utils import GateConfig, alloc, compile_for_gpu, interpreting
 
 
 # ---------------------------------------------------------------------------------------------
 # Triton device functions
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _load_scalars(scal_ptr):
-    """The float constants of :func:`_scalars`: coeff, cutoff, 1/sqrt(3), 1/sqrt(H), eps."""
-    return (tl.load(scal_ptr + 0), tl.load(scal_ptr + 1), tl.load(scal_ptr + 2), tl.load(scal_ptr + 3),
-            tl.load(scal_ptr + 4))
-
-
-@triton.jit
-def _chunk_biases(b_ptr, h, hm, H):
-    """The edge-projection bias of channels ``h`` (mask ``hm``) in each of the three chunks."""
-    return (tl.load(b_ptr + h, mask=hm, other=0.0), tl.load(b_ptr + H + h, mask=hm, other=0.0),
-            tl.load(b_ptr + 2 * H + h, mask=hm, other=0.0))
-
-
 @triton.jit
 def _edge_geometry(pos_ptr, cell_ptr, off_ptr, fx, fy, fz, other, g, e, em, eps,
                    SOURCE_FIXED: tl.constexpr):
@@ -119,37 +100,6 @@ def _edge_geometry(pos_ptr, cell_ptr, off_ptr, fx, fy, fz, other, g, e, em, eps,
 
 
 @triton.jit
-def _envelope(d, cutoff, WITH_DERIVATIVE: tl.constexpr):
-    """x = d / cutoff, the envelope u(x) and (optionally) du/dx, as reference/rbf.py (p = 5)."""
-    x = d / cutoff
-    x5 = x * x * x * x * x
-    inside = x < 1.0
-    env = tl.where(inside, 1.0 + (-21.0) * x5 + 35.0 * x5 * x + (-15.0) * x5 * x * x, 0.0)
-    if WITH_DERIVATIVE:
-        x4 = x * x * x * x
-        denv = tl.where(inside, (-105.0) * x4 + 210.0 * x5 + (-105.0) * x5 * x, 0.0)
-    else:
-        denv = env
-    return x, env, denv
-
-
-@triton.jit
-def _basis_tile(x, env, denv, em, mu_ptr, k, km, coeff, cutoff, WITH_DERIVATIVE: tl.constexpr):
-    """(tile_e, tile_k) basis values f = u(x) exp(coeff (x - mu_k)^2) for the centres ``k`` and,
-    optionally, df/dd. Rows outside ``em`` and columns outside ``km`` are zero."""
-    mu = tl.load(mu_ptr + k, mask=km, other=0.0)
-    diff = x[:, None] - mu[None, :]
-    gauss = tl.exp(coeff * (diff * diff))
-    valid = em[:, None] & km[None, :]
-    f = tl.where(valid, env[:, None] * gauss, 0.0)
-    if WITH_DERIVATIVE:
-        df = tl.where(valid, (denv[:, None] + env[:, None] * (2.0 * coeff) * diff) * gauss / cutoff, 0.0)
-    else:
-        df = f
-    return f, df
-
-
-@triton.jit
 def _gate_tile(x, env, denv, em, w_ptr, mu_ptr, rows, hm, R, coeff, cutoff,
                WITH_DERIVATIVE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
@@ -161,7 +111,7 @@ def _gate_tile(x, env, denv, em, w_ptr, mu_ptr, rows, hm, R, coeff, cutoff,
     for k0 in range(0, R, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         km = k < R
-        f, df = _basis_tile(x, env, denv, em, mu_ptr, k, km, coeff, cutoff, WITH_DERIVATIVE)
+        f, df = basis_tile(x, env, denv, em, mu_ptr, k, km, coeff, cutoff, WITH_DERIVATIVE)
         w = tl.load(w_ptr + rows[:, None] * R + k[None, :], mask=hm[:, None] & km[None, :], other=0.0)
         gate = tl.dot(f, tl.trans(w), gate, input_precision=PRECISION, out_dtype=dtype)
         if WITH_DERIVATIVE:
@@ -184,9 +134,9 @@ def _mp_fwd_kernel(
     pid_h = tl.program_id(1)
     h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
-    coeff, cutoff, inv_sqrt3, inv_sqrt_h, eps = _load_scalars(scal_ptr)
+    coeff, cutoff, inv_sqrt3, inv_sqrt_h, eps = load_scalars(scal_ptr)
     H3 = 3 * H
-    bias1, bias2, bias3 = _chunk_biases(b_ptr, h, hm, H)
+    bias1, bias2, bias3 = chunk_biases(b_ptr, h, hm, H)
     zero_h = tl.zeros([BLOCK_H], dtype=xp_ptr.dtype.element_ty)
 
     for t in range(0, nodes_per_program):
@@ -208,7 +158,7 @@ def _mp_fwd_kernel(
             g = tl.load(eg_ptr + e, mask=em, other=0)
             rx, ry, rz, rr, d = _edge_geometry(pos_ptr, cell_ptr, off_ptr, pix, piy, piz, j, g, e, em,
                                                eps, False)
-            x, env, _ = _envelope(d, cutoff, False)
+            x, env, _ = envelope(d, cutoff, False)
             m2 = em[:, None] & hm[None, :]
             xrow = xp_ptr + j[:, None] * H3 + h[None, :]
             vrow = vec_ptr + j[:, None] * H3 + h[None, :]
@@ -255,7 +205,7 @@ def _mp_bwd_kernel(
     pid_h = tl.program_id(1)
     h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
-    coeff, cutoff, inv_sqrt3, inv_sqrt_h, eps = _load_scalars(scal_ptr)
+    coeff, cutoff, inv_sqrt3, inv_sqrt_h, eps = load_scalars(scal_ptr)
     H3 = 3 * H
     hc = CHUNK * H + h  # row of W, column of x_proj
     bias = tl.load(b_ptr + hc, mask=hm, other=0.0)
@@ -291,7 +241,7 @@ def _mp_bwd_kernel(
             g = tl.load(eg_ptr + e, mask=pm, other=0)
             rx, ry, rz, rr, d = _edge_geometry(pos_ptr, cell_ptr, off_ptr, pjx, pjy, pjz, i, g, e, pm,
                                                eps, True)
-            x, env, denv = _envelope(d, cutoff, NEED_GEOM)
+            x, env, denv = envelope(d, cutoff, NEED_GEOM)
             gate, dgate = _gate_tile(x, env, denv, pm, w_ptr, mu_ptr, hc, hm, R, coeff, cutoff, NEED_GEOM,
                                      BLOCK_E, BLOCK_H, BLOCK_K, PRECISION)
             gate = gate + bias[None, :]
@@ -330,7 +280,7 @@ def _mp_bwd_kernel(
                 for k0 in range(0, R, BLOCK_K):
                     k = k0 + tl.arange(0, BLOCK_K)
                     km = k < R
-                    f, _ = _basis_tile(x, env, env, pm, mu_ptr, k, km, coeff, cutoff, False)
+                    f, _ = basis_tile(x, env, env, pm, mu_ptr, k, km, coeff, cutoff, False)
                     wm = hm[:, None] & km[None, :]
                     gw = tl.load(gw_rows[:, None] + k[None, :], mask=wm, other=0.0)
                     gw = tl.dot(tl.trans(ggate), f, gw, input_precision=PRECISION, out_dtype=gw.dtype)
@@ -347,25 +297,19 @@ def _mp_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launch configuration
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class KernelConfig:
+@dataclass(frozen=True, kw_only=True)
+class KernelConfig(GateConfig):
     """Tile sizes and launch parameters; ``None`` fields are chosen from the problem and device.
 
-    block_e: edges per tile (>= 16). block_h: channels per program (>= 16). block_k: radial
-    functions per step of the gate GEMM's K-loop (>= 16). fwd_nodes_per_program /
-    bwd_nodes_per_program: receivers (forward) or sources (backward) handled in turn by one
-    program; the backward keeps one W-gradient partial per program. input_precision: ``"ieee"``
-    (exact float32, the default) or ``"tf32"`` / ``"tf32x3"`` (tensor cores; float32 only).
+    block_e: edges per tile (>= 16). fwd_nodes_per_program / bwd_nodes_per_program: receivers
+    (forward) or sources (backward) handled in turn by one program; the backward keeps one
+    W-gradient partial per program. block_h, block_k, num_warps, num_stages, input_precision: see
+    :class:`~e3relax_fast.kernels.utils.GateConfig`.
     """
 
     block_e: int | None = None
-    block_h: int | None = None
-    block_k: int | None = None
     fwd_nodes_per_program: int | None = None
     bwd_nodes_per_program: int | None = None
-    num_warps: int | None = None
-    num_stages: int | None = None
-    input_precision: str = "ieee"
 
 
 def gpu_tiles(dtype: torch.dtype, hidden: int) -> dict:
@@ -382,7 +326,7 @@ def gpu_tiles(dtype: torch.dtype, hidden: int) -> dict:
 def _resolve_config(cfg: KernelConfig | None, n: int, h: int, r: int, dtype: torch.dtype,
                     device) -> KernelConfig:
     cfg = cfg or KernelConfig()
-    if _interpreting() or device.type != "cuda":
+    if interpreting() or device.type != "cuda":
         # The interpreter pays ~1 ms per program and per interpreted op: few programs, big tiles.
         defaults = dict(block_e=64, block_h=min(128, max(16, triton.next_power_of_2(h))),
                         block_k=max(16, triton.next_power_of_2(r)), fwd_nodes_per_program=max(1, n),
@@ -395,34 +339,15 @@ def _resolve_config(cfg: KernelConfig | None, n: int, h: int, r: int, dtype: tor
         # the W-gradient partials (one (3H, R) slice per source block) stay small.
         blocks = max(1, (4 * sms) // n_hb)
         defaults.update(fwd_nodes_per_program=1, bwd_nodes_per_program=max(1, triton.cdiv(n, blocks)))
-    out = {k: (getattr(cfg, k) if getattr(cfg, k) is not None else v) for k, v in defaults.items()}
-    return replace(cfg, **out)
-
-
-def _alloc(shape, like: Tensor) -> Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
-
-
-def _scalars(coeff: float, cutoff: float, h: int, like: Tensor) -> Tensor:
-    """The kernels' float constants as a tensor in ``like``'s dtype, on its device."""
-    return _scalars_cached(float(coeff), float(cutoff), int(h), like.dtype, like.device)
-
-
-@functools.lru_cache(maxsize=64)
-def _scalars_cached(coeff: float, cutoff: float, h: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    # Cached: building it is a host-to-device copy, which must not happen inside a CUDA-graph
-    # capture (or on every call). Never written to.
-    return torch.tensor([coeff, cutoff, 1 / math.sqrt(3.0), 1 / math.sqrt(h), EPS], dtype=dtype, device=device)
+    return cfg.with_defaults(defaults)
 
 
 def _forward(x_proj, vec, positions, cells, src, offsets, edge_graph, edge_weight, edge_bias, centres,
              scal, rowptr, cfg: KernelConfig):
     n, h = vec.shape[0], vec.shape[2]
     r = centres.shape[0]
-    ds = _alloc((n, h), x_proj)
-    dv = _alloc((n, 3, h), x_proj)
+    ds = alloc((n, h), x_proj)
+    dv = alloc((n, 3, h), x_proj)
     if n == 0:
         return ds, dv
     grid = (triton.cdiv(n, cfg.fwd_nodes_per_program), triton.cdiv(h, cfg.block_h))
@@ -444,8 +369,8 @@ def _backward(gds, gdv, saved, need, cfg: KernelConfig):
     e_count = src.shape[0]
     need_geom = need_pos or need_cell
     need_wb = need_w or need_b
-    gxp = _alloc((n, 3 * h), x_proj)
-    gvec = _alloc((n, 3, h), x_proj)
+    gxp = alloc((n, 3 * h), x_proj)
+    gvec = alloc((n, 3, h), x_proj)
     if n == 0:
         return (x_proj.new_zeros(x_proj.shape), vec.new_zeros(vec.shape), torch.zeros_like(positions),
                 torch.zeros_like(cells), torch.zeros_like(edge_weight), torch.zeros_like(edge_bias))
@@ -457,9 +382,9 @@ def _backward(gds, gdv, saved, need, cfg: KernelConfig):
     n_prog = triton.cdiv(n, npp)
     # Accumulated in place by the kernels (each program owns one slice): must start at zero.
     gw_part = x_proj.new_zeros((n_prog, 3 * h, r)) if need_wb else x_proj.new_empty(0)
-    gb_part = _alloc((n_prog, 3 * h), x_proj) if need_wb else x_proj.new_empty(0)
-    gd_part = _alloc((e_count, 3 * n_hb), x_proj) if need_geom else x_proj.new_empty(0)
-    gu_part = _alloc((e_count, n_hb, 3), x_proj) if need_geom else x_proj.new_empty(0)
+    gb_part = alloc((n_prog, 3 * h), x_proj) if need_wb else x_proj.new_empty(0)
+    gd_part = alloc((e_count, 3 * n_hb), x_proj) if need_geom else x_proj.new_empty(0)
+    gu_part = alloc((e_count, n_hb, 3), x_proj) if need_geom else x_proj.new_empty(0)
     for chunk in range(3):
         _mp_bwd_kernel[(n_prog, n_hb)](
             x_proj, vec, positions, cells, dst, offsets, edge_graph, edge_weight, edge_bias, centres,
@@ -560,19 +485,14 @@ def message_passing(
         raise ValueError(f"edge_weight must be (3H, R) = ({3 * h}, {rbf_centres.shape[0]}), "
                          f"got {tuple(edge_weight.shape)}")
     cfg = _resolve_config(config, n, h, rbf_centres.shape[0], dtype, x_proj.device)
-    if cfg.input_precision not in ("ieee", "tf32", "tf32x3") or (
-            dtype == torch.float64 and cfg.input_precision != "ieee"):
-        raise ValueError(f"input_precision {cfg.input_precision!r}: use 'ieee' (float64 and float32), "
-                         "'tf32' or 'tf32x3' (float32 only)")
-    if min(cfg.block_e, cfg.block_h, cfg.block_k) < 16:
-        raise ValueError("block_e, block_h and block_k must be >= 16 (tl.dot tile minimum)")
+    cfg.check(dtype, "block_e")
     src = edge_index[0].to(torch.int64).contiguous()
     dst = edge_index[1].to(torch.int64).contiguous()
     return _FusedMessagePassing.apply(
         x_proj.contiguous(), vec.contiguous(), positions.contiguous(), cells.contiguous(),
         edge_weight.contiguous(), edge_bias.contiguous(), src, dst,
         cell_offsets.to(dtype).contiguous(), edge_graph.to(torch.int64).contiguous(),
-        rbf_centres.to(dtype).contiguous(), _scalars(rbf_coeff, cutoff, h, x_proj),
+        rbf_centres.to(dtype).contiguous(), scalars(rbf_coeff, cutoff, h, x_proj),
         rowptr.to(torch.int64).contiguous(), cfg,
     )
 
@@ -588,46 +508,23 @@ def aot_compile(dtype: torch.dtype = torch.float32, hidden: int = 512, num_rbf: 
 
     Returns ``{kernel name: compiled kernel}`` (``.asm`` holds ``ttgir``/``ptx``/``cubin``).
     """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if _interpreting():
-        raise RuntimeError("aot_compile needs the kernels compiled without TRITON_INTERPRET=1 "
-                           "(import this module in a process where it is unset)")
-
-    cfg = config or KernelConfig()
-    tiles = {k: (getattr(cfg, k) if getattr(cfg, k) is not None else v)
-             for k, v in gpu_tiles(dtype, hidden).items()}
-    block_e, block_h, block_k = tiles["block_e"], tiles["block_h"], tiles["block_k"]
+    tiles = (config or KernelConfig()).with_defaults(gpu_tiles(dtype, hidden))
     fp = "*fp32" if dtype == torch.float32 else "*fp64"
-    target = GPUTarget("cuda", arch, 32)
-    options = {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]}
+    gate_tiles = {"BLOCK_E": tiles.block_e, "BLOCK_H": tiles.block_h, "BLOCK_K": tiles.block_k,
+                  "PRECISION": tiles.input_precision}
+    common = {"xp_ptr": fp, "vec_ptr": fp, "pos_ptr": fp, "cell_ptr": fp, "off_ptr": fp, "eg_ptr": "*i64",
+              "w_ptr": fp, "b_ptr": fp, "mu_ptr": fp, "scal_ptr": fp, "N": "i32", "H": "i32", "R": "i32",
+              "nodes_per_program": "i32"}
     out = {}
-
-    fwd_sig = {
-        "xp_ptr": fp, "vec_ptr": fp, "pos_ptr": fp, "cell_ptr": fp, "src_ptr": "*i64", "off_ptr": fp,
-        "eg_ptr": "*i64", "w_ptr": fp, "b_ptr": fp, "mu_ptr": fp, "scal_ptr": fp, "rowptr_ptr": "*i64",
-        "ds_ptr": fp, "dv_ptr": fp, "N": "i32", "H": "i32", "R": "i32", "nodes_per_program": "i32",
-        "BLOCK_E": "constexpr", "BLOCK_H": "constexpr", "BLOCK_K": "constexpr", "PRECISION": "constexpr",
-    }
-    consts = {"BLOCK_E": block_e, "BLOCK_H": block_h, "BLOCK_K": block_k, "PRECISION": cfg.input_precision}
     if "fwd" in kernels:
-        out["fwd"] = triton.compile(ASTSource(_mp_fwd_kernel, fwd_sig, consts), target=target, options=options)
-
-    bwd_sig = {
-        "xp_ptr": fp, "vec_ptr": fp, "pos_ptr": fp, "cell_ptr": fp, "dst_ptr": "*i64", "off_ptr": fp,
-        "eg_ptr": "*i64", "w_ptr": fp, "b_ptr": fp, "mu_ptr": fp, "scal_ptr": fp, "colptr_ptr": "*i64",
-        "perm_ptr": "*i64", "gds_ptr": fp, "gdv_ptr": fp, "gxp_ptr": fp, "gvec_ptr": fp, "gw_ptr": fp,
-        "gb_ptr": fp, "gd_ptr": fp, "gu_ptr": fp, "N": "i32", "H": "i32", "R": "i32",
-        "nodes_per_program": "i32", "num_hblocks": "i32",
-        "CHUNK": "constexpr", "NEED_W": "constexpr", "NEED_GEOM": "constexpr", "BLOCK_E": "constexpr",
-        "BLOCK_H": "constexpr", "BLOCK_K": "constexpr", "PRECISION": "constexpr",
-    }
+        types = {**common, "src_ptr": "*i64", "rowptr_ptr": "*i64", "ds_ptr": fp, "dv_ptr": fp}
+        out["fwd"] = compile_for_gpu(_mp_fwd_kernel, types, gate_tiles, arch, tiles.num_warps, tiles.num_stages)
+    types = {**common, "dst_ptr": "*i64", "colptr_ptr": "*i64", "perm_ptr": "*i64", "gds_ptr": fp, "gdv_ptr": fp,
+             "gxp_ptr": fp, "gvec_ptr": fp, "gw_ptr": fp, "gb_ptr": fp, "gd_ptr": fp, "gu_ptr": fp,
+             "num_hblocks": "i32"}
     for chunk in range(3):
-        if f"bwd{chunk}" not in kernels:
-            continue
-        consts = {"CHUNK": chunk, "NEED_W": True, "NEED_GEOM": True, "BLOCK_E": block_e, "BLOCK_H": block_h,
-                  "BLOCK_K": block_k, "PRECISION": cfg.input_precision}
-        out[f"bwd{chunk}"] = triton.compile(ASTSource(_mp_bwd_kernel, bwd_sig, consts), target=target,
-                                            options=options)
+        if f"bwd{chunk}" in kernels:
+            consts = {"CHUNK": chunk, "NEED_W": True, "NEED_GEOM": True, **gate_tiles}
+            out[f"bwd{chunk}"] = compile_for_gpu(_mp_bwd_kernel, types, consts, arch, tiles.num_warps,
+                                                 tiles.num_stages)
     return out

@@ -45,7 +45,6 @@ fewer than 2**31 (image, atom) tests per centre, ``radius < 1000`` Å.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -54,19 +53,15 @@ import triton.language as tl
 from torch import Tensor
 
 from ..geometry import DISTANCE_QUANTUM, REACH_ABS_MARGIN, REACH_REL_MARGIN
-
-# Tests set this to True so every buffer the kernels must fill starts poisoned (NaN / -7).
-POISON_OUTPUTS = False
+from .utils import LaunchConfig, compile_for_gpu, empty, interpreting
 
 # Extra fractional margin of the per-centre image box (covers the rounding of w_j - w_i).
 BOX_MARGIN = 1e-9
 # Largest image box extent per axis (o' is packed into 20-bit fields; this is far below).
 MAX_EXTENT = 2048
 MAX_RADIUS = 1000.0  # q(d) < 2**30 keeps w1 = q << 32 | j below the sentinel 2**62
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Poison of the integer outputs under utils.POISON_OUTPUTS (a value no output takes).
+INT_POISON = -7
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,8 +330,8 @@ def _rg_fill_kernel(
 # ---------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RadiusGraphConfig:
+@dataclass(frozen=True, kw_only=True)
+class RadiusGraphConfig(LaunchConfig):
     """Launch parameters; ``None`` fields are chosen from the device.
 
     block: (image, atom) tests per step of the selection loop (power of two); num_warps: warps
@@ -344,12 +339,11 @@ class RadiusGraphConfig:
     """
 
     block: int | None = None
-    num_warps: int | None = None
 
 
 def _tiles(device: torch.device, cfg: RadiusGraphConfig | None) -> tuple[int, int]:
     cfg = cfg or RadiusGraphConfig()
-    if _interpreting() or device.type != "cuda":
+    if interpreting() or device.type != "cuda":
         block, warps = 256, 4  # the interpreter pays per op: big blocks
     else:
         block, warps = 64, 4
@@ -358,12 +352,6 @@ def _tiles(device: torch.device, cfg: RadiusGraphConfig | None) -> tuple[int, in
 
 def _key_slots(max_neighbors: int) -> int:
     return max(16, triton.next_power_of_2(max(1, int(max_neighbors))))
-
-
-def _empty(shape, dtype, device, poison):
-    if POISON_OUTPUTS:
-        return torch.full(shape, poison, dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def prepare(positions: Tensor, cells: Tensor, ptr: Tensor, radius: float, max_neighbors: int,
@@ -454,11 +442,11 @@ def radius_graph(
     pos, cell, scal, shift, meta, error = prepare(positions, cells, ptr, radius, max_neighbors, reserved)
     block, warps = _tiles(device, config)
     kb = _key_slots(max_neighbors)
-    exact = device.type == "cuda" and not _interpreting()
+    exact = device.type == "cuda" and not interpreting()
 
-    kept = _empty((n_atoms, kb, 4), i64, device, -7)
-    kcount = _empty((n_atoms,), i64, device, -7)
-    ncand = _empty((n_atoms,), i64, device, -7)
+    kept = empty((n_atoms, kb, 4), i64, device, INT_POISON)
+    kcount = empty((n_atoms,), i64, device, INT_POISON)
+    ncand = empty((n_atoms,), i64, device, INT_POISON)
     scratch = torch.empty((n_atoms, 2 * (kb + block)), dtype=i64, device=device)  # read only where written
     _rg_select_kernel[(n_atoms,)](pos, cell, scal, shift, meta, kept, kcount, ncand, scratch,
                                   BLOCK=block, KB=kb, EXACT=exact, num_warps=warps, num_stages=1)
@@ -475,9 +463,9 @@ def radius_graph(
             parts.append("reserved must be >= 0")
         raise ValueError("radius_graph (triton): " + "; ".join(parts))
 
-    edge_index = _empty((2, n_edges), i64, device, -7)
-    offsets = _empty((n_edges, 3), i64, device, -7)
-    dist = _empty((n_edges,), f64, device, float("nan"))
+    edge_index = empty((2, n_edges), i64, device, INT_POISON)
+    offsets = empty((n_edges, 3), i64, device, INT_POISON)
+    dist = empty((n_edges,), f64, device)
     _rg_fill_kernel[(n_atoms,)](pos, cell, meta, kept, kcount, rowptr, edge_index, offsets, dist, n_edges,
                                 KB=kb, BLOCK_F=triton.next_power_of_2(kb + 6), EXACT=exact, num_warps=2,
                                 num_stages=1)
@@ -487,24 +475,16 @@ def radius_graph(
 def aot_compile(arch: int = 90, max_neighbors: int = 50, config: RadiusGraphConfig | None = None) -> dict:
     """Compile the selection (``"select"``) and layout (``"fill"``) kernels for ``sm_{arch}``
     without a device, with the GPU defaults. Returns ``{name: compiled kernel}``."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if _interpreting():
-        raise RuntimeError("aot_compile needs the kernels compiled without TRITON_INTERPRET=1")
     block, warps = _tiles(torch.device("cuda"), config)
     kb = _key_slots(max_neighbors)
-    target = GPUTarget("cuda", arch, 32)
-    sel_sig = {"pos_ptr": "*fp64", "cell_ptr": "*fp64", "scal_ptr": "*fp64", "shift_ptr": "*i32",
-               "meta_ptr": "*i32", "kept_ptr": "*i64", "kcount_ptr": "*i64", "ncand_ptr": "*i64", "scratch_ptr": "*i64",
-               "BLOCK": "constexpr", "KB": "constexpr", "EXACT": "constexpr"}
-    fill_sig = {"pos_ptr": "*fp64", "cell_ptr": "*fp64", "meta_ptr": "*i32", "kept_ptr": "*i64",
-                "kcount_ptr": "*i64", "rowptr_ptr": "*i64", "ei_ptr": "*i64", "off_ptr": "*i64",
-                "dist_ptr": "*fp64", "E": "i64", "KB": "constexpr", "BLOCK_F": "constexpr", "EXACT": "constexpr"}
+    sel_types = {"pos_ptr": "*fp64", "cell_ptr": "*fp64", "scal_ptr": "*fp64", "shift_ptr": "*i32", "meta_ptr": "*i32",
+                 "kept_ptr": "*i64", "kcount_ptr": "*i64", "ncand_ptr": "*i64", "scratch_ptr": "*i64"}
+    fill_types = {"pos_ptr": "*fp64", "cell_ptr": "*fp64", "meta_ptr": "*i32", "kept_ptr": "*i64",
+                  "kcount_ptr": "*i64", "rowptr_ptr": "*i64", "ei_ptr": "*i64", "off_ptr": "*i64",
+                  "dist_ptr": "*fp64", "E": "i64"}
     return {
-        "select": triton.compile(ASTSource(_rg_select_kernel, sel_sig, {"BLOCK": block, "KB": kb, "EXACT": True}),
-                                 target=target, options={"num_warps": warps, "num_stages": 1}),
-        "fill": triton.compile(ASTSource(_rg_fill_kernel, fill_sig,
-                                         {"KB": kb, "BLOCK_F": triton.next_power_of_2(kb + 6), "EXACT": True}),
-                               target=target, options={"num_warps": 2, "num_stages": 1}),
+        "select": compile_for_gpu(_rg_select_kernel, sel_types, {"BLOCK": block, "KB": kb, "EXACT": True}, arch,
+                                  warps),
+        "fill": compile_for_gpu(_rg_fill_kernel, fill_types,
+                                {"KB": kb, "BLOCK_F": triton.next_power_of_2(kb + 6), "EXACT": True}, arch, 2),
     }

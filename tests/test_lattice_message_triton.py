@@ -17,11 +17,10 @@ from conftest import assert_close, golden_batch, golden_model_instance, require_
 require_triton_backend("lattice_message")
 
 from e3relax_fast.kernels import lattice_message as km  # noqa: E402
-from e3relax_fast.kernels import lattice_pool as kp  # noqa: E402
-from e3relax_fast.kernels import message_passing as kmp  # noqa: E402
+from e3relax_fast.kernels import utils as ku  # noqa: E402
+from e3relax_fast.loss import layerwise_loss  # noqa: E402
 
 from e3relax_fast import backends  # noqa: E402
-from e3relax_fast.loss import layerwise_loss  # noqa: E402
 from e3relax_fast.reference.lattice_message import lattice_message as reference_op  # noqa: E402
 from e3relax_fast.reference.message_passing import message_passing as reference_message_passing  # noqa: E402
 from e3relax_fast.reference.rbf import rbf_centres, rbf_coefficient  # noqa: E402
@@ -33,8 +32,7 @@ INPUTS = ("x_proj", "vec", "positions", "cells", "centres", "edge_weight", "edge
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Every buffer the kernels must fill starts as NaN, so an unwritten element fails."""
-    for module in (km, kp, kmp):
-        monkeypatch.setattr(module, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(ku, "POISON_OUTPUTS", True)
 
 
 def random_case(dtype, centred, hidden=32, num_rbf=128, cutoff=6.0, seed=0, sizes=(1, 4, 1, 7, 2),

@@ -13,6 +13,7 @@ from conftest import assert_close, require_triton_backend
 require_triton_backend("lattice_pool")
 
 from e3relax_fast.kernels import lattice_pool as kp  # noqa: E402
+from e3relax_fast.kernels import utils as ku  # noqa: E402
 
 from e3relax_fast import backends  # noqa: E402
 from e3relax_fast.reference.lattice_pool import segment_mean as reference_op  # noqa: E402
@@ -25,7 +26,7 @@ SIZES = (0, 1, 5, 0, 70, 1, 3, 0)
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Every buffer the kernel must fill starts as NaN, so an unwritten element fails."""
-    monkeypatch.setattr(kp, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(ku, "POISON_OUTPUTS", True)
 
 
 def csr(sizes):
@@ -50,7 +51,7 @@ def run(op, x, ptr, graph_index, seed=1, **kwargs):
 
 def test_registered():
     name, fn = backends.resolve("lattice_pool", "triton", DEVICE.type)
-    assert name == "triton" and fn is kp.segment_mean
+    assert name == "triton" and fn is kp.lattice_pool
 
 
 @pytest.mark.parametrize("dtype, rel", [(torch.float64, 1e-10), (torch.float32, 5e-6)])
@@ -60,7 +61,7 @@ def test_matches_reference(dtype, rel, trailing):
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(sum(SIZES), *trailing, generator=gen, dtype=torch.float64) + 2.0).to(DEVICE, dtype)
     out0, grad0 = run(reference_op, x, ptr, graph_index)
-    out1, grad1 = run(kp.segment_mean, x, ptr, graph_index)
+    out1, grad1 = run(kp.lattice_pool, x, ptr, graph_index)
     assert_close(out1, out0, rel, "mean")
     assert_close(grad1, grad0, rel, "d/dx")
     assert (out1[ptr[1:] == ptr[:-1]] == 0).all()  # empty crystals
@@ -71,7 +72,7 @@ def test_small_tiles_float64():
     ptr, graph_index = csr(SIZES)
     x = torch.randn(sum(SIZES), 3, 8, dtype=torch.float64, device=DEVICE)
     out0, grad0 = run(reference_op, x, ptr, graph_index)
-    out1, grad1 = run(kp.segment_mean, x, ptr, graph_index, config=kp.PoolConfig(block_a=16, block_f=8))
+    out1, grad1 = run(kp.lattice_pool, x, ptr, graph_index, config=kp.PoolConfig(block_a=16, block_f=8))
     assert_close(out1, out0, 1e-10, "mean")
     assert_close(grad1, grad0, 1e-10, "d/dx")
 
@@ -79,18 +80,18 @@ def test_small_tiles_float64():
 def test_deterministic():
     ptr, graph_index = csr(SIZES)
     x = torch.randn(sum(SIZES), 3, 8, dtype=torch.float32, device=DEVICE)
-    first = kp.segment_mean(x, ptr, graph_index)
-    assert torch.equal(first, kp.segment_mean(x, ptr, graph_index))
+    first = kp.lattice_pool(x, ptr, graph_index)
+    assert torch.equal(first, kp.lattice_pool(x, ptr, graph_index))
 
 
 def test_no_atoms_and_no_crystals():
     ptr, graph_index = csr((0, 0, 0))
     x = torch.zeros(0, 3, 8, dtype=torch.float64, device=DEVICE)
     out0, grad0 = run(reference_op, x, ptr, graph_index)
-    out1, grad1 = run(kp.segment_mean, x, ptr, graph_index)
+    out1, grad1 = run(kp.lattice_pool, x, ptr, graph_index)
     assert out1.shape == (3, 3, 8) and (out1 == 0).all() and grad1.shape == grad0.shape
     ptr, graph_index = csr(())
-    assert kp.segment_mean(torch.zeros(0, 3, dtype=torch.float64, device=DEVICE), ptr, graph_index).shape == (0, 3)
+    assert kp.lattice_pool(torch.zeros(0, 3, dtype=torch.float64, device=DEVICE), ptr, graph_index).shape == (0, 3)
 
 
 def test_gradcheck_and_gradgradcheck_float64():
@@ -99,7 +100,7 @@ def test_gradcheck_and_gradgradcheck_float64():
     x = torch.randn(4, 3, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
 
     def op(t):
-        return kp.segment_mean(t, ptr, graph_index)
+        return kp.lattice_pool(t, ptr, graph_index)
 
     assert torch.autograd.gradcheck(op, [x], eps=1e-6, atol=1e-8, rtol=1e-6)
     assert torch.autograd.gradgradcheck(op, [x], eps=1e-6, atol=1e-8, rtol=1e-6)
@@ -108,4 +109,4 @@ def test_gradcheck_and_gradgradcheck_float64():
 def test_rejects_integer_features():
     ptr, graph_index = csr((2,))
     with pytest.raises(TypeError, match="float32 and float64"):
-        kp.segment_mean(torch.zeros(2, 3, dtype=torch.int64, device=DEVICE), ptr, graph_index)
+        kp.lattice_pool(torch.zeros(2, 3, dtype=torch.int64, device=DEVICE), ptr, graph_index)

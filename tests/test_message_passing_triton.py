@@ -17,9 +17,10 @@ from conftest import assert_close, golden_batch, golden_model_instance, require_
 require_triton_backend("message_passing")
 
 from e3relax_fast.kernels import message_passing as km  # noqa: E402
+from e3relax_fast.kernels import utils as ku  # noqa: E402
+from e3relax_fast.loss import layerwise_loss  # noqa: E402
 
 from e3relax_fast import backends  # noqa: E402
-from e3relax_fast.loss import layerwise_loss  # noqa: E402
 from e3relax_fast.model import E3Relax  # noqa: E402
 from e3relax_fast.reference.message_passing import message_passing as reference_op  # noqa: E402
 from e3relax_fast.reference.rbf import rbf_centres, rbf_coefficient  # noqa: E402
@@ -31,7 +32,7 @@ INPUTS = ("x_proj", "vec", "positions", "cells", "edge_weight", "edge_bias")
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Every buffer the kernels must fill starts as NaN, so an unwritten element fails."""
-    monkeypatch.setattr(km, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(ku, "POISON_OUTPUTS", True)
 
 
 def random_case(dtype, hidden=32, num_rbf=128, cutoff=6.0, seed=0, sizes=(1, 4, 1, 7, 2)):

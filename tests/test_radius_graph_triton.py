@@ -19,6 +19,7 @@ from conftest import random_batch, require_triton_backend
 
 require_triton_backend("radius_graph")
 from e3relax_fast.kernels import radius_graph as krg  # noqa: E402
+from e3relax_fast.kernels import utils as ku  # noqa: E402
 
 from e3relax_fast import build_graph  # noqa: E402
 from e3relax_fast.reference.radius_graph import radius_graph as reference  # noqa: E402
@@ -34,7 +35,7 @@ GOLDEN_SUBSET = (0, 1, 10, 11, 12, 14, 15, 19, 24)
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Every buffer the kernels must fill starts poisoned, so an unwritten element fails."""
-    monkeypatch.setattr(krg, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(ku, "POISON_OUTPUTS", True)
 
 
 def assert_same(a, b, what=""):
