@@ -37,7 +37,7 @@ DATA = Path(__file__).resolve().parent.parent / "data"
 
 def load_pairs(n: int):
     """The first ``n`` validation pairs of the shipped datasets (``data/chgnet_*``)."""
-    from e3relax_fast.data import read_pairs
+    from e3relax_fast.io import read_pairs
 
     pairs = []
     for folder in sorted(DATA.glob("chgnet_*")):
@@ -50,7 +50,7 @@ def run(n: int = 200, device: str = "cpu", repeats: int = 3, info: dict | None =
     import torch
 
     from e3relax_fast import load_pretrained, relax_batch
-    from e3relax_fast.loss import unwrap_targets
+    from e3relax_fast.training import unwrap_targets
 
     pairs = load_pairs(n)
     triples = [(p.atomic_numbers, p.pos_unrelaxed, p.cell_unrelaxed) for p in pairs]

@@ -8,9 +8,33 @@ receiver (target) and therefore contiguous per crystal.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from .geometry import MAX_NEIGHBORS, RADIUS
+
+
+class Graph(NamedTuple):
+    """Receiver-sorted periodic graph of a batch (``E`` edges, ``N`` atoms).
+
+    edge_index: ``(2, E)`` int64, row 0 = source j, row 1 = target i (global atom indices).
+    cell_offsets: ``(E, 3)`` int64 image of the source; edge vector
+        ``r = pos[j] + cell_offsets @ cell - pos[i]`` (Å).
+    rowptr: ``(N+1,)`` int64 CSR over receivers: edges into atom i are ``rowptr[i]:rowptr[i+1]``.
+        Within a receiver: its selected neighbours in (distance, j, offset) order, then its six
+        self-image edges (0,0,1), (0,1,0), (1,0,0), (0,1,1), (1,0,1), (1,1,0).
+    distances: ``(E,)`` float64 edge lengths in Å, computed in float64 from the inputs.
+    num_candidates: ``(N,)`` int64 candidates within the radius per centre before the top-K cut
+        (periodic self-images included, the zero-offset self pair excluded).
+    """
+
+    edge_index: Tensor
+    cell_offsets: Tensor
+    rowptr: Tensor
+    distances: Tensor
+    num_candidates: Tensor
 
 
 @dataclass
@@ -26,6 +50,9 @@ class Batch:
             indices). A graph given here is used as is (e.g. precomputed by the original pipeline).
         cell_offsets: optional ``(E, 3)`` int64 image of the source: the edge vector is
             ``positions[j] + cell_offsets @ cells[g] - positions[i]`` (Å).
+        rowptr: optional ``(N+1,)`` int64 receiver CSR, given only when the edges are sorted by
+            receiver (as :meth:`with_graph` builds them): the model then uses the edges as they are
+            instead of sorting them.
     """
 
     atomic_numbers: Tensor
@@ -34,10 +61,13 @@ class Batch:
     ptr: Tensor
     edge_index: Tensor | None = None
     cell_offsets: Tensor | None = None
+    rowptr: Tensor | None = None
 
     def __post_init__(self) -> None:
         if (self.edge_index is None) != (self.cell_offsets is None):
             raise ValueError("edge_index and cell_offsets must be given together")
+        if self.rowptr is not None and (self.edge_index is None or self.rowptr.shape != (self.num_atoms + 1,)):
+            raise ValueError("rowptr must be the (N+1,) receiver CSR of a graph given with it")
         n, g = self.positions.shape[0], self.cells.shape[0]
         if self.positions.shape != (n, 3) or self.atomic_numbers.shape != (n,):
             raise ValueError(
@@ -51,20 +81,6 @@ class Batch:
             )
 
     # --- construction -------------------------------------------------------------------------
-    @classmethod
-    def from_structures(cls, structures, dtype: torch.dtype = torch.float64) -> Batch:
-        """Build a batch (without graph) from pymatgen Structures, ASE Atoms or
-        ``(atomic_numbers, positions, cell)`` triples. Raises ``InvalidStructureError`` naming the
-        index of the first invalid structure (see :func:`e3relax_fast.structures.validate`)."""
-        from .structures import to_arrays, validate
-
-        arrays = []
-        for index, structure in enumerate(structures):
-            z, pos, cell = to_arrays(structure, index=index)
-            validate(z, pos, cell, index=index)
-            arrays.append((z, pos, cell))
-        return cls.from_arrays(arrays, dtype=dtype)
-
     @classmethod
     def from_arrays(cls, arrays, dtype: torch.dtype = torch.float64) -> Batch:
         """Concatenate ``(atomic_numbers (n,), positions (n, 3) Å, cell (3, 3) Å)`` triples."""
@@ -91,15 +107,21 @@ class Batch:
             ptrs.append(b.ptr[1:] + shift)
             shift += b.num_atoms
         has_graph = all(b.has_graph for b in batches)
-        edge_index = cell_offsets = None
+        edge_index = cell_offsets = rowptr = None
         if has_graph:
-            offs, edges, acc = [], [], 0
+            offs, edges, rowptrs, acc, edge_acc = [], [], [], 0, 0
             for b in batches:
                 edges.append(b.edge_index + acc)
                 offs.append(b.cell_offsets)
+                if b.rowptr is not None:
+                    rowptrs.append(b.rowptr[1:] + edge_acc)
                 acc += b.num_atoms
+                edge_acc += b.edge_index.shape[1]
             edge_index = torch.cat(edges, dim=1)
             cell_offsets = torch.cat(offs)
+            # Receiver-sorted parts concatenate to a receiver-sorted whole.
+            if len(rowptrs) == len(batches):
+                rowptr = torch.cat([torch.zeros(1, dtype=torch.int64, device=edge_index.device), *rowptrs])
         return cls(
             torch.cat([b.atomic_numbers for b in batches]),
             torch.cat([b.positions for b in batches]),
@@ -107,6 +129,7 @@ class Batch:
             torch.cat(ptrs),
             edge_index,
             cell_offsets,
+            rowptr,
         )
 
     # --- properties ---------------------------------------------------------------------------
@@ -140,12 +163,13 @@ class Batch:
                 out[f.name] = t.to(device=device)
         return Batch(**out)
 
-    def with_graph(self, radius: float = 6.0, max_neighbors: int = 50, backend: str = "auto") -> Batch:
-        """Return a copy holding the graph of :func:`e3relax_fast.build_graph`."""
-        from .graph import build_graph
+    def with_graph(self, radius: float = RADIUS, max_neighbors: int = MAX_NEIGHBORS, backend: str = "auto") -> Batch:
+        """Return a copy holding the graph of :func:`e3relax_fast.build_graph` (receiver-sorted, with
+        its ``rowptr``)."""
+        from .graph import build_graph  # graph.py imports this module
 
         g = build_graph(self.positions, self.cells, self.ptr, radius, max_neighbors, backend=backend)
-        return replace(self, edge_index=g.edge_index, cell_offsets=g.cell_offsets)
+        return replace(self, edge_index=g.edge_index, cell_offsets=g.cell_offsets, rowptr=g.rowptr)
 
     def select(self, graphs: list[int]) -> Batch:
         """The sub-batch of the listed crystals (in that order), graph included."""
@@ -163,6 +187,8 @@ class Batch:
                 mask = (self.edge_index[1] >= lo) & (self.edge_index[1] < hi)
                 sub.edge_index = self.edge_index[:, mask] - lo
                 sub.cell_offsets = self.cell_offsets[mask]
+                if self.rowptr is not None:  # a receiver-sorted graph keeps its order under the mask
+                    sub.rowptr = self.rowptr[lo:hi + 1] - self.rowptr[lo]
             parts.append(sub)
         return Batch.collate(parts)
 

@@ -8,53 +8,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-import warnings
 from pathlib import Path
 
-FORMATS = {"cif": ".cif", "extxyz": ".extxyz"}
-
-
-def read_structures(path: Path) -> list:
-    """Every structure in ``path`` as ASE ``Atoms`` (multi-frame files give several).
-
-    ASE reads the file (format guessed from the name); if it cannot, pymatgen's
-    ``Structure.from_file`` is tried. Raises ``ValueError`` naming the file when neither can.
-    """
-    import ase.io
-
-    try:
-        frames = list(ase.io.read(path, index=":"))
-    # Parsers raise many exception types on malformed or unknown files; all mean "unreadable".
-    except Exception as ase_error:
-        try:
-            from pymatgen.core import Structure
-            from pymatgen.io.ase import AseAtomsAdaptor
-
-            frames = [AseAtomsAdaptor.get_atoms(Structure.from_file(path))]
-        except Exception:
-            reason = str(ase_error) or type(ase_error).__name__
-            raise ValueError(f"cannot read {path}: {reason}") from ase_error
-    if not frames:
-        raise ValueError(f"cannot read {path}: no structures in the file")
-    return frames
-
-
-def _output_path(path: Path, outdir: Path | None, fmt: str) -> Path:
-    return (outdir or path.parent) / f"{path.stem}_relaxed{FORMATS[fmt]}"
+FORMATS = ("cif", "extxyz")
 
 
 def run_relax(args: argparse.Namespace) -> int:
     """``e3relax-fast relax``: relax every structure of every input file in shared batches."""
-    from ase.io import write
-
-    from .pretrained import load_pretrained
-    from .relax import RelaxWarning, relax_batch
-    from .structures import InvalidStructureError
+    from .io import InvalidStructureError, UnreadableFileError
+    from .model import load_pretrained
+    from .relax import output_path, relax_files
 
     inputs = [Path(p) for p in args.inputs]
     formats = [args.format or ("cif" if p.suffix.lower() == ".cif" else "extxyz") for p in inputs]
-    outputs = [_output_path(p, args.outdir, f) for p, f in zip(inputs, formats, strict=True)]
+    outputs = [output_path(p, args.outdir, f) for p, f in zip(inputs, formats, strict=True)]
     duplicates = sorted({str(o) for o in outputs if outputs.count(o) > 1})
     if duplicates:
         print(f"error: several inputs would write {', '.join(duplicates)}; use -o", file=sys.stderr)
@@ -64,59 +31,22 @@ def run_relax(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-
-    start = time.perf_counter()
-    structures, origin, failed_files = [], [], 0
-    for f, path in enumerate(inputs):
-        try:
-            frames = read_structures(path)
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            if args.on_error == "raise":
-                return 1
-            failed_files += 1
-            continue
-        structures += frames
-        origin += [(f, k) for k in range(len(frames))]
-
-    def where(index: int) -> str:
-        f, k = origin[index]
-        return f"{inputs[f]} (structure {k})"
-
     try:
-        with warnings.catch_warnings():
-            # Failures are reported below per file, with file names instead of global indices.
-            warnings.simplefilter("ignore", RelaxWarning)
-            results = relax_batch(
-                structures,
-                model,
-                device=args.device,
-                batch_size=args.batch_size,
-                max_atoms=args.max_atoms,
-                on_error=args.on_error,
-                precision=args.precision,
-            )
-    except InvalidStructureError as err:
-        print(f"error: {where(err.index)}: {err.reason}", file=sys.stderr)
+        outcome = relax_files(inputs, outputs, formats, model, on_error=args.on_error, device=args.device,
+                              batch_size=args.batch_size, max_atoms=args.max_atoms, precision=args.precision)
+    except (UnreadableFileError, InvalidStructureError) as err:
+        print(f"error: {err}", file=sys.stderr)
         return 1
     except ValueError as err:  # an option this model or device cannot honour (e.g. tf32 on CPU)
         print(f"error: {err}", file=sys.stderr)
         return 2
-
-    for index, reason in results.errors.items():
-        print(f"error: {where(index)}: {reason}", file=sys.stderr)
-    written = []
-    for f, output in enumerate(outputs):
-        frames = [r for r, (g, _) in zip(results, origin, strict=True) if g == f and r is not None]
-        if frames:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            write(output, frames, format=formats[f])
-            written.append(output)
-    relaxed = len(structures) - len(results.errors)
+    for message in outcome.errors:
+        print(f"error: {message}", file=sys.stderr)
+    failed = outcome.structures - outcome.relaxed
     print(
-        f"relaxed {relaxed} of {len(structures)} structure(s) from {len(inputs) - failed_files} of "
-        f"{len(inputs)} file(s) in {time.perf_counter() - start:.2f} s; wrote {len(written)} file(s)"
-        + (f" ({len(results.errors)} structure(s) failed)" if results.errors else "")
+        f"relaxed {outcome.relaxed} of {outcome.structures} structure(s) from {outcome.files_read} of "
+        f"{len(inputs)} file(s) in {outcome.seconds:.2f} s; wrote {len(outcome.written)} file(s)"
+        + (f" ({failed} structure(s) failed)" if failed else "")
     )
     return 0
 
@@ -145,9 +75,7 @@ def add_relax_parser(subparsers) -> None:
         help="invalid structure or unreadable file: stop (raise, default), leave it out (skip), "
         "or write the input unchanged (return_input)",
     )
-    p.add_argument(
-        "--format", choices=tuple(FORMATS), help="output format (default: cif for CIF inputs, else extxyz)"
-    )
+    p.add_argument("--format", choices=FORMATS, help="output format (default: cif for CIF inputs, else extxyz)")
     p.set_defaults(func=run_relax)
 
 
@@ -156,18 +84,11 @@ def _add_data_argument(p: argparse.ArgumentParser) -> None:
                    help="CIF folder with split CSVs, extxyz folder, or ASE .db; repeat to combine sources")
 
 
-def _read_split(sources: list[str], split: str) -> list:
-    """The pairs of ``split`` from every ``--data`` source, in order."""
-    from .data import read_pairs
-
-    return [pair for source in sources for pair in read_pairs(source, split)]
-
-
 def run_train(args: argparse.Namespace) -> int:
     import os
 
-    from .data import PairDataset
-    from .train import TrainConfig, init_distributed, train
+    from .io import read_pairs
+    from .training import PairDataset, TrainConfig, init_distributed, train
 
     init_distributed()
     device = args.device
@@ -183,7 +104,7 @@ def run_train(args: argparse.Namespace) -> int:
     for split in (args.train_split, args.val_split):
         # Every --data source contributes its split. Graphs are built once and cached beside the
         # run (keyed by content), so reruns and resumes reuse them.
-        datasets[split] = PairDataset(_read_split(args.data, split), cache=cache / f"{split}.pt")
+        datasets[split] = PairDataset(read_pairs(args.data, split), cache=cache / f"{split}.pt")
     summary = train(config, datasets[args.train_split], datasets[args.val_split], args.out, device=device,
                     max_steps=args.max_steps, progress=not args.quiet)
     print(f"trained {summary['step']} steps, {summary['epoch']} pseudo-epochs; "
@@ -209,7 +130,7 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--max-epochs", type=int, default=800)
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--loss", choices=("l2", "pbc_l1"), default="l2")
+    p.add_argument("--loss", choices=("l2", "pbc_l1"), default="l2", help="l2: the paper's loss; pbc_l1: E3Relax-H2's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--device", default="cpu")
@@ -218,13 +139,13 @@ def add_train_parser(subparsers) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .data import PairDataset
-    from .evaluate import evaluate as evaluate_model
-    from .evaluate import write_report
-    from .pretrained import load_pretrained
+    from .io import read_pairs
+    from .model import load_pretrained
+    from .training import PairDataset, write_report
+    from .training import evaluate as evaluate_model
 
     model = load_pretrained(args.checkpoint, map_location=args.device)
-    dataset = PairDataset(_read_split(args.data, args.split))
+    dataset = PairDataset(read_pairs(args.data, args.split))
     result = evaluate_model(model, dataset, device=args.device, match=not args.no_match)
     if args.steps_saved:
         from .datagen import make_calculator, steps_saved
@@ -260,14 +181,22 @@ def add_eval_parser(subparsers) -> None:
 
 
 def run_datagen(args: argparse.Namespace) -> int:
-    from .datagen import generate
+    from .datagen import generate, write_snapshot
 
     try:
+        if args.snapshot:
+            counts = write_snapshot(args.out, args.snapshot)
+            print(f"datagen: snapshot of {args.out} in {args.snapshot}: {counts['pairs']} pairs {counts['splits']}; "
+                  f"families {counts['families']}")
+            return 0
+        if not args.seeds or args.n is None:
+            raise ValueError("--seeds and --n are required to make pairs")
         summary = generate(
             args.seeds, args.out, args.n, protocols=args.protocol, calculator=args.calculator,
             workers=args.workers, batched=args.batched, fmax=args.fmax, max_steps=args.max_steps, seed=args.seed,
             batch_size=args.batch_size, inherit=args.inherit_splits, id_prefix=args.id_prefix, extxyz=args.extxyz,
             progress=not args.quiet, threads=args.threads, time_limit=args.time_limit,
+            max_atoms=args.max_atoms or None, symprec=args.symprec,
         )
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -279,18 +208,23 @@ def run_datagen(args: argparse.Namespace) -> int:
 
 
 def add_datagen_parser(subparsers) -> None:
+    from .datagen.protocols import DEFAULT_PROTOCOLS, SYMPREC
+
     p = subparsers.add_parser(
         "datagen", help="make unrelaxed -> relaxed pairs from seed crystals with a potential",
-        description="Perturb seed crystals (subst: similar-element substitution with volume scaling; rattle: "
-        "strain + displacements), relax them with CHGNet or an ASE calculator (FIRE + unit-cell filter) and "
-        "write the CIF-folder pair format (CIF/, split CSVs by seed, index.csv). Resumes in OUT.",
+        description="Perturb seed crystals (subst/subst_sym: similar-element substitution with a volume guess; "
+        "rattle/jiggle: strain + displacements; seed/minimum: the seed itself), relax them with CHGNet or an ASE "
+        "calculator (FIRE + unit-cell filter; symmetric protocols keep the input's space group) and write the "
+        "CIF-folder pair format (CIF/, split CSVs by seed, index.csv). Resumes in OUT. With --snapshot, write "
+        "OUT's compressed extxyz snapshot instead.",
     )
-    p.add_argument("--seeds", action="append", required=True,
-                   help="CSV with a 'cif' column, extxyz file or folder of CIFs (repeatable)")
+    p.add_argument("--seeds", action="append",
+                   help="CSV with a 'cif' column, extxyz file or folder of CIFs (repeatable; required to make pairs)")
     p.add_argument("--out", required=True, help="dataset folder (created; an existing one is resumed)")
-    p.add_argument("--n", type=int, required=True, help="pairs the folder should hold")
-    p.add_argument("--protocol", default="subst:4,rattle:1",
-                   help="protocols with optional weights, e.g. subst,rattle (default: subst:4,rattle:1)")
+    p.add_argument("--n", type=int, help="pairs the folder should hold (required to make pairs)")
+    p.add_argument("--protocol", default=DEFAULT_PROTOCOLS,
+                   help=f"protocols with optional weights, from subst, subst_sym, rattle, jiggle, seed, minimum "
+                   f"(default: {DEFAULT_PROTOCOLS})")
     p.add_argument("--calculator", default="chgnet", help="chgnet (default), emt, or module:factory")
     p.add_argument("--workers", type=int, default=1, help="relaxation processes (default 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
@@ -306,6 +240,12 @@ def add_datagen_parser(subparsers) -> None:
     p.add_argument("--id-prefix", default="g", help="pair ids are PREFIX + 6 digits (default g)")
     p.add_argument("--extxyz", action="store_true", help="also write OUT/extxyz/<split>_*.extxyz.gz")
     p.add_argument("--time-limit", type=float, help="start no new work after this many seconds")
+    p.add_argument("--max-atoms", type=int, default=40, help="skip seeds with more atoms (default 40; 0: none)")
+    p.add_argument("--symprec", type=float, default=SYMPREC,
+                   help=f"spglib tolerance in A for the space group symmetric protocols keep (default {SYMPREC})")
+    p.add_argument("--snapshot", metavar="DEST",
+                   help="write OUT's pairs as DEST/<split>_{unrelaxed,relaxed}.extxyz.gz + index.csv + "
+                   "provenance.json (family, protocol per pair) and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_datagen)
 

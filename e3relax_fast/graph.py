@@ -1,52 +1,32 @@
-"""The periodic radius graph with a per-centre top-K (spec §3), behind the backend switch."""
+"""The E3Relax graph of a ragged batch (spec §3): the periodic radius graph with a per-centre top-K,
+through the op table (:func:`build_graph`), or into fixed-size buffers for CUDA graphs
+(:func:`build_graph_fixed`)."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
-from . import backends
-from .reference.radius_graph import radius_graph as _reference_radius_graph
-
-OP = "radius_graph"
-backends.declare(OP, {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")})
-backends.register(OP, "reference", _reference_radius_graph)
-from . import _ext  # noqa: E402,F401  (registers the compiled "cpu"/"cuda" backends when built)
-
-
-class Graph(NamedTuple):
-    """Receiver-sorted periodic graph of a batch (``E`` edges, ``N`` atoms).
-
-    edge_index: ``(2, E)`` int64, row 0 = source j, row 1 = target i (global atom indices).
-    cell_offsets: ``(E, 3)`` int64 image of the source; edge vector
-        ``r = pos[j] + cell_offsets @ cell - pos[i]`` (Å).
-    rowptr: ``(N+1,)`` int64 CSR over receivers: edges into atom i are ``rowptr[i]:rowptr[i+1]``.
-        Within a receiver: its selected neighbours in (distance, j, offset) order, then its six
-        self-image edges (0,0,1), (0,1,0), (1,0,0), (0,1,1), (1,0,1), (1,1,0).
-    distances: ``(E,)`` float64 edge lengths in Å, computed in float64 from the inputs.
-    num_candidates: ``(N,)`` int64 candidates within the radius per centre before the top-K cut
-        (periodic self-images included, the zero-offset self pair excluded).
-    """
-
-    edge_index: Tensor
-    cell_offsets: Tensor
-    rowptr: Tensor
-    distances: Tensor
-    num_candidates: Tensor
+from . import ops
+from .batch import Graph
+from .geometry import MAX_NEIGHBORS, RADIUS
+from .ops import compiled
 
 
 def build_graph(
     positions: Tensor,
     cells: Tensor,
     ptr: Tensor,
-    radius: float = 6.0,
-    max_neighbors: int = 50,
-    paper_compat: bool = False,
+    radius: float = RADIUS,
+    max_neighbors: int = MAX_NEIGHBORS,
     backend: str = "auto",
     reserved: Tensor | None = None,
 ) -> Graph:
     """Build the E3Relax graph of every crystal in a ragged batch.
+
+    The same deterministic graph serves both model modes (spec §3.3).
 
     Args:
         positions: ``(N, 3)`` float32/float64 Cartesian positions in Å (used as given, not wrapped).
@@ -55,15 +35,110 @@ def build_graph(
         radius: candidate radius in Å (pairs at exactly ``radius`` are included).
         max_neighbors: K of the per-centre cut, taken over all candidates including periodic
             self-images, which are then removed and replaced by the six fixed self-image edges.
-        paper_compat: accepted so callers can pass the model's mode through; the spec (§3.3)
-            prescribes the same deterministic graph in both modes.
         backend: ``"auto" | "reference" | "cpu" | "cuda" | "triton"``.
         reserved: optional ``(N,)`` 0/1 ints; centre i keeps at most ``max_neighbors - reserved[i]``
             candidates. Emulates the original's "49-slot effect" (spec §3.2) for golden tests.
 
     Returns:
-        :class:`Graph`, receiver-sorted, on the device of ``positions``.
+        :class:`~e3relax_fast.batch.Graph`, receiver-sorted, on the device of ``positions``.
     """
-    del paper_compat  # same graph in both modes (spec §3.3)
-    _, fn = backends.resolve(OP, backend, positions.device.type)
+    _, fn = ops.resolve(ops.RADIUS_GRAPH, backend, positions.device.type)
     return Graph(*fn(positions, cells, ptr, radius, max_neighbors, reserved))
+
+
+class GraphCapacityError(RuntimeError):
+    """The fixed-capacity graph needs more edges than were allocated."""
+
+    def __init__(self, required: int, capacity: int):
+        super().__init__(
+            f"radius_graph: the graph has {required} edges but the fixed capacity is {capacity}; "
+            f"rebuild with capacity >= {required}"
+        )
+        self.required = required
+        self.capacity = capacity
+
+
+class FixedGraph(NamedTuple):
+    """A graph in caller-sized buffers. Edges ``[num_edges, capacity)`` are padding
+    (``edge_index == pad_index``, zero offsets and distances); everything else is exactly
+    :class:`~e3relax_fast.batch.Graph`'s content (``rowptr`` always describes the full graph).
+
+    num_edges: 0-d int64 tensor, edges of the full graph (may exceed the capacity).
+    status: 0-d int64 tensor, 0 when the graph is complete and valid; otherwise error bits
+        (:data:`~e3relax_fast.ops.compiled.ERR_OVERFLOW` = capacity too small, the others = invalid input).
+    """
+
+    edge_index: Tensor
+    cell_offsets: Tensor
+    rowptr: Tensor
+    distances: Tensor
+    num_candidates: Tensor
+    num_edges: Tensor
+    status: Tensor
+
+
+def check_fixed(graph: FixedGraph) -> None:
+    """Raise if ``graph`` is incomplete or its input was invalid (synchronises with the device)."""
+    status, n_edges = (int(v) for v in torch.stack((graph.status, graph.num_edges)).tolist())
+    if status & compiled.ERR_OVERFLOW:
+        raise GraphCapacityError(n_edges, graph.distances.shape[0])
+    if status:
+        raise ValueError(compiled.error_message(status))
+
+
+def build_graph_fixed(
+    positions: Tensor,
+    cells: Tensor,
+    ptr: Tensor,
+    capacity: int,
+    radius: float = RADIUS,
+    max_neighbors: int = MAX_NEIGHBORS,
+    reserved: Tensor | None = None,
+    *,
+    check: bool = True,
+    pad_index: int = -1,
+) -> FixedGraph:
+    """The radius graph written into buffers of ``capacity`` edges, never silently truncated.
+
+    On CUDA (``_C`` with CUDA) nothing here synchronises with the host except the final check,
+    so with ``check=False`` the call can be captured in a CUDA graph: inspect ``status`` (or call
+    :func:`check_fixed`) after replay. With ``check=True`` (default) a graph that does not fit
+    raises :class:`GraphCapacityError` and invalid input raises ``ValueError``. An upper bound
+    that always fits is ``N * (max_neighbors + 6)``.
+
+    Elsewhere (CPU tensors, or CUDA tensors without the ``cuda`` backend) the same contract is
+    provided on top of the ``cpu`` backend (or the reference); that path synchronises.
+    """
+    capacity = int(capacity)
+    if capacity < 0:
+        raise ValueError("capacity must be >= 0")
+    device = positions.device
+    k = int(max_neighbors)
+    edge_index = torch.full((2, capacity), pad_index, dtype=torch.int64, device=device)
+    offsets = torch.zeros((capacity, 3), dtype=torch.int64, device=device)
+    dist = torch.zeros(capacity, dtype=torch.float64, device=device)
+    if device.type == "cuda" and compiled.CUDA_UNAVAILABLE_REASON is None:
+        with torch.cuda.device(device):
+            pos, cell, p, res = compiled.graph_inputs(positions, cells, ptr, reserved, device)
+            kept, kept_count, ncand, status, rowptr = compiled.cuda_select(pos, cell, p, res, radius, k)
+            if capacity and pos.shape[0]:
+                compiled.cuda_emit(pos, cell, p, k, kept, kept_count, rowptr, edge_index, offsets, dist)
+            n_edges = rowptr[-1].clone()
+            status = status[0] | torch.where(n_edges > capacity, compiled.ERR_OVERFLOW, 0)
+    else:
+        try:
+            _, fn = ops.resolve(ops.RADIUS_GRAPH, "cpu", "cpu")
+        except ops.BackendUnavailableError:
+            _, fn = ops.resolve(ops.RADIUS_GRAPH, "reference", device.type)
+        ei, off, rowptr, d, ncand = fn(positions, cells, ptr, radius, k, reserved)
+        e = d.shape[0]
+        m = min(e, capacity)
+        edge_index[:, :m] = ei[:, :m]
+        offsets[:m] = off[:m]
+        dist[:m] = d[:m]
+        n_edges = torch.tensor(e, dtype=torch.int64, device=device)
+        status = torch.tensor(compiled.ERR_OVERFLOW if e > capacity else 0, dtype=torch.int64, device=device)
+    graph = FixedGraph(edge_index, offsets, rowptr, dist, ncand, n_edges, status)
+    if check:
+        check_fixed(graph)
+    return graph

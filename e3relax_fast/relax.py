@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import time
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from .batch import Batch
-from .pretrained import load_pretrained
-from .structures import InvalidStructureError, from_arrays_like, structure_kind, to_arrays, validate
+from .geometry import MAX_NEIGHBORS, RADIUS
+from .io import (
+    FORMATS,
+    InvalidStructureError,
+    UnreadableFileError,
+    from_arrays_like,
+    read_structures,
+    structure_kind,
+    to_arrays,
+    to_atoms,
+    validate,
+    write_structures,
+)
+from .model import load_pretrained, predict_batches
+from .model.predict import PRECISIONS
 
 ON_ERROR = ("raise", "skip", "return_input")
 
@@ -74,27 +89,6 @@ def plan_batches(
     return batches
 
 
-PRECISIONS = ("default", "tf32", "bf16")
-
-
-@contextlib.contextmanager
-def inference_precision(precision: str, device: torch.device):
-    """Matmul arithmetic for a forward pass (see ``relax_batch(precision=...)``); restores the
-    global TF32 switches afterwards."""
-    if precision == "bf16":
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            yield
-    elif precision == "tf32":
-        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-    else:
-        yield
-
-
 def _prepare_model(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
     """``model`` itself if already on ``device`` in ``dtype``, else a moved copy (the caller's
     model is never modified)."""
@@ -107,33 +101,6 @@ def _prepare_model(model: nn.Module, device: torch.device, dtype: torch.dtype | 
     return model
 
 
-def _predict(
-    model: nn.Module,
-    arrays: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
-    device: torch.device,
-    radius: float,
-    max_neighbors: int,
-    graph_backend: str,
-) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
-    """Run one batch; return per-structure ``(n, 3)`` float64 positions (Å), ``(3, 3)`` float64
-    cells (Å) and a ``(G,)`` bool array telling whether each structure's output is finite."""
-    dtype = next(model.parameters()).dtype
-    with torch.inference_mode():
-        # The graph is built from float64 inputs so it is the same whatever the model's dtype.
-        batch = Batch.from_arrays(arrays, dtype=torch.float64).to(device)
-        batch = batch.with_graph(radius, max_neighbors, backend=graph_backend).to(dtype=dtype)
-        out = model(batch)
-        positions, cells = out.positions[-1], out.cells[-1]
-        bad_atoms = (~torch.isfinite(positions).all(dim=1)).to(torch.int64)
-        bad_per_graph = torch.zeros(batch.num_graphs, dtype=torch.int64, device=positions.device)
-        bad_per_graph.index_add_(0, batch.graph_index(), bad_atoms)
-        finite = torch.isfinite(cells).flatten(1).all(dim=1) & (bad_per_graph == 0)
-        positions = positions.to(torch.float64).cpu().numpy()
-        cells = cells.to(torch.float64).cpu().numpy()
-    splits = batch.ptr[1:-1].cpu().numpy()
-    return np.split(positions, splits), list(cells), finite.cpu().numpy()
-
-
 def relax_batch(
     structures,
     model: nn.Module | None = None,
@@ -142,8 +109,8 @@ def relax_batch(
     max_atoms: int | None = None,
     on_error: str = "raise",
     dtype: torch.dtype | None = None,
-    radius: float = 6.0,
-    max_neighbors: int = 50,
+    radius: float = RADIUS,
+    max_neighbors: int = MAX_NEIGHBORS,
     graph_backend: str = "auto",
     refine=None,
     refine_steps: int = 0,
@@ -171,7 +138,7 @@ def relax_batch(
         radius: graph radius in Å. max_neighbors: per-atom neighbour cap (spec §3).
         graph_backend: backend of :func:`~e3relax_fast.build_graph`.
         refine: optional potential to polish the predictions with: an ASE calculator or a batched
-            calculator (see :mod:`e3relax_fast.fire`). When given with ``refine_steps > 0``, every
+            calculator (see :mod:`e3relax_fast.datagen.fire`). When given with ``refine_steps > 0``, every
             prediction is continued with at most ``refine_steps`` batched FIRE + unit-cell-filter
             steps (fewer once forces/stress fall below ``refine_fmax`` eV/Å). Needs ASE. A structure
             the potential fails on keeps its one-shot prediction (reported by a RelaxWarning).
@@ -184,7 +151,7 @@ def relax_batch(
 
     Returns:
         :class:`RelaxResult`: one relaxed structure per input, in input order and of the input's
-        type (see :func:`~e3relax_fast.structures.from_arrays_like`), positions not wrapped.
+        type (see :func:`~e3relax_fast.io.from_arrays_like`), positions not wrapped.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -199,7 +166,6 @@ def relax_batch(
         raise ValueError(f"precision={precision!r} needs a float32 model (pass dtype=torch.float32)")
     if precision == "tf32" and device.type != "cuda":
         raise ValueError(f"precision='tf32' needs a CUDA device, got device={str(device)!r}")
-    num_elements = getattr(model, "num_elements", None)
 
     errors: dict[int, str] = {}
 
@@ -208,7 +174,38 @@ def relax_batch(
             raise InvalidStructureError(index, reason)
         errors[index] = reason
 
-    arrays: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    arrays = _valid_arrays(items, getattr(model, "num_elements", None), fail)
+    if max_atoms is None and batch_size is None:
+        max_atoms = DEFAULT_MAX_ATOMS.get(device.type, DEFAULT_MAX_ATOMS_ACCELERATOR)
+    valid = list(arrays)
+    groups = [[valid[k] for k in group]
+              for group in plan_batches([len(arrays[i][0]) for i in valid], batch_size, max_atoms)]
+    results: list = [None] * len(items)
+    predicted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    batches = (Batch.from_arrays([arrays[i] for i in indices], dtype=torch.float64) for indices in groups)
+    predictions = predict_batches(model, batches, device, precision, graph_backend, radius, max_neighbors)
+    for indices, prediction in zip(groups, predictions, strict=True):
+        per_structure = prediction.per_structure()
+        for index, (pos, cell), ok in zip(indices, per_structure, prediction.finite(), strict=True):
+            if ok:
+                results[index] = from_arrays_like(items[index], pos, cell)
+                predicted[index] = (pos, cell)
+            else:
+                fail(index, "the model's prediction contains NaN or inf")
+    if refine is not None and refine_steps > 0 and predicted:
+        _refine(items, arrays, predicted, results, refine, refine_steps, refine_fmax)
+
+    errors = dict(sorted(errors.items()))
+    for index in errors:
+        results[index] = items[index] if on_error == "return_input" else None
+    _warn_failures(errors, len(items), on_error)
+    return RelaxResult(results, errors)
+
+
+def _valid_arrays(items: list, num_elements: int | None, fail) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``{input index: (z, positions, cell)}`` of the inputs that are valid model inputs; ``fail(index,
+    reason)`` is called for each of the others."""
+    arrays = {}
     for index, structure in enumerate(items):
         try:
             z, positions, cell = to_arrays(structure, index=index)
@@ -217,60 +214,28 @@ def relax_batch(
             fail(index, err.reason)
             continue
         if num_elements is not None and z.max() >= num_elements:
-            fail(
-                index, f"element Z={int(z.max())} is outside the model's table (num_elements={num_elements})"
-            )
+            fail(index, f"element Z={int(z.max())} is outside the model's table (num_elements={num_elements})")
             continue
         arrays[index] = (z, positions, cell)
+    return arrays
 
-    if max_atoms is None and batch_size is None:
-        max_atoms = DEFAULT_MAX_ATOMS.get(device.type, DEFAULT_MAX_ATOMS_ACCELERATOR)
-    valid = list(arrays)
-    results: list = [None] * len(items)
-    predicted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    was_training = model.training
-    model.eval()
-    try:
-        for group in plan_batches([len(arrays[i][0]) for i in valid], batch_size, max_atoms):
-            indices = [valid[k] for k in group]
-            with inference_precision(precision, device):
-                positions, cells, finite = _predict(
-                    model, [arrays[i] for i in indices], device, radius, max_neighbors, graph_backend
-                )
-            for index, pos, cell, ok in zip(indices, positions, cells, finite, strict=True):
-                if ok:
-                    results[index] = from_arrays_like(items[index], pos, cell)
-                    predicted[index] = (pos, cell)
-                else:
-                    fail(index, "the model's prediction contains NaN or inf")
-    finally:
-        model.train(was_training)
-    if refine is not None and refine_steps > 0 and predicted:
-        _refine(items, arrays, predicted, results, refine, refine_steps, refine_fmax)
 
-    errors = dict(sorted(errors.items()))
-    if errors:
-        for index in errors:
-            results[index] = items[index] if on_error == "return_input" else None
-        outcome = "returned unchanged" if on_error == "return_input" else "skipped (None in the result)"
-        listing = "; ".join(f"[{index}] {reason}" for index, reason in errors.items())
-        warnings.warn(
-            f"relax_batch: {len(errors)} of {len(items)} structure(s) could not be relaxed and were "
-            f"{outcome}: {listing}",
-            RelaxWarning,
-            stacklevel=2,
-        )
-    return RelaxResult(results, errors)
+def _warn_failures(errors: dict[int, str], total: int, on_error: str) -> None:
+    """One :class:`RelaxWarning` listing every structure that was not relaxed."""
+    if not errors:
+        return
+    outcome = "returned unchanged" if on_error == "return_input" else "skipped (None in the result)"
+    listing = "; ".join(f"[{index}] {reason}" for index, reason in errors.items())
+    warnings.warn(f"relax_batch: {len(errors)} of {total} structure(s) could not be relaxed and were {outcome}: "
+                  f"{listing}", RelaxWarning, stacklevel=3)
 
 
 def _refine(items, arrays, predicted, results, calculator, steps: int, fmax: float) -> None:
     """Continue each prediction with a few batched FIRE steps (in place in ``results``)."""
-    from ase import Atoms
-
     from .datagen import BatchedFIRE
 
     indices = list(predicted)
-    start = [Atoms(numbers=arrays[i][0], positions=predicted[i][0], cell=predicted[i][1], pbc=True) for i in indices]
+    start = [to_atoms(arrays[i][0], *predicted[i]) for i in indices]
     outcomes = BatchedFIRE(calculator, fmax=fmax, max_steps=steps).relax(start)
     failed = []
     for index, outcome in zip(indices, outcomes, strict=True):
@@ -281,3 +246,76 @@ def _refine(items, arrays, predicted, results, calculator, steps: int, fmax: flo
     if failed:
         warnings.warn(f"relax_batch: refinement failed for structure(s) {failed}; their one-shot predictions "
                       "are returned", RelaxWarning, stacklevel=3)
+
+
+@dataclass
+class FilesOutcome:
+    """What :func:`relax_files` did.
+
+    errors: one message per unreadable file or structure that failed, naming the file (and the
+        structure's index in it). written: the files written. seconds: wall time.
+    """
+
+    structures: int = 0
+    relaxed: int = 0
+    files_read: int = 0
+    errors: list[str] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def output_path(path: Path, outdir: Path | None, fmt: str) -> Path:
+    """Where :func:`relax_files` writes the predictions of input ``path``: ``<stem>_relaxed.<ext>``."""
+    return (outdir or path.parent) / f"{path.stem}_relaxed{FORMATS[fmt]}"
+
+
+def relax_files(inputs: Sequence[Path], outputs: Sequence[Path], formats: Sequence[str], model: nn.Module,
+                on_error: str = "raise", **options) -> FilesOutcome:
+    """Relax every structure of every input file in shared batches; write each file's predictions.
+
+    Args:
+        inputs: structure files (anything :func:`~e3relax_fast.io.read_structures` reads).
+        outputs, formats: per input, the file to write and its format (a key of ``FORMATS``).
+        model, on_error, options: passed to :func:`relax_batch`.
+
+    Raises:
+        UnreadableFileError: a file cannot be read (``on_error="raise"``).
+        InvalidStructureError: a structure is invalid (``on_error="raise"``); its message names the
+            file and the structure's index in it.
+    """
+    outcome = FilesOutcome()
+    start = time.perf_counter()
+    structures, origin = [], []
+    for f, path in enumerate(inputs):
+        try:
+            frames = read_structures(path)
+        except UnreadableFileError as err:
+            if on_error == "raise":
+                raise
+            outcome.errors.append(str(err))
+            continue
+        outcome.files_read += 1
+        structures += frames
+        origin += [(f, k) for k in range(len(frames))]
+
+    def where(index: int) -> str:
+        f, k = origin[index]
+        return f"{inputs[f]} (structure {k})"
+
+    with warnings.catch_warnings():
+        # Failures are reported per file below, with file names instead of global indices.
+        warnings.simplefilter("ignore", RelaxWarning)
+        try:
+            results = relax_batch(structures, model, on_error=on_error, **options)
+        except InvalidStructureError as err:
+            raise InvalidStructureError(None, f"{where(err.index)}: {err.reason}") from err
+    outcome.errors += [f"{where(index)}: {reason}" for index, reason in results.errors.items()]
+    for f, output in enumerate(outputs):
+        frames = [r for r, (g, _) in zip(results, origin, strict=True) if g == f and r is not None]
+        if frames:
+            write_structures(output, frames, formats[f])
+            outcome.written.append(output)
+    outcome.structures = len(structures)
+    outcome.relaxed = len(structures) - len(results.errors)
+    outcome.seconds = time.perf_counter() - start
+    return outcome

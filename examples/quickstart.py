@@ -18,7 +18,7 @@ import torch
 from pymatgen.core import Structure
 
 from e3relax_fast import E3Relax, load_pretrained, relax_batch
-from e3relax_fast.pretrained import PretrainedModelNotFoundError
+from e3relax_fast.model import PretrainedModelNotFoundError
 
 HERE = Path(__file__).resolve().parent
 

@@ -152,8 +152,8 @@ def require_triton_backend(op: str) -> None:
             and version(np.__version__) >= (2, 4)):
         pytest.skip(f"triton {triton.__version__}'s interpreter fails on loops over runtime bounds with "
                     f"numpy {np.__version__}: use triton >= 3.7 or numpy < 2.4", allow_module_level=True)
-    from e3relax_fast import backends
+    from e3relax_fast import ops
 
-    if "triton" not in backends.available(op):
+    if "triton" not in ops.available(op):
         pytest.skip("triton backend not registered here (no CUDA device and TRITON_INTERPRET unset)",
                     allow_module_level=True)

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from e3relax_fast import pretrained
 from e3relax_fast.cli import main
-from e3relax_fast.model import E3Relax
+from e3relax_fast.model import E3Relax, pretrained
 
 ase_io = pytest.importorskip("ase.io")
 pmg = pytest.importorskip("pymatgen.core")

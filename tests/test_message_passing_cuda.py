@@ -21,7 +21,8 @@ import pytest
 import torch
 from conftest import assert_close as conftest_assert_close
 
-from e3relax_fast import _ext, backends
+from e3relax_fast import ops
+from e3relax_fast.ops import compiled as _ext
 from e3relax_fast.reference.message_passing import message_passing as reference_op
 from e3relax_fast.reference.rbf import rbf_centres, rbf_coefficient
 
@@ -196,20 +197,20 @@ def test_cuda_compiled_when_nvcc_present():
     assert hasattr(C, "message_passing_cuda_f32") and hasattr(C, "message_passing_cuda_f64")
     assert hasattr(C, "message_passing_cpu")
     if _ext.CUDA_UNAVAILABLE_REASON is not None:
-        assert "cuda" not in backends.available("message_passing")
-        with pytest.raises(backends.BackendUnavailableError, match="cuda"):
-            backends.resolve("message_passing", "cuda", "cuda")
+        assert "cuda" not in ops.available("message_passing")
+        with pytest.raises(ops.BackendUnavailableError, match="cuda"):
+            ops.resolve("message_passing", "cuda", "cuda")
     else:
-        assert "cuda" in backends.available("message_passing")
-    assert "cpu" not in backends.available("message_passing")  # the reference is the CPU choice
+        assert "cuda" in ops.available("message_passing")
+    assert "cpu" not in ops.available("message_passing")  # the reference is the CPU choice
 
 
 def _cuda_backend():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    if "cuda" not in backends.available("message_passing"):
+    if "cuda" not in ops.available("message_passing"):
         pytest.skip(f"cuda backend unavailable: {_ext.CUDA_UNAVAILABLE_REASON}")
-    return backends.resolve("message_passing", "cuda", "cuda")[1]
+    return ops.resolve("message_passing", "cuda", "cuda")[1]
 
 
 @pytest.mark.parametrize("dtype, rel", TOLERANCES)

@@ -27,11 +27,12 @@ pytest.importorskip("cuequivariance_torch", reason="cuequivariance-torch is not 
 
 import cuequivariance as cue  # noqa: E402
 
-from e3relax_fast import backends, cueq  # noqa: E402
-from e3relax_fast.loss import layerwise_loss  # noqa: E402
+from e3relax_fast import ops
 from e3relax_fast.model import E3Relax  # noqa: E402
+from e3relax_fast.ops import cueq  # noqa: E402
 from e3relax_fast.reference.message_passing import message_passing as reference_op  # noqa: E402
 from e3relax_fast.reference.rbf import rbf_centres, rbf_coefficient  # noqa: E402
+from e3relax_fast.training.loss import layerwise_loss  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INPUTS = ("x_proj", "vec", "positions", "cells", "edge_weight", "edge_bias")
@@ -98,7 +99,7 @@ assert_close = functools.partial(conftest_assert_close, check_dtype=True)
 
 
 def test_registered():
-    name, fn = backends.resolve("message_passing", "cueq", DEVICE.type)
+    name, fn = ops.resolve("message_passing", "cueq", DEVICE.type)
     assert name == "cueq" and fn is cueq.message_passing
     assert cueq.method_for(torch.device("cpu")) == "naive"
 
@@ -229,10 +230,10 @@ def test_package_imports_without_cuequivariance():
         "import sys\n"
         "sys.modules['cuequivariance'] = sys.modules['cuequivariance_torch'] = None\n"
         "import e3relax_fast\n"
-        "from e3relax_fast import backends\n"
-        "assert 'cueq' not in backends.available('message_passing')\n"
+        "from e3relax_fast import ops\n"
+        "assert 'cueq' not in ops.available('message_passing')\n"
         "try:\n"
-        "    backends.resolve('message_passing', 'cueq', 'cpu')\n"
+        "    ops.resolve('message_passing', 'cueq', 'cpu')\n"
         "except e3relax_fast.BackendUnavailableError as exc:\n"
         "    assert 'cueq' in str(exc) and 'cuequivariance' in str(exc), exc\n"
         "else:\n"

@@ -7,9 +7,9 @@ import pytest
 import torch
 from test_train import _denoising_pairs
 
-from e3relax_fast.data import PairDataset
-from e3relax_fast.evaluate import evaluate, write_report
-from e3relax_fast.metrics import coordinate_mae, periodic_coordinate_mae, shape_error, volume_error
+from e3relax_fast.training import PairDataset
+from e3relax_fast.training.evaluate import evaluate, write_report
+from e3relax_fast.training.metrics import coordinate_mae, periodic_coordinate_mae, shape_error, volume_error
 
 
 def test_metrics_on_known_values():
@@ -56,7 +56,7 @@ def test_evaluate_identity_equals_dummy_and_report(tmp_path):
 
 
 def test_ratio_interval():
-    from e3relax_fast.evaluate import ratio_interval
+    from e3relax_fast.training.evaluate import ratio_interval
 
     rng = np.random.default_rng(1)
     dummy = rng.uniform(0.1, 1.0, 400)
@@ -71,7 +71,7 @@ def test_eval_cli_reports_steps_saved_with_emt(tmp_path):
     """`e3relax-fast eval --steps-saved emt`: relaxes from both starts and reports the steps."""
     from e3relax_fast import E3Relax
     from e3relax_fast.cli import main
-    from e3relax_fast.data import Pair, write_extxyz_pairs
+    from e3relax_fast.io import Pair, write_extxyz_pairs
 
     rng = np.random.default_rng(0)
     pairs = []

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import golden_batch, golden_model_instance, random_batch
 
-from e3relax_fast import Batch, backends, build_graph
+from e3relax_fast import Batch, build_graph, ops
 from e3relax_fast.model import E3Relax
 
 CUDA = torch.cuda.is_available()
@@ -47,7 +47,7 @@ def test_forward_traces_as_one_graph(golden_model, paper_compat):
 def _cuda_backends() -> list[str]:
     if not CUDA:
         return ["reference"]
-    return [b for b in ("reference", "triton", "cuda") if b in backends.available("message_passing")]
+    return [b for b in ("reference", "triton", "cuda") if b in ops.available("message_passing")]
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device: CUDA-graph capture needs a GPU")

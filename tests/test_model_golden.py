@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import golden_batch, golden_model_instance
 
-from e3relax_fast.loss import layerwise_loss, unwrap_targets
 from e3relax_fast.reference.rbf import rbf_centres, rbf_coefficient
+from e3relax_fast.training.loss import layerwise_loss, unwrap_targets
 
 LAYERS = range(4)
 

@@ -3,14 +3,14 @@
 The C++ CPU launcher must reproduce the pure-PyTorch oracle (e3relax_fast/reference/radius_graph.py)
 exactly: integer outputs equal, distances equal to the bit. Every CPU path is checked:
 
-* ``algo=0`` (default): the symmetric image-box enumeration for small crystals, the cell list above
+* ``path="auto"`` (default): the symmetric image-box enumeration for small crystals, the cell list above
   ``cell_list_threshold`` atoms; on CPUs with AVX-512 both run their AVX-512 paths (8-wide distance
   masks, vectorised sqrt/quantisation, bitonic key sort in registers; the cell list then reorders
   exactly tied keys by (neighbour, offset));
-* ``algo=3``: ``algo=0`` with the portable (non-AVX-512) paths, so both are compared here;
-* ``algo=2``: brute force with exact per-pair image bounds (the header's ``scan_pair``), or the
+* ``path="portable"``: ``"auto"`` with the portable (non-AVX-512) paths, so both are compared here;
+* ``path="brute_force"``: brute force with exact per-pair image bounds (the header's ``scan_pair``), or the
   cell list;
-* ``algo=1``: the CUDA kernel's warp algorithm (histogram pass, threshold, collect pass, rank sort,
+* ``path="warp_emulation"``: the CUDA kernel's warp algorithm (histogram pass, threshold, collect pass, rank sort,
   boundary fallback) emulated lane by lane with the same header functions the kernel calls.
 
 ``cell_list_threshold=0`` forces the cell list on every crystal, a huge threshold forces brute force.
@@ -31,15 +31,17 @@ import pytest
 import torch
 from conftest import random_batch
 
-from e3relax_fast import _ext, backends, build_graph
+from e3relax_fast import build_graph, graph, ops
+from e3relax_fast.ops import compiled as _ext
 from e3relax_fast.reference.radius_graph import radius_graph as reference
 
 pytestmark = pytest.mark.skipif(_ext._C is None, reason=f"compiled extension unavailable: {_ext.IMPORT_ERROR}")
 
 DATA = Path(__file__).parent / "data"
 BIG = 10**9  # cell_list_threshold that forces brute force
-PATHS = [  # (algo, cell_list_threshold)
-    (0, None), (0, 0), (0, BIG), (1, 0), (1, BIG), (2, 0), (2, BIG), (3, BIG),
+PATHS = [  # (path, cell_list_threshold)
+    ("auto", None), ("auto", 0), ("auto", BIG), ("warp_emulation", 0), ("warp_emulation", BIG), ("brute_force", 0),
+    ("brute_force", BIG), ("portable", BIG),
 ]
 
 
@@ -80,9 +82,9 @@ def test_golden_each_structure(golden, use_reserved):
         ptr = torch.tensor([0, pos.shape[0]])
         res = zero_self.to(torch.int64) if use_reserved else None
         ref = reference(pos, cell[None], ptr, 6.0, 50, res)
-        for algo, thr in PATHS:
-            assert_same(ref, cpu(pos, cell[None], ptr, reserved=res, algo=algo, cell_list_threshold=thr),
-                        f"s{k} algo={algo} thr={thr}")
+        for path, thr in PATHS:
+            assert_same(ref, cpu(pos, cell[None], ptr, reserved=res, path=path, cell_list_threshold=thr),
+                        f"s{k} path={path} thr={thr}")
 
 
 def test_golden_batched_and_threads(golden):
@@ -94,7 +96,8 @@ def test_golden_batched_and_threads(golden):
     ref = reference(pos, cells, ptr, 6.0, 50, res)
     for nt in (1, 2):
         assert_same(ref, cpu(pos, cells, ptr, reserved=res, num_threads=nt), f"threads={nt}")
-        assert_same(ref, cpu(pos, cells, ptr, reserved=res, num_threads=nt, algo=1, cell_list_threshold=16))
+        warp = cpu(pos, cells, ptr, reserved=res, num_threads=nt, path="warp_emulation", cell_list_threshold=16)
+        assert_same(ref, warp)
     # the registered backend through the public entry point
     g = build_graph(pos, cells, ptr, 6.0, 50, backend="cpu", reserved=res)
     assert_same(ref, tuple(g))
@@ -129,10 +132,10 @@ def test_random_suite(case):
         pos, cells = pos.float(), cells.float()
     res = torch.from_numpy(rng.integers(0, 2, pos.shape[0])) if use_res else None
     ref = reference(pos, cells, ptr, radius, k, res)
-    for algo, thr in PATHS:
+    for path, thr in PATHS:
         for nt in (1, 2):
-            out = cpu(pos, cells, ptr, radius, k, res, algo=algo, cell_list_threshold=thr, num_threads=nt)
-            assert_same(ref, out, f"case {case} algo={algo} thr={thr} threads={nt}")
+            out = cpu(pos, cells, ptr, radius, k, res, path=path, cell_list_threshold=thr, num_threads=nt)
+            assert_same(ref, out, f"case {case} path={path} thr={thr} threads={nt}")
 
 
 def test_symmetric_lattice_ties():
@@ -143,8 +146,8 @@ def test_symmetric_lattice_ties():
     pos, cells, ptr = torch.tensor(fcc), torch.tensor(np.eye(3) * 2 * a)[None], torch.tensor([0, len(fcc)])
     for k in (12, 50, 80):
         ref = reference(pos, cells, ptr, 6.0, k)
-        for algo, thr in PATHS:
-            assert_same(ref, cpu(pos, cells, ptr, 6.0, k, algo=algo, cell_list_threshold=thr), f"{k} {algo} {thr}")
+        for path, thr in PATHS:
+            assert_same(ref, cpu(pos, cells, ptr, 6.0, k, path=path, cell_list_threshold=thr), f"{k} {path} {thr}")
 
 
 def test_warp_boundary_fallback():
@@ -162,8 +165,8 @@ def test_warp_boundary_fallback():
     cells = torch.tensor(np.stack([np.eye(3) * a, np.eye(3) * 0.5]))
     ptr = torch.tensor([0, 1, 3])
     ref = reference(pos, cells, ptr, radius, k)
-    for algo, thr in PATHS:
-        assert_same(ref, cpu(pos, cells, ptr, radius, k, algo=algo, cell_list_threshold=thr), f"{algo} {thr}")
+    for path, thr in PATHS:
+        assert_same(ref, cpu(pos, cells, ptr, radius, k, path=path, cell_list_threshold=thr), f"{path} {thr}")
 
 
 def _oracle_centre(pos, cell, i, radius, k):
@@ -205,8 +208,9 @@ def test_large_crystal_cell_list_vs_brute_force():
     ptr = torch.tensor([0, 2000])
     base = cpu(pos, cells, ptr)  # default: cell list (2,000 > threshold)
     assert_same(reference(pos, cells, ptr), base, "reference")
-    for algo, thr in [(0, BIG), (2, 0), (2, BIG), (1, 0), (0, 0), (3, 0), (3, BIG)]:
-        assert_same(base, cpu(pos, cells, ptr, algo=algo, cell_list_threshold=thr, num_threads=2), f"{algo} {thr}")
+    for path, thr in [("auto", BIG), ("brute_force", 0), ("brute_force", BIG), ("warp_emulation", 0),
+                      ("auto", 0), ("portable", 0), ("portable", BIG)]:
+        assert_same(base, cpu(pos, cells, ptr, path=path, cell_list_threshold=thr, num_threads=2), f"{path} {thr}")
     edge_index, offsets, rowptr, dist, ncand = base
     for i in rng.choice(2000, 6, replace=False):
         rows, count = _oracle_centre(pos.numpy(), cell, int(i), 6.0, 50)
@@ -222,8 +226,8 @@ def test_mixed_sizes_threshold_switch():
     pos, cells, ptr = _batch(rng, [3, 150, 1, 120, 17], ["tiny", "gen", "gen", "vacuum", "skewed"], unwrap=1)
     ref = reference(pos, cells, ptr, 5.0, 40)
     for thr in (0, 2, 16, 130, BIG):
-        for algo in (0, 1, 2, 3):
-            assert_same(ref, cpu(pos, cells, ptr, 5.0, 40, algo=algo, cell_list_threshold=thr), f"{algo} {thr}")
+        for path in _ext.GRAPH_PATHS:
+            assert_same(ref, cpu(pos, cells, ptr, 5.0, 40, path=path, cell_list_threshold=thr), f"{path} {thr}")
 
 
 def _cpu_flags() -> set[str]:
@@ -237,7 +241,7 @@ def _cpu_flags() -> set[str]:
 
 def test_avx512_path_taken_where_available():
     """On a CPU with AVX-512 F/DQ/VL/BW the default small-crystal path is the AVX-512 one (so the
-    comparisons of algo 0 with algo 3 in this file test two different code paths)."""
+    comparisons of "auto" with "portable" in this file test two different code paths)."""
     flags = _cpu_flags()
     if not flags:
         pytest.skip("no /proc/cpuinfo flags to compare with")
@@ -258,8 +262,8 @@ def test_long_radius_64bit_keys():
     ref = reference(pos, cells, ptr, 34.0, 50)
     widths = {max(8, 1 << (int(c) - 1).bit_length()) for c in ref[4].tolist()}
     assert widths == {8, 16, 32, 64, 128}, widths
-    for algo in (0, 3):
-        assert_same(ref, cpu(pos, cells, ptr, 34.0, 50, algo=algo, cell_list_threshold=BIG), f"algo={algo}")
+    for path in ("auto", "portable"):
+        assert_same(ref, cpu(pos, cells, ptr, 34.0, 50, path=path, cell_list_threshold=BIG), f"path={path}")
 
 
 @pytest.mark.parametrize("radius", [2.0, 3.0, 3.8, 4.6, 5.4, 6.5, 8.0])
@@ -273,8 +277,8 @@ def test_candidate_counts_across_sort_widths(radius):
         ref = reference(pos, cells, ptr, radius, k)
         counts = ref[4]
         assert int(counts.max()) > 0
-        for algo in (0, 3):
-            assert_same(ref, cpu(pos, cells, ptr, radius, k, algo=algo, cell_list_threshold=BIG), f"{algo} k={k}")
+        for path in ("auto", "portable"):
+            assert_same(ref, cpu(pos, cells, ptr, radius, k, path=path, cell_list_threshold=BIG), f"{path} k={k}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,8 +312,8 @@ def test_out_of_memory_is_a_clear_error():
 
 
 def test_registration_and_auto():
-    assert "cpu" in backends.available("radius_graph")
-    name, fn = backends.resolve("radius_graph", "auto", "cpu")
+    assert "cpu" in ops.available("radius_graph")
+    name, fn = ops.resolve("radius_graph", "auto", "cpu")
     assert name == "cpu" and fn is _ext.radius_graph_cpu
 
 
@@ -318,17 +322,17 @@ def test_fixed_capacity_cpu():
     pos, cells, ptr = _batch(rng, [4, 6], ["gen", "skewed"])
     ref = reference(pos, cells, ptr)
     e = ref[3].shape[0]
-    g = _ext.build_graph_fixed(pos, cells, ptr, capacity=e + 10)
+    g = graph.build_graph_fixed(pos, cells, ptr, capacity=e + 10)
     assert int(g.num_edges) == e and int(g.status) == 0
     assert torch.equal(g.edge_index[:, :e], ref[0]) and torch.equal(g.rowptr, ref[2])
     assert torch.equal(g.distances[:e], ref[3]) and bool((g.edge_index[:, e:] == -1).all())
-    with pytest.raises(_ext.GraphCapacityError) as info:
-        _ext.build_graph_fixed(pos, cells, ptr, capacity=e - 1)
+    with pytest.raises(graph.GraphCapacityError) as info:
+        graph.build_graph_fixed(pos, cells, ptr, capacity=e - 1)
     assert info.value.required == e
-    g = _ext.build_graph_fixed(pos, cells, ptr, capacity=e - 1, check=False)
+    g = graph.build_graph_fixed(pos, cells, ptr, capacity=e - 1, check=False)
     assert int(g.status) & _ext.ERR_OVERFLOW and int(g.num_edges) == e
-    with pytest.raises(_ext.GraphCapacityError):
-        _ext.check_fixed(g)
+    with pytest.raises(graph.GraphCapacityError):
+        graph.check_fixed(g)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,13 +359,13 @@ def test_cuda_compiled_when_nvcc_present():
     status = C.cuda_status()  # never raises, with or without a driver
     assert isinstance(status, str) and status
     if not (torch.cuda.is_available() and C.cuda_available()):
-        assert "cuda" not in backends.available("radius_graph")
+        assert "cuda" not in ops.available("radius_graph")
         assert _ext.CUDA_UNAVAILABLE_REASON
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_backend_matches_reference(golden):
-    if "cuda" not in backends.available("radius_graph"):
+    if "cuda" not in ops.available("radius_graph"):
         pytest.skip(f"cuda backend unavailable: {_ext.CUDA_UNAVAILABLE_REASON}")
     pos = torch.cat([p for p, _, _ in golden])
     cells = torch.stack([c for _, c, _ in golden])
@@ -372,11 +376,11 @@ def test_cuda_backend_matches_reference(golden):
         out = _ext.radius_graph_cuda(pos.cuda(), cells.cuda(), ptr.cuda(), 6.0, 50, None if r is None else r.cuda())
         assert_same(ref, tuple(t.cpu() for t in out))
         e = ref[3].shape[0]
-        g = _ext.build_graph_fixed(pos.cuda(), cells.cuda(), ptr.cuda(), e + 5, 6.0, 50,
+        g = graph.build_graph_fixed(pos.cuda(), cells.cuda(), ptr.cuda(), e + 5, 6.0, 50,
                                    None if r is None else r.cuda())
         assert torch.equal(g.edge_index[:, :e].cpu(), ref[0]) and int(g.num_edges) == e
-        with pytest.raises(_ext.GraphCapacityError):
-            _ext.build_graph_fixed(pos.cuda(), cells.cuda(), ptr.cuda(), e - 1, 6.0, 50,
+        with pytest.raises(graph.GraphCapacityError):
+            graph.build_graph_fixed(pos.cuda(), cells.cuda(), ptr.cuda(), e - 1, 6.0, 50,
                                    None if r is None else r.cuda())
     rng = np.random.default_rng(5)
     for case in range(len(CASES)):

@@ -9,11 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from e3relax_fast import pretrained
-from e3relax_fast.model import E3Relax, E3RelaxOutput
-from e3relax_fast.pretrained import PretrainedModelNotFoundError, infer_config, load_pretrained
+from e3relax_fast.io.structures import InvalidStructureError, to_arrays
+from e3relax_fast.model import E3Relax, E3RelaxOutput, pretrained
+from e3relax_fast.model.pretrained import PretrainedModelNotFoundError, infer_config, load_pretrained
 from e3relax_fast.relax import RelaxResult, RelaxWarning, plan_batches, relax_batch
-from e3relax_fast.structures import InvalidStructureError, to_arrays
 
 pmg = pytest.importorskip("pymatgen.core")
 ase_build = pytest.importorskip("ase.build")

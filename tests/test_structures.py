@@ -13,14 +13,8 @@ import pytest
 import torch
 
 from e3relax_fast.batch import Batch
-from e3relax_fast.structures import (
-    InvalidStructureError,
-    from_arrays_like,
-    plane_spacings,
-    structure_kind,
-    to_arrays,
-    validate,
-)
+from e3relax_fast.io.structures import from_arrays_like, structure_kind, to_arrays
+from e3relax_fast.io.validate import InvalidStructureError, plane_spacings, validate
 
 pmg = pytest.importorskip("pymatgen.core")
 ase = pytest.importorskip("ase")
@@ -150,8 +144,9 @@ def test_a_list_of_three_structures_is_not_a_triple():
 def test_io_libraries_are_imported_lazily():
     code = (
         "import sys, numpy as np\n"
-        "import e3relax_fast, e3relax_fast.relax, e3relax_fast.pretrained, e3relax_fast.cli\n"
-        "from e3relax_fast.structures import to_arrays, validate, from_arrays_like\n"
+        "import e3relax_fast, e3relax_fast.relax, e3relax_fast.model, e3relax_fast.io, e3relax_fast.cli\n"
+        "import e3relax_fast.training\n"
+        "from e3relax_fast.io import to_arrays, validate, from_arrays_like\n"
         "t = ([1, 1], [[0, 0, 0], [0, 0, 0.74]], np.eye(3) * 8)\n"
         "validate(*to_arrays(t)); from_arrays_like(t, *to_arrays(t)[1:])\n"
         "assert 'pymatgen' not in sys.modules and 'ase' not in sys.modules, 'eager import'\n"
@@ -292,13 +287,21 @@ def test_pymatgen_molecule_is_unsupported():
     )
 
 
+def validated_batch(structures) -> Batch:
+    """A batch of ``structures``, each converted and validated under its index in the list."""
+    arrays = [to_arrays(s, index=k) for k, s in enumerate(structures)]
+    for k, a in enumerate(arrays):
+        validate(*a, index=k)
+    return Batch.from_arrays(arrays)
+
+
 def test_good_structures_next_to_bad_ones():
     good = pymatgen_structure()
     overlap = ([1, 1], [[0.0, 0, 0], [0.0, 0, 0.05]], CUBE)
-    batch = Batch.from_structures([good, ase_atoms()])
+    batch = validated_batch([good, ase_atoms()])
     assert batch.num_graphs == 2 and batch.num_atoms == 12
     with pytest.raises(InvalidStructureError, match=r"^structure 2: atoms 0 and 1 overlap") as info:
-        Batch.from_structures([good, ase_atoms(), overlap, good])
+        validated_batch([good, ase_atoms(), overlap, good])
     assert info.value.index == 2
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from e3relax_fast.data import Pair, PairDataset, read_pairs, write_extxyz_pairs
-from e3relax_fast.train import TrainConfig, train
+from e3relax_fast.io import Pair, read_pairs, write_extxyz_pairs
+from e3relax_fast.training import PairDataset
+from e3relax_fast.training.train import TrainConfig, train
 
 
 def _denoising_pairs(n: int, seed: int) -> list[Pair]:

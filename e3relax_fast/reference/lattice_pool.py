@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 
-def segment_mean(x: Tensor, ptr: Tensor, graph_index: Tensor) -> Tensor:
+def lattice_pool(x: Tensor, ptr: Tensor, graph_index: Tensor) -> Tensor:
     """Mean of ``x`` over the atoms of each crystal.
 
     Args:

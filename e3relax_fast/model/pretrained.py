@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .model import E3Relax
+from .e3relax import E3Relax
 
 #: Names of the models that can ship as package data under ``e3relax_fast/weights/<name>.pt``.
 BUNDLED = ("default",)

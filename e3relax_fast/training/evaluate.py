@@ -6,13 +6,15 @@ structure as its prediction.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .data import Pair, PairDataset
+from ..io.compare import structures_match
+from ..io.pairs import Pair
+from ..model import predict_batches
+from .dataset import PairDataset
 from .metrics import structure_metrics
 
 METRICS = {  # name -> (label, unit)
@@ -23,36 +25,16 @@ METRICS = {  # name -> (label, unit)
 }
 
 
-@torch.no_grad()
 def predict(model: torch.nn.Module, dataset: PairDataset, device="cpu", batch_size: int = 64):
     """Per-structure predictions ``[(positions (n, 3) Å, cell (3, 3) Å)]`` of the final layer."""
-    model.eval()
-    out = []
-    for start in range(0, len(dataset), batch_size):
-        batch, _, _ = PairDataset.collate(dataset.items[start:start + batch_size])
-        pred = model(batch.to(device))
-        pos, cells = pred.positions[-1].double().cpu(), pred.cells[-1].double().cpu()
-        for g in range(batch.num_graphs):
-            out.append((pos[int(batch.ptr[g]):int(batch.ptr[g + 1])].numpy(), cells[g].numpy()))
-    return out
+    return [one for pred in predict_batches(model, dataset.batches(batch_size), device) for one in pred.per_structure()]
 
 
 def _match_rate(pairs: list[Pair], predictions) -> float | None:
     """Fraction matched by pymatgen's StructureMatcher at its defaults; None without pymatgen."""
-    try:
-        from pymatgen.analysis.structure_matcher import StructureMatcher
-        from pymatgen.core import Lattice, Structure
-    except ImportError:
-        return None
-    matcher = StructureMatcher()
-    hits = 0
-    for pair, (pos, cell) in zip(pairs, predictions, strict=True):
-        target = Structure(Lattice(pair.cell_relaxed), pair.atomic_numbers, pair.pos_relaxed, coords_are_cartesian=True)
-        guess = Structure(Lattice(cell), pair.atomic_numbers, pos, coords_are_cartesian=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            hits += bool(matcher.fit(guess, target))
-    return hits / max(len(pairs), 1)
+    guesses = [(p.atomic_numbers, pos, cell) for p, (pos, cell) in zip(pairs, predictions, strict=True)]
+    matches = structures_match(guesses, [(p.atomic_numbers, p.pos_relaxed, p.cell_relaxed) for p in pairs])
+    return None if matches is None else sum(matches) / max(len(pairs), 1)
 
 
 def ratio_interval(model_err: np.ndarray, dummy_err: np.ndarray, resamples: int = 2000, seed: int = 0

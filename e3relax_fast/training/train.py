@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .batch import graph_index_from_ptr
-from .data import PairDataset
-from .geometry import safe_norm
-from .model import E3Relax
+from ..model import E3Relax, predict_batches
+from .dataset import PairDataset
+from .loss import layerwise_loss
 
 
 @dataclass
@@ -44,36 +43,9 @@ class TrainConfig:
     lr_patience: int = 5
     min_lr: float = 1e-8
     early_stop: int = 15  # pseudo-epochs without improvement before stopping
-    loss: str = "l2"  # "l2": the paper's loss; "pbc_l1": E3Relax-H2's periodicity-aware L1
+    loss: str = "l2"  # one of LOSSES: "l2", the paper's loss; "pbc_l1", E3Relax-H2's periodicity-aware L1
     seed: int = 0
     dtype: str = "float32"
-
-
-def batch_loss(output, pos_target, cell_target, batch, kind: str, atom_norm: float, cell_norm: float):
-    """Sum over layers of the position and cell terms, normalised by the given counts.
-
-    ``atom_norm`` / ``cell_norm`` are the number of atoms / cell entries (9 G) of the *global*
-    batch, so that per-process losses add up to the single-process loss under DDP.
-    """
-    total = 0.0
-    if kind == "pbc_l1":
-        graph_index = graph_index_from_ptr(batch.ptr, batch.num_atoms)
-        images = torch.tensor([[a, b, c] for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1)],
-                              dtype=pos_target.dtype, device=pos_target.device)
-        target_shifts = torch.einsum("tp,npq->ntq", images, cell_target[graph_index])
-    for pos, cell in zip(output.positions, output.cells, strict=True):
-        if kind == "l2":
-            pos_term = safe_norm(pos - pos_target).sum() / atom_norm
-        elif kind == "pbc_l1":
-            # The image t is chosen without gradient (E3Relax-H2): wrap the prediction in the target cell.
-            with torch.no_grad():
-                best = (pos.unsqueeze(1) + target_shifts - pos_target.unsqueeze(1)).norm(dim=-1).argmin(1)
-            shift = target_shifts[torch.arange(len(best), device=best.device), best]
-            pos_term = (pos + shift - pos_target).abs().sum() / (3 * atom_norm)
-        else:
-            raise ValueError(f"unknown loss {kind!r}; expected 'l2' or 'pbc_l1'")
-        total = total + pos_term + (cell - cell_target).abs().sum() / cell_norm
-    return total
 
 
 def _world() -> tuple[int, int]:
@@ -96,17 +68,13 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
         e.lerp_(p, 1 - decay)
 
 
-@torch.no_grad()
 def validation_signal(model: torch.nn.Module, dataset: PairDataset, device, batch_size: int = 64) -> float:
     """Mean ``|Δp|`` of the last layer pooled over all validation atoms × xyz (Å), as the original."""
-    model.eval()
     err, count = 0.0, 0
-    for start in range(0, len(dataset), batch_size):
-        batch, pos_t, _ = PairDataset.collate(dataset.items[start:start + batch_size])
-        out = model(batch.to(device))
-        err += (out.positions[-1] - pos_t.to(device, out.positions[-1].dtype)).abs().sum().item()
+    predictions = predict_batches(model, dataset.batches(batch_size), device)
+    for pred, (pos_t, _) in zip(predictions, dataset.targets(batch_size), strict=True):
+        err += (pred.positions - pos_t.to(pred.positions.device, pred.positions.dtype)).abs().sum().item()
         count += pos_t.numel()
-    model.train()
     return err / max(count, 1)
 
 
@@ -170,8 +138,8 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
             cell_norm = _all_sum(9.0 * batch.num_graphs)
             out = net(batch)
             # DDP averages gradients over processes; multiply by world so the result is the global sum.
-            loss = batch_loss(out, pos_t.to(device, dtype), cell_t.to(device, dtype), batch, config.loss,
-                              atom_norm, cell_norm) * world
+            loss = layerwise_loss(out, pos_t.to(device, dtype), cell_t.to(device, dtype), batch.ptr, config.loss,
+                                  atom_norm, cell_norm).total * world
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)

@@ -63,18 +63,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from . import backends
-from .geometry import edge_vectors, safe_norm
-from .reference.message_passing import message_passing as _reference_message_passing
-from .reference.rbf import radial_basis
+from ..geometry import edge_vectors, safe_norm
+from ..reference.message_passing import message_passing as _reference_message_passing
+from ..reference.rbf import radial_basis
 
 if TYPE_CHECKING:
     import cuequivariance as cue
 
-MESSAGE_OP = "message_passing"
-
-# cuequivariance pulls in sympy (~1 s): import it on first use, register when it is installed.
-_FOUND = all(importlib.util.find_spec(name) is not None for name in ("cuequivariance", "cuequivariance_torch"))
+# cuequivariance pulls in sympy (~1 s): it is imported on first use; the op table only checks it is installed.
+FOUND = all(importlib.util.find_spec(name) is not None for name in ("cuequivariance", "cuequivariance_torch"))
 
 _HAS_OPS: bool | None = None  # cuequivariance_ops_torch importable (checked on first CUDA call)
 _MODULES: dict[tuple[int, str, str], torch.nn.Module] = {}
@@ -212,8 +209,3 @@ def message_passing(
     )
     return ds, dv.view(n, 3, h)
 
-
-if _FOUND:
-    backends.register(MESSAGE_OP, "cueq", message_passing)
-else:
-    backends.mark_missing(MESSAGE_OP, "cueq", "cuequivariance-torch is not installed; pip install 'e3relax-fast[cueq]'")

@@ -1,41 +1,29 @@
-"""Compiled backends (``e3relax_fast._C``, csrc/) behind the backend registry: radius graph and
-fused message passing.
+"""The compiled extension ``e3relax_fast._C`` (csrc/): its loader and the Python wrappers of its ops.
 
-Importing this module (``graph.py`` does) registers, for op ``"radius_graph"``:
+* :func:`radius_graph_cpu` — the C++ radius graph (threads over centres; small crystals by a
+  symmetric image box, large ones by a cell list; AVX-512 paths where the CPU has them);
+* :func:`radius_graph_cuda` — the CUDA radius graph (one warp per centre), and its two phases
+  :func:`cuda_select` / :func:`cuda_emit` for the fixed-capacity graph of :mod:`e3relax_fast.graph`;
+* :func:`message_passing_cuda` — the fused message op, forward only; :func:`message_passing_cpu` —
+  its per-receiver logic on CPU threads, for the tests.
 
-* ``cpu`` — the C++ launcher (threads over centres, cell lists for large crystals) when ``_C``
-  imports;
-* ``cuda`` — the CUDA launcher (one warp per centre) when ``_C`` was built with CUDA, torch sees a
-  GPU and the module's own CUDA runtime finds a device;
-
-and records with :func:`backends.mark_missing` why a backend is absent otherwise (``_C`` not
-built, built without nvcc, no driver, ...). Both functions have the reference's signature and
-return exactly the reference's output (integers equal, distances equal to the bit).
-
-For op ``"message_passing"`` it registers ``cuda`` (:func:`message_passing_cuda`, the fused kernel,
-forward only) under the same conditions. Its CPU launcher :func:`message_passing_cpu` (the same
-per-receiver logic) is a plain function for the tests, not a backend: the reference is the CPU
-choice.
-
-:func:`build_graph_fixed` is the fixed-capacity variant for CUDA graphs: caller-sized outputs, no
-host synchronisation when ``check=False``, and an overflow status instead of silent truncation.
+Every wrapper has its reference twin's signature and returns exactly the reference's result (graph:
+integers equal, distances equal to the bit). Whether a backend can run here is decided once, at
+import: :data:`IMPORT_ERROR` and :func:`cuda_reason` say why not; :mod:`.table` reads them.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import backends
-
-OP = "radius_graph"
+from .registry import BackendUnavailableError
 
 IMPORT_ERROR: str | None = None
 try:
-    _C = importlib.import_module(f"{__package__}._C")
+    _C = importlib.import_module("e3relax_fast._C")
 except ImportError as exc:  # not built (no compiler, E3RELAX_NO_EXT=1) or built for another Python
     _C = None
     IMPORT_ERROR = f"e3relax_fast._C is not importable ({type(exc).__name__}: {exc})"
@@ -51,17 +39,8 @@ ERR_OVERFLOW = 16
 # image box below); 128 on CPUs with AVX-512 (its cell list is the faster one from there), else 768.
 CELL_LIST_THRESHOLD = int(getattr(_C, "DEFAULT_CELL_LIST_THRESHOLD", 768))
 
-
-class GraphCapacityError(RuntimeError):
-    """The fixed-capacity graph needs more edges than were allocated."""
-
-    def __init__(self, required: int, capacity: int):
-        super().__init__(
-            f"radius_graph: the graph has {required} edges but the fixed capacity is {capacity}; "
-            f"rebuild with capacity >= {required}"
-        )
-        self.required = required
-        self.capacity = capacity
+#: Paths of the C++ radius graph (the integer the extension takes; see :func:`radius_graph_cpu`).
+GRAPH_PATHS = {"auto": 0, "warp_emulation": 1, "brute_force": 2, "portable": 3}
 
 
 def error_message(bits: int) -> str:
@@ -78,7 +57,7 @@ def error_message(bits: int) -> str:
     return "radius_graph: " + ("; ".join(parts) or f"error bits {bits}")
 
 
-def _inputs(positions: Tensor, cells: Tensor, ptr: Tensor, reserved: Tensor | None, device: torch.device):
+def graph_inputs(positions: Tensor, cells: Tensor, ptr: Tensor, reserved: Tensor | None, device: torch.device):
     """float64/int64 C-contiguous copies (views when already so) on ``device``."""
     pos = positions.detach().to(device=device, dtype=torch.float64).contiguous()
     cell = cells.detach().to(device=device, dtype=torch.float64).contiguous()
@@ -104,28 +83,33 @@ def radius_graph_cpu(
     *,
     num_threads: int | None = None,
     cell_list_threshold: int | None = None,
-    algo: int = 0,
+    path: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The reference's :func:`~e3relax_fast.reference.radius_graph.radius_graph`, in C++.
 
     Extra keyword arguments: ``num_threads`` (default ``torch.get_num_threads()``),
-    ``cell_list_threshold`` (crystals with more atoms use the cell list; default: that of ``algo``
-    on this CPU, :data:`CELL_LIST_THRESHOLD` for algo 0), ``algo`` (0: default, the symmetric
-    image-box enumeration for small crystals and the cell list for large ones, with AVX-512 where
-    the CPU has it; 1: the CUDA kernel's warp algorithm emulated on the CPU; 2: brute force with
-    exact per-pair image bounds; 3: algo 0 without AVX-512; 1 to 3 exist for the tests).
+    ``cell_list_threshold`` (crystals with more atoms use the cell list; default: the measured
+    crossover of the chosen path on this CPU, :data:`CELL_LIST_THRESHOLD` for ``"auto"``), ``path``:
+
+    * ``"auto"``: the symmetric image box for small crystals and the cell list for large ones, with
+      AVX-512 where the CPU has it;
+    * ``"portable"``: the same without AVX-512 (what CPUs without it run);
+    * ``"brute_force"``: exact per-pair image bounds (or the cell list above the threshold);
+    * ``"warp_emulation"``: the CUDA kernel's warp algorithm emulated lane by lane on the CPU.
+
+    All paths give the same result; the last three exist for the tests and benchmarks.
     Outputs are on ``positions.device``.
     """
     if _C is None:
-        raise backends.BackendUnavailableError(IMPORT_ERROR or "e3relax_fast._C missing")
+        raise BackendUnavailableError(IMPORT_ERROR or "e3relax_fast._C missing")
     device = positions.device
     cpu = torch.device("cpu")
-    pos, cell, p, res = _inputs(positions, cells, ptr, reserved, cpu)
+    pos, cell, p, res = graph_inputs(positions, cells, ptr, reserved, cpu)
     out = _C.radius_graph_cpu(
         pos, cell, p, float(radius), int(max_neighbors), res,
         int(num_threads if num_threads is not None else torch.get_num_threads()),
         int(-1 if cell_list_threshold is None else cell_list_threshold),
-        int(algo),
+        GRAPH_PATHS[path],
     )
     tensors = tuple(torch.from_numpy(a) for a in out)
     if device.type != "cpu":
@@ -148,8 +132,9 @@ def _dl(t: Tensor | None, dl_stream: int):
     return None if t is None else t.__dlpack__(stream=dl_stream)
 
 
-def _cuda_select(pos: Tensor, cell: Tensor, p: Tensor, res: Tensor | None, radius: float, k: int):
-    """Phase 1 on the current stream: (kept, kept_count, ncand, status, rowptr); no host sync."""
+def cuda_select(pos: Tensor, cell: Tensor, p: Tensor, res: Tensor | None, radius: float, k: int):
+    """Phase 1 of the CUDA graph on the current stream, no host sync: per centre the kept candidates
+    ``kept`` / ``kept_count``, the candidate counts ``ncand``, the input-error bits ``status`` and ``rowptr``."""
     dev = pos.device
     n = pos.shape[0]
     wfrac = torch.empty((n, 3), dtype=torch.float64, device=dev)
@@ -166,7 +151,8 @@ def _cuda_select(pos: Tensor, cell: Tensor, p: Tensor, res: Tensor | None, radiu
     return kept, kept_count, ncand, status, rowptr
 
 
-def _cuda_emit(pos, cell, p, k, kept, kept_count, rowptr, edge_index, offsets, dist):
+def cuda_emit(pos, cell, p, k, kept, kept_count, rowptr, edge_index, offsets, dist):
+    """Phase 2 of the CUDA graph: write the edges of :func:`cuda_select`'s result into caller buffers."""
     handle, s = _stream_handles(pos.device)
     _C.radius_graph_cuda_emit(_dl(pos, s), _dl(cell, s), _dl(p, s), k, _dl(kept, s), _dl(kept_count, s),
                               _dl(rowptr, s), _dl(edge_index, s), _dl(offsets, s), _dl(dist, s), handle)
@@ -186,14 +172,14 @@ def radius_graph_cuda(
     outputs. For CUDA graphs use :func:`build_graph_fixed`.
     """
     if _C is None or not getattr(_C, "WITH_CUDA", False):
-        raise backends.BackendUnavailableError(IMPORT_ERROR or "e3relax_fast._C was built without CUDA")
+        raise BackendUnavailableError(IMPORT_ERROR or "e3relax_fast._C was built without CUDA")
     device = positions.device
     if device.type != "cuda":
         raise ValueError("radius_graph_cuda: positions must be on a CUDA device")
     k = int(max_neighbors)
     with torch.cuda.device(device):
-        pos, cell, p, res = _inputs(positions, cells, ptr, reserved, device)
-        kept, kept_count, ncand, status, rowptr = _cuda_select(pos, cell, p, res, radius, k)
+        pos, cell, p, res = graph_inputs(positions, cells, ptr, reserved, device)
+        kept, kept_count, ncand, status, rowptr = cuda_select(pos, cell, p, res, radius, k)
         n_edges, err = (int(v) for v in torch.stack((rowptr[-1], status[0])).tolist())  # the one sync
         if err:
             raise ValueError(error_message(err))
@@ -201,99 +187,8 @@ def radius_graph_cuda(
         offsets = torch.empty((n_edges, 3), dtype=torch.int64, device=device)
         dist = torch.empty(n_edges, dtype=torch.float64, device=device)
         if n_edges:
-            _cuda_emit(pos, cell, p, k, kept, kept_count, rowptr, edge_index, offsets, dist)
+            cuda_emit(pos, cell, p, k, kept, kept_count, rowptr, edge_index, offsets, dist)
     return edge_index, offsets, rowptr, dist, ncand
-
-
-# --------------------------------------------------------------------------------------------------
-# Fixed capacity (CUDA-graph safe)
-# --------------------------------------------------------------------------------------------------
-class FixedGraph(NamedTuple):
-    """A graph in caller-sized buffers. Edges ``[num_edges, capacity)`` are padding
-    (``edge_index == pad_index``, zero offsets and distances); everything else is exactly
-    :class:`~e3relax_fast.graph.Graph`'s content (``rowptr`` always describes the full graph).
-
-    num_edges: 0-d int64 tensor, edges of the full graph (may exceed the capacity).
-    status: 0-d int64 tensor, 0 when the graph is complete and valid; otherwise error bits
-        (:data:`ERR_OVERFLOW` = capacity too small, the others = invalid input).
-    """
-
-    edge_index: Tensor
-    cell_offsets: Tensor
-    rowptr: Tensor
-    distances: Tensor
-    num_candidates: Tensor
-    num_edges: Tensor
-    status: Tensor
-
-
-def check_fixed(graph: FixedGraph) -> None:
-    """Raise if ``graph`` is incomplete or its input was invalid (synchronises with the device)."""
-    status, n_edges = (int(v) for v in torch.stack((graph.status, graph.num_edges)).tolist())
-    if status & ERR_OVERFLOW:
-        raise GraphCapacityError(n_edges, graph.distances.shape[0])
-    if status:
-        raise ValueError(error_message(status))
-
-
-def build_graph_fixed(
-    positions: Tensor,
-    cells: Tensor,
-    ptr: Tensor,
-    capacity: int,
-    radius: float = 6.0,
-    max_neighbors: int = 50,
-    reserved: Tensor | None = None,
-    *,
-    check: bool = True,
-    pad_index: int = -1,
-) -> FixedGraph:
-    """The radius graph written into buffers of ``capacity`` edges, never silently truncated.
-
-    On CUDA (``_C`` with CUDA) nothing here synchronises with the host except the final check,
-    so with ``check=False`` the call can be captured in a CUDA graph: inspect ``status`` (or call
-    :func:`check_fixed`) after replay. With ``check=True`` (default) a graph that does not fit
-    raises :class:`GraphCapacityError` and invalid input raises ``ValueError``. An upper bound
-    that always fits is ``N * (max_neighbors + 6)``.
-
-    Elsewhere (CPU tensors, or CUDA tensors without the ``cuda`` backend) the same contract is
-    provided on top of the ``cpu`` backend (or the reference); that path synchronises.
-    """
-    capacity = int(capacity)
-    if capacity < 0:
-        raise ValueError("capacity must be >= 0")
-    device = positions.device
-    k = int(max_neighbors)
-    if device.type == "cuda" and CUDA_UNAVAILABLE_REASON is None:
-        with torch.cuda.device(device):
-            pos, cell, p, res = _inputs(positions, cells, ptr, reserved, device)
-            kept, kept_count, ncand, status, rowptr = _cuda_select(pos, cell, p, res, radius, k)
-            edge_index = torch.full((2, capacity), pad_index, dtype=torch.int64, device=device)
-            offsets = torch.zeros((capacity, 3), dtype=torch.int64, device=device)
-            dist = torch.zeros(capacity, dtype=torch.float64, device=device)
-            if capacity and pos.shape[0]:
-                _cuda_emit(pos, cell, p, k, kept, kept_count, rowptr, edge_index, offsets, dist)
-            n_edges = rowptr[-1].clone()
-            st = status[0] | torch.where(n_edges > capacity, ERR_OVERFLOW, 0)
-    else:
-        fn = radius_graph_cpu if _C is not None else None
-        if fn is None:
-            from .reference.radius_graph import radius_graph as fn
-        ei, off, rowptr, d, ncand = fn(positions, cells, ptr, radius, k, reserved)
-        e = d.shape[0]
-        m = min(e, capacity)
-        edge_index = torch.full((2, capacity), pad_index, dtype=torch.int64, device=device)
-        offsets = torch.zeros((capacity, 3), dtype=torch.int64, device=device)
-        dist = torch.zeros(capacity, dtype=torch.float64, device=device)
-        edge_index[:, :m] = ei[:, :m]
-        offsets[:m] = off[:m]
-        dist[:m] = d[:m]
-        n_edges = torch.tensor(e, dtype=torch.int64, device=device)
-        st = torch.tensor(ERR_OVERFLOW if e > capacity else 0, dtype=torch.int64, device=device)
-    graph = FixedGraph(edge_index, offsets, rowptr, dist, ncand, n_edges, st)
-    if check:
-        check_fixed(graph)
-    return graph
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,11 +258,11 @@ def message_passing_cpu(
     Same arguments and results as :func:`e3relax_fast.reference.message_passing.message_passing`
     (no autograd: outputs are detached), CPU tensors only. With ``rowptr`` the edges must be
     receiver-sorted and ``rowptr`` their receiver CSR; without it they are sorted here. ``out``:
-    optional ``(ds, dv)`` buffers to write (every element is written). Not a registered backend (the
-    reference is the CPU choice); it exists to test the kernel logic without a GPU.
+    optional ``(ds, dv)`` buffers to write (every element is written). Not a backend of the op
+    table (the reference is the CPU choice); it exists to test the CUDA kernel's logic without a GPU.
     """
     if _C is None:
-        raise backends.BackendUnavailableError(IMPORT_ERROR or "e3relax_fast._C missing")
+        raise BackendUnavailableError(IMPORT_ERROR or "e3relax_fast._C missing")
     if x_proj.device.type != "cpu":
         raise ValueError("message_passing_cpu: tensors must be on the CPU")
     arrays, ds, dv = _mp_arrays(x_proj, vec, positions, cells, edge_index, cell_offsets, edge_graph, edge_weight,
@@ -407,7 +302,7 @@ def message_passing_cuda(
             ``torch.no_grad()`` / ``torch.inference_mode()`` or a differentiable backend.
     """
     if _C is None or not getattr(_C, "WITH_CUDA", False):
-        raise backends.BackendUnavailableError(IMPORT_ERROR or "e3relax_fast._C was built without CUDA")
+        raise BackendUnavailableError(IMPORT_ERROR or "e3relax_fast._C was built without CUDA")
     if torch.is_grad_enabled():
         tensors = (x_proj, vec, positions, cells, edge_weight, edge_bias, rbf_centres)
         needs = [name for name, t in zip(_MP_FLOAT_INPUTS + ("rbf_centres",), tensors, strict=True) if t.requires_grad]
@@ -429,11 +324,8 @@ def message_passing_cuda(
     return ds, dv
 
 
-# --------------------------------------------------------------------------------------------------
-# Registration
-# --------------------------------------------------------------------------------------------------
-def _cuda_reason() -> str | None:
-    """None when the cuda backend can run here, else why not."""
+def cuda_reason() -> str | None:
+    """None when the CUDA kernels can run here, else why not."""
     if _C is None:
         return IMPORT_ERROR
     if not getattr(_C, "WITH_CUDA", False):
@@ -445,16 +337,4 @@ def _cuda_reason() -> str | None:
     return None
 
 
-if _C is not None:
-    backends.register(OP, "cpu", radius_graph_cpu)
-else:
-    backends.mark_missing(OP, "cpu", IMPORT_ERROR or "e3relax_fast._C missing")
-CUDA_UNAVAILABLE_REASON = _cuda_reason()
-if CUDA_UNAVAILABLE_REASON is None:
-    backends.register(OP, "cuda", radius_graph_cuda)
-else:
-    backends.mark_missing(OP, "cuda", CUDA_UNAVAILABLE_REASON)
-if CUDA_UNAVAILABLE_REASON is None:
-    backends.register(MP_OP, "cuda", message_passing_cuda)
-else:
-    backends.mark_missing(MP_OP, "cuda", CUDA_UNAVAILABLE_REASON)
+CUDA_UNAVAILABLE_REASON = cuda_reason()

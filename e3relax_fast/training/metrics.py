@@ -6,15 +6,12 @@ averaging over structures (not atoms) is left to the caller, as the spec prescri
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 from torch import Tensor
 
-from .batch import graph_index_from_ptr
-from .reference.lattice_pool import segment_mean
-
-_IMAGES = torch.tensor(list(itertools.product((-1, 0, 1), repeat=3)))
+from ..batch import graph_index_from_ptr
+from ..geometry import nearest_images
+from ..reference.lattice_pool import lattice_pool
 
 
 def coordinate_mae(pred_positions: Tensor, target_positions: Tensor, ptr: Tensor) -> Tensor:
@@ -23,7 +20,7 @@ def coordinate_mae(pred_positions: Tensor, target_positions: Tensor, ptr: Tensor
     pred_positions, target_positions: ``(N, 3)`` Å (targets unwrapped). ptr: ``(G+1,)`` int64.
     """
     err = (pred_positions - target_positions).abs().mean(-1)
-    return segment_mean(err, ptr, graph_index_from_ptr(ptr, err.shape[0]))
+    return lattice_pool(err, ptr, graph_index_from_ptr(ptr, err.shape[0]))
 
 
 def periodic_coordinate_mae(pred_positions: Tensor, target_positions: Tensor, target_cells: Tensor,
@@ -31,12 +28,9 @@ def periodic_coordinate_mae(pred_positions: Tensor, target_positions: Tensor, ta
     """``(G,)`` periodicity-aware MAE (Å, from E3Relax-H2): each predicted atom is first moved by
     the image ``t`` in {-1, 0, 1}^3 of the *target* cell that brings it closest to its target."""
     graph_index = graph_index_from_ptr(ptr, pred_positions.shape[0])
-    images = _IMAGES.to(device=pred_positions.device, dtype=pred_positions.dtype)
-    shifted = pred_positions.unsqueeze(1) + torch.einsum("tp,npq->ntq", images, target_cells[graph_index])
-    dist = torch.linalg.vector_norm(shifted - target_positions.unsqueeze(1), dim=-1)
-    best = shifted[torch.arange(len(dist), device=dist.device), dist.argmin(1)]
+    best, _ = nearest_images(pred_positions, target_positions, target_cells, graph_index)
     err = (best - target_positions).abs().mean(-1)
-    return segment_mean(err, ptr, graph_index)
+    return lattice_pool(err, ptr, graph_index)
 
 
 def shape_error(pred_cells: Tensor, target_cells: Tensor) -> Tensor:

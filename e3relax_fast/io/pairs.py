@@ -1,0 +1,152 @@
+"""Unrelaxed → relaxed pair datasets in the formats the original work released (spec §11): readers
+returning :class:`Pair` records, and the extxyz writer (the training side,
+:class:`~e3relax_fast.training.dataset.PairDataset`, builds graphs and targets from them).
+
+Supported sources:
+
+- a CIF folder: ``CIF/<id>_unrelaxed.cif`` + ``CIF/<id>_relaxed.cif`` (or ``<id>_U.cif`` /
+  ``<id>_R.cif``; the ``CIF/`` level is optional) with split files ``train.csv`` / ``val.csv`` /
+  ``test.csv`` (id column ``atoms_id`` or ``mp_id``) or ``id_prop_{split}_all.csv`` (ids in
+  column 0);
+- extxyz pairs: ``<split>_unrelaxed.extxyz[.gz]`` and ``<split>_relaxed.extxyz[.gz]``, frames in
+  the same order, ids in ``info["atoms_id"]``;
+- an ASE database whose rows are unrelaxed structures with ``data["pos_relaxed"]`` (n, 3) and
+  ``data["cell_relaxed"]`` (3, 3) and key-value pairs ``atoms_id`` and ``split``.
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .read import read_structure, read_structures
+from .structures import to_arrays, to_atoms
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Pair:
+    """One unrelaxed → relaxed pair; atoms correspond by index. Positions (n, 3) Cartesian Å,
+    cells (3, 3) Å with lattice vectors as rows, atomic numbers (n,) int64."""
+
+    id: str
+    atomic_numbers: np.ndarray
+    pos_unrelaxed: np.ndarray
+    cell_unrelaxed: np.ndarray
+    pos_relaxed: np.ndarray
+    cell_relaxed: np.ndarray
+
+
+def _pair_from_atoms(pair_id: str, unrelaxed, relaxed) -> Pair:
+    z, pos_u, cell_u = to_arrays(unrelaxed)
+    z_r, pos_r, cell_r = to_arrays(relaxed)
+    if not np.array_equal(z, z_r):
+        raise ValueError(f"pair {pair_id}: unrelaxed and relaxed structures have different species/order")
+    return Pair(pair_id, z, pos_u, cell_u, pos_r, cell_r)
+
+
+def _split_ids(root: Path, split: str) -> list[str]:
+    for name in (f"{split}.csv", f"id_prop_{split}_all.csv"):
+        path = root / name
+        if not path.exists():
+            continue
+        with path.open(newline="") as fh:
+            rows = list(csv.reader(fh))
+        header = rows[0] if rows else []
+        for column in ("atoms_id", "mp_id"):
+            if column in header:
+                col = header.index(column)
+                return [r[col] for r in rows[1:] if r]
+        return [r[0] for r in rows if r]  # id_prop files have no header: ids in column 0
+    raise FileNotFoundError(f"no {split}.csv or id_prop_{split}_all.csv in {root}")
+
+
+def read_cif_pairs(root: str | Path, split: str) -> list[Pair]:
+    """Pairs of one split of a CIF folder; pairs with a missing file are skipped with a warning."""
+    root = Path(root)
+    folder = root / "CIF" if (root / "CIF").is_dir() else root
+    pairs, missing = [], []
+    for pair_id in _split_ids(root, split):
+        for u_name, r_name in ((f"{pair_id}_unrelaxed.cif", f"{pair_id}_relaxed.cif"),
+                               (f"{pair_id}_U.cif", f"{pair_id}_R.cif")):
+            u_path, r_path = folder / u_name, folder / r_name
+            if u_path.exists() and r_path.exists():
+                pairs.append(_pair_from_atoms(pair_id, read_structure(u_path), read_structure(r_path)))
+                break
+        else:
+            missing.append(pair_id)
+    if missing:
+        warnings.warn(f"{root} ({split}): {len(missing)} pairs skipped, files missing: {missing[:10]}",
+                      stacklevel=2)
+    return pairs
+
+
+def _extxyz_path(root: Path, stem: str) -> Path:
+    for suffix in (".extxyz", ".extxyz.gz", ".xyz", ".xyz.gz"):
+        if (root / f"{stem}{suffix}").exists():
+            return root / f"{stem}{suffix}"
+    raise FileNotFoundError(f"no {stem}.extxyz[.gz] in {root}")
+
+
+def read_extxyz_pairs(root: str | Path, split: str) -> list[Pair]:
+    """Pairs from ``<split>_unrelaxed.extxyz[.gz]`` and ``<split>_relaxed.extxyz[.gz]``."""
+    root = Path(root)
+    unrelaxed = read_structures(_extxyz_path(root, f"{split}_unrelaxed"))
+    relaxed = read_structures(_extxyz_path(root, f"{split}_relaxed"))
+    if len(unrelaxed) != len(relaxed):
+        raise ValueError(f"{root} ({split}): {len(unrelaxed)} unrelaxed but {len(relaxed)} relaxed frames")
+    pairs = []
+    for k, (u, r) in enumerate(zip(unrelaxed, relaxed, strict=True)):
+        pair_id = str(u.info.get("atoms_id", k))
+        if str(r.info.get("atoms_id", pair_id)) != pair_id:
+            raise ValueError(f"{root} ({split}): frame {k} ids differ: {pair_id} vs {r.info['atoms_id']}")
+        pairs.append(_pair_from_atoms(pair_id, u, r))
+    return pairs
+
+
+def write_extxyz_pairs(pairs: list[Pair], root: str | Path, split: str, compress: bool = True) -> None:
+    """Write pairs in the format :func:`read_extxyz_pairs` reads."""
+    from ase.io import write
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    suffix = ".extxyz.gz" if compress else ".extxyz"
+    for role, pos_key, cell_key in (("unrelaxed", "pos_unrelaxed", "cell_unrelaxed"),
+                                    ("relaxed", "pos_relaxed", "cell_relaxed")):
+        frames = [to_atoms(p.atomic_numbers, getattr(p, pos_key), getattr(p, cell_key), atoms_id=p.id)
+                  for p in pairs]
+        write(root / f"{split}_{role}{suffix}", frames, format="extxyz")
+
+
+def read_ase_db_pairs(path: str | Path, split: str | None = None) -> list[Pair]:
+    """Pairs from an ASE database (see the module docstring for the row layout)."""
+    from ase.db import connect
+
+    pairs = []
+    selection = {"split": split} if split is not None else {}
+    for row in connect(str(path)).select(**selection):
+        z, positions, cell = to_arrays(row.toatoms())
+        pairs.append(Pair(
+            str(row.get("atoms_id", row.id)), z, positions, cell,
+            np.asarray(row.data["pos_relaxed"], dtype=np.float64).reshape(-1, 3),
+            np.asarray(row.data["cell_relaxed"], dtype=np.float64).reshape(3, 3),
+        ))
+    return pairs
+
+
+def read_pairs(sources: str | Path | list, split: str) -> list[Pair]:
+    """The pairs of ``split`` from one source or several (in order): a CIF folder, an extxyz folder
+    or an ASE database (``.db``)."""
+    if isinstance(sources, (list, tuple)):
+        return [pair for source in sources for pair in read_pairs(source, split)]
+    source = Path(sources)
+    if source.is_file():
+        return read_ase_db_pairs(source, split)
+    if any(source.glob(f"{split}_unrelaxed.*")):
+        return read_extxyz_pairs(source, split)
+    return read_cif_pairs(source, split)

@@ -1,0 +1,167 @@
+"""THE op table: every accelerated op of e3relax-fast, its backends, the order ``auto`` tries them
+on each device type, and what each backend can do. This is the only place that knows backends.
+
+| op | reference | cpu (C++) | cuda (C++/CUDA) | triton | cueq |
+|---|---|---|---|---|---|
+| radius_graph | ✓ | ✓ auto on CPU | ✓ auto on CUDA | ✓ | — |
+| message_passing | ✓ auto on CPU | — | forward only | ✓ auto on CUDA | ✓ |
+| lattice_message | ✓ auto on CPU | — | (reference) | ✓ auto on CUDA | (reference) |
+| lattice_pool | ✓ auto on CPU | — | (reference) | ✓ auto on CUDA | (reference) |
+
+"(reference)": a model run with ``backend="cuda"`` or ``"cueq"`` takes the atom–lattice ops from
+the reference, since those backends implement only the atom–atom message op.
+
+Each backend's implementation has its reference twin's signature (``e3relax_fast/reference/``).
+Compiled and Triton backends are imported on first use; a missing one says why.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ..reference.lattice_message import lattice_message as _reference_lattice_message
+from ..reference.lattice_pool import lattice_pool as _reference_lattice_pool
+from ..reference.message_passing import message_passing as _reference_message_passing
+from ..reference.radius_graph import radius_graph as _reference_radius_graph
+from .registry import BackendUnavailableError, Impl, Op
+
+RADIUS_GRAPH = "radius_graph"
+MESSAGE_PASSING = "message_passing"
+LATTICE_MESSAGE = "lattice_message"
+LATTICE_POOL = "lattice_pool"
+
+ANY_DEVICE = frozenset({"cpu", "cuda"})
+CUDA_ONLY = frozenset({"cuda"})
+
+
+def _any_device() -> frozenset[str]:
+    return ANY_DEVICE
+
+
+def _cuda_only() -> frozenset[str]:
+    return CUDA_ONLY
+
+
+def _reference(fn):
+    return Impl("reference", lambda: fn, _any_device, differentiable=True)
+
+
+# --- compiled (csrc/) ------------------------------------------------------------------------------
+def _compiled(name: str, need_cuda: bool):
+    def load():
+        from . import compiled
+
+        reason = compiled.IMPORT_ERROR if not need_cuda else compiled.CUDA_UNAVAILABLE_REASON
+        if reason is not None or compiled._C is None:
+            raise BackendUnavailableError(reason or "e3relax_fast._C is not built")
+        return getattr(compiled, name)
+
+    return load
+
+
+# --- Triton (kernels/) -----------------------------------------------------------------------------
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_devices() -> frozenset[str]:
+    """Triton kernels take CUDA tensors; under the CPU interpreter (``TRITON_INTERPRET=1``, set
+    before the kernels are imported) they take CPU tensors too."""
+    return ANY_DEVICE if _triton_interpreted() else CUDA_ONLY
+
+
+def _kernel_module(module: str):
+    """``e3relax_fast.kernels.<module>``. Installed, pyproject maps the package to the top-level
+    kernels/ folder; in a source checkout used without installing, that folder is loaded as
+    ``e3relax_fast.kernels`` here (only it: no other top-level file becomes a submodule)."""
+    package = "e3relax_fast.kernels"
+    if package not in sys.modules and importlib.util.find_spec(package) is None:
+        folder = Path(__file__).resolve().parents[2] / "kernels"
+        spec = importlib.util.spec_from_file_location(package, folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        if spec is None:
+            raise BackendUnavailableError(f"the Triton kernels are not installed (no {folder})")
+        sys.modules[package] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[package])
+    return importlib.import_module(f"{package}.{module}")
+
+
+def _triton(module: str, name: str):
+    def load():
+        # Checked before importing triton (slow to import), so CPU-only machines skip it entirely.
+        if not _triton_interpreted() and not torch.cuda.is_available():
+            raise BackendUnavailableError(
+                "no CUDA device (set TRITON_INTERPRET=1 before importing e3relax_fast to run the kernels on CPU)")
+        if importlib.util.find_spec("triton") is None:
+            raise BackendUnavailableError("triton is not installed; pip install 'e3relax-fast[triton]'")
+        try:
+            return getattr(_kernel_module(module), name)
+        except ImportError as exc:  # a broken Triton install must not break the package
+            raise BackendUnavailableError(f"kernel module failed to import: {exc!r}") from exc
+
+    return load
+
+
+# --- cuEquivariance ----------------------------------------------------------------------------------
+def _cueq_load():
+    from . import cueq
+
+    if not cueq.FOUND:
+        raise BackendUnavailableError("cuequivariance-torch is not installed; pip install 'e3relax-fast[cueq]'")
+    return cueq.message_passing
+
+
+# --- the table -----------------------------------------------------------------------------------------
+_LATTICE_SUBSTITUTES = {"cuda": "reference", "cueq": "reference"}
+
+OPS: dict[str, Op] = {
+    RADIUS_GRAPH: Op(
+        RADIUS_GRAPH,
+        {
+            "reference": _reference(_reference_radius_graph),
+            # The C++ builder copies CUDA inputs to the host and its outputs back.
+            "cpu": Impl("cpu", _compiled("radius_graph_cpu", need_cuda=False), _any_device, differentiable=True),
+            "cuda": Impl("cuda", _compiled("radius_graph_cuda", need_cuda=True), _cuda_only, differentiable=True),
+            "triton": Impl("triton", _triton("radius_graph", "radius_graph"), _triton_devices, differentiable=True),
+        },
+        auto={"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")},
+    ),
+    MESSAGE_PASSING: Op(
+        MESSAGE_PASSING,
+        {
+            "reference": _reference(_reference_message_passing),
+            "cuda": Impl("cuda", _compiled("message_passing_cuda", need_cuda=True), _cuda_only,
+                         differentiable=False),
+            "triton": Impl("triton", _triton("message_passing", "message_passing"), _triton_devices,
+                           differentiable=True),
+            "cueq": Impl("cueq", _cueq_load, _any_device, differentiable=True),
+        },
+        # On CPU the reference is the choice: the fused kernels target GPUs.
+        auto={"cpu": ("reference",), "cuda": ("triton", "cuda", "cueq", "reference")},
+    ),
+    LATTICE_MESSAGE: Op(
+        LATTICE_MESSAGE,
+        {
+            "reference": _reference(_reference_lattice_message),
+            "triton": Impl("triton", _triton("lattice_message", "lattice_message"), _triton_devices,
+                           differentiable=True),
+        },
+        auto={"cpu": ("reference",), "cuda": ("triton", "reference")},
+        substitutes=_LATTICE_SUBSTITUTES,
+    ),
+    LATTICE_POOL: Op(
+        LATTICE_POOL,
+        {
+            "reference": _reference(_reference_lattice_pool),
+            "triton": Impl("triton", _triton("lattice_pool", "lattice_pool"), _triton_devices, differentiable=True),
+        },
+        auto={"cpu": ("reference",), "cuda": ("triton", "reference")},
+        substitutes=_LATTICE_SUBSTITUTES,
+    ),
+}

@@ -1,0 +1,11 @@
+"""Training and evaluation: pair datasets with targets and graphs (:mod:`.dataset`), the one loss
+(:mod:`.loss`), the training loop with EMA and DDP (:mod:`.train`), the field's metrics
+(:mod:`.metrics`) and evaluation against the Dummy baseline (:mod:`.evaluate`)."""
+
+from .dataset import PairDataset
+from .evaluate import evaluate, write_report
+from .loss import LOSSES, LossTerms, layerwise_loss, unwrap_targets
+from .train import TrainConfig, init_distributed, train
+
+__all__ = ["LOSSES", "LossTerms", "PairDataset", "TrainConfig", "evaluate", "init_distributed", "layerwise_loss",
+           "train", "unwrap_targets", "write_report"]
