@@ -1,4 +1,5 @@
-"""Pair generation with ASE's EMT: protocols, determinism, the CIF-folder output, resume, CLI."""
+"""Pair generation with ASE's EMT: protocols, symmetry, families, determinism, the CIF-folder output,
+snapshots, resume, CLI."""
 
 from __future__ import annotations
 
@@ -13,18 +14,22 @@ ase = pytest.importorskip("ase")
 from ase.build import bulk  # noqa: E402
 from ase.io import write  # noqa: E402
 
-from e3relax_fast.data import SPLITS, read_pairs  # noqa: E402
 from e3relax_fast.datagen import (  # noqa: E402
     JobPlan,
     apply_rattle,
     apply_substitution,
+    dls_volume,
+    family_of,
     generate,
+    keep_symmetry,
     load_seed_source,
     parse_protocols,
     similar_elements,
     split_of,
     substitutions,
+    write_snapshot,
 )
+from e3relax_fast.io import SPLITS, read_pairs  # noqa: E402
 
 Z = ase.data.atomic_numbers
 
@@ -72,6 +77,30 @@ def test_substitution_scales_volume_and_never_repeats():
     assert np.allclose(out.get_scaled_positions(), seed.get_scaled_positions())
 
 
+def test_volume_guesses():
+    pytest.importorskip("pymatgen.core")
+    seed = bulk("Cu", "fcc", a=3.6, cubic=True)
+    seed.numbers[[1, 2]] = Z["Ni"]
+    unscaled, note = apply_substitution(seed, {Z["Cu"]: Z["Ag"]}, "none")
+    assert note == "Cu>Ag;vol=none" and np.allclose(unscaled.cell.array, seed.cell.array)
+    dls, note = apply_substitution(seed, {Z["Cu"]: Z["Ag"]}, "dls")
+    assert note == "Cu>Ag;vol=dls" and np.isclose(dls.get_volume(), dls_volume(unscaled))
+    assert np.allclose(dls.get_scaled_positions(), seed.get_scaled_positions())
+    with pytest.raises(ValueError, match="volume guess"):
+        apply_substitution(seed, {Z["Cu"]: Z["Ag"]}, "vegard")
+
+
+def test_keep_symmetry_refines_and_constrains():
+    from ase.constraints import FixSymmetry
+
+    seed = bulk("Cu", "fcc", a=3.6, cubic=True)
+    seed.positions[0] += 2e-4  # below symprec: refined away
+    out, number = keep_symmetry(seed)
+    assert number == 225 and isinstance(out.constraints[0], FixSymmetry) and not seed.constraints
+    offsets = out.get_scaled_positions() - out.get_scaled_positions()[0]  # refined up to an origin shift
+    assert np.allclose(offsets, [[0, 0, 0], [0, .5, .5], [.5, 0, .5], [.5, .5, 0]], atol=1e-12)
+
+
 def test_rattle_strain_and_displacements():
     seed = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
     out = apply_rattle(seed, np.random.default_rng(0))
@@ -93,6 +122,45 @@ def test_jobs_are_deterministic_and_split_by_seed(tmp_path):
         assert np.array_equal(a.atoms.positions, b.atoms.positions)
     assert split_of("emt-m0") == split_of("emt-m0") in SPLITS
     assert split_of("x", inherited={"x": "test"}) == "test"
+
+
+def test_protocols_symmetry_and_once_per_seed(tmp_path):
+    source = load_seed_source(emt_seeds(tmp_path / "emt_6.extxyz"))
+    plan = JobPlan([source], parse_protocols("subst_sym,rattle,jiggle,seed,minimum"), seed=1)
+    jobs = [plan.job(k) for k in range(60)]  # 10 variants of each seed
+    assert {j.protocol for j in jobs} == {"subst_sym", "rattle", "jiggle", "seed", "minimum"}
+    for job in jobs:
+        symmetric = job.protocol in ("subst_sym", "seed", "minimum")
+        assert bool(job.atoms.constraints) == symmetric
+        assert ("sg=123" in job.note) == symmetric  # the seeds are P4/mmm
+    guesses = [[p for p in j.note.split(";") if p.startswith("vol=")] for j in jobs if j.protocol == "subst_sym"]
+    assert {tuple(g) for g in guesses} == {(), ("vol=dls",), ("vol=none",)}  # radius3 is not named
+    for seed_id in source.ids:  # the seed itself at most once each
+        mine = [j.protocol for j in jobs if j.seed_id == seed_id]
+        assert mine.count("seed") <= 1 and mine.count("minimum") <= 1
+    for j in jobs:
+        if j.protocol == "jiggle":
+            seed = source.load(source.ids.index(j.seed_id))
+            strain = np.linalg.solve(seed.cell.array, j.atoms.cell.array) - np.eye(3)
+            assert np.abs(strain).max() <= 0.01
+    # subst_sym's substitutions never repeat for a seed
+    notes = [(j.seed_id, j.note.split(";vol")[0].split(";sg")[0]) for j in jobs if j.protocol == "subst_sym"]
+    assert len(notes) == len(set(notes))
+
+
+def test_families_and_seed_frames(tmp_path):
+    assert [family_of(i) for i in ("perovval-1", "carbonval-C-1-2", "oqmd-5", "mp-0", "nomadbulk-x#2",
+                                   "aflowdecorated-A_cF4_225_a-Cu", "pyxtalrandom-7", "emt-m0")] == [
+        "perov", "carbon", "oqmd", "mp", "nomad", "aflow", "pyxtal", "emt"]
+    a, b = bulk("Cu", "fcc", a=3.6), bulk("Cu", "fcc", a=3.7)
+    for atoms in (a, b):
+        atoms.info["nomad_id"] = "x"
+    write(tmp_path / "nomad_bulk.extxyz", [a, a.copy(), b], format="extxyz")  # one material, an exact repeat
+    source = load_seed_source(tmp_path / "nomad_bulk.extxyz")
+    assert source.ids == ["nomadbulk-x", "nomadbulk-x#2"]
+    assert np.isclose(source.load(1).cell.array[0, 1], 1.85)
+    assert split_of("nomadbulk-x#2") == split_of("nomadbulk-x")
+    assert split_of("nomadbulk-x#2", inherited={"nomadbulk-x": "val"}) == "val"
 
 
 def test_seed_csv_and_cif_folder(tmp_path):
@@ -120,7 +188,8 @@ def test_generate_reads_back_and_resumes(tmp_path):
     assert summary["written"] == 6 and summary["total"] == 6
     index = {r["atoms_id"]: r for r in rows(out / "index.csv")}
     assert len(index) == 6 and set(rows(out / "index.csv")[0]) == {
-        "atoms_id", "protocol", "seed_id", "note", "natoms", "steps", "e_unrelaxed", "e_relaxed"}
+        "atoms_id", "protocol", "seed_id", "note", "natoms", "steps", "e_unrelaxed", "e_relaxed", "family"}
+    assert {r["family"] for r in index.values()} == {"emt"}
     seen, seeds_of_split = set(), {}
     for split in SPLITS:
         pairs = read_pairs(out, split)
@@ -145,7 +214,7 @@ def test_generate_reads_back_and_resumes(tmp_path):
     assert all(not (x & y) for i, x in enumerate(groups) for y in groups[i + 1:])  # no seed straddles splits
     # The relaxed structure has the species of the unrelaxed one, with the substitution applied.
     for row in index.values():
-        if row["protocol"] == "subst":
+        if row["protocol"].startswith("subst"):
             old, new = row["note"].split(";")[0].split(">")
             pair = next(p for s in SPLITS for p in read_pairs(out, s) if p.id == row["atoms_id"])
             assert Z[new] in pair.atomic_numbers and Z[old] not in pair.atomic_numbers
@@ -194,6 +263,49 @@ def test_unconverged_runs_are_dropped_and_inherited_splits(tmp_path):
     assert inherit_splits(first) == split_by_seed
 
 
+def test_minimum_pairs_skipped_seeds_and_snapshot(tmp_path, capsys):
+    seeds = emt_seeds(tmp_path / "emt_6.extxyz")
+    big = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
+    big.info["material_id"] = "big"
+    write(tmp_path / "big_1.extxyz", [big], format="extxyz")
+    out = tmp_path / "run"
+    summary = generate([seeds, tmp_path / "big_1.extxyz"], out, n=8, calculator="emt", protocols="minimum,jiggle",
+                       progress=False, max_atoms=16, max_attempts=16)
+    skipped = [r for r in rows(out / "dropped.csv") if r["seed_id"] == "big-big"]
+    assert skipped and all(r["reason"] == "seed has 32 > 16 atoms" for r in skipped)
+    assert summary["total"] == 8
+    index = {r["atoms_id"]: r for r in rows(out / "index.csv")}
+    minima = [r for r in index.values() if r["protocol"] == "minimum"]
+    assert minima and all(r["steps"] == "0" and r["e_unrelaxed"] == r["e_relaxed"] for r in minima)
+
+    counts = write_snapshot(out, tmp_path / "snap")
+    assert counts["pairs"] == 8 and counts["families"] == {"emt": 8}
+    assert sum(counts["splits"].values()) == 8 and sum(counts["family_split"].values()) == 8
+    assert {r["atoms_id"] for r in rows(tmp_path / "snap" / "index.csv")} == set(index)
+    from ase.io import read
+
+    for split in SPLITS:
+        if not counts["splits"][split]:
+            continue
+        pairs = read_pairs(tmp_path / "snap", split)  # the package's reader takes the extra info keys
+        frames = read(tmp_path / "snap" / f"{split}_unrelaxed.extxyz.gz", index=":")
+        assert [p.id for p in pairs] == [f.info["atoms_id"] for f in frames] == sorted(p.id for p in pairs)
+        for pair, frame in zip(pairs, frames, strict=True):
+            row = index[pair.id]
+            assert (frame.info["family"], frame.info["protocol"], frame.info["seed_id"], frame.info["note"]) == (
+                row["family"], row["protocol"], row["seed_id"], row["note"])
+            if row["protocol"] == "minimum":  # the input is the minimum itself
+                assert np.allclose(pair.pos_unrelaxed, pair.pos_relaxed, atol=1e-5)
+    provenance = (tmp_path / "snap" / "provenance.json").read_text()
+    assert '"argv"' in provenance and '"max_atoms": 16' in provenance
+
+    from e3relax_fast.cli import main
+
+    assert main(["datagen", "--out", str(out), "--snapshot", str(tmp_path / "snap2")]) == 0
+    assert "8 pairs" in capsys.readouterr().out
+    assert (tmp_path / "snap2" / "index.csv").read_text() == (tmp_path / "snap" / "index.csv").read_text()
+
+
 def test_unbatched_and_workers_give_the_same_pairs(tmp_path):
     seeds = emt_seeds(tmp_path / "emt_6.extxyz")
     serial = tmp_path / "serial"
@@ -234,7 +346,20 @@ def test_chgnet_datagen(tmp_path):
         write(tmp_path / "si_1.extxyz", [atoms], format="extxyz")
         summary = generate([tmp_path / "si_1.extxyz"], tmp_path / "out", n=1, calculator="chgnet",
                            protocols="rattle", progress=False)
+        # A cubic perovskite substituted and relaxed with its symmetry kept stays cubic (freely, CHGNet's
+        # float32 noise can tilt the octahedra).
+        perovskite = ase.Atoms("CaTiO3", scaled_positions=[(0, 0, 0), (.5, .5, .5), (.5, .5, 0), (.5, 0, .5),
+                                                             (0, .5, .5)], cell=np.eye(3) * 3.9, pbc=True)
+        perovskite.info["material_id"] = "cto"
+        write(tmp_path / "perov_1.extxyz", [perovskite], format="extxyz")
+        generate([tmp_path / "perov_1.extxyz"], tmp_path / "sym", n=1, calculator="chgnet", protocols="subst_sym",
+                 progress=False)
     finally:
         torch.set_num_threads(threads)
     assert summary["written"] == 1
     assert sum(len(read_pairs(tmp_path / "out", s)) for s in SPLITS) == 1
+    (pair,) = [p for s in SPLITS for p in read_pairs(tmp_path / "sym", s)]
+    import spglib
+
+    cell = (pair.cell_relaxed, np.linalg.solve(pair.cell_relaxed.T, pair.pos_relaxed.T).T, pair.atomic_numbers)
+    assert spglib.get_symmetry_dataset(cell, symprec=1e-3).number == 221

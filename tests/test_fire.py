@@ -1,4 +1,5 @@
-"""Batched FIRE + unit-cell filter against ASE's FIRE(UnitCellFilter), adapters, steps_saved, refine."""
+"""Batched FIRE + unit-cell filter against ASE's FIRE(UnitCellFilter) (also with FixSymmetry), adapters,
+steps_saved, refine."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ ase = pytest.importorskip("ase")
 from ase.build import bulk  # noqa: E402
 from ase.calculators.emt import EMT  # noqa: E402
 
-from e3relax_fast.data import Pair  # noqa: E402
 from e3relax_fast.datagen import (  # noqa: E402
     ASEBatchCalculator,
     BatchedFIRE,
     relax_one_ase,
     steps_saved,
 )
+from e3relax_fast.io import Pair  # noqa: E402
 
 EMT_METALS = ("Cu", "Al", "Ni", "Pd", "Ag", "Pt", "Au")
 
@@ -89,6 +90,78 @@ def test_failing_structure_is_reported_and_the_batch_goes_on():
     assert not out_bad.converged and out_bad.error is not None and out_bad.steps == 0
     reference = relax_one_ase(good, EMT())
     assert abs(reference.energy - out_good.energy) / len(good) < 1e-3
+
+
+def spacegroup(atoms) -> int:
+    import spglib
+
+    cell = (atoms.cell.array, atoms.get_scaled_positions(), atoms.numbers)
+    return spglib.get_symmetry_dataset(cell, symprec=1e-3).number
+
+
+def simple_cubic(symbol: str, a: float, reps: int = 2):
+    """A simple-cubic supercell: a saddle of EMT's energy that symmetry keeps a crystal on."""
+    from ase import Atoms
+
+    frac = [(i, j, k) for i in range(reps) for j in range(reps) for k in range(reps)]
+    return Atoms(f"{symbol}{len(frac)}", scaled_positions=np.array(frac) / reps, cell=np.eye(3) * a * reps, pbc=True)
+
+
+def symmetric_structures() -> list:
+    """EMT alloys whose symmetry leaves cell and internal parameters free, with FixSymmetry attached."""
+    from ase.constraints import FixSymmetry
+
+    layered = bulk("Cu", "fcc", a=3.7, cubic=True) * (1, 1, 2)  # Pmm2: free z parameters
+    layered.numbers[[0, 5]], layered.numbers[3] = 79, 28
+    layered.set_cell(layered.cell.array @ np.diag([1.02, 1.02, 0.97]), scale_atoms=True)
+    checker = simple_cubic("Cu", 2.4)  # P4/mmm after the substitution, compressed
+    checker.numbers[[1, 2, 4, 7]] = 79
+    out = []
+    for atoms in (layered, checker):
+        atoms.positions += np.random.default_rng(0).normal(0.0, 1e-4, atoms.positions.shape)  # below symprec
+        atoms.set_constraint(FixSymmetry(atoms, symprec=1e-3))
+        out.append(atoms)
+    return out
+
+
+def test_symmetry_kept_as_ase_fixsymmetry_unitcellfilter():
+    symmetric = symmetric_structures()
+    reference = [relax_one_ase(a, EMT()) for a in symmetric]
+    # A free structure between the two: the option is per structure.
+    ours = BatchedFIRE(EMT(), max_batch=2).relax([symmetric[0], emt_structures(1, seed=7)[0], symmetric[1]])
+    for atoms, ref, out in zip(symmetric, reference, ours[::2], strict=True):
+        assert ref.converged and out.converged and out.steps == ref.steps > 5
+        assert abs(out.energy - ref.energy) < 1e-9 and abs(out.energy_initial - ref.energy_initial) < 1e-9
+        assert np.allclose(out.atoms.positions, ref.atoms.positions, atol=1e-9, rtol=0)
+        assert np.allclose(out.atoms.cell.array, ref.atoms.cell.array, atol=1e-9, rtol=0)
+        assert spacegroup(out.atoms) == spacegroup(atoms) and not out.atoms.constraints
+    assert ours[1].converged and not ours[1].atoms.constraints
+
+
+def test_symmetry_kept_where_a_free_relaxation_breaks_it():
+    from ase.constraints import FixSymmetry
+
+    noisy = simple_cubic("Cu", 2.3)
+    rng = np.random.default_rng(1)
+    noisy.positions += rng.normal(0.0, 3e-4, noisy.positions.shape)  # float-noise scale, below symprec
+    noisy.set_cell(noisy.cell.array + rng.normal(0.0, 3e-4, (3, 3)), scale_atoms=True)
+    assert spacegroup(noisy) == 221  # Pm-3m
+    kept = noisy.copy()
+    kept.set_constraint(FixSymmetry(kept, symprec=1e-3))
+    # A tight fmax: the free run must leave the saddle (as CHGNet's free relaxations tilted octahedra).
+    out_kept, out_free = BatchedFIRE(EMT(), fmax=0.002, max_steps=1000).relax([kept, noisy])
+    assert out_kept.converged and out_free.converged
+    assert spacegroup(out_kept.atoms) == 221
+    assert spacegroup(out_free.atoms) != 221 and out_free.energy < out_kept.energy - 1.0
+
+
+def test_unsupported_constraint_is_an_error():
+    from ase.constraints import FixAtoms
+
+    atoms = emt_structures(1, seed=8)[0]
+    atoms.set_constraint(FixAtoms([0]))
+    out = BatchedFIRE(EMT()).relax([atoms])[0]
+    assert not out.converged and "FixAtoms" in out.error
 
 
 def test_steps_saved_counts_fewer_steps_from_a_good_prediction():

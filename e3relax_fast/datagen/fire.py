@@ -15,6 +15,13 @@ gradient ``F`` (cell = orig_cell @ F.T) scaled by ``cell_factor`` = number of at
 ``cell_factor``. A structure has converged when every atom's force and every row of that
 cell force is below ``fmax`` (strictly), as in ASE.
 
+Symmetry: a structure that carries ASE's ``FixSymmetry`` constraint (``atoms.set_constraint(
+FixSymmetry(atoms, symprec))``, which also refines the structure to that symmetry) is relaxed with its
+space group kept, as ASE's ``FIRE(UnitCellFilter(atoms))`` does with the constraint: forces and stress
+are symmetrised after every evaluation and each step's cell and position updates are projected onto
+the group (the constraint's own ``adjust_*`` methods, called in ASE's order). Structures without it
+relax freely; other constraints are not supported (reported as an error).
+
 A batched calculator is any callable ``calc(list_of_atoms) -> (energies (B,), forces, stresses)``
 with ``forces`` a list of ``(n_b, 3)`` arrays (or one ``(sum n_b, 3)`` array) and ``stresses``
 ``(B, 3, 3)`` or Voigt ``(B, 6)``; a structure that cannot be evaluated gets a non-finite energy
@@ -53,7 +60,7 @@ class RelaxOutcome:
 
     Attributes:
         atoms: the final structure (an ``ase.Atoms`` copy of the input with new positions and cell,
-            no calculator); the last structure evaluated.
+            no calculator, no constraints); the last structure evaluated.
         converged: the convergence test passed within ``max_steps``.
         steps: FIRE steps taken (ASE's ``nsteps``).
         energy_initial, energy: potential energy (eV) of the input and of ``atoms``.
@@ -98,6 +105,7 @@ class _Active:
     started: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # ASE's vel is not None
     steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     energy0: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    symmetry: list = field(default_factory=list)  # ASE FixSymmetry of each structure, or None (free)
 
     ATOM_FIELDS = ("pos", "vel")
     GRAPH_FIELDS = ("natoms", "cell", "orig_cell", "vel_cell", "dt", "a", "n_positive", "started", "steps",
@@ -117,14 +125,15 @@ class _Active:
             setattr(self, name, getattr(self, name)[mask])
         self.slots = [s for s, m in zip(self.slots, mask, strict=True) if m]
         self.atoms = [a for a, m in zip(self.atoms, mask, strict=True) if m]
+        self.symmetry = [c for c, m in zip(self.symmetry, mask, strict=True) if m]
 
-    def add(self, new: list[tuple[int, object]], params: FireParams) -> None:
+    def add(self, new: list[tuple[int, object, object]], params: FireParams) -> None:
         if not new:
             return
-        cells = np.stack([np.asarray(a.cell.array, dtype=np.float64) for _, a in new])
-        n = np.array([len(a) for _, a in new], dtype=np.int64)
+        cells = np.stack([np.asarray(a.cell.array, dtype=np.float64) for _, a, _ in new])
+        n = np.array([len(a) for _, a, _ in new], dtype=np.int64)
         b = len(new)
-        pos = np.concatenate([np.asarray(a.positions, dtype=np.float64) for _, a in new])
+        pos = np.concatenate([np.asarray(a.positions, dtype=np.float64) for _, a, _ in new])
         parts = {
             "pos": pos, "vel": np.zeros_like(pos), "natoms": n, "cell": cells, "orig_cell": cells.copy(),
             "vel_cell": np.zeros((b, 3, 3)), "dt": np.full(b, params.dt), "a": np.full(b, params.astart),
@@ -133,8 +142,36 @@ class _Active:
         }
         for name, value in parts.items():
             setattr(self, name, np.concatenate([getattr(self, name), value]))
-        self.slots += [i for i, _ in new]
-        self.atoms += [a for _, a in new]
+        self.slots += [i for i, _, _ in new]
+        self.atoms += [a for _, a, _ in new]
+        self.symmetry += [c for _, _, c in new]
+
+
+def _split_constraints(atoms) -> tuple[object, str | None]:
+    """Take the constraints off ``atoms`` (the calculator sees none): its ``FixSymmetry`` (or
+    ``None``) and an error message for constraints :class:`BatchedFIRE` does not support."""
+    from ase.constraints import FixSymmetry
+
+    constraints = atoms.constraints
+    atoms.set_constraint()
+    others = sorted({type(c).__name__ for c in constraints if not isinstance(c, FixSymmetry)})
+    if others:
+        return None, f"constraints other than FixSymmetry are not supported: {', '.join(others)}"
+    return next((c for c in constraints if isinstance(c, FixSymmetry)), None), None
+
+
+def _symmetric_update(constraint, atoms, cell: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ASE's ``UnitCellFilter.set_positions`` under ``FixSymmetry``: ``atoms`` holds the current
+    cell and positions; the new cell's deformation step is symmetrised (``adjust_cell``), the atoms
+    are scaled with it, then their step to ``positions`` is symmetrised (``adjust_positions``)."""
+    cell = cell.copy()
+    constraint.adjust_cell(atoms, cell)
+    scaled = atoms.positions @ np.linalg.solve(atoms.cell.complete(), cell)
+    atoms.set_cell(cell, scale_atoms=False)
+    atoms.positions = scaled
+    positions = positions.copy()
+    constraint.adjust_positions(atoms, positions)
+    return cell, positions
 
 
 def _segment_sum(values: np.ndarray, seg: np.ndarray, size: int) -> np.ndarray:
@@ -188,11 +225,13 @@ class BatchedFIRE:
                 atoms = atoms.copy()
                 atoms.calc = None
                 atoms.pbc = True
+                symmetry, error = _split_constraints(atoms)
                 if len(atoms) == 0 or not abs(np.linalg.det(atoms.cell.array)) > 1e-6:
-                    yield index, RelaxOutcome(atoms, False, 0, float("nan"), float("nan"), float("nan"),
-                                              "no atoms or a degenerate cell")
+                    error = "no atoms or a degenerate cell"
+                if error:
+                    yield index, RelaxOutcome(atoms, False, 0, float("nan"), float("nan"), float("nan"), error)
                     continue
-                new.append((index, atoms))
+                new.append((index, atoms, symmetry))
                 room -= 1
             state.add(new, self.params)
             if not len(state):
@@ -200,6 +239,8 @@ class BatchedFIRE:
             yield from self._iterate(state)
 
     def _evaluate(self, state: _Active):
+        from ase.stress import full_3x3_to_voigt_6_stress, voigt_6_to_full_3x3_stress
+
         offsets = np.concatenate([[0], np.cumsum(state.natoms)])
         for b, atoms in enumerate(state.atoms):
             atoms.set_cell(state.cell[b], scale_atoms=False)
@@ -210,8 +251,15 @@ class BatchedFIRE:
         energies = np.asarray(energies, dtype=np.float64).reshape(-1)
         if not isinstance(forces, np.ndarray) or forces.ndim != 2:
             forces = np.concatenate([np.asarray(f, dtype=np.float64).reshape(-1, 3) for f in forces])
+        forces = np.array(forces, dtype=np.float64)  # a copy: symmetrised in place below
         stresses = _as_full_stress(stresses)
-        return energies, np.asarray(forces, dtype=np.float64), stresses
+        for b, constraint in enumerate(state.symmetry):
+            if constraint is not None:  # as ase.Atoms.get_forces/get_stress apply FixSymmetry
+                constraint.adjust_forces(state.atoms[b], forces[offsets[b]:offsets[b + 1]])
+                voigt = full_3x3_to_voigt_6_stress(stresses[b])
+                constraint.adjust_stress(state.atoms[b], voigt)
+                stresses[b] = voigt_6_to_full_3x3_stress(voigt)
+        return energies, forces, stresses
 
     def _iterate(self, state: _Active) -> Iterator[tuple[int, RelaxOutcome]]:
         """One evaluation of the active set, then the FIRE step of the unconverged ones."""
@@ -295,13 +343,20 @@ class BatchedFIRE:
         new_deform = (cell_factor[:, None, None] * deform + dr_cell) / cell_factor[:, None, None]
         if not self.relax_cell:
             new_deform = deform
-        state.cell = state.orig_cell @ np.swapaxes(new_deform, 1, 2)
-        state.pos = np.einsum("nij,nj->ni", new_deform[seg], r)
+        cell = state.orig_cell @ np.swapaxes(new_deform, 1, 2)
+        pos = np.einsum("nij,nj->ni", new_deform[seg], r)
+        offsets = np.concatenate([[0], np.cumsum(state.natoms)])
+        for k, constraint in enumerate(state.symmetry):
+            if constraint is not None:
+                part = slice(offsets[k], offsets[k + 1])
+                cell[k], pos[part] = _symmetric_update(constraint, state.atoms[k], cell[k], pos[part])
+        state.cell, state.pos = cell, pos
         state.steps = state.steps + 1
 
 
 def relax_one_ase(atoms, calculator, fmax: float = 0.05, max_steps: int = 300) -> RelaxOutcome:
-    """The reference path: ASE's own ``FIRE(UnitCellFilter(atoms))`` on one structure."""
+    """The reference path: ASE's own ``FIRE(UnitCellFilter(atoms))`` on one structure (with the
+    structure's constraints, e.g. ``FixSymmetry``; the outcome's atoms carry none)."""
     from ase.filters import UnitCellFilter
     from ase.optimize import FIRE
 
@@ -321,6 +376,7 @@ def relax_one_ase(atoms, calculator, fmax: float = 0.05, max_steps: int = 300) -
         energy0 = energy = fmax_final = float("nan")
         converged, steps, error = False, 0, f"{type(err).__name__}: {err}"
     atoms.calc = None
+    atoms.set_constraint()
     return RelaxOutcome(atoms, converged and error is None, steps, float(energy0), float(energy), fmax_final, error)
 
 

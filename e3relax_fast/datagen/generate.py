@@ -1,14 +1,30 @@
 """Make unrelaxed → relaxed pairs from seed crystals with an interatomic potential (``e3relax-fast datagen``).
 
-Protocols (as for ``/work/shared/data/pairs/chgnet_v1``, see its README):
+Protocols (``subst`` and ``rattle`` as for ``/work/shared/data/pairs/chgnet_v1``, see its README):
 
 - ``subst``: replace 1..all elements of a seed by chemically similar ones (:func:`similar_elements`:
   same group, one row up or down; lanthanides Ce–Lu: their neighbours in the series; Z ≤ 83, no
   H, noble gases or radioactive elements; a new element is never one already in the structure),
   then scale the volume by Σ r_new³ / Σ r_old³ with ASE's covalent radii (an unrelaxed guess as
-  prototype-substitution pipelines make). The substitutions of one seed never repeat.
+  prototype-substitution pipelines make); relaxed freely. The substitutions of one seed never
+  repeat (also across ``subst`` and ``subst_sym``).
+- ``subst_sym``: the same substitutions with a volume guess drawn per job from ``radius3`` (as
+  ``subst``), ``dls`` (pymatgen's ``DLSVolumePredictor``) or ``none`` (the seed's cell), so no one
+  generator's bias is learnt; relaxed with the input's space group kept.
 - ``rattle``: symmetric strain with entries uniform in [−0.05, 0.05] (cell' = cell (I + ε)), then
-  Gaussian displacements with σ = 0.08 Å.
+  Gaussian displacements with σ = 0.08 Å; relaxed freely.
+- ``jiggle``: the same with ±0.01 and σ = 0.02 Å: a near-minimum input; relaxed freely.
+- ``seed``: the seed as given (DFT-relaxed, so near the potential's minimum), relaxed with its
+  space group kept.
+- ``minimum``: the seed relaxed as for ``seed``; the pair is that minimum → itself (``steps`` 0;
+  relaxing it again would stop at once), so an already relaxed crystal is taught to stay put.
+
+``seed`` and ``minimum`` are made once per seed (a later variant that draws one again becomes
+``jiggle``); a ``subst*`` variant of a seed whose substitutions are used up becomes ``rattle``.
+Symmetric protocols refine the input to its space group at ``symprec`` (spglib, Å) and relax it
+under ASE's ``FixSymmetry`` (:class:`~e3relax_fast.datagen.fire.BatchedFIRE` honours it); the note
+records the group (``sg=<number>``). Seeds with more than ``max_atoms`` atoms are skipped (listed
+in ``dropped.csv``).
 
 Every unrelaxed structure is relaxed (FIRE + unit-cell filter, ``fmax`` eV/Å, at most
 ``max_steps`` steps) with CHGNet or any ASE calculator; unconverged runs, volume changes beyond 3×
@@ -24,9 +40,10 @@ variants of one seed — also across runs with other ``--seed`` — never stradd
 
 Output (the CIF folder format of :mod:`e3relax_fast.data`): ``CIF/<id>_unrelaxed.cif``,
 ``CIF/<id>_relaxed.cif`` (same atom order), ``train.csv``/``val.csv``/``test.csv`` (column
-``atoms_id``), ``index.csv`` (``atoms_id,protocol,seed_id,note,natoms,steps,e_unrelaxed,e_relaxed``,
-energies in eV/atom), ``dropped.csv`` and optionally ``extxyz/<split>_{unrelaxed,relaxed}.extxyz.gz``
-(non-empty splits only).
+``atoms_id``), ``index.csv`` (``atoms_id,protocol,seed_id,note,natoms,steps,e_unrelaxed,e_relaxed,
+family``, energies in eV/atom, family: :func:`family_of` the seed), ``dropped.csv``, ``datagen.json``
+(settings and the command line of every start) and optionally ``extxyz/`` (a
+:func:`~e3relax_fast.datagen.snapshot.write_snapshot` of the folder).
 """
 
 from __future__ import annotations
@@ -42,14 +59,29 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import SPLITS
+from ..io import SPLITS
 from .calculators import make_calculator
 from .fire import BatchedFIRE, relax_one_ase
-from .protocols import apply_rattle, apply_substitution, parse_protocols, seeded_rng, substitutions
-from .seeds import SeedSource, load_seed_source
+from .protocols import (
+    DEFAULT_PROTOCOLS,
+    JIGGLE_SIGMA,
+    JIGGLE_STRAIN,
+    ONCE_PER_SEED,
+    SYMPREC,
+    VOLUME_GUESSES,
+    apply_rattle,
+    apply_substitution,
+    keep_symmetry,
+    parse_protocols,
+    seeded_rng,
+    substitutions,
+)
+from .seeds import SeedSource, family_of, load_seed_source
 
-INDEX_COLUMNS = ("atoms_id", "protocol", "seed_id", "note", "natoms", "steps", "e_unrelaxed", "e_relaxed")
-DROPPED_COLUMNS = ("atoms_id", "protocol", "seed_id", "note", "natoms", "steps", "reason")
+INDEX_COLUMNS = ("atoms_id", "protocol", "seed_id", "note", "natoms", "steps", "e_unrelaxed", "e_relaxed", "family")
+DROPPED_COLUMNS = ("atoms_id", "protocol", "seed_id", "note", "natoms", "steps", "reason", "family")
+#: Largest seed (atoms) used by default.
+MAX_ATOMS = 40
 #: Largest allowed volume ratio (either way) between relaxed and unrelaxed cells.
 MAX_VOLUME_RATIO = 3.0
 
@@ -58,20 +90,22 @@ MAX_VOLUME_RATIO = 3.0
 
 @dataclass
 class Job:
-    """One unrelaxed structure to relax."""
+    """One unrelaxed structure to relax (``atoms`` carries ``FixSymmetry`` for symmetric protocols);
+    ``skip`` says why it is not made at all (recorded in ``dropped.csv``)."""
 
     atoms_id: str
     seed_id: str
     protocol: str
     note: str
     atoms: object
+    skip: str | None = None
 
 
 class JobPlan:
     """Job ``k`` as a pure function of ``k`` (see the module docstring)."""
 
     def __init__(self, sources: Sequence[SeedSource], protocols: dict[str, float], seed: int = 0,
-                 id_prefix: str = "g") -> None:
+                 id_prefix: str = "g", max_atoms: int | None = None, symprec: float = SYMPREC) -> None:
         if not sources or any(len(s) == 0 for s in sources):
             raise ValueError("every seed source must hold at least one seed")
         all_ids = [i for s in sources for i in s.ids]
@@ -81,6 +115,8 @@ class JobPlan:
         self.protocols = protocols
         self.seed = seed
         self.id_prefix = id_prefix
+        self.max_atoms = max_atoms
+        self.symprec = symprec
         self.order = [seeded_rng(seed, "order", s.name, len(s)).permutation(len(s)) for s in self.sources]
         self._cache: dict[str, object] = {}
 
@@ -95,6 +131,7 @@ class JobPlan:
         return f"{self.id_prefix}{k:06d}"
 
     def _protocol(self, seed_id: str, variant: int) -> str:
+        """The protocol drawn for a variant (before the fallbacks of :meth:`job`)."""
         names = list(self.protocols)
         rng = seeded_rng(self.seed, seed_id, variant, "protocol")
         return names[rng.choice(len(names), p=list(self.protocols.values()))]
@@ -107,23 +144,45 @@ class JobPlan:
         loaded = src.load(index)
         # Only species, positions and cell: CIF-reader extras (occupancies, kinds) would go stale.
         atoms = Atoms(numbers=loaded.numbers, positions=loaded.positions, cell=loaded.cell.array, pbc=True)
+        if self.max_atoms is not None and len(atoms) > self.max_atoms:
+            return Job(self.atoms_id(k), seed_id, "", "", atoms, skip=f"seed has {len(atoms)} > {self.max_atoms} atoms")
+        earlier = [self._protocol(seed_id, v) for v in range(variant)]
         protocol = self._protocol(seed_id, variant)
-        if protocol == "subst":
-            rank = sum(self._protocol(seed_id, v) == "subst" for v in range(variant))
+        if protocol in ONCE_PER_SEED and protocol in earlier:
+            protocol = "jiggle"  # the seed's own pair exists already: a perturbed near-minimum instead
+        if protocol in ("subst", "subst_sym"):
+            rank = sum(p in ("subst", "subst_sym") for p in earlier)
             found = substitutions(seed_id, atoms.numbers, rank + 1, self.seed)
             if len(found) > rank:
-                unrelaxed, note = apply_substitution(atoms, found[rank])
-                return Job(self.atoms_id(k), seed_id, "subst", note, unrelaxed)
+                if protocol == "subst":
+                    unrelaxed, note = apply_substitution(atoms, found[rank])
+                    return Job(self.atoms_id(k), seed_id, "subst", note, unrelaxed)
+                guess = VOLUME_GUESSES[seeded_rng(self.seed, seed_id, variant, "volume").integers(len(VOLUME_GUESSES))]
+                unrelaxed, note = apply_substitution(atoms, found[rank], guess)
+                return self._symmetric(k, seed_id, protocol, note, unrelaxed)
             protocol = "rattle"  # no (further) distinct substitution for this seed
+        if protocol in ONCE_PER_SEED:
+            return self._symmetric(k, seed_id, protocol, protocol, atoms)
+        if protocol == "jiggle":
+            rng = seeded_rng(self.seed, seed_id, variant, "jiggle")
+            return Job(self.atoms_id(k), seed_id, protocol, "jiggle",
+                       apply_rattle(atoms, rng, JIGGLE_STRAIN, JIGGLE_SIGMA))
         unrelaxed = apply_rattle(atoms, seeded_rng(self.seed, seed_id, variant, "rattle"))
         return Job(self.atoms_id(k), seed_id, protocol, "rattle", unrelaxed)
 
+    def _symmetric(self, k: int, seed_id: str, protocol: str, note: str, atoms) -> Job:
+        """A job relaxed with the input's space group kept; the note gains ``sg=<number>``."""
+        atoms, number = keep_symmetry(atoms, self.symprec)
+        return Job(self.atoms_id(k), seed_id, protocol, f"{note};sg={number}", atoms)
+
 
 def split_of(seed_id: str, fractions: Sequence[float] = (0.8, 0.1, 0.1), inherited: dict | None = None) -> str:
-    """Split of a seed: ``inherited[seed_id]`` when given, else from a hash of the seed id alone."""
-    if inherited and seed_id in inherited:
-        return inherited[seed_id]
-    u = int.from_bytes(hashlib.sha256(seed_id.encode()).digest()[:8], "little") / 2.0**64
+    """Split of a seed's material (the id without a ``#<n>`` frame suffix, see
+    :func:`load_seed_source`): ``inherited[material]`` when given, else from a hash of it alone."""
+    material = seed_id.split("#", 1)[0]
+    if inherited and material in inherited:
+        return inherited[material]
+    u = int.from_bytes(hashlib.sha256(material.encode()).digest()[:8], "little") / 2.0**64
     edges = np.cumsum(fractions) / np.sum(fractions)
     return SPLITS[min(int(np.searchsorted(edges, u, side="right")), len(SPLITS) - 1)]
 
@@ -192,7 +251,7 @@ def _relax_chunk(args) -> list:
 
 def judge(job: Job, outcome) -> str | None:
     """Why a relaxation is dropped, or ``None`` to keep it."""
-    from ..structures import InvalidStructureError, validate
+    from ..io import InvalidStructureError, validate
 
     if outcome.error:
         return outcome.error
@@ -296,18 +355,19 @@ class _Progress:
             self.bar.close()
 
 
-def generate(seeds: Sequence[str | Path], out: str | Path, n: int, protocols: str | dict = "subst:4,rattle:1",
+def generate(seeds: Sequence[str | Path], out: str | Path, n: int, protocols: str | dict = DEFAULT_PROTOCOLS,
              calculator: str = "chgnet", workers: int = 1, batched: bool = True, fmax: float = 0.05,
              max_steps: int = 300, seed: int = 0, batch_size: int = 64, split_fractions=(0.8, 0.1, 0.1),
              inherit: str | Path | None = None, id_prefix: str = "g", extxyz: bool = False,
              progress: bool = True, threads: int = 1, max_attempts: int | None = None,
-             time_limit: float | None = None) -> dict:
+             time_limit: float | None = None, max_atoms: int | None = MAX_ATOMS, symprec: float = SYMPREC) -> dict:
     """Make pairs until ``out`` holds ``n`` of them (resuming earlier work); see the module docstring.
 
     Args:
         seeds: seed files/folders (:func:`load_seed_source`).
-        protocols: ``"subst,rattle"``-style string with optional ``:weight`` (default 4:1 like
-            chgnet_v1) or a ``{name: weight}`` dict.
+        protocols: ``"subst,rattle"``-style string with optional ``:weight`` (default
+            :data:`~e3relax_fast.datagen.protocols.DEFAULT_PROTOCOLS`; chgnet_v1 was
+            ``subst:4,rattle:1``) or a ``{name: weight}`` dict.
         calculator: ``chgnet``, ``emt`` or ``module:factory`` (:func:`make_calculator`).
         workers: processes relaxing in parallel (each with ``threads`` torch threads).
         batched: :class:`~e3relax_fast.fire.BatchedFIRE` with ``batch_size`` structures per
@@ -316,6 +376,8 @@ def generate(seeds: Sequence[str | Path], out: str | Path, n: int, protocols: st
             seed → split assignment is reused, so the datasets can be merged without leakage).
         max_attempts: stop after this many jobs were tried in total (default ``4 n + 100``).
         time_limit: stop starting new work after this many seconds.
+        max_atoms: seeds with more atoms are skipped (``None``: none are).
+        symprec: spglib tolerance (Å) of the symmetric protocols.
 
     Returns:
         A summary: ``written`` (this call), ``dropped`` (this call), ``total`` (pairs in ``out``),
@@ -326,7 +388,8 @@ def generate(seeds: Sequence[str | Path], out: str | Path, n: int, protocols: st
     lock = _lock(out)
     try:
         return _generate(seeds, out, n, protocols, calculator, workers, batched, fmax, max_steps, seed, batch_size,
-                         split_fractions, inherit, id_prefix, extxyz, progress, threads, max_attempts, time_limit)
+                         split_fractions, inherit, id_prefix, extxyz, progress, threads, max_attempts, time_limit,
+                         max_atoms, symprec)
     finally:
         lock.unlink(missing_ok=True)
 
@@ -350,21 +413,26 @@ def _lock(out: Path) -> Path:
 
 
 def _generate(seeds, out, n, protocols, calculator, workers, batched, fmax, max_steps, seed, batch_size,
-              split_fractions, inherit, id_prefix, extxyz, progress, threads, max_attempts, time_limit) -> dict:
+              split_fractions, inherit, id_prefix, extxyz, progress, threads, max_attempts, time_limit,
+              max_atoms, symprec) -> dict:
     weights = parse_protocols(protocols) if isinstance(protocols, str) else dict(protocols)
     sources = [load_seed_source(p) for p in seeds]
-    plan = JobPlan(sources, weights, seed=seed, id_prefix=id_prefix)
+    plan = JobPlan(sources, weights, seed=seed, id_prefix=id_prefix, max_atoms=max_atoms, symprec=symprec)
     config = {"seeds": [str(Path(p).resolve()) for p in seeds], "seed_counts": [len(s) for s in sources],
               "protocols": weights, "seed": seed, "id_prefix": id_prefix, "fmax": fmax, "max_steps": max_steps,
               "calculator": calculator, "split_fractions": list(split_fractions),
-              "inherit": str(Path(inherit).resolve()) if inherit else None}
+              "inherit": str(Path(inherit).resolve()) if inherit else None, "max_atoms": max_atoms,
+              "symprec": symprec}
     _check_config(out / "datagen.json", config)
+    _log_start(out / "datagen.json", n)
     inherited = inherit_splits(inherit) if inherit else None
 
     index_rows = _read_rows(out / "index.csv", INDEX_COLUMNS)
     dropped_rows = _read_rows(out / "dropped.csv", DROPPED_COLUMNS)
     for path, columns, rows in ((out / "index.csv", INDEX_COLUMNS, index_rows),
                                 (out / "dropped.csv", DROPPED_COLUMNS, dropped_rows)):
+        for row in rows:  # folders made before the family column get it here
+            row["family"] = row.get("family") or family_of(row["seed_id"])
         if path.exists():
             _rewrite_rows(path, columns, rows)  # drop a torn line left by an interrupted run
     done = {r["atoms_id"] for r in index_rows} | {r["atoms_id"] for r in dropped_rows}
@@ -389,24 +457,36 @@ def _generate(seeds, out, n, protocols, calculator, workers, batched, fmax, max_
             counters["next"] += 1
             if plan.atoms_id(k) in done:
                 continue
+            job = plan.job(k)
+            if job.skip:
+                dropped_file.write({"atoms_id": job.atoms_id, "protocol": job.protocol, "seed_id": job.seed_id,
+                                    "note": job.note, "natoms": len(job.atoms), "steps": 0, "reason": job.skip,
+                                    "family": family_of(job.seed_id)})
+                continue
             counters["in_flight"] += 1
-            yield plan.job(k)
+            yield job
 
     def record(job: Job, outcome) -> None:
         counters["in_flight"] -= 1
         reason = judge(job, outcome)
         natoms = len(job.atoms)
+        family = family_of(job.seed_id)
         if reason is not None:
             dropped_file.write({"atoms_id": job.atoms_id, "protocol": job.protocol, "seed_id": job.seed_id,
-                                "note": job.note, "natoms": natoms, "steps": outcome.steps, "reason": reason})
+                                "note": job.note, "natoms": natoms, "steps": outcome.steps, "reason": reason,
+                                "family": family})
             counters["dropped"] += 1
             bar.update(0, counters["dropped"])
             return
-        _write_cif(job.atoms, out / "CIF" / f"{job.atoms_id}_unrelaxed.cif")
+        unrelaxed, note, steps, energy_initial = job.atoms, job.note, outcome.steps, outcome.energy_initial
+        if job.protocol == "minimum":  # the pair is the minimum itself: relaxing it again takes no step
+            unrelaxed, note, energy_initial = outcome.atoms, f"{note};reached in {steps} steps", outcome.energy
+            steps = 0
+        _write_cif(unrelaxed, out / "CIF" / f"{job.atoms_id}_unrelaxed.cif")
         _write_cif(outcome.atoms, out / "CIF" / f"{job.atoms_id}_relaxed.cif")
-        index.write({"atoms_id": job.atoms_id, "protocol": job.protocol, "seed_id": job.seed_id, "note": job.note,
-                     "natoms": natoms, "steps": outcome.steps, "e_unrelaxed": f"{outcome.energy_initial / natoms:.6f}",
-                     "e_relaxed": f"{outcome.energy / natoms:.6f}"})
+        index.write({"atoms_id": job.atoms_id, "protocol": job.protocol, "seed_id": job.seed_id, "note": note,
+                     "natoms": natoms, "steps": steps, "e_unrelaxed": f"{energy_initial / natoms:.6f}",
+                     "e_relaxed": f"{outcome.energy / natoms:.6f}", "family": family})
         counters["written"] += 1
         bar.update(1, counters["dropped"])
         if counters["written"] % 20 == 0:  # keep the split files usable while a long run goes on
@@ -445,12 +525,9 @@ def _generate(seeds, out, n, protocols, calculator, workers, batched, fmax, max_
     seconds = time.perf_counter() - start
     splits = write_splits(out, split_fractions, inherited)
     if extxyz:
-        from ..data import read_cif_pairs, write_extxyz_pairs
+        from .snapshot import write_snapshot
 
-        for split in SPLITS:
-            pairs = read_cif_pairs(out, split)
-            if pairs:  # an empty extxyz file is unreadable; an empty split gets none
-                write_extxyz_pairs(pairs, out / "extxyz", split)
+        write_snapshot(out, out / "extxyz")
     return {"written": counters["written"], "dropped": counters["dropped"], "total": total + counters["written"],
             "splits": splits, "seconds": seconds,
             "pairs_per_hour": counters["written"] / seconds * 3600 if seconds > 0 else float("nan")}
@@ -485,12 +562,16 @@ def _run_pool(pool, jobs: Iterator[Job], settings: Settings, max_in_flight: int,
 
 
 def _check_config(path: Path, config: dict) -> None:
-    """Refuse to resume with settings that change what job ``k`` is (or what counts as done)."""
+    """Refuse to resume with settings that change what job ``k`` is (or what counts as done).
+
+    ``max_atoms`` and ``symprec`` are checked only where the folder recorded them: older folders
+    were made before they existed, from seeds of at most 40 atoms and with no symmetric protocol,
+    which the defaults reproduce."""
     if path.exists():
         old = json.loads(path.read_text())
         keys = ("seeds", "seed_counts", "protocols", "seed", "id_prefix", "fmax", "max_steps", "split_fractions",
-                "inherit")
-        changed = [k for k in keys if old.get(k) != config.get(k)]
+                "inherit", "max_atoms", "symprec")
+        changed = [k for k in keys if old.get(k, config.get(k)) != config.get(k)]
         if changed:
             raise ValueError(f"{path.parent} was made with other settings ({', '.join(changed)}: "
                              f"{[old.get(k) for k in changed]} then, {[config.get(k) for k in changed]} now); "
@@ -499,4 +580,17 @@ def _check_config(path: Path, config: dict) -> None:
             raise ValueError(f"{path.parent} was made with calculator {old.get('calculator')!r}; use another --out")
         return
     path.write_text(json.dumps(config, indent=1) + "\n")
+
+
+def _log_start(path: Path, n: int) -> None:
+    """Append this start (UTC time, target, command line) to ``datagen.json``'s ``starts``: the
+    provenance of every part of the folder."""
+    import sys
+
+    config = json.loads(path.read_text())
+    config.setdefault("starts", []).append({"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "n": n,
+                                            "argv": sys.argv, "pid": os.getpid()})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(config, indent=1) + "\n")
+    tmp.replace(path)
 

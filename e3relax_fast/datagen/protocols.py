@@ -1,5 +1,6 @@
 """How an unrelaxed structure is made from a seed crystal: similar-element substitution with a
-volume guess, and strain + rattle (see :mod:`e3relax_fast.datagen.generate` for the pipeline)."""
+volume guess, strain + rattle, small perturbations and the seed itself (see
+:mod:`e3relax_fast.datagen.generate` for the pipeline and what each protocol is for)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,23 @@ from collections.abc import Sequence
 
 import numpy as np
 
-PROTOCOLS = ("subst", "rattle")
-STRAIN = 0.05  # strain entries uniform in [-STRAIN, STRAIN]
+PROTOCOLS = ("subst", "subst_sym", "rattle", "jiggle", "seed", "minimum")
+#: Protocols relaxed with the input's space group kept (ASE's FixSymmetry): their inputs are
+#: symmetric, and a free relaxation would let float noise break the symmetry into a target no
+#: one-shot model can predict (e.g. octahedral tilts of substituted cubic perovskites).
+SYMMETRIC = frozenset({"subst_sym", "seed", "minimum"})
+#: Protocols whose input is (the potential's minimum near) the seed itself: at most one per seed.
+ONCE_PER_SEED = frozenset({"seed", "minimum"})
+#: Default mix (see data/README.md for why).
+DEFAULT_PROTOCOLS = "subst_sym:5,rattle:2,jiggle:1,seed:1,minimum:1"
+#: Volume guesses of ``subst_sym``, one drawn per job.
+VOLUME_GUESSES = ("radius3", "dls", "none")
+STRAIN = 0.05  # rattle: strain entries uniform in [-STRAIN, STRAIN]
 RATTLE_SIGMA = 0.08  # Å
+JIGGLE_STRAIN = 0.01  # jiggle: a near-minimum input
+JIGGLE_SIGMA = 0.02  # Å
+#: spglib tolerance (Å) for the space group a symmetric relaxation keeps.
+SYMPREC = 1e-3
 
 # --- chemistry ----------------------------------------------------------------------------------
 
@@ -118,29 +133,75 @@ def substitutions(seed_id: str, numbers: np.ndarray, count: int, seed: int, trie
     return found
 
 
-def apply_substitution(atoms, mapping: dict[int, int]):
-    """A copy of ``atoms`` with elements replaced and the volume scaled by Σ r_new³ / Σ r_old³."""
+def dls_volume(atoms) -> float:
+    """Volume (Å³) pymatgen's data-mined bond-length scheme (``DLSVolumePredictor``, scaling
+    clipped to [0.5, 1.5]) predicts for ``atoms``; raises ``ValueError`` when it finds no bond."""
+    import warnings
+
+    from pymatgen.analysis.structure_prediction.volume_predictor import DLSVolumePredictor
+    from pymatgen.core import Lattice, Structure
+
+    structure = Structure(Lattice(atoms.cell.array), atoms.numbers, atoms.positions, coords_are_cartesian=True)
+    with warnings.catch_warnings():  # it warns for every element without bond parameters
+        warnings.simplefilter("ignore")
+        return float(DLSVolumePredictor().predict(structure))
+
+
+def apply_substitution(atoms, mapping: dict[int, int], volume: str = "radius3"):
+    """A copy of ``atoms`` with elements replaced and a volume guess: ``radius3`` scales by
+    Σ r_new³ / Σ r_old³ (covalent radii), ``dls`` takes :func:`dls_volume` (``radius3`` where that
+    fails), ``none`` keeps the seed's cell. Returns ``(atoms, note)``; the note lists the
+    replacements and, for guesses other than ``radius3``, ``vol=<guess used>``."""
     from ase.data import chemical_symbols
 
+    if volume not in VOLUME_GUESSES:
+        raise ValueError(f"unknown volume guess {volume!r}; choose from {', '.join(VOLUME_GUESSES)}")
     out = atoms.copy()
     old = out.numbers.copy()
     out.numbers = np.array([mapping.get(int(z), int(z)) for z in old])
+    note = ";".join(f"{chemical_symbols[a]}>{chemical_symbols[b]}" for a, b in sorted(mapping.items()))
+    if volume == "dls":
+        try:
+            out.set_cell(out.cell.array * (dls_volume(out) / out.get_volume()) ** (1.0 / 3.0), scale_atoms=True)
+            return out, note + ";vol=dls"
+        except ValueError:
+            volume = "radius3"
+            note += ";vol=radius3(dls failed)"
+    elif volume == "none":
+        return out, note + ";vol=none"
     scale = (_radius_cubed_sum(out.numbers) / _radius_cubed_sum(old)) ** (1.0 / 3.0)
     out.set_cell(out.cell.array * scale, scale_atoms=True)
-    note = ";".join(f"{chemical_symbols[a]}>{chemical_symbols[b]}" for a, b in sorted(mapping.items()))
     return out, note
 
 
-def apply_rattle(atoms, rng: np.random.Generator):
-    """A copy of ``atoms`` strained (symmetric ε, entries in [−0.05, 0.05]) and rattled (σ = 0.08 Å)."""
+def apply_rattle(atoms, rng: np.random.Generator, strain: float = STRAIN, sigma: float = RATTLE_SIGMA):
+    """A copy of ``atoms`` strained (symmetric ε, entries uniform in [−strain, strain]) and rattled
+    (Gaussian displacements, σ = ``sigma`` Å); defaults: ``rattle``'s 0.05 and 0.08 Å."""
     out = atoms.copy()
-    upper = rng.uniform(-STRAIN, STRAIN, size=6)
+    upper = rng.uniform(-strain, strain, size=6)
     eps = np.zeros((3, 3))
     eps[np.triu_indices(3)] = upper
     eps = eps + np.triu(eps, 1).T
     out.set_cell(out.cell.array @ (np.eye(3) + eps), scale_atoms=True)
-    out.positions = out.positions + rng.normal(0.0, RATTLE_SIGMA, size=out.positions.shape)
+    out.positions = out.positions + rng.normal(0.0, sigma, size=out.positions.shape)
     return out
+
+
+def keep_symmetry(atoms, symprec: float = SYMPREC):
+    """``atoms`` refined to its space group at ``symprec`` (Å) with ASE's ``FixSymmetry`` attached,
+    so relaxations keep the group, and its space-group number (``None``, and no constraint, where
+    spglib finds no group: such a structure relaxes freely)."""
+    import spglib
+    from ase.constraints import FixSymmetry
+
+    out = atoms.copy()
+    try:
+        out.set_constraint(FixSymmetry(out, symprec=symprec))  # also refines ``out``
+    except (spglib.error.SpglibError, AttributeError):  # no dataset (e.g. atoms too close)
+        return atoms.copy(), None
+    dataset = spglib.get_symmetry_dataset((out.cell.array, out.get_scaled_positions(), out.numbers),
+                                          symprec=symprec)
+    return out, (int(dataset.number) if dataset is not None else None)
 
 
 def parse_protocols(text: str) -> dict[str, float]:

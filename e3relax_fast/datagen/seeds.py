@@ -10,7 +10,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+#: Seed families, for leave-one-family-out evaluation: a seed's family is the first of these that
+#: its id's prefix (the letters of its seed file's name, e.g. ``perovval``, ``nomadbulk``,
+#: ``aflowdecorated``) starts with, else the prefix itself.
+FAMILIES = ("perov", "carbon", "oqmd", "mp", "nomad", "aflow", "pyxtal")
+
 # --- seeds --------------------------------------------------------------------------------------
+
+
+def family_of(seed_id: str) -> str:
+    """Family of a seed id ``<prefix>-<id>`` (see :data:`FAMILIES`)."""
+    prefix = seed_id.split("-", 1)[0]
+    return next((f for f in FAMILIES if prefix.startswith(f)), prefix)
 
 
 @dataclass
@@ -42,7 +55,11 @@ def load_seed_source(path: str | Path) -> SeedSource:
     """Seeds from a CSV with a ``cif`` column (ids ``<prefix>-<material_id>``, prefix: the letters
     of the file name, e.g. ``perovval``), an extxyz/xyz file (ids from ``info`` ``atoms_id``,
     ``material_id`` or another ``*_id`` key, else the frame index) or a folder of ``*.cif`` files
-    (ids ``<folder prefix>-<file stem>``)."""
+    (ids ``<folder prefix>-<file stem>``).
+
+    An extxyz file may hold several frames of one material (NOMAD: one per calculation of an
+    entry): exact repeats are dropped, the other frames become seeds ``<id>#2``, ``<id>#3``, … in
+    file order, which share the material's split (:func:`~e3relax_fast.datagen.generate.split_of`)."""
     from ase.io import read
 
     path = Path(path)
@@ -62,13 +79,23 @@ def load_seed_source(path: str | Path) -> SeedSource:
         ids = [f"{prefix}-{row[key] if key else k}" for k, row in enumerate(rows)]
         texts = [row["cif"] for row in rows]
         return SeedSource(prefix, ids, lambda i: _read_cif_text(texts[i]))
-    frames = read(path, index=":")
-    ids = []
-    for k, atoms in enumerate(frames):
+    ids, frames, by_id = [], [], {}
+    for k, atoms in enumerate(read(path, index=":")):
         info = atoms.info
         key = next((x for x in ("atoms_id", "material_id", "seed_id") if x in info), None)
         key = key or next((x for x in sorted(info) if x.endswith("_id")), None)
-        ids.append(f"{prefix}-{info[key] if key else k}")
+        material = f"{prefix}-{info[key] if key else k}"
+        same = by_id.setdefault(material, [])
+        if any(_identical(atoms, other) for other in same):
+            continue
+        ids.append(material if not same else f"{material}#{len(same) + 1}")
+        same.append(atoms)
+        frames.append(atoms)
     return SeedSource(prefix, ids, lambda i: frames[i].copy())
+
+
+def _identical(a, b) -> bool:
+    return (list(a.numbers) == list(b.numbers) and np.allclose(a.cell.array, b.cell.array, atol=1e-8)
+            and np.allclose(a.positions, b.positions, atol=1e-8))
 
 
