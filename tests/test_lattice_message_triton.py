@@ -18,12 +18,12 @@ require_triton_backend("lattice_message")
 
 from e3relax_fast.kernels import lattice_message as km  # noqa: E402
 from e3relax_fast.kernels import utils as ku  # noqa: E402
-from e3relax_fast.loss import layerwise_loss  # noqa: E402
 
-from e3relax_fast import backends  # noqa: E402
+from e3relax_fast import ops  # noqa: E402
 from e3relax_fast.reference.lattice_message import lattice_message as reference_op  # noqa: E402
 from e3relax_fast.reference.message_passing import message_passing as reference_message_passing  # noqa: E402
 from e3relax_fast.reference.rbf import rbf_centres, rbf_coefficient  # noqa: E402
+from e3relax_fast.training.loss import layerwise_loss  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INPUTS = ("x_proj", "vec", "positions", "cells", "centres", "edge_weight", "edge_bias")
@@ -97,7 +97,7 @@ def compare(args, expected_args, k, rel, config=None):
 
 
 def test_registered():
-    name, fn = backends.resolve("lattice_message", "triton", DEVICE.type)
+    name, fn = ops.resolve("lattice_message", "triton", DEVICE.type)
     assert name == "triton" and fn is km.lattice_message
 
 
@@ -226,7 +226,7 @@ def test_atom_atom_only_backends_use_reference_lattice_ops(golden_model, monkeyp
     """A backend that implements only the atom–atom op ("cueq", "cuda") runs the atom–lattice ops on
     the reference: stand in a "cueq" message op (the reference) and check the model runs and
     matches the reference backend exactly."""
-    monkeypatch.setitem(backends._REGISTRY["message_passing"], "cueq", reference_message_passing)
+    monkeypatch.setitem(ops.OPS["message_passing"]._loaded, "cueq", reference_message_passing)
     outs = {}
     for backend in ("reference", "cueq"):
         model = golden_model_instance(golden_model, paper_compat=False)

@@ -15,8 +15,8 @@ require_triton_backend("lattice_pool")
 from e3relax_fast.kernels import lattice_pool as kp  # noqa: E402
 from e3relax_fast.kernels import utils as ku  # noqa: E402
 
-from e3relax_fast import backends  # noqa: E402
-from e3relax_fast.reference.lattice_pool import segment_mean as reference_op  # noqa: E402
+from e3relax_fast import ops  # noqa: E402
+from e3relax_fast.reference.lattice_pool import lattice_pool as reference_op  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Empty crystals first, in the middle and last; 1-atom crystals; one larger than a 64-atom tile.
@@ -50,7 +50,7 @@ def run(op, x, ptr, graph_index, seed=1, **kwargs):
 
 
 def test_registered():
-    name, fn = backends.resolve("lattice_pool", "triton", DEVICE.type)
+    name, fn = ops.resolve("lattice_pool", "triton", DEVICE.type)
     assert name == "triton" and fn is kp.lattice_pool
 
 

@@ -18,12 +18,12 @@ require_triton_backend("message_passing")
 
 from e3relax_fast.kernels import message_passing as km  # noqa: E402
 from e3relax_fast.kernels import utils as ku  # noqa: E402
-from e3relax_fast.loss import layerwise_loss  # noqa: E402
 
-from e3relax_fast import backends  # noqa: E402
+from e3relax_fast import ops  # noqa: E402
 from e3relax_fast.model import E3Relax  # noqa: E402
 from e3relax_fast.reference.message_passing import message_passing as reference_op  # noqa: E402
 from e3relax_fast.reference.rbf import rbf_centres, rbf_coefficient  # noqa: E402
+from e3relax_fast.training.loss import layerwise_loss  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INPUTS = ("x_proj", "vec", "positions", "cells", "edge_weight", "edge_bias")
@@ -112,7 +112,7 @@ def compare(dtype, rel, config=None, **case):
 
 
 def test_registered():
-    name, fn = backends.resolve("message_passing", "triton", DEVICE.type)
+    name, fn = ops.resolve("message_passing", "triton", DEVICE.type)
     assert name == "triton" and fn is km.message_passing
 
 

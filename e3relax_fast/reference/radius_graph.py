@@ -150,6 +150,8 @@ def radius_graph(
         - distances: ``(E,)`` float64 edge lengths in Å (self-image edges included).
         - num_candidates: ``(N,)`` int64 candidates per centre before the cut.
     """
+    # Long on purpose: this is the oracle the kernels are checked against, written as the module
+    # docstring's steps 1-6 in order, top to bottom, so that each kernel's steps can be read beside it.
     device = positions.device
     i64, f64 = torch.int64, torch.float64
     # All geometry in float64, whatever the input dtype (float32 values upcast exactly).

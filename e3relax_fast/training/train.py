@@ -83,6 +83,48 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+def _batch_items(train_set: PairDataset, config: TrainConfig, step: int, rank: int, world: int) -> list[dict]:
+    """This process's share of the global batch of optimiser step ``step``. The data order is a
+    pure function of (seed, pass, position), so resuming replays it exactly."""
+    steps_per_pass = max(1, len(train_set) // config.batch_size)
+    data_pass, slot = divmod(step, steps_per_pass)
+    order = _epoch_order(len(train_set), config.seed, data_pass)
+    global_ids = order[slot * config.batch_size:(slot + 1) * config.batch_size]
+    per_rank = config.batch_size // world
+    return [train_set[k] for k in global_ids[rank * per_rank:(rank + 1) * per_rank]]
+
+
+def _optimizer_step(net, model, ema, optimizer, items: list[dict], config: TrainConfig, device, world: int) -> float:
+    """One step on ``items`` (this process's share): loss, backward, clipping, update, EMA. Returns
+    the global batch's loss."""
+    dtype = getattr(torch, config.dtype)
+    batch, pos_t, cell_t = PairDataset.collate(items)
+    batch = batch.to(device, dtype)
+    atom_norm = _all_sum(float(batch.num_atoms))
+    cell_norm = _all_sum(9.0 * batch.num_graphs)
+    out = net(batch)
+    # DDP averages gradients over processes; multiply by world so the result is the global sum.
+    loss = layerwise_loss(out, pos_t.to(device, dtype), cell_t.to(device, dtype), batch.ptr, config.loss,
+                          atom_norm, cell_norm).total * world
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+    optimizer.step()
+    _ema_update(ema, model, config.ema_decay)
+    return _all_sum(loss.item() / world)
+
+
+def _save(out_dir: Path, config: TrainConfig, model, ema, optimizer, scheduler, state: dict,
+          best_signal: float | None) -> None:
+    """``last.pt`` (everything needed to resume) and, when the validation signal improved
+    (``best_signal``), ``best.pt`` (the EMA weights)."""
+    record = {"config": {**model.config}, "train_config": asdict(config)}
+    if best_signal is not None:
+        torch.save({**record, "state_dict": ema.state_dict(), "val_mae": best_signal}, out_dir / "best.pt")
+    torch.save({**record, "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "state": state}, out_dir / "last.pt")
+
+
 def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out_dir: str | Path,
           device: str = "cpu", max_steps: int | None = None, progress: bool = True) -> dict:
     """Train, resuming from ``out_dir/last.pt`` when present; returns a summary dict.
@@ -116,37 +158,17 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)
-
-    per_rank = config.batch_size // world
-    if per_rank * world != config.batch_size:
+    if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
-    steps_per_pass = max(1, len(train_set) // config.batch_size)
     start_time = time.time()
     while state["epoch"] < config.max_epochs:
         epoch_loss, epoch_steps = 0.0, 0
         for _ in range(config.steps_per_epoch):
             if max_steps is not None and state["step"] >= max_steps:
                 break
-            # Data order is a pure function of (seed, pass, position): resuming replays it exactly.
-            data_pass, slot = divmod(state["step"], steps_per_pass)
-            order = _epoch_order(len(train_set), config.seed, data_pass)
-            global_ids = order[slot * config.batch_size:(slot + 1) * config.batch_size]
-            items = [train_set[k] for k in global_ids[rank * per_rank:(rank + 1) * per_rank]]
-            batch, pos_t, cell_t = PairDataset.collate(items)
-            batch = batch.to(device, dtype)
-            atom_norm = _all_sum(float(batch.num_atoms))
-            cell_norm = _all_sum(9.0 * batch.num_graphs)
-            out = net(batch)
-            # DDP averages gradients over processes; multiply by world so the result is the global sum.
-            loss = layerwise_loss(out, pos_t.to(device, dtype), cell_t.to(device, dtype), batch.ptr, config.loss,
-                                  atom_norm, cell_norm).total * world
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
-            optimizer.step()
-            _ema_update(ema, model, config.ema_decay)
+            items = _batch_items(train_set, config, state["step"], rank, world)
+            epoch_loss += _optimizer_step(net, model, ema, optimizer, items, config, device, world)
             state["step"] += 1
-            epoch_loss += _all_sum(loss.item() / world)
             epoch_steps += 1
         if epoch_steps == 0:
             break
@@ -160,12 +182,7 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
                                  "train_loss": epoch_loss / epoch_steps, "val_mae": signal,
                                  "lr": optimizer.param_groups[0]["lr"]})
         if rank == 0:
-            record = {"config": {**model.config}, "train_config": asdict(config)}
-            if improved:
-                torch.save({**record, "state_dict": ema.state_dict(), "val_mae": signal}, out_dir / "best.pt")
-            torch.save({**record, "model": model.state_dict(), "ema": ema.state_dict(),
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "state": state}, last)
+            _save(out_dir, config, model, ema, optimizer, scheduler, state, signal if improved else None)
             if progress:
                 print(f"epoch {state['epoch']:4d} step {state['step']:7d} loss {epoch_loss / epoch_steps:.4f} "
                       f"val |dp| {signal:.4f} A (best {state['best']:.4f}) lr {optimizer.param_groups[0]['lr']:.2e} "
