@@ -189,6 +189,17 @@ def run_datagen(args: argparse.Namespace) -> int:
             print(f"datagen: snapshot of {args.out} in {args.snapshot}: {counts['pairs']} pairs {counts['splits']}; "
                   f"families {counts['families']}")
             return 0
+        if args.make_seeds:
+            from .datagen.prepare import make_seeds
+
+            if args.n is None:
+                raise ValueError("--make-seeds needs --n")
+            made = make_seeds(args.make_seeds, args.out, args.n, seed=args.seed, calculator=args.calculator,
+                              max_atoms=args.max_atoms or 10**9, fmax=args.fmax, max_steps=args.max_steps,
+                              symprec=args.symprec, batch_size=args.batch_size, progress=not args.quiet)
+            print(f"datagen: {made['written']} {args.make_seeds} seeds of {made['candidates']} candidates in "
+                  f"{args.out} (dropped: {made['dropped']})")
+            return 0
         if not args.seeds or args.n is None:
             raise ValueError("--seeds and --n are required to make pairs")
         summary = generate(
@@ -220,7 +231,8 @@ def add_datagen_parser(subparsers) -> None:
     )
     p.add_argument("--seeds", action="append",
                    help="CSV with a 'cif' column, extxyz file or folder of CIFs (repeatable; required to make pairs)")
-    p.add_argument("--out", required=True, help="dataset folder (created; an existing one is resumed)")
+    p.add_argument("--out", required=True,
+                   help="dataset folder (created; an existing one is resumed); with --make-seeds the seed file")
     p.add_argument("--n", type=int, help="pairs the folder should hold (required to make pairs)")
     p.add_argument("--protocol", default=DEFAULT_PROTOCOLS,
                    help=f"protocols with optional weights, from subst, subst_sym, rattle, jiggle, seed, minimum "
@@ -243,6 +255,10 @@ def add_datagen_parser(subparsers) -> None:
     p.add_argument("--max-atoms", type=int, default=40, help="skip seeds with more atoms (default 40; 0: none)")
     p.add_argument("--symprec", type=float, default=SYMPREC,
                    help=f"spglib tolerance in A for the space group symmetric protocols keep (default {SYMPREC})")
+    p.add_argument("--make-seeds", choices=("aflow", "pyxtal"),
+                   help="make seed crystals instead of pairs and write them to the extxyz file OUT: aflow (pymatgen's "
+                   "AFLOW prototypes, N charge-balanced decorations each) or pyxtal (N random symmetric crystals), "
+                   "each relaxed once with the space group kept (use --max-steps 500)")
     p.add_argument("--snapshot", metavar="DEST",
                    help="write OUT's pairs as DEST/<split>_{unrelaxed,relaxed}.extxyz.gz + index.csv + "
                    "provenance.json (family, protocol per pair) and exit")

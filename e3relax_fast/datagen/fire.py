@@ -304,6 +304,7 @@ class BatchedFIRE:
             return
         g_atoms, g_cell = g_atoms[np.repeat(go, state.natoms)], g_cell[go]
         deform, cell_factor = deform[go], cell_factor[go]
+        energies, fmax = energies[go], fmax[go]
         state.keep(go)
         seg = state.segment()
         b = len(state)
@@ -346,12 +347,21 @@ class BatchedFIRE:
         cell = state.orig_cell @ np.swapaxes(new_deform, 1, 2)
         pos = np.einsum("nij,nj->ni", new_deform[seg], r)
         offsets = np.concatenate([[0], np.cumsum(state.natoms)])
+        failed = np.zeros(b, dtype=bool)
         for k, constraint in enumerate(state.symmetry):
             if constraint is not None:
                 part = slice(offsets[k], offsets[k + 1])
-                cell[k], pos[part] = _symmetric_update(constraint, state.atoms[k], cell[k], pos[part])
+                try:
+                    cell[k], pos[part] = _symmetric_update(constraint, state.atoms[k], cell[k], pos[part])
+                except RuntimeError as err:  # FixSymmetry refuses a cell step beyond 0.25 strain
+                    failed[k] = True
+                    yield state.slots[k], RelaxOutcome(state.atoms[k].copy(), False, int(state.steps[k]),
+                                                       float(state.energy0[k]), float(energies[k]), float(fmax[k]),
+                                                       f"symmetrised step failed: {err}")
         state.cell, state.pos = cell, pos
         state.steps = state.steps + 1
+        if failed.any():
+            state.keep(~failed)
 
 
 def relax_one_ase(atoms, calculator, fmax: float = 0.05, max_steps: int = 300) -> RelaxOutcome:
