@@ -7,7 +7,7 @@ cell filter, fmax 0.05 eV/Å, at most 300 steps:
 
 * ``ase_fire`` — ASE's own ``FIRE(UnitCellFilter(atoms))``, one structure at a time (what the
   issue calls the baseline: "one-at-a-time ASE relaxation"). Baseline.
-* ``batched_fire`` — :class:`e3relax_fast.fire.BatchedFIRE`: the same FIRE equations advancing up
+* ``batched_fire`` — :class:`e3relax_fast.datagen.BatchedFIRE`: the same FIRE equations advancing up
   to ``--batch`` structures per batched energy/force/stress call (the generator's default path).
 
 Reported: wall time, pairs/hour (relaxations per hour; dropped or unconverged ones count as
@@ -15,8 +15,8 @@ attempts, as in the generator), converged count, potential evaluations, and the 
 final energies between the two (meV/atom), since a faster relaxer must reach the same minima.
 One timed call per provider (each takes tens of seconds), one torch thread, one process.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python bench/bench_datagen.py            # 24 structures, CHGNet
-    PYTHONPATH=. OMP_NUM_THREADS=1 python bench/bench_datagen.py --n 64 --batch 32
+    OMP_NUM_THREADS=1 python -m bench.bench_datagen            # 24 structures, CHGNet
+    OMP_NUM_THREADS=1 python -m bench.bench_datagen --n 64 --batch 32
 """
 
 from __future__ import annotations
@@ -24,17 +24,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import harness  # noqa: E402
-import mp_like  # noqa: E402
+from . import harness, inputs, report
 
 BENCH = "datagen"
 SEED_FILES = ("perov_5_val.csv", "carbon_24_val.csv", "oqmd_200.extxyz")
@@ -44,7 +39,7 @@ def make_jobs(n: int, seed: int = 123):
     """The first ``n`` jobs of a generator plan over the shared seed crystals (unrelaxed Atoms)."""
     from e3relax_fast.datagen import JobPlan, load_seed_source, parse_protocols
 
-    seeds = mp_like.DATA_DIR / "seeds"
+    seeds = inputs.DATA_DIR / "seeds"
     plan = JobPlan([load_seed_source(seeds / f) for f in SEED_FILES], parse_protocols("subst:4,rattle:1"),
                    seed=seed, id_prefix="b")
     return [plan.job(k).atoms for k in range(n)]
@@ -53,7 +48,7 @@ def make_jobs(n: int, seed: int = 123):
 def run(n: int = 24, batch: int = 32, info: dict | None = None):
     """Time both providers on ``n`` jobs. Returns ``(markdown, results)``; ``("", [])`` with a printed
     reason when CHGNet or the seed crystals are missing."""
-    ok, why = mp_like.seeds_available()
+    ok, why = inputs.seeds_available()
     if not ok:
         print(f"[{BENCH}] skipped: {why}", flush=True)
         return "", []
@@ -125,13 +120,13 @@ def run(n: int = 24, batch: int = 32, info: dict | None = None):
                       "far-from-equilibrium runs, picks the other minimum")
     for r in results:
         r.extra["energy_agreement"] = agree
-    harness.append_csv(results, BENCH, baseline="ase_fire", info=info)
-    rows = [[f"`{r.provider}`", r.extra["threads"], harness.fmt_time(r.median_s), f"{r.throughput:,.0f}",
+    report.append_csv(results, BENCH, baseline="ase_fire", info=info)
+    rows = [[f"`{r.provider}`", r.extra["threads"], report.fmt_time(r.median_s), f"{r.throughput:,.0f}",
              f"{r.extra['converged']}/{n}", r.extra["evaluations"], r.extra["ms_per_evaluation"],
-             harness.fmt_ratio(r.ratios.get("ase_fire"))] for r in results]
-    table = harness.markdown_table(["provider", "threads", "wall", "pairs/hour", "converged", "potential evaluations",
+             report.fmt_ratio(r.ratios.get("ase_fire"))] for r in results]
+    table = report.markdown_table(["provider", "threads", "wall", "pairs/hour", "converged", "potential evaluations",
                                     "ms / evaluation", "× vs ase_fire"], rows)
-    md = (harness.header_md(f"Pair generation ({case})", f"PYTHONPATH=. python bench/bench_datagen.py --n {n} "
+    md = (report.header_md(f"Pair generation ({case})", f"python -m bench.bench_datagen --n {n} "
                             f"--batch {batch}", info)
           + f"- inputs: the first {n} jobs of the generator's plan over shared/data/seeds ({atoms_total} atoms), "
           "CHGNet 0.3.0, FIRE + unit-cell filter, fmax 0.05 eV/Å, ≤ 300 steps, one process\n"
@@ -140,7 +135,8 @@ def run(n: int = 24, batch: int = 32, info: dict | None = None):
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m bench.bench_datagen", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=24, help="structures to relax (24)")
     ap.add_argument("--batch", type=int, default=32, help="BatchedFIRE batch size (32)")
     ap.add_argument("--threads", type=int, default=1)

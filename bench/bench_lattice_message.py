@@ -1,13 +1,13 @@
 """Benchmark: the atom–lattice ops of one layer — ``lattice_message`` (Step 0/A, the three lattice
-nodes in turn) and ``segment_mean`` (Step 0 centres + Step E pooling of s and v) — per backend.
+nodes in turn) and ``lattice_pool`` (Step 0 centres + Step E pooling of s and v) — per backend.
 
 Every provider gets the same inputs: the MP-like mix (``--n`` crystals), random node features of
 width H, and the model's basis (R = 128, cutoff 30 Å); forward only, no gradients. Providers:
 ``reference`` (baseline), ``triton`` when registered for the device (CUDA; under the CPU
 interpreter timings mean nothing, so it is left out there). Ratios are reference time / provider time.
 
-    PYTHONPATH=. python bench/bench_lattice_message.py                  # CPU: reference only, H=64 and 512
-    PYTHONPATH=. python bench/bench_lattice_message.py --device cuda --n 1000
+    python -m bench.bench_lattice_message                  # CPU: reference only, H=64 and 512
+    python -m bench.bench_lattice_message --device cuda --n 1000
 """
 
 from __future__ import annotations
@@ -15,13 +15,8 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import harness  # noqa: E402
-import mp_like  # noqa: E402
+from . import harness, inputs, report
 
 BENCH = "lattice_message"
 
@@ -34,7 +29,7 @@ def make_case(n: int, h: int, dtype, device, seed: int = 0) -> dict:
     from e3relax_fast.batch import graph_index_from_ptr
     from e3relax_fast.reference.rbf import rbf_centres, rbf_coefficient
 
-    batch = e3r.Batch.from_arrays(mp_like.mp_like_mix(n), dtype=dtype).to(device)
+    batch = e3r.Batch.from_arrays(inputs.mp_like_mix(n), dtype=dtype).to(device)
     gen = torch.Generator().manual_seed(seed)
     num_atoms, r = batch.num_atoms, 128
     mu = rbf_centres(r).to(device)
@@ -49,25 +44,25 @@ def make_case(n: int, h: int, dtype, device, seed: int = 0) -> dict:
                 rbf_centres=mu, rbf_coeff=rbf_coefficient(mu), cutoff=30.0, num_atoms=num_atoms)
 
 
-def lattice_step(message, mean, c: dict):
+def lattice_step(message, pool, c: dict):
     """What E3Relax.forward does with the two ops in one layer (default mode), minus the MLPs."""
-    centres = mean(c["positions"], c["ptr"], c["graph_index"])
+    centres = pool(c["positions"], c["ptr"], c["graph_index"])
     v = c["vec"]
     for k in range(3):
         _, v = message(c["x_proj"], v, c["positions"], c["cells"], c["graph_index"], centres, k, c["edge_weight"],
                        c["edge_bias"], c["rbf_centres"], c["rbf_coeff"], c["cutoff"])
-    return mean(c["s"], c["ptr"], c["graph_index"]), mean(v, c["ptr"], c["graph_index"])
+    return pool(c["s"], c["ptr"], c["graph_index"]), pool(v, c["ptr"], c["graph_index"])
 
 
 def run(n: int, sizes: list[int], device: str = "cpu", repeats: int = 5, info: dict | None = None):
     """Returns ``(markdown, results)``."""
     import torch
 
-    from e3relax_fast import backends
+    from e3relax_fast import ops
 
     dev = torch.device(device)
     providers = ["reference"]
-    if dev.type == "cuda" and "triton" in backends.available("lattice_message"):
+    if dev.type == "cuda" and "triton" in ops.available(ops.LATTICE_MESSAGE):
         providers.append("triton")
     notes = [] if dev.type == "cuda" else ["`triton`: not timed on CPU (the interpreter's timings mean nothing); "
                                            "not yet measured on GPU"]
@@ -76,9 +71,9 @@ def run(n: int, sizes: list[int], device: str = "cpu", repeats: int = 5, info: d
         case = make_case(n, h, torch.float32, dev)
         fns = {}
         for name in providers:
-            _, message = backends.resolve("lattice_message", name, dev.type)
-            _, mean = backends.resolve("lattice_pool", name, dev.type)
-            fns[name] = lambda message=message, mean=mean, case=case: lattice_step(message, mean, case)
+            _, message = ops.resolve(ops.LATTICE_MESSAGE, name, dev.type)
+            _, pool = ops.resolve(ops.LATTICE_POOL, name, dev.type)
+            fns[name] = lambda message=message, pool=pool, case=case: lattice_step(message, pool, case)
         with torch.inference_mode():
             times = harness.measure_interleaved(fns, repeats=repeats, warmup=1)
         label = f"H={h} n={n} atoms={case['num_atoms']}"
@@ -87,14 +82,14 @@ def run(n: int, sizes: list[int], device: str = "cpu", repeats: int = 5, info: d
             results.append(harness.Result(BENCH, name, name, dev.type, label, t, case["num_atoms"] / t, "atoms/s",
                                           extra={"min_s": round(min(times[name]), 6)}))
     harness.add_ratios(results, ["reference"])
-    harness.append_csv(results, BENCH, baseline="reference", info=info)
+    report.append_csv(results, BENCH, baseline="reference", info=info)
     for r in results:
-        timing = f"{harness.fmt_time(r.median_s)} ({harness.fmt_time(r.extra['min_s'])})"
-        rows.append([r.case, f"`{r.provider}`", timing, harness.fmt_num(r.throughput),
-                     harness.fmt_ratio(r.ratios.get("reference"))])
-    table = harness.markdown_table(["case", "provider", "median (min)", "atoms/s", "× vs reference"], rows)
-    md = (harness.header_md(f"Atom–lattice ops ({dev.type}, float32 forward)",
-                            f"PYTHONPATH=. python bench/bench_lattice_message.py --n {n} --device {device}", info)
+        timing = f"{report.fmt_time(r.median_s)} ({report.fmt_time(r.extra['min_s'])})"
+        rows.append([r.case, f"`{r.provider}`", timing, report.fmt_num(r.throughput),
+                     report.fmt_ratio(r.ratios.get("reference"))])
+    table = report.markdown_table(["case", "provider", "median (min)", "atoms/s", "× vs reference"], rows)
+    md = (report.header_md(f"Atom–lattice ops ({dev.type}, float32 forward)",
+                            f"python -m bench.bench_lattice_message --n {n} --device {device}", info)
           + "- work: centres (segment mean of positions), three lattice messages, pooling of s and v\n"
           + "".join(f"- {x}\n" for x in notes)
           + "\n" + table + "\n")
@@ -102,7 +97,8 @@ def run(n: int, sizes: list[int], device: str = "cpu", repeats: int = 5, info: d
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m bench.bench_lattice_message", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=200, help="crystals of the MP-like mix (200)")
     ap.add_argument("--sizes", type=int, nargs="*", default=[64, 512], help="hidden widths H (64 512)")
     ap.add_argument("--device", default="cpu")

@@ -20,32 +20,14 @@ Providers (one markdown row and one CSV row each):
 * ``triton`` (op also ``triton-tf32x3``, ``triton-tf32`` in float32) — the fused Triton kernels
   (``backend="triton"``), **only on a CUDA device**: the Triton CPU interpreter is never timed
   (``--interpreter-check`` runs it once, untimed, for the parity column only);
-* ``cuda``, ``cueq`` — when ``e3relax_fast.backends.available("message_passing")`` lists them.
+* ``cuda``, ``cueq`` — when ``e3relax_fast.ops.available(ops.MESSAGE_PASSING)`` lists them.
 
 Every provider's first call is checked against ``eager`` (max |Δ| column: op, largest output
 difference / largest output; layer and model, final positions in Å).
 
-Cost model (spec §14; 2 FLOP per multiply-add; b = bytes per element of the working dtype,
-k = E/N edges per receiver):
-
-* FLOP per edge of the op: ``F_e = 6RH + 25H + 6R + 30`` — gate GEMM W f_e (2·R·3H), bias (3H),
-  x_proj[j] ⊙ gate / √3 (6H), b1 ⊙ v_j + u ⊗ b2 scaled (12H), receiver sums (4H), basis (6R) and
-  geometry (~30). At H=512, R=128, k=56 this is the spec's ≈22.8 MFLOP per atom.
-* Bytes per edge, **unfused** (``eager``, ``compile``): every E-sized tensor the eager
-  formulation materialises, written once and read by each consumer, gathers counted as a read of
-  the source row plus a write: ``B_e = b·(68H + 10R + 50) + 56`` (68H: gate, gathered x_proj[j] and
-  vec[j], products, message vectors, the index_add read-modify-writes; 10R: the basis pipeline;
-  50 + 56: geometry and int64 indices). ≈145 kB per edge at H=512 in float32, the top of the spec's
-  50–130 kB range. torch.compile fuses some of it, so its GB/s column is the eager-equivalent rate.
-* Bytes per edge, **fused** (kernels): compulsory DRAM traffic only, ``B_e = 16 + 6b + 10H·b/k``
-  (source index and crystal, offsets and source position per edge; per receiver one read of the
-  source state x_proj, vec (6H) and one write of ds, dv (4H)). The per-edge gathers of the source
-  state (6H·b) and the W re-reads (3HR·b/k) are assumed to hit L2 and are not counted.
-* Layer: ``E·F_e + N·(90H² + 18RH) + G·102H²`` FLOP (node GEMMs per atom: lattice local blocks
-  60H² + 18RH, self-update 22H², node projection 4H², position update 4H²; per crystal, the three
-  lattice global blocks 102H²); bytes ``E·B_e + P_layer·b + N·500H·b`` (the layer's weights read
-  once, plus a rough count of the node-sized tensors an eager layer reads and writes). Model:
-  L × layer. The per-edge columns are these totals divided by E.
+Each row carries the spec §14 cost model (:mod:`bench.cost_model`: FLOP and DRAM bytes of the op,
+a layer and the model; unfused traffic for ``eager`` and ``compile``, compulsory traffic for the
+fused kernels).
 
 GFLOP/s and GB/s are these counts over the median time. On a GPU the run first measures the
 card's peaks: bandwidth by a 1 GiB device-to-device copy (read + write), FLOP rates by 8192³
@@ -56,9 +38,9 @@ the final positions and cells against the float64 reference, for float32, TF32 m
 autocast and every kernel backend (run before the timings, on the first min(--n, 64) crystals, so
 that a run cut short by a time limit keeps it; ``--md`` is rewritten after every step).
 
-    PYTHONPATH=. python bench/bench_message_passing.py --quick        # CPU, < 2 min
-    PYTHONPATH=. python bench/bench_message_passing.py                # GPU: all parts, 160 crystals
-    PYTHONPATH=. python bench/bench_message_passing.py --parts op --sizes 512x4 --md out.md
+    python -m bench.bench_message_passing --quick        # CPU, < 2 min
+    python -m bench.bench_message_passing                # GPU: all parts, 160 crystals
+    python -m bench.bench_message_passing --parts op --sizes 512x4 --md out.md
 """
 
 from __future__ import annotations
@@ -76,132 +58,14 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import harness  # noqa: E402
-import mp_like  # noqa: E402
+from . import harness, report
+from .cost_model import cost
+from .inputs import describe, mp_like_mix
 
 BENCH = "message_passing"
 RADIUS, MAX_NEIGHBORS = 6.0, 50
 PARTS = ("op", "layer", "model")
 INTERPRETER_MAX_H = 64  # --interpreter-check: larger hidden sizes take too long on the CPU interpreter
-
-
-# --------------------------------------------------------------------------------------------
-# Cost model (spec §14); see the module docstring for the derivation of each term
-# --------------------------------------------------------------------------------------------
-def op_flops_per_edge(h: int, r: int) -> float:
-    return 6 * r * h + 25 * h + 6 * r + 30
-
-
-def op_bytes_per_edge(h: int, r: int, b: int, k: float, fused: bool) -> float:
-    if fused:
-        return 16 + 6 * b + 10 * h * b / k
-    return b * (68 * h + 10 * r + 50) + 56
-
-
-def node_flops_per_atom(h: int, r: int) -> float:
-    return 90 * h * h + 18 * r * h
-
-
-def crystal_flops(h: int) -> float:
-    return 102 * h * h
-
-
-def layer_params(h: int, r: int) -> int:
-    """Parameters of one layer (spec §7): 18,643,712 at H=512, R=128."""
-    mp = (h * (h // 2) + h // 2) + ((h // 2) * 3 * h + 3 * h) + (3 * h * r + 3 * h)
-    upd = 2 * h * h + (2 * h * h + h) + (3 * h * h + 3 * h)
-    pos = 2 * (h * h + h) + h
-    lat = 19 * h * h + 16 * h + 3 * h * r
-    return mp + upd + pos + 3 * lat
-
-
-@dataclass
-class Cost:
-    flops: float
-    bytes: float
-    model: str  # "unfused" / "fused"
-
-
-def cost(part: str, h: int, r: int, layers: int, n: int, e: int, g: int, b: int, fused: bool) -> Cost:
-    k = e / max(n, 1)
-    edge_f, edge_b = op_flops_per_edge(h, r), op_bytes_per_edge(h, r, b, k, fused)
-    label = "fused" if fused else "unfused"
-    if part == "op":
-        return Cost(e * edge_f, e * edge_b, label)
-    per_layer_f = e * edge_f + n * node_flops_per_atom(h, r) + g * crystal_flops(h)
-    per_layer_b = e * edge_b + layer_params(h, r) * b + n * 500 * h * b
-    nl = 1 if part == "layer" else layers
-    return Cost(nl * per_layer_f, nl * per_layer_b, label)
-
-
-# --------------------------------------------------------------------------------------------
-# Peaks of this machine (measured in the same run)
-# --------------------------------------------------------------------------------------------
-def _time_device(fn, repeats: int = 5) -> float:
-    fn()
-    harness._sync()
-    times = []
-    for _ in range(repeats):
-        harness._sync()
-        t0 = time.perf_counter()
-        fn()
-        harness._sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-@contextlib.contextmanager
-def tf32(enabled: bool):
-    import torch
-
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-def measure_peaks(device) -> dict:
-    """Peak bandwidth (GB/s; copy = read + write) and matmul FLOP rates (GFLOP/s) measured here."""
-    import torch
-
-    gpu = device.type == "cuda"
-    peaks: dict = {}
-    nbytes = (1 << 30) if gpu else (64 << 20)
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    t = _time_device(lambda dst=dst, src=src: dst.copy_(src), 10 if gpu else 5)
-    peaks["copy_GBps"] = 2 * nbytes / t / 1e9
-    peaks["copy_desc"] = f"copy of {nbytes >> 20} MiB, float32"
-    del src, dst
-    n = 8192 if gpu else 768
-    kinds = [("fp32", torch.float32, False), ("fp64", torch.float64, False)]
-    if gpu:
-        kinds += [("tf32", torch.float32, True), ("bf16", torch.bfloat16, False)]
-    for name, dtype, allow in kinds:
-        nn = n if (gpu or dtype != torch.float64) else n // 2
-        a = torch.randn(nn, nn, device=device, dtype=dtype)
-        bm = torch.randn(nn, nn, device=device, dtype=dtype)
-        with tf32(allow):
-            t = _time_device(lambda a=a, bm=bm: a @ bm, 5 if gpu else 3)
-        peaks[f"{name}_GFLOPs"] = 2 * nn**3 / t / 1e9
-        peaks[f"{name}_desc"] = f"{nn}³ matmul"
-        del a, bm
-    if gpu:
-        torch.cuda.empty_cache()
-    return peaks
-
-
-def peak_flops_key(precision: str, dtype) -> str:
-    import torch
-
-    if dtype == torch.float64:
-        return "fp64_GFLOPs"
-    return {"tf32": "tf32_GFLOPs", "tf32x3": "tf32_GFLOPs", "bf16": "bf16_GFLOPs"}.get(precision, "fp32_GFLOPs")
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,7 +85,7 @@ def make_inputs(n: int, dtype, device) -> Inputs:
 
     import e3relax_fast as e3r
 
-    triples = mp_like.mp_like_mix(n)
+    triples = mp_like_mix(n)
     batch = e3r.Batch.from_arrays(triples, dtype=torch.float64).to(device)
     try:  # graph from float64, as relax_batch builds it
         batch = batch.with_graph(RADIUS, MAX_NEIGHBORS).to(dtype=dtype)
@@ -230,7 +94,7 @@ def make_inputs(n: int, dtype, device) -> Inputs:
         batch = batch.with_graph(RADIUS, MAX_NEIGHBORS, backend="reference").to(dtype=dtype)
     e = int(batch.edge_index.shape[1])
     return Inputs(batch, batch.num_atoms, e, batch.num_graphs,
-                  f"{mp_like.describe(triples)}; {e:,} edges ({e / batch.num_atoms:.1f} per atom)")
+                  f"{describe(triples)}; {e:,} edges ({e / batch.num_atoms:.1f} per atom)")
 
 
 def op_arguments(inputs: Inputs, h: int, seed: int = 0) -> tuple[tuple, dict]:
@@ -238,7 +102,7 @@ def op_arguments(inputs: Inputs, h: int, seed: int = 0) -> tuple[tuple, dict]:
     import torch
 
     from e3relax_fast.batch import graph_index_from_ptr
-    from e3relax_fast.model import MessagePassingLayer, RadialBasis
+    from e3relax_fast.model.layers import MessagePassingLayer, RadialBasis
 
     b = inputs.batch
     dtype, device = b.positions.dtype, b.positions.device
@@ -284,9 +148,9 @@ def _short(exc: BaseException) -> str:
 def _kernel_backends(device, interpreter_check: bool, h: int = 0) -> tuple[list[tuple[str, bool]],
                                                                           list[tuple[str, str]]]:
     """``[(backend, timed)]`` of the registered kernel backends usable here, and skips."""
-    from e3relax_fast import backends
+    from e3relax_fast import ops
 
-    names = [b for b in backends.available("message_passing") if b != "reference"]
+    names = [b for b in ops.available(ops.MESSAGE_PASSING) if b != "reference"]
     usable, skipped = [], []
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
     for name in names:
@@ -304,9 +168,9 @@ def _kernel_backends(device, interpreter_check: bool, h: int = 0) -> tuple[list[
     for name in ("triton", "cuda", "cueq"):
         if name not in names:
             try:
-                backends.resolve("message_passing", name, device.type)
+                ops.resolve(ops.MESSAGE_PASSING, name, device.type)
                 why = "not registered here"
-            except backends.BackendUnavailableError as exc:
+            except ops.BackendUnavailableError as exc:
                 why = str(exc).split(": ", 1)[-1].split(". Available")[0]
             skipped.append((name, f"not registered: {why}"))
     return usable, skipped
@@ -315,7 +179,7 @@ def _kernel_backends(device, interpreter_check: bool, h: int = 0) -> tuple[list[
 def op_providers(device, dtype, interpreter_check: bool, h: int) -> tuple[list[Prov], list[tuple[str, str]]]:
     import torch
 
-    from e3relax_fast import backends
+    from e3relax_fast import ops
     from e3relax_fast.reference.message_passing import message_passing as reference
 
     provs = [Prov("eager", "reference", "ieee", False, lambda: reference),
@@ -323,7 +187,7 @@ def op_providers(device, dtype, interpreter_check: bool, h: int) -> tuple[list[P
                   lambda: torch.compile(reference, dynamic=False), compiled=True)]
     usable, skipped = _kernel_backends(device, interpreter_check, h)
     for name, timed in usable:
-        fn = backends.resolve("message_passing", name, device.type)[1]
+        fn = ops.resolve(ops.MESSAGE_PASSING, name, device.type)[1]
         provs.append(Prov(name, name, "ieee", True, lambda fn=fn: fn, timed=timed))
         if name == "triton" and dtype == torch.float32 and timed:
             from e3relax_fast.kernels.message_passing import KernelConfig
@@ -404,7 +268,7 @@ def run_case(part: str, h: int, layers: int, inputs: Inputs, device, dtype, *, r
             try:
                 fn = runner(p.make())
                 out = fn()
-                harness._sync()
+                harness.sync()
             except Exception as exc:  # noqa: BLE001 - a provider that cannot run is skipped, with the reason
                 why = _short(exc)
                 if os.environ.get("E3RELAX_BENCH_DEBUG"):
@@ -453,11 +317,11 @@ def run_case(part: str, h: int, layers: int, inputs: Inputs, device, dtype, *, r
         if "parity" in meta[p.name]:
             extra["max_abs_diff"], extra["diff_unit"] = meta[p.name]["parity"]
         if peaks:
-            extra["pct_peak_flops"] = round(100 * gflops / peaks[peak_flops_key(p.precision, dtype)], 2)
+            extra["pct_peak_flops"] = round(100 * gflops / peaks[harness.peak_flops_key(p.precision, dtype)], 2)
             extra["pct_peak_bw"] = round(100 * gbps / peaks["copy_GBps"], 2)
             extra["peak_of"] = "GPU" if gpu else "CPU"
         unit, count = ("edges/s", inputs.n_edges) if part == "op" else ("atoms/s", inputs.n_atoms)
-        print(f"[{BENCH}] {case:<16} {p.name:<14} {harness.fmt_time(t):>10}  {gflops:8.1f} GFLOP/s "
+        print(f"[{BENCH}] {case:<16} {p.name:<14} {report.fmt_time(t):>10}  {gflops:8.1f} GFLOP/s "
               f"{gbps:8.1f} GB/s", flush=True)
         results.append(harness.Result(BENCH, p.name, p.backend, device.type, case, t, count / t, unit,
                                       extra=extra))
@@ -472,15 +336,19 @@ def run_case(part: str, h: int, layers: int, inputs: Inputs, device, dtype, *, r
 # --------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def registered(op: str, backend: str, fn):
-    """Temporarily make ``fn`` the implementation of ``backend`` (restores the previous one)."""
-    from e3relax_fast import backends
+    """Temporarily make ``fn`` the implementation of ``backend`` (restores the previous one).
 
-    old = backends.resolve(op, backend, "cuda")[1]
-    backends.register(op, backend, fn)
+    The op table has no public registration: each backend is loaded once and kept in
+    ``Op._loaded``, so the model picks up whatever that entry holds (the tests swap it the same way)."""
+    from e3relax_fast import ops
+
+    table = ops.OPS[op]
+    old = table.load(backend)
+    table._loaded[backend] = fn
     try:
         yield
     finally:
-        backends.register(op, backend, old)
+        table._loaded[backend] = old
 
 
 def _with_backend(model, backend: str):
@@ -492,7 +360,7 @@ def _with_backend(model, backend: str):
 def _accuracy_rows(h: int, layers: int, b64, device, usable) -> tuple[list[list[str]], str]:
     import torch
 
-    from e3relax_fast import backends
+    from e3relax_fast import ops
     from e3relax_fast.model import E3Relax
 
     label = f"H={h} L={layers}"
@@ -507,30 +375,30 @@ def _accuracy_rows(h: int, layers: int, b64, device, usable) -> tuple[list[list[
         def row(config, fn):
             try:
                 out = fn()
-                harness._sync()
+                harness.sync()
                 dp = float((out.positions[-1].double() - ref.positions[-1]).abs().max())
                 dc = float((out.cells[-1].double() - ref.cells[-1]).abs().max())
                 rows.append([label, config, f"{dp:.2e}", f"{dc:.2e}"])
             except Exception as exc:  # noqa: BLE001 - reported in the table
                 rows.append([label, config, "failed", _short(exc)[:160]])
 
-        with tf32(False):
+        with harness.tf32(False):
             row("reference float32", lambda: m32(b32))
         if device.type == "cuda":
-            with tf32(True):
+            with harness.tf32(True):
                 row("reference float32, TF32 matmuls", lambda: m32(b32))
         with torch.autocast(device.type, dtype=torch.bfloat16):
             row("reference float32, bf16 autocast", lambda: m32(b32))
         for name, _timed in usable:
             row(f"{name} float64", lambda name=name: _with_backend(m64, name)(b64))
-            with tf32(False):
+            with harness.tf32(False):
                 row(f"{name} float32", lambda name=name: _with_backend(m32, name)(b32))
             if name == "triton":
                 from e3relax_fast.kernels.message_passing import KernelConfig
 
-                fn = backends.resolve("message_passing", "triton", device.type)[1]
+                fn = ops.resolve(ops.MESSAGE_PASSING, "triton", device.type)[1]
                 for prec in ("tf32x3", "tf32"):
-                    with registered("message_passing", "triton",
+                    with registered(ops.MESSAGE_PASSING, "triton",
                                     functools.partial(fn, config=KernelConfig(input_precision=prec))):
                         row(f"triton float32, kernel {prec}", lambda: _with_backend(m32, "triton")(b32))
             if device.type == "cuda":
@@ -577,11 +445,11 @@ def results_table(results: list[harness.Result], peaks: dict | None) -> str:
         row = [
             r.case, f"`{r.provider}`", r.device,
             x["dtype"] + ("" if x["precision"] == "ieee" else f" {x['precision']}"),
-            f"{harness.fmt_time(r.median_s)} ({harness.fmt_time(x['min_s'])})",
-            f"{harness.fmt_num(r.throughput)} {r.unit.split('/')[0]}/s",
-            harness.fmt_ratio(r.ratios.get("eager")),
-            harness.fmt_num(x["flop_per_edge"]), f"{harness.fmt_num(x['bytes_per_edge'])} ({x['traffic_model']})",
-            harness.fmt_num(x["gflops"]), harness.fmt_num(x["gbps"]),
+            f"{report.fmt_time(r.median_s)} ({report.fmt_time(x['min_s'])})",
+            f"{report.fmt_num(r.throughput)} {r.unit.split('/')[0]}/s",
+            report.fmt_ratio(r.ratios.get("eager")),
+            report.fmt_num(x["flop_per_edge"]), f"{report.fmt_num(x['bytes_per_edge'])} ({x['traffic_model']})",
+            report.fmt_num(x["gflops"]), report.fmt_num(x["gbps"]),
         ]
         if peaks:
             row += [f"{x['pct_peak_flops']:.3g} %", f"{x['pct_peak_bw']:.3g} %"]
@@ -592,7 +460,7 @@ def results_table(results: list[harness.Result], peaks: dict | None) -> str:
     if peaks:
         headers += ["% peak FLOP", "% peak BW"]
     headers.append("max |Δ| vs eager")
-    return harness.markdown_table(headers, rows)
+    return report.markdown_table(headers, rows)
 
 
 def peaks_md(peaks: dict, device) -> str:
@@ -613,7 +481,7 @@ def build_md(title_line: str, inputs: Inputs | None, peaks, device, dtype, resul
             f"{str(dtype).removeprefix('torch.')}, forward only, `torch.inference_mode()`. Median of "
             f"{args.repeats} timed calls after warm-up, providers interleaved round-robin (a call over 5 s is "
             f"timed once); `median (min)`. × = eager time / provider time (> 1: faster). FLOP and bytes "
-            f"per edge are the spec §14 cost model (formulas in `bench/bench_message_passing.py`): "
+            f"per edge are the spec §14 cost model (formulas in `bench/cost_model.py`): "
             f"op FLOP/edge = 6RH + 25H + 6R + 30; bytes/edge unfused = b(68H + 10R + 50) + 56 (eager, "
             f"compile), fused = 16 + 6b + 10Hb/k (kernels, compulsory DRAM traffic; k = edges per atom); "
             f"layer and model rows add the node GEMMs N(90H² + 18RH) + G·102H², the weights and ~500H·b "
@@ -633,7 +501,7 @@ def build_md(title_line: str, inputs: Inputs | None, peaks, device, dtype, resul
         parts.append(
             "#### Accuracy of the model output (final layer) against the float64 reference\n\n"
             "Same seeded weights, same graph; max |Δ| over all atoms (positions) and cell entries.\n\n"
-            + harness.markdown_table(["model", "configuration", "max |Δ positions| (Å)", "max |Δ cell| (Å)"], acc)
+            + report.markdown_table(["model", "configuration", "max |Δ positions| (Å)", "max |Δ cell| (Å)"], acc)
             + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
         )
     return "\n".join(parts)
@@ -646,13 +514,13 @@ def run(args, info: dict | None = None) -> tuple[str, list[harness.Result]]:
     t_start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
-    sizes = [_parse_size(s) for s in args.sizes]
+    sizes = [harness.parse_model_size(s) for s in args.sizes]
     title = f"### Message passing: op, layer, model on {device.type}" + (
         f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "") + "\n"
     print(f"[{BENCH}] device {device}, dtype {args.dtype}, sizes {args.sizes}, parts {args.parts}", flush=True)
     peaks = None
     if not args.no_peaks:
-        peaks = measure_peaks(device)
+        peaks = harness.measure_peaks(device)
         print(f"[{BENCH}] peaks: " + ", ".join(f"{k} {v:,.0f}" for k, v in peaks.items() if k.endswith("s")),
               flush=True)
     inputs = make_inputs(args.n, dtype, device)
@@ -705,17 +573,13 @@ def run(args, info: dict | None = None) -> tuple[str, list[harness.Result]]:
             write()
     md = write()
     if results:
-        harness.append_csv(results, BENCH, baseline="eager", info=info)
+        report.append_csv(results, BENCH, baseline="eager", info=info)
     return md, results
 
 
-def _parse_size(text: str) -> tuple[int, int]:
-    h, _, l_ = text.lower().partition("x")
-    return int(h), int(l_ or 4)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m bench.bench_message_passing", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="small CPU-friendly run: --n 8, --compile-budget-s 45 unless given (< 2 min on CPU)")
     ap.add_argument("--n", type=int, default=None, help="crystals (first n of the MP-like mix; 160, --quick 8)")
@@ -738,7 +602,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="CPU: run the Triton backend once under TRITON_INTERPRET=1 for the parity column "
                          "(never timed). Sets TRITON_INTERPRET=1 before e3relax_fast is imported.")
     ap.add_argument("--no-peaks", action="store_true", help="skip measuring the machine's peaks")
-    ap.add_argument("--cpu-peak-pct", action="store_true", help="also show % of the measured CPU peaks")
+    ap.add_argument("--cpu-peak-pct", action="store_true", help="also show %% of the measured CPU peaks")
     ap.add_argument("--md", default=None, help="also write the markdown report here (rewritten after each case)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch default")
     args = ap.parse_args(argv)
@@ -763,8 +627,8 @@ def main(argv=None) -> None:
             os.environ.setdefault("TRITON_INTERPRET", "1")
     harness.set_threads(args.threads)
     info = harness.machine()
-    cmd = "python bench/bench_message_passing.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(harness.header_md("Message passing", cmd.strip(), info), flush=True)
+    cmd = "python -m bench.bench_message_passing " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(report.header_md("Message passing", cmd.strip(), info), flush=True)
     md, _ = run(args, info)
     print(md)
 

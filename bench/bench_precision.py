@@ -14,22 +14,19 @@ true relaxed structures (to show whether the
 deviation matters next to the model's own error), and the median time of the whole
 ``relax_batch`` call with its ratio to float32.
 
-    PYTHONPATH=. python bench/bench_precision.py                       # CPU, 200 val pairs
-    PYTHONPATH=. python bench/bench_precision.py --device cuda --n 2000
+    python -m bench.bench_precision                       # CPU, 200 val pairs
+    python -m bench.bench_precision --device cuda --n 2000
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import harness  # noqa: E402
+from . import harness, report
 
 BENCH = "precision"
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -90,16 +87,16 @@ def run(n: int = 200, device: str = "cpu", repeats: int = 3, info: dict | None =
                                   "coord_mae": coord_mae(arrays), "min_s": round(min(times[name]), 6)})
         results.append(r)
     harness.add_ratios(results, ["float32"])
-    harness.append_csv(results, BENCH, baseline="float32", info=info)
+    report.append_csv(results, BENCH, baseline="float32", info=info)
     for r in results:
         rows.append([f"`{r.provider}`", f"{r.extra['max_dpos']:.2e}", f"{r.extra['mean_dpos']:.2e}",
                      f"{r.extra['max_dcell']:.2e}", f"{r.extra['coord_mae']:.4f}",
-                     f"{harness.fmt_time(r.median_s)} ({harness.fmt_time(r.extra['min_s'])})",
-                     harness.fmt_ratio(r.ratios.get("float32"))])
-    table = harness.markdown_table(["precision", "max |Δpos| vs float64 (Å)", "mean |Δpos| (Å)",
+                     f"{report.fmt_time(r.median_s)} ({report.fmt_time(r.extra['min_s'])})",
+                     report.fmt_ratio(r.ratios.get("float32"))])
+    table = report.markdown_table(["precision", "max |Δpos| vs float64 (Å)", "mean |Δpos| (Å)",
                                     "max |Δcell| (Å)", "coordinate MAE vs truth (Å)", "relax_batch median (min)",
                                     "× vs float32"], rows)
-    md = (harness.header_md(f"Inference precision ({device})", f"PYTHONPATH=. python bench/bench_precision.py "
+    md = (report.header_md(f"Inference precision ({device})", f"python -m bench.bench_precision "
                             f"--n {n} --device {device}", info)
           + f"- inputs: the first {len(pairs)} validation pairs of data/chgnet_* ({atoms} atoms), the shipped "
           "default model, `relax_batch` end to end (graph, forward, conversion)\n\n" + table + "\n")
@@ -112,7 +109,8 @@ def result_arrays(result):
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m bench.bench_precision", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3)

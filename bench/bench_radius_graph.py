@@ -9,9 +9,9 @@ Providers (all get the same ``(z, positions, cell)`` triples; format conversion 
 * ``reference`` — ``e3relax_fast.build_graph(..., backend="reference")`` on the whole mix,
   batched in chunks of about ``--chunk-atoms`` atoms. Second baseline.
 * ``cpu`` / ``cuda`` / ``triton`` — further e3relax_fast backends, added automatically when
-  ``e3relax_fast.backends.available("radius_graph")`` lists them (``cuda``/``triton`` only when
+  ``e3relax_fast.ops.available(ops.RADIUS_GRAPH)`` lists them (``cuda``/``triton`` only when
   CUDA is available). Where ``cpu`` runs its AVX-512 paths, ``cpu-portable`` is the same backend
-  without them (``algo=3``: what CPUs without AVX-512 run).
+  without them (``path="portable"``: what CPUs without AVX-512 run).
 * ``vesin``, ``matscipy``, ``ase`` — radius-only neighbour lists (full list, per structure).
   They do **less work**: no top-K selection, no fixed self-image edges.
 
@@ -19,9 +19,9 @@ Throughput: structures/s, atoms/s and pairs/s, where *pairs* is the number of ca
 within 6 Å in the inputs (periodic self-images included, the zero-offset self pair excluded),
 counted once and identical for every provider. Ratios are ``baseline_s / provider_s``.
 
-    PYTHONPATH=. python bench/bench_radius_graph.py               # ~1,000-crystal MP-like mix
-    PYTHONPATH=. python bench/bench_radius_graph.py --n 5000      # bigger mix
-    PYTHONPATH=. python bench/bench_radius_graph.py --scaling     # 8 .. 20,000 atoms
+    python -m bench.bench_radius_graph               # ~1,000-crystal MP-like mix
+    python -m bench.bench_radius_graph --n 5000      # bigger mix
+    python -m bench.bench_radius_graph --scaling     # 8 .. 20,000 atoms
 """
 
 from __future__ import annotations
@@ -29,14 +29,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import harness  # noqa: E402
-import mp_like  # noqa: E402
+from . import harness, inputs, report
 
 BENCH = "radius_graph"
 RADIUS = 6.0
@@ -90,9 +86,10 @@ def _make_original(_pymatgen) -> harness.Provider:
 def _make_ours(e3r, chunk_atoms: int) -> list[harness.Provider]:
     import torch
 
-    from e3relax_fast import _ext, backends
+    from e3relax_fast import ops
+    from e3relax_fast.ops import compiled
 
-    names = backends.available("radius_graph")
+    names = ops.available(ops.RADIUS_GRAPH)
     out = []
     for backend in names:
         devices = []
@@ -104,7 +101,7 @@ def _make_ours(e3r, chunk_atoms: int) -> list[harness.Provider]:
 
             def prepare(triples, device=device):
                 batches = []
-                for chunk in harness.chunks_by_atoms(triples, chunk_atoms):
+                for chunk in inputs.chunks_by_atoms(triples, chunk_atoms):
                     b = e3r.Batch.from_arrays(chunk, dtype=torch.float64).to(device)
                     batches.append((b.positions, b.cells, b.ptr))
                 return batches
@@ -119,23 +116,23 @@ def _make_ours(e3r, chunk_atoms: int) -> list[harness.Provider]:
             name = backend if device == "cpu" else f"{backend}@cuda"
             threads = str(torch.get_num_threads()) if device == "cpu" else "GPU"
             out.append(harness.Provider(name, backend, device, prepare, run, threads=threads))
-            if backend == "cpu" and getattr(_ext._C, "CPU_AVX512", False):
+            if backend == "cpu" and getattr(compiled._C, "CPU_AVX512", False):
                 out.append(_portable_provider(prepare, threads))
     return out
 
 
 def _portable_provider(prepare, threads: str) -> harness.Provider:
-    """``cpu-portable``: the `cpu` backend without its AVX-512 paths (``algo=3``), what a CPU without
-    AVX-512 (most laptops, ARM) runs; listed only where the default `cpu` takes the AVX-512 paths."""
-    from e3relax_fast import _ext
+    """``cpu-portable``: the `cpu` backend without its AVX-512 paths (``path="portable"``), what a CPU
+    without AVX-512 (most laptops, ARM) runs; listed only where the default `cpu` takes the AVX-512 paths."""
+    from e3relax_fast.ops import compiled
 
     def run(batches):
         total = 0
         for pos, cells, ptr in batches:
-            total += _ext.radius_graph_cpu(pos, cells, ptr, RADIUS, MAX_NEIGHBORS, algo=3)[0].shape[1]
+            total += compiled.radius_graph_cpu(pos, cells, ptr, RADIUS, MAX_NEIGHBORS, path="portable")[0].shape[1]
         return total
 
-    return harness.Provider("cpu-portable", "cpu (algo=3)", "cpu", prepare, run, threads=threads)
+    return harness.Provider("cpu-portable", "cpu (portable)", "cpu", prepare, run, threads=threads)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,7 +228,7 @@ def candidate_pairs_ours(triples) -> int:
     from e3relax_fast import Batch, build_graph
 
     total = 0
-    for chunk in harness.chunks_by_atoms(triples, 20000):
+    for chunk in inputs.chunks_by_atoms(triples, 20000):
         b = Batch.from_arrays(chunk, dtype=torch.float64)
         total += int(build_graph(b.positions, b.cells, b.ptr, RADIUS, MAX_NEIGHBORS).num_candidates.sum())
     return total
@@ -292,17 +289,17 @@ def verify(triples) -> str:
 # Runs
 # --------------------------------------------------------------------------------------------
 def _ratio(r: harness.Result, base: str) -> str:
-    return harness.fmt_ratio(r.ratios.get(base))
+    return report.fmt_ratio(r.ratios.get(base))
 
 
 def run_mix(n: int = 1000, seed: int = 0, repeats: int = 3, warmup: int = 1, chunk_atoms: int = 2048,
             providers: list[str] | None = None, verify_n: int = 0, info: dict | None = None):
     """Benchmark on the MP-like mix. Returns ``(markdown, results)``."""
-    triples = mp_like.mp_like_mix(n, seed=seed)
+    triples = inputs.mp_like_mix(n, seed=seed)
     atoms = sum(len(t[0]) for t in triples)
     pairs = count_pairs(triples)
     case = f"mp_like n={n} seed={seed}"
-    print(f"[{BENCH}] {mp_like.describe(triples)}; {pairs} candidate pairs within {RADIUS} Å", flush=True)
+    print(f"[{BENCH}] {inputs.describe(triples)}; {pairs} candidate pairs within {RADIUS} Å", flush=True)
     reg = build_registry(chunk_atoms)
     provs = reg.select(providers)
     states = {p.name: p.prepare(triples) for p in provs}
@@ -314,7 +311,7 @@ def run_mix(n: int = 1000, seed: int = 0, repeats: int = 3, warmup: int = 1, chu
     for prov in provs:
         ts = times[prov.name]
         t = statistics.median(ts)
-        print(f"[{BENCH}] {prov.name:<10} {harness.fmt_time(t):>10}  ({len(ts)} timed)", flush=True)
+        print(f"[{BENCH}] {prov.name:<10} {report.fmt_time(t):>10}  ({len(ts)} timed)", flush=True)
         results.append(harness.Result(
             BENCH, prov.name, prov.backend, prov.device, case, t, n / t, "structures/s",
             extra={"atoms_per_s": round(atoms / t, 1), "pairs_per_s": round(pairs / t, 1),
@@ -329,12 +326,12 @@ def run_mix(n: int = 1000, seed: int = 0, repeats: int = 3, warmup: int = 1, chu
         rows.append([
             f"`{r.provider}`", r.backend, r.device, r.extra["threads"],
             "full graph" if not prov.less_work else f"**less**: {prov.less_work}",
-            f"{harness.fmt_time(r.median_s)} ({harness.fmt_time(r.extra['min_s'])})",
-            harness.fmt_num(r.throughput), harness.fmt_num(atoms / r.median_s),
-            harness.fmt_num(pairs / r.median_s), _ratio(r, "original"), _ratio(r, "reference"),
+            f"{report.fmt_time(r.median_s)} ({report.fmt_time(r.extra['min_s'])})",
+            report.fmt_num(r.throughput), report.fmt_num(atoms / r.median_s),
+            report.fmt_num(pairs / r.median_s), _ratio(r, "original"), _ratio(r, "reference"),
             check_note(prov, counts[r.provider], pairs, edges_by),
         ])
-    table = harness.markdown_table(
+    table = report.markdown_table(
         ["provider", "backend", "device", "threads", "work", "median (min)", "structures/s", "atoms/s",
          "pairs/s", "× vs original", "× vs reference", "output check"],
         rows,
@@ -345,7 +342,7 @@ def run_mix(n: int = 1000, seed: int = 0, repeats: int = 3, warmup: int = 1, chu
         print(f"[{BENCH}] verify: {line}", flush=True)
         notes += f"\n- check (first {min(verify_n, n)} crystals): {line}"
     md = (
-        f"### Graph building, MP-like mix\n\n{mp_like.describe(triples)}; {pairs:,} candidate pairs "
+        f"### Graph building, MP-like mix\n\n{inputs.describe(triples)}; {pairs:,} candidate pairs "
         f"≤ {RADIUS} Å. Median of {repeats} timed calls after {warmup} warm-up call(s), providers "
         f"interleaved round-robin (a call over 5 s is timed once). Our backends (`reference`, `cpu`, ...) "
         f"build the mix in batches of ≤ {chunk_atoms} atoms, one call per batch; the others one structure at "
@@ -353,15 +350,15 @@ def run_mix(n: int = 1000, seed: int = 0, repeats: int = 3, warmup: int = 1, chu
         f"for every provider.\n\n"
         f"{table}\n{notes}\n"
     )
-    harness.append_csv(results, BENCH, baseline="original", info=info)
+    report.append_csv(results, BENCH, baseline="original", info=info)
     return md, results
 
 
-def run_scaling(sizes=mp_like.SCALING_SIZES, repeats: int = 3, warmup: int = 1, chunk_atoms: int = 2048,
+def run_scaling(sizes=inputs.SCALING_SIZES, repeats: int = 3, warmup: int = 1, chunk_atoms: int = 2048,
                 budget_s: float = 60.0, providers: list[str] | None = None, info: dict | None = None):
     """One diamond supercell per size; a provider is skipped at a size whose estimated time
     (last time × size ratio × 1.5) exceeds ``budget_s``. Returns ``(markdown, results)``."""
-    series = mp_like.scaling_series(tuple(sizes))
+    series = inputs.scaling_series(tuple(sizes))
     reg = build_registry(max(chunk_atoms, max(len(t[0]) for t in series)))
     provs = reg.select(providers)
     last: dict[str, tuple[int, float]] = {}
@@ -389,7 +386,7 @@ def run_scaling(sizes=mp_like.SCALING_SIZES, repeats: int = 3, warmup: int = 1, 
             ts = times[prov.name]
             t = statistics.median(ts)
             last[prov.name] = (natoms, t)
-            print(f"[{BENCH} scaling] N={natoms:<6} {prov.name:<10} {harness.fmt_time(t):>10}", flush=True)
+            print(f"[{BENCH} scaling] N={natoms:<6} {prov.name:<10} {report.fmt_time(t):>10}", flush=True)
             results.append(harness.Result(
                 BENCH + "_scaling", prov.name, prov.backend, prov.device, case, t, natoms / t, "atoms/s",
                 extra={"pairs_per_s": round(pairs / t, 1), "timed_calls": len(ts),
@@ -408,12 +405,12 @@ def run_scaling(sizes=mp_like.SCALING_SIZES, repeats: int = 3, warmup: int = 1, 
             if r is None:
                 row.append("skipped")
                 continue
-            vs = [f"{tag} {harness.fmt_ratio(r.ratios[b])}" for b, tag in (("original", "o"), ("reference", "r"))
+            vs = [f"{tag} {report.fmt_ratio(r.ratios[b])}" for b, tag in (("original", "o"), ("reference", "r"))
                   if b in r.ratios and b != name]
-            row.append(harness.fmt_time(r.median_s) + (f" ({', '.join(vs)})" if vs else ""))
+            row.append(report.fmt_time(r.median_s) + (f" ({', '.join(vs)})" if vs else ""))
         rows.append(row)
     less = [p.name for p in provs if p.less_work]
-    table = harness.markdown_table(["atoms", "pairs ≤ 6 Å"] + [f"`{n}`" for n in names], rows)
+    table = report.markdown_table(["atoms", "pairs ≤ 6 Å"] + [f"`{n}`" for n in names], rows)
     notes = "".join(f"\n- `{name}`: {why}" for name, why in skipped_at.items())
     notes += "".join(f"\n- skipped `{name}`: {why}" for name, why in reg.skipped)
     md = (
@@ -423,12 +420,13 @@ def run_scaling(sizes=mp_like.SCALING_SIZES, repeats: int = 3, warmup: int = 1, 
         f"(> 1: faster). Radius-only (less work): "
         f"{', '.join(f'`{n}`' for n in less) or 'none'}.\n\n{table}\n{notes}\n"
     )
-    harness.append_csv(results, BENCH + "_scaling", baseline="reference", info=info)
+    report.append_csv(results, BENCH + "_scaling", baseline="reference", info=info)
     return md, results
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m bench.bench_radius_graph", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1000, help="crystals in the MP-like mix (default 1000)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3)
@@ -438,14 +436,14 @@ def main(argv=None) -> None:
     ap.add_argument("--verify", type=int, default=0, metavar="N",
                     help="also check original == reference edge sets on the first N crystals (untimed)")
     ap.add_argument("--scaling", action="store_true", help="run the 8..20,000-atom scaling series instead")
-    ap.add_argument("--sizes", type=int, nargs="*", default=list(mp_like.SCALING_SIZES))
+    ap.add_argument("--sizes", type=int, nargs="*", default=list(inputs.SCALING_SIZES))
     ap.add_argument("--budget-s", type=float, default=60.0, help="scaling: skip a provider above this")
     ap.add_argument("--threads", type=int, default=0, help="torch (and vesin) threads; 0 = torch default")
     args = ap.parse_args(argv)
     harness.set_threads(args.threads)
     info = harness.machine()
-    cmd = "python bench/bench_radius_graph.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(harness.header_md("Graph building", cmd.strip(), info))
+    cmd = "python -m bench.bench_radius_graph " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(report.header_md("Graph building", cmd.strip(), info))
     if args.scaling:
         md, _ = run_scaling(args.sizes, args.repeats, args.warmup, args.chunk_atoms, args.budget_s,
                             args.providers, info)

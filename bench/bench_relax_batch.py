@@ -17,8 +17,8 @@ Throughput: structures/s and atoms/s. Ratio: ``one_at_a_time`` time / mode time 
 All modes of one model size are timed in interleaved rounds (``harness.measure_interleaved``);
 a call longer than ``--long-s`` (10 s) is timed once (its warm-up call is the measurement).
 
-    PYTHONPATH=. python bench/bench_relax_batch.py                 # default, < ~3 min on 2 cores
-    PYTHONPATH=. python bench/bench_relax_batch.py --n 200 --sizes 64x4
+    python -m bench.bench_relax_batch                 # default, < ~3 min on 2 cores
+    python -m bench.bench_relax_batch --n 200 --sizes 64x4
 """
 
 from __future__ import annotations
@@ -27,12 +27,8 @@ import argparse
 import statistics
 import sys
 import warnings
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import harness  # noqa: E402
-import mp_like  # noqa: E402
+from . import harness, inputs, report
 
 BENCH = "relax_batch"
 
@@ -49,26 +45,20 @@ PAIRS = {b: o for b, o in PARTS.values()}
 
 def _cell(r: harness.Result) -> str:
     t_min = r.extra.get("min_s")
-    return harness.fmt_time(r.median_s) + (f" ({harness.fmt_time(t_min)})" if t_min is not None else "")
+    return report.fmt_time(r.median_s) + (f" ({report.fmt_time(t_min)})" if t_min is not None else "")
 
 
-def _parse_size(text: str) -> tuple[int, int]:
-    h, _, l_ = text.lower().partition("x")
-    return int(h), int(l_ or 4)
-
-
-def _time_model_size(hidden, layers, *, triples, atoms, batches, singles, relax_batch, device, max_atoms,
+def _time_model_size(hidden, layers, *, triples, atoms, batches, singles, device, max_atoms,
                      graph_backend, repeats, warmup, long_s) -> list[harness.Result]:
     """Time every mode for one model size, interleaved; returns the results."""
     import torch
 
-    from e3relax_fast import backends
-    from e3relax_fast.model import MESSAGE_OP, E3Relax
+    from e3relax_fast import E3Relax, ops, relax_batch
 
     n = len(triples)
     torch.manual_seed(0)
     model = E3Relax(hidden_channels=hidden, num_layers=layers).to(device).eval()
-    mp_backend, _ = backends.resolve(MESSAGE_OP, model.backend, torch.device(device).type)
+    mp_backend, _ = ops.resolve(ops.MESSAGE_PASSING, model.backend, torch.device(device).type)
     case = f"H={hidden} L={layers} n={n} max_atoms={max_atoms}"
     both = f"graph={graph_backend}, mp={mp_backend}"
 
@@ -80,27 +70,25 @@ def _time_model_size(hidden, layers, *, triples, atoms, batches, singles, relax_
     with torch.inference_mode():
         with_graph, single_graph = graphs(batches), graphs(singles)
         model(with_graph[0].select([0]))  # lazy initialisation outside the timed calls
-        fns, backend_of = {}, {}
-        if relax_batch is not None:
-            relax_batch(triples[:2], model=model, device=device, max_atoms=max_atoms)
-            fns["batched"] = lambda: relax_batch(triples, model=model, device=device, max_atoms=max_atoms)
-            fns["one_at_a_time"] = lambda: [
-                relax_batch([t], model=model, device=device, max_atoms=max_atoms) for t in triples
-            ]
-            backend_of.update(batched=both, one_at_a_time=both)
-        fns["graph"] = lambda: graphs(batches)
-        fns["model"] = lambda: [model(b) for b in with_graph]
-        fns["graph (1 by 1)"] = lambda: graphs(singles)
-        fns["model (1 by 1)"] = lambda: [model(b) for b in single_graph]
-        backend_of.update({"graph": graph_backend, "graph (1 by 1)": graph_backend,
-                           "model": mp_backend, "model (1 by 1)": mp_backend})
+        relax_batch(triples[:2], model=model, device=device, max_atoms=max_atoms)
+        fns = {
+            "batched": lambda: relax_batch(triples, model=model, device=device, max_atoms=max_atoms),
+            "one_at_a_time": lambda: [relax_batch([t], model=model, device=device, max_atoms=max_atoms)
+                                      for t in triples],
+            "graph": lambda: graphs(batches),
+            "model": lambda: [model(b) for b in with_graph],
+            "graph (1 by 1)": lambda: graphs(singles),
+            "model (1 by 1)": lambda: [model(b) for b in single_graph],
+        }
+        backend_of = {"batched": both, "one_at_a_time": both, "graph": graph_backend, "graph (1 by 1)": graph_backend,
+                      "model": mp_backend, "model (1 by 1)": mp_backend}
         print(f"[{BENCH}] H={hidden} L={layers}: timing {', '.join(fns)} interleaved", flush=True)
         times = harness.measure_interleaved(fns, repeats, warmup, long_s)
     med = {}
     for mode, ts in times.items():
         t = med[mode] = statistics.median(ts)
-        print(f"[{BENCH}] H={hidden:<4} {mode:<16} {harness.fmt_time(t):>10}  "
-              f"({len(ts)} timed, min {harness.fmt_time(min(ts))})", flush=True)
+        print(f"[{BENCH}] H={hidden:<4} {mode:<16} {report.fmt_time(t):>10}  "
+              f"({len(ts)} timed, min {report.fmt_time(min(ts))})", flush=True)
         results.append(harness.Result(
             BENCH, mode, backend_of[mode], device, case, t, n / t, "structures/s",
             extra={"atoms_per_s": round(atoms / t, 2), "timed_calls": len(ts), "min_s": round(min(ts), 6)},
@@ -122,44 +110,26 @@ def run(n: int = 48, sizes=((512, 4), (64, 4)), max_atoms: int | None = None, de
     """Returns ``(markdown, results)``."""
     import torch
 
-    e3r, reason = harness.optional_import("e3relax_fast")
-    if e3r is None:
-        msg = f"relax_batch benchmark skipped: {reason}"
-        print(msg)
-        return f"### relax_batch\n\n{msg}\n", []
-    from e3relax_fast import backends
+    from e3relax_fast import Batch, ops
+    from e3relax_fast.relax import DEFAULT_MAX_ATOMS, DEFAULT_MAX_ATOMS_ACCELERATOR, plan_batches
 
-    relax_batch = getattr(e3r, "relax_batch", None)
-    relax_mod, _ = harness.optional_import("e3relax_fast.relax")
-    if relax_batch is None and relax_mod is not None:
-        relax_batch = getattr(relax_mod, "relax_batch", None)
-    if max_atoms is None:
-        defaults = getattr(relax_mod, "DEFAULT_MAX_ATOMS", {}) if relax_mod is not None else {}
-        max_atoms = int(defaults.get(torch.device(device).type, 4096))
-    skipped: list[str] = []
-    if relax_batch is None:
-        skipped.append("skipped `batched` and `one_at_a_time`: `e3relax_fast.relax_batch` not found")
-        print("[skip] relax_batch: e3relax_fast.relax_batch not found", flush=True)
-
-    triples = mp_like.mp_like_mix(n, seed=seed)
+    if max_atoms is None:  # relax_batch's own default for the device
+        max_atoms = DEFAULT_MAX_ATOMS.get(torch.device(device).type, DEFAULT_MAX_ATOMS_ACCELERATOR)
+    triples = inputs.mp_like_mix(n, seed=seed)
     atoms = sum(len(t[0]) for t in triples)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        graph_backend, _ = backends.resolve("radius_graph", "auto", torch.device(device).type)
-    skipped += [f"note: {w.message}" for w in caught]
-    plan = getattr(relax_mod, "plan_batches", None)
-    if plan is not None:  # the package's own grouping, so the split timings use relax_batch's batches
-        groups = [[triples[k] for k in g] for g in plan([len(t[0]) for t in triples], None, max_atoms)]
-    else:
-        groups = list(harness.chunks_by_atoms(triples, max_atoms))
-    batches = [e3r.Batch.from_arrays(c).to(device) for c in groups]
-    singles = [e3r.Batch.from_arrays([t]).to(device) for t in triples]
-    print(f"[{BENCH}] {mp_like.describe(triples)}; {len(batches)} batch(es) of <= {max_atoms} atoms", flush=True)
+        graph_backend, _ = ops.resolve(ops.RADIUS_GRAPH, "auto", torch.device(device).type)
+    backend_notes = [f"note: {w.message}" for w in caught]
+    # The package's own grouping, so the split timings use relax_batch's batches.
+    groups = [[triples[k] for k in g] for g in plan_batches([len(t[0]) for t in triples], None, max_atoms)]
+    batches = [Batch.from_arrays(c).to(device) for c in groups]
+    singles = [Batch.from_arrays([t]).to(device) for t in triples]
+    print(f"[{BENCH}] {inputs.describe(triples)}; {len(batches)} batch(es) of <= {max_atoms} atoms", flush=True)
 
     results: list[harness.Result] = []
-    ctx = dict(triples=triples, atoms=atoms, batches=batches, singles=singles, relax_batch=relax_batch,
-               device=device, max_atoms=max_atoms, graph_backend=graph_backend, repeats=repeats,
-               warmup=warmup, long_s=long_s)
+    ctx = dict(triples=triples, atoms=atoms, batches=batches, singles=singles, device=device,
+               max_atoms=max_atoms, graph_backend=graph_backend, repeats=repeats, warmup=warmup, long_s=long_s)
     for hidden, layers in sizes:
         results += _time_model_size(hidden, layers, **ctx)
 
@@ -171,26 +141,24 @@ def run(n: int = 48, sizes=((512, 4), (64, 4)), max_atoms: int | None = None, de
             r.ratios["one_at_a_time"] = base.median_s / r.median_s
     rows_md = []
     for case in dict.fromkeys(r.case for r in results):
-        e2e = by.get((case, "batched"))
+        e2e = by[(case, "batched")]
         for part, (batched, single) in PARTS.items():
-            rb, r1 = by.get((case, batched)), by.get((case, single))
-            if rb is None or r1 is None:
-                continue
+            rb, r1 = by[(case, batched)], by[(case, single)]
             rows_md.append([
                 case.split(" n=")[0], part,
-                _cell(rb), harness.fmt_num(rb.throughput), harness.fmt_num(rb.extra["atoms_per_s"]),
-                _cell(r1), harness.fmt_num(r1.throughput),
-                harness.fmt_ratio(rb.ratios.get("one_at_a_time")),
-                harness.fmt_pct(rb.median_s, e2e.median_s) if e2e is not None else "–",
+                _cell(rb), report.fmt_num(rb.throughput), report.fmt_num(rb.extra["atoms_per_s"]),
+                _cell(r1), report.fmt_num(r1.throughput),
+                report.fmt_ratio(rb.ratios.get("one_at_a_time")),
+                report.fmt_pct(rb.median_s, e2e.median_s),
             ])
-    table = harness.markdown_table(
+    table = report.markdown_table(
         ["model", "part", "batched: median (min)", "structures/s", "atoms/s", "1-by-1: median (min)",
          "structures/s", "batched speed-up", "share of batched relax_batch"],
         rows_md,
     )
-    notes = "".join(f"\n- {s}" for s in skipped)
+    notes = "".join(f"\n- {s}" for s in backend_notes)
     md = (
-        f"### relax_batch on {device}, MP-like mix subset ({mp_like.describe(triples)})\n\n"
+        f"### relax_batch on {device}, MP-like mix subset ({inputs.describe(triples)})\n\n"
         f"Untrained models (`torch.manual_seed(0)`), float32 parameters, `torch.inference_mode()`. "
         f"Atom budget `max_atoms={max_atoms}` ({len(batches)} batch{'' if len(batches) == 1 else 'es'}, "
         f"as `relax_batch` plans them). Median of "
@@ -199,12 +167,13 @@ def run(n: int = 48, sizes=((512, 4), (64, 4)), max_atoms: int | None = None, de
         f"Batched speed-up = one-at-a-time median / batched median of the same part (> 1: batching "
         f"helps); share = the part's batched median / the batched `relax_batch` median.\n\n{table}\n{notes}\n"
     )
-    harness.append_csv(results, BENCH, baseline="one_at_a_time", info=info)
+    report.append_csv(results, BENCH, baseline="one_at_a_time", info=info)
     return md, results
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m bench.bench_relax_batch", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=48, help="crystals (first n of the MP-like mix; default 48)")
     ap.add_argument("--sizes", nargs="*", default=["512x4", "64x4"], help="model sizes HxL (default 512x4 64x4)")
     ap.add_argument("--max-atoms", type=int, default=None,
@@ -218,9 +187,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     harness.set_threads(args.threads)
     info = harness.machine()
-    cmd = "python bench/bench_relax_batch.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(harness.header_md("relax_batch", cmd.strip(), info))
-    md, _ = run(args.n, [_parse_size(s) for s in args.sizes], args.max_atoms, args.device, args.seed,
+    cmd = "python -m bench.bench_relax_batch " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(report.header_md("relax_batch", cmd.strip(), info))
+    md, _ = run(args.n, [harness.parse_model_size(s) for s in args.sizes], args.max_atoms, args.device, args.seed,
                 args.repeats, args.warmup, args.long_s, info)
     print(md)
 

@@ -12,7 +12,7 @@
 #   pytest.log                the GPU test files (-p no:cacheprovider, explicit file list)
 #   bench_radius_graph.md     graph building on the MP-like mix (+ scaling series), cuda providers included
 #   bench_message_passing.md  message op / layer / model microbenchmarks, peaks, accuracy vs float64,
-#                             and the atom–lattice ops (bench_lattice_message.py)
+#                             and the atom–lattice ops (bench.bench_lattice_message)
 #   bench.log                 both benchmarks' console output
 #   extras.tar.gz             junit XML and the benchmarks' CSV rows
 #
@@ -21,7 +21,7 @@
 # of pymatgen, ASE, vesin (the benchmark inputs come from bench/data/mp_like_1000.npz).
 #
 # Environment: PYTHON (interpreter; default: the first of python3, python that imports torch),
-# GPU_CHECK_BUDGET_S, OUT, MP_BENCH_ARGS (extra arguments for bench_message_passing.py),
+# GPU_CHECK_BUDGET_S, OUT, MP_BENCH_ARGS (extra arguments for bench.bench_message_passing),
 # GRAPH_BENCH_N (crystals of the graph benchmark, default 1000).
 
 set -u -o pipefail
@@ -158,11 +158,11 @@ build_ext() {
 }
 check_ext() {
   "$PY" - <<'EOF'
-import e3relax_fast  # noqa: F401
-from e3relax_fast import _ext, backends
-print("e3relax_fast._C:", getattr(_ext._C, "__file__", None), "| import error:", _ext.IMPORT_ERROR)
-for op in ("radius_graph", "message_passing"):
-    print(f"{op}: available {backends.available(op)}")
+from e3relax_fast import ops
+from e3relax_fast.ops import compiled
+print("e3relax_fast._C:", getattr(compiled._C, "__file__", None), "| import error:", compiled.IMPORT_ERROR)
+for op in (ops.RADIUS_GRAPH, ops.MESSAGE_PASSING):
+    print(f"{op}: available {ops.available(op)}")
 EOF
 }
 export -f build_ext check_ext
@@ -196,16 +196,14 @@ graph_bench() {
   local n="${GRAPH_BENCH_N:-1000}" sizes="8 64 512 1000 2000 4096 8000 12000 20000" budget=10
   [ "$DRY" = 1 ] && { n=20; sizes="8 64 216"; budget=5; }
   "$PY" - "$OUT_DIR/bench_radius_graph.md" "$n" "$budget" $sizes <<'EOF'
-"""bench/bench_radius_graph.py run_mix + run_scaling, with every provider registered here."""
+"""bench.bench_radius_graph run_mix + run_scaling, with every provider registered here."""
 import sys
 
-sys.path.insert(0, "bench")
-import bench_radius_graph as brg  # noqa: E402
-import harness  # noqa: E402
+from bench import bench_radius_graph as brg, harness, report
 
 out, n, budget, sizes = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), [int(s) for s in sys.argv[4:]]
 info = harness.machine()
-md = harness.header_md("Graph building", f"bash bench/gpu_check.sh (run_mix n={n}, run_scaling)", info)
+md = report.header_md("Graph building", f"bash bench/gpu_check.sh (run_mix n={n}, run_scaling)", info)
 mix_md, _ = brg.run_mix(n, repeats=5, info=info)
 md += "\n" + mix_md
 with open(out, "w") as fh:
@@ -223,13 +221,13 @@ mp_bench() {
     extra=(--n 2 --sizes 32x2 --repeats 2 --warmup 1 --compile-budget-s 30 --accuracy --interpreter-check)
   fi
   # shellcheck disable=SC2086
-  "$PY" bench/bench_message_passing.py --md "$OUT_DIR/bench_message_passing.md" "${extra[@]}" ${MP_BENCH_ARGS:-}
+  "$PY" -m bench.bench_message_passing --md "$OUT_DIR/bench_message_passing.md" "${extra[@]}" ${MP_BENCH_ARGS:-}
 }
 # The atom–lattice ops: appended to bench_message_passing.md (the output folder holds at most 8 files).
 lattice_bench() {
   local args=(--n 1000 --device cuda)
   [ "$DRY" = 1 ] && args=(--n 5 --sizes 32 --repeats 2 --device cpu)
-  "$PY" bench/bench_lattice_message.py "${args[@]}" > "$WORK/lattice.md" && cat "$WORK/lattice.md" \
+  "$PY" -m bench.bench_lattice_message "${args[@]}" > "$WORK/lattice.md" && cat "$WORK/lattice.md" \
     && { echo; sed -n '/^## /,$p' "$WORK/lattice.md"; } >> "$OUT_DIR/bench_message_passing.md"
 }
 export -f graph_bench mp_bench lattice_bench

@@ -1,4 +1,4 @@
-"""The one benchmark harness: machine description, timing, providers, result tables.
+"""The one benchmark harness: machine description, timing, providers, results.
 
 Conventions (every benchmark in ``bench/`` follows them):
 
@@ -7,15 +7,13 @@ Conventions (every benchmark in ``bench/`` follows them):
   (``torch.cuda.synchronize()`` around each call when CUDA is in use);
 * ratios are ``baseline_time / provider_time`` (> 1 means faster than the baseline) against a
   baseline run in the **same process** on the same inputs;
-* every result is one markdown table row and one CSV row (``bench/out/<benchmark>.csv``,
-  appended, gitignored) carrying the date and the machine;
+* every result is one markdown table row and one CSV row (:mod:`bench.report`);
 * a peer library is imported only if installed; a missing one is skipped with a printed reason.
 """
 
 from __future__ import annotations
 
-import csv
-import datetime as _dt
+import contextlib
 import importlib
 import os
 import platform
@@ -23,26 +21,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-OUT_DIR = Path(__file__).resolve().parent / "out"
-
-CSV_FIELDS = (
-    "date",
-    "machine",
-    "benchmark",
-    "provider",
-    "backend",
-    "device",
-    "case",
-    "median_s",
-    "throughput",
-    "unit",
-    "baseline",
-    "ratio",
-    "extra",
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,10 +98,17 @@ def machine_line(info: dict[str, Any] | None = None) -> str:
     return s + (f", GPU {m['gpu']}" if m["gpu"] else ", no GPU")
 
 
+def parse_model_size(text: str) -> tuple[int, int]:
+    """``"512x4"`` -> ``(hidden, layers) = (512, 4)``; ``"512"`` -> ``(512, 4)``."""
+    h, _, l_ = text.lower().partition("x")
+    return int(h), int(l_ or 4)
+
+
 # --------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------
-def _sync() -> None:
+def sync() -> None:
+    """Wait for queued CUDA work (kernels launch asynchronously), so a timer sees all of it."""
     if cuda_in_use():
         import torch
 
@@ -131,21 +117,113 @@ def _sync() -> None:
 
 def measure(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
     """Median wall time (s) of ``repeats`` calls of ``fn()`` after ``warmup`` untimed calls."""
-    return statistics.median(measure_all(fn, repeats, warmup))
-
-
-def measure_all(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> list[float]:
-    """Like :func:`measure` but returns every timed call (for spread reporting)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(max(1, repeats)):
-        _sync()
+        sync()
         t0 = time.perf_counter()
         fn()
-        _sync()
+        sync()
         times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[], Any]], repeats: int = 3, warmup: int = 1, long_s: float | None = 5.0
+) -> dict[str, list[float]]:
+    """Time several providers in interleaved rounds; returns every timed call per name.
+
+    On a shared machine, background load comes and goes; running the providers round-robin
+    (the order rotated each round) spreads it over all of them instead of penalising whichever
+    ran at a bad moment. Each round calls every provider once. The first call of each provider
+    is a timed warm-up: if it took more than ``long_s`` seconds it is that provider's only
+    measurement (it then sits out the remaining rounds); otherwise it is discarded, ``warmup - 1``
+    further untimed rounds follow, then ``repeats`` timed rounds. Use ``statistics.median``.
+    """
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    done: set[str] = set()
+
+    def timed(name: str) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fns[name]()
+        sync()
+        return time.perf_counter() - t0
+
+    for name in names:
+        first = timed(name)
+        if long_s is not None and first > long_s:
+            times[name].append(first)
+            done.add(name)
+    for _ in range(max(0, warmup - 1)):
+        for name in names:
+            if name not in done:
+                fns[name]()
+    for r in range(max(1, repeats)):
+        order = names[r % len(names) :] + names[: r % len(names)] if names else []
+        for name in order:
+            if name not in done:
+                times[name].append(timed(name))
     return times
+
+
+# --------------------------------------------------------------------------------------------
+# Peaks of this machine (measured in the same run, the denominators of "% peak")
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """TF32 tensor-core matmuls on or off inside the block (restored after)."""
+    import torch
+
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def measure_peaks(device) -> dict:
+    """Peak bandwidth (GB/s; copy = read + write) and matmul FLOP rates (GFLOP/s) measured here."""
+    import torch
+
+    gpu = device.type == "cuda"
+    peaks: dict = {}
+    nbytes = (1 << 30) if gpu else (64 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = measure(lambda dst=dst, src=src: dst.copy_(src), 10 if gpu else 5)
+    peaks["copy_GBps"] = 2 * nbytes / t / 1e9
+    peaks["copy_desc"] = f"copy of {nbytes >> 20} MiB, float32"
+    del src, dst
+    n = 8192 if gpu else 768
+    kinds = [("fp32", torch.float32, False), ("fp64", torch.float64, False)]
+    if gpu:
+        kinds += [("tf32", torch.float32, True), ("bf16", torch.bfloat16, False)]
+    for name, dtype, allow in kinds:
+        nn = n if (gpu or dtype != torch.float64) else n // 2
+        a = torch.randn(nn, nn, device=device, dtype=dtype)
+        bm = torch.randn(nn, nn, device=device, dtype=dtype)
+        with tf32(allow):
+            t = measure(lambda a=a, bm=bm: a @ bm, 5 if gpu else 3)
+        peaks[f"{name}_GFLOPs"] = 2 * nn**3 / t / 1e9
+        peaks[f"{name}_desc"] = f"{nn}³ matmul"
+        del a, bm
+    if gpu:
+        torch.cuda.empty_cache()
+    return peaks
+
+
+def peak_flops_key(precision: str, dtype) -> str:
+    """The key of :func:`measure_peaks` whose FLOP rate bounds arithmetic in ``precision`` / ``dtype``."""
+    import torch
+
+    if dtype == torch.float64:
+        return "fp64_GFLOPs"
+    return {"tf32": "tf32_GFLOPs", "tf32x3": "tf32_GFLOPs", "bf16": "bf16_GFLOPs"}.get(precision, "fp32_GFLOPs")
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,174 +313,3 @@ def add_ratios(
             k = key(r)
             if k in base and r.median_s > 0:
                 r.ratios[b] = base[k] / r.median_s
-
-
-def fmt_num(x: float | None) -> str:
-    """Readable throughput: ``12.3 M``, ``45.6 k``, ``789``, ``1.23``."""
-    if x is None or x != x:  # None or NaN
-        return "–"
-    ax = abs(x)
-    if ax >= 1e6:
-        return f"{x / 1e6:.3g} M"
-    if ax >= 1e4:
-        return f"{x / 1e3:.3g} k"
-    if ax >= 100:
-        return f"{x:,.0f}"
-    return f"{x:.3g}"
-
-
-def fmt_ratio(x: float | None) -> str:
-    """``0.031×``, ``1.93×``, ``18.4×``, ``342×``."""
-    if x is None or x != x:
-        return "–"
-    if x >= 100:
-        return f"{x:,.0f}×"
-    if x >= 10:
-        return f"{x:.1f}×"
-    if x >= 0.1:
-        return f"{x:.2f}×"
-    return f"{x:.2g}×"
-
-
-def fmt_pct(part: float, whole: float) -> str:
-    """``part / whole`` as ``87 %``, ``4.2 %``, ``0.3 %`` or ``< 0.1 %``."""
-    x = 100 * part / whole
-    return f"{x:.0f} %" if x >= 10 else f"{x:.1f} %" if x >= 0.1 else "< 0.1 %"
-
-
-def fmt_time(s: float) -> str:
-    if s >= 1:
-        return f"{s:.2f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.1f} ms"
-    return f"{s * 1e6:.0f} µs"
-
-
-def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def append_csv(
-    results: list[Result], name: str, baseline: str | None = None, info: dict | None = None
-) -> Path:
-    """Append one row per result to ``bench/out/<name>.csv`` (header written when new).
-
-    ``baseline`` picks which of ``r.ratios`` fills the ``ratio`` column; the others go to
-    ``extra`` as ``ratio_vs_<name>``.
-    """
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    path = OUT_DIR / f"{name}.csv"
-    new = not path.exists()
-    date = _dt.datetime.now().isoformat(timespec="seconds")
-    mline = machine_line(info)
-    with open(path, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-        if new:
-            w.writeheader()
-        for r in results:
-            extra = dict(r.extra)
-            for b, v in r.ratios.items():
-                if b != baseline:
-                    extra[f"ratio_vs_{b}"] = round(v, 4)
-            if r.note:
-                extra["note"] = r.note
-            w.writerow(
-                {
-                    "date": date,
-                    "machine": mline,
-                    "benchmark": r.benchmark,
-                    "provider": r.provider,
-                    "backend": r.backend,
-                    "device": r.device,
-                    "case": r.case,
-                    "median_s": f"{r.median_s:.6g}",
-                    "throughput": f"{r.throughput:.6g}",
-                    "unit": r.unit,
-                    "baseline": baseline or "",
-                    "ratio": f"{r.ratios[baseline]:.4g}" if baseline in r.ratios else "",
-                    "extra": ";".join(f"{k}={v}" for k, v in extra.items()),
-                }
-            )
-    return path
-
-
-def header_md(title: str, command: str, info: dict | None = None) -> str:
-    m = info or machine()
-    date = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    return (
-        f"## {title}\n\n- command: `{command}`\n- date: {date}\n- machine: {machine_line(m)}\n"
-        f"- OS: {m['os']}\n- load average (1/5/15 min) at start: {load_average()}\n"
-    )
-
-
-def measure_adaptive(
-    fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, long_s: float = 5.0
-) -> tuple[float, int]:
-    """Median time like :func:`measure`, but if the first (warm-up) call already took more than
-    ``long_s`` seconds, that call is the only measurement. Returns ``(seconds, timed_calls)``."""
-    _sync()
-    t0 = time.perf_counter()
-    fn()
-    _sync()
-    first = time.perf_counter() - t0
-    if first > long_s:
-        return first, 1
-    for _ in range(warmup - 1):
-        fn()
-    return measure(fn, repeats=repeats, warmup=0), max(1, repeats)
-
-
-def measure_interleaved(
-    fns: dict[str, Callable[[], Any]], repeats: int = 3, warmup: int = 1, long_s: float | None = 5.0
-) -> dict[str, list[float]]:
-    """Time several providers in interleaved rounds; returns every timed call per name.
-
-    On a shared machine, background load comes and goes; running the providers round-robin
-    (the order rotated each round) spreads it over all of them instead of penalising whichever
-    ran at a bad moment. Each round calls every provider once. The first call of each provider
-    is a timed warm-up: if it took more than ``long_s`` seconds it is that provider's only
-    measurement (it then sits out the remaining rounds); otherwise it is discarded, ``warmup - 1``
-    further untimed rounds follow, then ``repeats`` timed rounds. Use ``statistics.median``.
-    """
-    names = list(fns)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    done: set[str] = set()
-
-    def timed(name: str) -> float:
-        _sync()
-        t0 = time.perf_counter()
-        fns[name]()
-        _sync()
-        return time.perf_counter() - t0
-
-    for name in names:
-        first = timed(name)
-        if long_s is not None and first > long_s:
-            times[name].append(first)
-            done.add(name)
-    for _ in range(max(0, warmup - 1)):
-        for name in names:
-            if name not in done:
-                fns[name]()
-    for r in range(max(1, repeats)):
-        order = names[r % len(names) :] + names[: r % len(names)] if names else []
-        for name in order:
-            if name not in done:
-                times[name].append(timed(name))
-    return times
-
-
-def chunks_by_atoms(triples, max_atoms: int):
-    """Consecutive groups of ``(z, positions, cell)`` triples with at most ``max_atoms`` atoms each
-    (a larger crystal forms a group of its own)."""
-    chunk, atoms = [], 0
-    for t in triples:
-        if chunk and atoms + len(t[0]) > max_atoms:
-            yield chunk
-            chunk, atoms = [], 0
-        chunk.append(t)
-        atoms += len(t[0])
-    if chunk:
-        yield chunk

@@ -1,5 +1,8 @@
 """Deterministic benchmark inputs built from the seed crystals in ``shared/data``.
 
+This module imports nothing else from ``bench`` (numpy, and ASE to read the seed files), so that it
+also loads on its own from its file path, as ``tests/test_bench_inputs.py`` may load it.
+
 Two generators, both returning lists of ``(z, positions, cell)`` numpy triples
 (``z``: ``(n,)`` int64; ``positions``: ``(n, 3)`` float64 Å; ``cell``: ``(3, 3)`` float64 Å, rows are
 the lattice vectors):
@@ -16,13 +19,13 @@ the lattice vectors):
   so that no two candidate distances tie exactly.
 
 Everything is seeded: the same arguments give bit-identical arrays on every machine (given the
-same seed files). Run ``python bench/mp_like.py`` for a summary of both sets.
+same seed files). Run ``python -m bench.inputs`` for a summary of both sets.
 
 **Cached inputs.** The seed files live outside the repository (``../shared/data``) and reading them
 needs ASE, so machines without either (the GPU machine, CI) use ``bench/data/mp_like_1000.npz``:
 the default mix (``n=1000, seed=0``, default strain and rattle) as concatenated arrays (``z`` uint8,
 ``positions`` and ``cells`` float64, ``ptr`` int64; plus each crystal's ``sources`` label), written by
-``python bench/mp_like.py --write-cache``. :func:`mp_like_mix` generates when it can and otherwise
+``python -m bench.inputs --write-cache``. :func:`mp_like_mix` generates when it can and otherwise
 serves the first ``n <= 1000`` crystals from the cache (the mix is generated crystal by crystal from
 one RNG stream, so the first ``n`` of 1000 are the mix of ``n``). ``tests/test_bench_inputs.py``
 checks that the cache equals a fresh generation. ``E3RELAX_BENCH_INPUTS=cached`` (or
@@ -329,6 +332,20 @@ def scaling_series(
         z, pos, cell = supercell(base, near_cubic_factors(m))
         out.append((z, pos + rng.normal(0.0, sigma, size=pos.shape), cell))
     return out
+
+
+def chunks_by_atoms(triples, max_atoms: int):
+    """Consecutive groups of ``(z, positions, cell)`` triples with at most ``max_atoms`` atoms each
+    (a larger crystal forms a group of its own)."""
+    chunk, atoms = [], 0
+    for t in triples:
+        if chunk and atoms + len(t[0]) > max_atoms:
+            yield chunk
+            chunk, atoms = [], 0
+        chunk.append(t)
+        atoms += len(t[0])
+    if chunk:
+        yield chunk
 
 
 def describe(triples: list[Triple]) -> str:
