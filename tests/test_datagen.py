@@ -272,7 +272,11 @@ def test_minimum_pairs_skipped_seeds_and_snapshot(tmp_path, capsys):
     summary = generate([seeds, tmp_path / "big_1.extxyz"], out, n=8, calculator="emt", protocols="minimum,jiggle",
                        progress=False, max_atoms=16, max_attempts=16)
     skipped = [r for r in rows(out / "dropped.csv") if r["seed_id"] == "big-big"]
-    assert skipped and all(r["reason"] == "seed has 32 > 16 atoms" for r in skipped)
+    assert skipped and all(r["reason"] == "seed has 32 > 16 atoms" and r["protocol"] == "skipped" for r in skipped)
+    # a resume keeps the skipped rows and does not skip them again
+    assert generate([seeds, tmp_path / "big_1.extxyz"], out, n=8, calculator="emt", protocols="minimum,jiggle",
+                    progress=False, max_atoms=16, max_attempts=16)["dropped"] == 0
+    assert len([r for r in rows(out / "dropped.csv") if r["seed_id"] == "big-big"]) == len(skipped)
     assert summary["total"] == 8
     index = {r["atoms_id"]: r for r in rows(out / "index.csv")}
     minima = [r for r in index.values() if r["protocol"] == "minimum"]

@@ -251,7 +251,8 @@ class BatchedFIRE:
         energies = np.asarray(energies, dtype=np.float64).reshape(-1)
         if not isinstance(forces, np.ndarray) or forces.ndim != 2:
             forces = np.concatenate([np.asarray(f, dtype=np.float64).reshape(-1, 3) for f in forces])
-        forces = np.array(forces, dtype=np.float64)  # a copy: symmetrised in place below
+        else:
+            forces = np.array(forces, dtype=np.float64)  # a copy: symmetrised in place below
         stresses = _as_full_stress(stresses)
         for b, constraint in enumerate(state.symmetry):
             if constraint is not None:  # as ase.Atoms.get_forces/get_stress apply FixSymmetry

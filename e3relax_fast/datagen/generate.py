@@ -145,7 +145,8 @@ class JobPlan:
         # Only species, positions and cell: CIF-reader extras (occupancies, kinds) would go stale.
         atoms = Atoms(numbers=loaded.numbers, positions=loaded.positions, cell=loaded.cell.array, pbc=True)
         if self.max_atoms is not None and len(atoms) > self.max_atoms:
-            return Job(self.atoms_id(k), seed_id, "", "", atoms, skip=f"seed has {len(atoms)} > {self.max_atoms} atoms")
+            return Job(self.atoms_id(k), seed_id, "skipped", "", atoms,
+                       skip=f"seed has {len(atoms)} > {self.max_atoms} atoms")
         earlier = [self._protocol(seed_id, v) for v in range(variant)]
         protocol = self._protocol(seed_id, variant)
         if protocol in ONCE_PER_SEED and protocol in earlier:
