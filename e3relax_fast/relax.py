@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .batch import Batch
+from .frame import SYMPREC, CanonicalFrame, FrameError, canonical_frame
 from .geometry import MAX_NEIGHBORS, RADIUS
 from .io import (
     FORMATS,
@@ -116,6 +117,9 @@ def relax_batch(
     refine_steps: int = 0,
     refine_fmax: float = 0.05,
     precision: str = "default",
+    frame: str = "auto",
+    symmetry: str = "auto",
+    symprec: float = SYMPREC,
 ) -> RelaxResult:
     """Predict the relaxed structure of every input in one forward pass per batch.
 
@@ -148,6 +152,16 @@ def relax_batch(
             ``"bf16"`` (``torch.autocast`` to bfloat16: linear layers in bf16, everything else in
             float32; float32 models). Graphs and the returned structures stay float64. Accuracy
             against float64 is measured by ``bench/bench_precision.py`` (bench/RESULTS.md).
+        frame: ``"canonical"``: the model predicts each crystal in its canonical description
+            (:mod:`e3relax_fast.frame`: primitive standard cell, one choice among equivalent ones)
+            and the prediction is mapped back to the input's cell, basis, orientation and atom
+            order, so the same crystal gets the same answer however it is written; ``"input"``: the
+            model sees the input as given. ``"auto"``: canonical, except for ``paper_compat`` models
+            (the original's raw behaviour).
+        symmetry: ``"keep"``: the prediction is projected onto the input's space group (found at
+            ``symprec`` Å), so Wyckoff-fixed atoms stay put and a cubic cell stays cubic (needs the
+            canonical frame); ``"free"``: no projection. ``"auto"``: keep with the canonical frame.
+        symprec: symmetry tolerance in Å; symmetry found within it is made exact in the input.
 
     Returns:
         :class:`RelaxResult`: one relaxed structure per input, in input order and of the input's
@@ -166,6 +180,7 @@ def relax_batch(
         raise ValueError(f"precision={precision!r} needs a float32 model (pass dtype=torch.float32)")
     if precision == "tf32" and device.type != "cuda":
         raise ValueError(f"precision='tf32' needs a CUDA device, got device={str(device)!r}")
+    canonical, keep_symmetry = _frame_modes(model, frame, symmetry)
 
     errors: dict[int, str] = {}
 
@@ -175,23 +190,31 @@ def relax_batch(
         errors[index] = reason
 
     arrays = _valid_arrays(items, getattr(model, "num_elements", None), fail)
+    frames = _canonical_frames(arrays, symprec, fail) if canonical else {}
+    inputs = {i: (frames[i].numbers, frames[i].positions, frames[i].cell) if canonical else arrays[i]
+              for i in arrays if i in frames or not canonical}
     if max_atoms is None and batch_size is None:
         max_atoms = DEFAULT_MAX_ATOMS.get(device.type, DEFAULT_MAX_ATOMS_ACCELERATOR)
-    valid = list(arrays)
+    valid = list(inputs)
     groups = [[valid[k] for k in group]
-              for group in plan_batches([len(arrays[i][0]) for i in valid], batch_size, max_atoms)]
+              for group in plan_batches([len(inputs[i][0]) for i in valid], batch_size, max_atoms)]
     results: list = [None] * len(items)
     predicted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    batches = (Batch.from_arrays([arrays[i] for i in indices], dtype=torch.float64) for indices in groups)
+    batches = (Batch.from_arrays([inputs[i] for i in indices], dtype=torch.float64) for indices in groups)
     predictions = predict_batches(model, batches, device, precision, graph_backend, radius, max_neighbors)
     for indices, prediction in zip(groups, predictions, strict=True):
         per_structure = prediction.per_structure()
         for index, (pos, cell), ok in zip(indices, per_structure, prediction.finite(), strict=True):
-            if ok:
-                results[index] = from_arrays_like(items[index], pos, cell)
-                predicted[index] = (pos, cell)
-            else:
+            if not ok:
                 fail(index, "the model's prediction contains NaN or inf")
+                continue
+            if canonical:
+                frame_ = frames[index]
+                if keep_symmetry:
+                    pos, cell = frame_.symmetrize(pos, cell)
+                pos, cell = frame_.to_user(frame_.align(pos, cell), cell)
+            results[index] = from_arrays_like(items[index], pos, cell)
+            predicted[index] = (pos, cell)
     if refine is not None and refine_steps > 0 and predicted:
         _refine(items, arrays, predicted, results, refine, refine_steps, refine_fmax)
 
@@ -200,6 +223,34 @@ def relax_batch(
         results[index] = items[index] if on_error == "return_input" else None
     _warn_failures(errors, len(items), on_error)
     return RelaxResult(results, errors)
+
+
+FRAMES = ("auto", "canonical", "input")
+SYMMETRIES = ("auto", "keep", "free")
+
+
+def _frame_modes(model: nn.Module, frame: str, symmetry: str) -> tuple[bool, bool]:
+    """``(canonical frame, keep symmetry)`` for the options of :func:`relax_batch`."""
+    if frame not in FRAMES:
+        raise ValueError(f"frame must be one of {FRAMES}, got {frame!r}")
+    if symmetry not in SYMMETRIES:
+        raise ValueError(f"symmetry must be one of {SYMMETRIES}, got {symmetry!r}")
+    # The original's raw behaviour for its checkpoints: no frame, no projection.
+    canonical = frame == "canonical" or (frame == "auto" and not getattr(model, "paper_compat", False))
+    if symmetry == "keep" and not canonical:
+        raise ValueError("symmetry='keep' needs frame='canonical' (the projection works in the canonical cell)")
+    return canonical, canonical and symmetry != "free"
+
+
+def _canonical_frames(arrays: dict, symprec: float, fail) -> dict[int, CanonicalFrame]:
+    """The canonical frame of each valid input; ``fail(index, reason)`` for those without one."""
+    frames = {}
+    for index, (z, positions, cell) in arrays.items():
+        try:
+            frames[index] = canonical_frame(z, positions, cell, symprec)
+        except FrameError as err:
+            fail(index, f"canonical frame: {err}")
+    return frames
 
 
 def _valid_arrays(items: list, num_elements: int | None, fail) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -1,0 +1,314 @@
+"""The canonical frame: one description per crystal, whatever way the user wrote it.
+
+The model is not invariant to how a crystal is written: its three lattice nodes have their own
+weights (so the choice of basis matters), and the default mode centres positions per crystal (so the
+periodic image chosen for each atom matters). :func:`canonical_frame` therefore maps every input to
+one description of its crystal before the model sees it, and :meth:`CanonicalFrame.to_user` maps the
+prediction back to the user's description:
+
+1. **Symmetry and the standard primitive cell** (moyopy, ``symprec`` in Å): the primitive cell of
+   the crystal (an exact supercell is reduced), in the standard setting of its space group, in the
+   standard orientation; lattice and positions symmetrized (refined) within ``symprec``.
+2. **One description among the equivalent ones.** A standard setting leaves choices: the origin
+   among points of the same symmetry, the axes among equivalent ones (the space group's Euclidean
+   normalizer, chirality-preserving part) and, for polar groups, a continuous origin along the
+   polar directions. Each candidate is scored by its table of (Z, fractional coordinates wrapped
+   into [0, 1), rounded to 1e-5) sorted lexicographically, and the smallest table wins: a choice
+   made from the crystal alone. Polar origins are pinned by putting one atom of the rarest species
+   (each in turn) at zero along the polar directions.
+3. **Back to the user's description** with integer bookkeeping: the user's cell is ``T`` (an
+   integer matrix, ``det T`` = primitive cells in the user's cell) times the canonical cell, each
+   user atom is a canonical atom plus an integer lattice translation, chosen from the input, so
+   every predicted atom is the image nearest its input position; the standard orientation is undone
+   by the rotation moyopy reports. Everything in float64.
+
+:meth:`CanonicalFrame.symmetrize` projects a prediction onto the input's space group (the
+displacement field and the cell's deformation averaged over the group, as ASE's ``FixSymmetry``
+does for a relaxation step): Wyckoff-fixed atoms stay put and a cubic cell stays cubic.
+
+Units: Å; cells are ``(3, 3)`` with the lattice vectors as rows; fractional coordinates are rows
+``x`` with Cartesian ``r = x @ cell``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Default tolerance of the symmetry search, Å (spglib/moyopy ``symprec``).
+SYMPREC = 1e-3
+#: Fractional coordinates within this of 1 wrap to 0: half the ranking resolution, so that a
+#: coordinate the ranking reads as 0 is also wrapped to 0 (TABLE_DECIMALS = 5).
+WRAP_EPS = 0.5 * 10.0**-5
+#: Resolution of the fractional coordinates that rank equivalent descriptions.
+TABLE_DECIMALS = 5
+
+
+class FrameError(ValueError):
+    """The crystal's canonical frame cannot be built (the reason says why)."""
+
+
+@dataclass
+class CanonicalFrame:
+    """One crystal in its canonical description, with what is needed to go back.
+
+    Attributes:
+        numbers: ``(m,)`` int64 Z of the canonical (primitive) cell's atoms.
+        cell: ``(3, 3)`` float64 canonical cell in Å (rows), standard orientation.
+        positions: ``(m, 3)`` float64 canonical Cartesian positions in Å, wrapped into the cell.
+        spacegroup: ITA number found at ``symprec``.
+        rotations, translations: ``(k, 3, 3)`` int64 and ``(k, 3)`` float64, the space group's
+            operations on canonical fractional coordinates (column action ``x' = R x + t``).
+        permutations: ``(k, m)`` int64; operation ``g`` moves atom ``j`` onto atom ``permutations[g, j]``.
+        user_cell: ``(3, 3)`` int64 ``T``: the user's cell is ``T @ cell`` (standard orientation).
+        atom_map: ``(n,)`` int64 canonical atom of each user atom; images: ``(n, 3)`` int64 its lattice
+            translation (canonical basis); offset: ``(3,)`` Cartesian translation, standard orientation:
+            user atom i sits at ``(frac[atom_map[i]] + images[i]) @ cell + offset``.
+        rotation: ``(3, 3)`` orthogonal matrix of the standard orientation: ``r_std = r_user @ rotation.T``.
+        choice_linear, choice_shift, choice_images: ``(3, 3)``, ``(3,)`` and ``(m, 3)`` int64: the chosen
+            description among the equivalent ones, ``frac[k] = choice_linear @ x[k] + choice_shift +
+            choice_images[k]`` with ``x`` moyopy's standard coordinates (the frame of ``atom_map``,
+            ``images`` and ``offset``): an isometry of the lattice, a translation, and each atom's image.
+    """
+
+    numbers: np.ndarray
+    cell: np.ndarray
+    positions: np.ndarray
+    spacegroup: int
+    rotations: np.ndarray
+    translations: np.ndarray
+    permutations: np.ndarray
+    user_cell: np.ndarray
+    atom_map: np.ndarray
+    images: np.ndarray
+    offset: np.ndarray
+    rotation: np.ndarray
+    choice_linear: np.ndarray
+    choice_shift: np.ndarray
+    choice_images: np.ndarray
+
+    @property
+    def frac(self) -> np.ndarray:
+        """``(m, 3)`` canonical fractional coordinates."""
+        return self.positions @ np.linalg.inv(self.cell)
+
+    def to_user(self, positions: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A prediction for the canonical cell (``positions (m, 3)``, ``cell (3, 3)``, Å, standard
+        orientation) in the user's description: ``(positions (n, 3), cell (3, 3))`` in the user's
+        orientation, basis, supercell and atom order, each atom at the image nearest its input."""
+        # The map between the descriptions is affine in fractional coordinates: canonical fractions
+        # x_c = P x + shift + choice image, moyopy's x, and each user atom x[atom_map] + images +
+        # offset (fractions of moyopy's cell). Read through it, a homogeneous deformation of the
+        # canonical cell is the same deformation of the user's cell about the user's own origin, as
+        # in a relaxation (fractional coordinates kept). The cell follows the isometry P of the
+        # lattice: in moyopy's basis it is P^T cell Q^T, Q = B^-1 P^T B the rotation P amounts to.
+        linear = self.choice_linear
+        frac = (positions @ np.linalg.inv(cell) - self.choice_shift - self.choice_images) @ np.linalg.inv(linear).T
+        rotation_q = np.linalg.solve(self.cell, linear.T @ self.cell)
+        std_cell = linear.T @ cell @ rotation_q.T
+        offset = self.offset @ np.linalg.inv(self.cell)
+        user_positions = (frac[self.atom_map] + self.images + offset) @ std_cell
+        return user_positions @ self.rotation, (self.user_cell @ std_cell) @ self.rotation
+
+    def align(self, positions: np.ndarray, cell: np.ndarray) -> np.ndarray:
+        """``positions`` translated so that their centroid has the canonical input's fractional
+        coordinates in ``cell``: the translation a relaxation gives (forces sum to zero, so atoms
+        move with the cell about the origin) and which a translation-equivariant model cannot know."""
+        return align_fractional_centroid(positions, cell, self.positions, self.cell)
+
+    def symmetrize(self, positions: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Project a prediction for the canonical cell onto the input's space group.
+
+        The prediction is split into a homogeneous deformation ``F`` of the input cell
+        (``cell = self.cell @ F``) and per-atom displacements ``u`` on top of it; ``F`` and ``u`` are
+        each averaged over the group's operations (in Cartesian form ``Q``: ``F -> mean Q^-1 F Q``,
+        ``u[perm[j]] <- mean u[j] Q``). Returns ``(positions (m, 3), cell (3, 3))``; the result has
+        every symmetry of the input.
+        """
+        base = self.cell
+        deformation = np.linalg.solve(base, cell)  # cell = base @ F
+        displacement = positions - self.positions @ deformation
+        # Images: the prediction may have moved an atom across the cell; measure displacements from
+        # the atom's own input position, not another image of it.
+        frac_u = displacement @ np.linalg.inv(cell)
+        displacement = (frac_u - np.round(frac_u)) @ cell
+        q_ops = np.linalg.inv(base) @ np.swapaxes(self.rotations, 1, 2) @ base  # row action r -> r Q
+        q_inv = np.linalg.inv(q_ops)
+        f_sym = np.mean(q_inv @ deformation @ q_ops, axis=0)
+        u_sym = np.zeros_like(displacement)
+        for q, perm in zip(q_ops, self.permutations, strict=True):
+            u_sym[perm] += displacement @ q
+        u_sym /= len(q_ops)
+        return self.positions @ f_sym + u_sym, base @ f_sym
+
+
+def align_fractional_centroid(positions: np.ndarray, cell: np.ndarray, reference: np.ndarray,
+                              reference_cell: np.ndarray) -> np.ndarray:
+    """``(n, 3)`` positions translated so that their centroid, in fractions of ``cell``, equals the
+    centroid of ``reference`` in fractions of ``reference_cell`` (Å, rows)."""
+    target = np.linalg.solve(reference_cell.T, reference.mean(axis=0)) @ cell
+    return positions + (target - positions.mean(axis=0))
+
+
+def canonical_frame(atomic_numbers, positions, cell, symprec: float = SYMPREC) -> CanonicalFrame:
+    """The canonical description of one crystal (see the module docstring).
+
+    Args:
+        atomic_numbers: ``(n,)`` Z.  positions: ``(n, 3)`` Cartesian Å.  cell: ``(3, 3)`` Å, rows.
+        symprec: symmetry tolerance in Å; symmetry found within it is made exact.
+
+    Raises:
+        FrameError: the symmetry search fails or its bookkeeping is inconsistent.
+    """
+    import moyopy
+
+    z = np.asarray(atomic_numbers, dtype=np.int64)
+    pos = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    lattice = np.asarray(cell, dtype=np.float64).reshape(3, 3)
+    frac_in = pos @ np.linalg.inv(lattice)
+    try:
+        data = moyopy.MoyoDataset(moyopy.Cell(lattice.tolist(), frac_in.tolist(), z.tolist()), symprec=symprec,
+                                  rotate_basis=True)
+    except Exception as err:  # moyopy raises plain exceptions of several kinds; all mean "no symmetry found"
+        raise FrameError(f"symmetry search failed (symprec {symprec} Å): {err}") from err
+    prim = data.prim_std_cell
+    basis = np.array(prim.basis, dtype=np.float64)
+    numbers = np.array(prim.numbers, dtype=np.int64)
+    x_std = np.array(prim.positions, dtype=np.float64)
+    rotations, translations = _operations(moyopy, basis, x_std, numbers, symprec)
+    linear, shifts = _choose_description(data, basis, x_std, numbers, rotations)
+    frac = x_std @ linear.T + shifts
+    # The atoms in table order too: the graph's top-K cut breaks exact distance ties by atom index,
+    # so the same crystal must also come with the same atom order.
+    order = np.argsort(_table_keys(frac[None], numbers, sort=False)[0], kind="stable")
+    numbers, frac, shifts, x_std = numbers[order], frac[order], shifts[order], x_std[order]
+    # Every atom's shift is the same translation up to its image (an integer vector).
+    images_choice = np.rint(shifts - shifts[0]).astype(np.int64)
+    mapping = np.argsort(order)[np.asarray(data.mapping_std_prim, dtype=np.int64)]
+    # The group is the same for the chosen description (a normalizer element maps it onto itself);
+    # only the permutations of the atoms are recomputed.
+    permutations = _permutations(rotations, translations, frac, numbers, basis, symprec)
+    rotation = np.array(data.std_rotation_matrix, dtype=np.float64)
+    user_cell, atom_map, images, offset = _user_bookkeeping(lattice, pos, rotation, basis, x_std, mapping, symprec)
+    return CanonicalFrame(numbers, basis, frac @ basis, int(data.number), rotations, translations, permutations,
+                          user_cell, atom_map, images, offset, rotation, linear, shifts[0], images_choice)
+
+
+# --- the candidates and the choice ----------------------------------------------------------------
+
+
+def _wrap(frac: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(wrapped, shift)``: ``frac - shift`` in [0, 1) with values within WRAP_EPS of 1 sent to 0."""
+    shift = np.floor(frac + WRAP_EPS)
+    return frac - shift, shift
+
+
+def _table_keys(frac: np.ndarray, numbers: np.ndarray, sort: bool = True) -> np.ndarray:
+    """``(c, m)`` int64 keys of ``c`` candidate descriptions ``frac (c, m, 3)`` (wrapped), sorted per
+    candidate unless ``sort`` is false: Z and the fractional coordinates rounded to TABLE_DECIMALS,
+    packed into one integer per atom."""
+    scale = 10**TABLE_DECIMALS
+    q = np.rint(frac * scale).astype(np.int64) % scale  # a coordinate that rounds to 1 is 0
+    keys = ((numbers[None, :] * scale + q[..., 0]) * scale + q[..., 1]) * scale + q[..., 2]
+    return np.sort(keys, axis=1) if sort else keys
+
+
+def _normalizer(data) -> tuple[np.ndarray, np.ndarray]:
+    """The chirality-preserving Euclidean normalizer of the space group on the primitive standard
+    coordinates, as ``(linear (c, 3, 3), shift (c, 3))`` affine maps ``x -> P x + s``: the closure of
+    moyopy's coset representatives and stabilizer under composition (translations mod 1)."""
+    found = data.normalizer_wyckoff_positions(preserve_chirality=True, primitive=True)
+    generators = [(np.array(op.linear, dtype=np.float64), np.array(op.origin_shift, dtype=np.float64))
+                  for op in [rep for rep, _ in found.coset_representatives] + list(found.stabilizer)]
+
+    def key(op):
+        return tuple(np.rint(op[0]).astype(int).ravel()) + tuple(np.rint((op[1] % 1.0) * 1e6).astype(int) % 10**6)
+
+    group = {key((np.eye(3), np.zeros(3))): (np.eye(3), np.zeros(3))}
+    frontier = list(group.values())
+    while frontier:
+        grown = []
+        for p1, s1 in frontier:
+            for p2, s2 in generators:
+                op = (p2 @ p1, (p2 @ s1 + s2) % 1.0)
+                if key(op) not in group:
+                    group[key(op)] = op
+                    grown.append(op)
+        frontier = grown
+    ops = list(group.values())
+    return np.array([p for p, _ in ops]), np.array([s for _, s in ops])
+
+
+def _choose_description(data, basis, frac, numbers, rotations) -> tuple[np.ndarray, np.ndarray]:
+    """The smallest-table description among the equivalent ones: ``(P (3, 3), shifts (m, 3))`` with
+    canonical fractions ``P @ x[k] + shifts[k]`` (wrapped) for moyopy's standard fractions ``x``."""
+    linears, shifts = _normalizer(data)
+    moved = np.einsum("cij,mj->cmi", linears, frac) + shifts[:, None, :]  # (c, m, 3)
+    polar = _polar_directions(rotations, basis)
+    if polar is not None:
+        # Pin the continuous origin: each atom of the rarest species in turn at zero along the polar
+        # directions (orthogonal projection in Cartesian space, mapped back to fractions).
+        counts = {int(zz): int(np.sum(numbers == zz)) for zz in np.unique(numbers)}
+        rarest = min(counts, key=lambda zz: (counts[zz], -zz))
+        atoms = np.flatnonzero(numbers == rarest)
+        cart = moved @ basis  # (c, m, 3)
+        pinned = cart[:, atoms, :] @ polar  # (c, a, 3): the chosen atoms' projections
+        moved = ((cart[:, None, :, :] - pinned[:, :, None, :]) @ np.linalg.inv(basis)).reshape(-1, *frac.shape)
+        linears = np.repeat(linears, len(atoms), axis=0)
+    wrapped, _ = _wrap(moved)
+    keys = _table_keys(wrapped, numbers)
+    best = np.lexsort(keys.T[::-1])[0]
+    return linears[best], wrapped[best] - frac @ linears[best].T
+
+
+def _polar_directions(rotations: np.ndarray, basis: np.ndarray) -> np.ndarray | None:
+    """Cartesian orthogonal projector ``(3, 3)`` (row action) onto the directions every operation
+    leaves fixed (a polar group's free origin), or ``None`` when there are none."""
+    cart = np.linalg.inv(basis) @ np.swapaxes(rotations, 1, 2) @ basis  # row action r -> r Q
+    stacked = (cart - np.eye(3)).transpose(0, 2, 1).reshape(-1, 3)  # rows span the moved directions
+    _, sigma, vt = np.linalg.svd(stacked)
+    free = vt[np.sum(sigma > 1e-6):]
+    if len(free) == 0:
+        return None
+    return free.T @ free
+
+
+def _operations(moyopy, basis, frac, numbers, symprec):
+    """The space group's operations on the primitive standard cell's fractional coordinates."""
+    data = moyopy.MoyoDataset(moyopy.Cell(basis.tolist(), frac.tolist(), numbers.tolist()), symprec=symprec,
+                              rotate_basis=False)
+    return (np.array(data.operations.rotations, dtype=np.int64),
+            np.array(data.operations.translations, dtype=np.float64))
+
+
+def _permutations(rotations, translations, frac, numbers, basis, symprec) -> np.ndarray:
+    """``(k, m)``: operation g moves atom j onto atom ``perm[g, j]`` (same species, within symprec)."""
+    moved = np.einsum("gij,mj->gmi", rotations.astype(np.float64), frac) + translations[:, None, :]
+    diff = moved[:, :, None, :] - frac[None, None, :, :]  # (k, m, m, 3)
+    diff -= np.round(diff)
+    dist = np.linalg.norm(diff @ basis, axis=-1)
+    dist[:, numbers[:, None] != numbers[None, :]] = np.inf
+    perm = np.argmin(dist, axis=2)
+    worst = np.take_along_axis(dist, perm[..., None], axis=2).max() if dist.size else 0.0
+    if not worst <= 4 * symprec or any(len(set(p.tolist())) != len(p) for p in perm):
+        raise FrameError(f"the symmetry operations do not map the refined cell onto itself (off by {worst:.2g} Å)")
+    return perm
+
+
+def _user_bookkeeping(lattice, pos, rotation, basis, x_std, mapping, symprec):
+    """``(T, atom_map, images, offset)`` linking the user's description to moyopy's standard one."""
+    rotated_cell = lattice @ rotation.T
+    t_float = rotated_cell @ np.linalg.inv(basis)
+    user_cell = np.rint(t_float).astype(np.int64)
+    if np.abs(t_float - user_cell).max() > 1e-3 or round(abs(np.linalg.det(user_cell))) * len(x_std) != len(pos):
+        raise FrameError("the input cell is not an integer combination of the primitive cell found")
+    atom_map = np.asarray(mapping, dtype=np.int64)
+    rotated = pos @ rotation.T
+    reference = rotated[0] - x_std[atom_map[0]] @ basis
+    images = np.rint((rotated - reference) @ np.linalg.inv(basis) - x_std[atom_map]).astype(np.int64)
+    residual = rotated - (x_std[atom_map] + images) @ basis
+    offset = residual.mean(axis=0)
+    if np.abs(residual - offset).max() > 4 * symprec:
+        raise FrameError("the input atoms do not map onto the refined primitive cell within symprec")
+    return user_cell, atom_map, images, offset

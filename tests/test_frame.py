@@ -1,0 +1,228 @@
+"""Same crystal, same answer: the canonical frame (e3relax_fast/frame.py) and relax_batch through it.
+
+Every way of writing a crystal — another unimodular basis, atoms moved by lattice vectors, the
+conventional cell, 2x1x1 and 2x2x2 supercells, a rotation, a translation — must give the same
+predicted crystal (StructureMatcher, ltol = stol = 3e-3, angle_tol 0.1°; volume per atom within 0.1 %),
+in float32 and float64; every symmetric input keeps its space group (symprec 1e-3); the original's
+checkpoints (paper_compat) keep the raw behaviour.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("moyopy")
+ase = pytest.importorskip("ase")
+pytest.importorskip("pymatgen")
+spglib = pytest.importorskip("spglib")
+from ase.build import bulk, make_supercell  # noqa: E402
+from ase.io import read  # noqa: E402
+from pymatgen.analysis.structure_matcher import StructureMatcher  # noqa: E402
+from pymatgen.io.ase import AseAtomsAdaptor  # noqa: E402
+
+from e3relax_fast import E3Relax, load_pretrained, relax_batch  # noqa: E402
+from e3relax_fast.batch import Batch  # noqa: E402
+from e3relax_fast.frame import canonical_frame  # noqa: E402
+from e3relax_fast.io import read_pairs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SYMPREC = 1e-3
+
+
+def space_group(atoms) -> int:
+    cell = (atoms.cell.array, atoms.get_scaled_positions(), atoms.numbers)
+    return spglib.get_symmetry_dataset(cell, symprec=SYMPREC).number
+
+
+def keeps_symmetry(before, after, tol: float = SYMPREC) -> bool:
+    """Every symmetry operation of ``before`` (spglib, fractional, same basis and atom order) maps
+    ``after`` onto itself within ``tol`` Å: its space group is kept (a supergroup is allowed, as a
+    relaxation may reach a more symmetric structure)."""
+    ops = spglib.get_symmetry((before.cell.array, before.get_scaled_positions(), before.numbers), symprec=tol)
+    frac = after.get_scaled_positions(wrap=False)
+    for rotation, translation in zip(ops["rotations"], ops["translations"], strict=True):
+        moved = frac @ rotation.T + translation
+        diff = moved[:, None, :] - frac[None, :, :]
+        diff -= np.round(diff)
+        dist = np.linalg.norm(diff @ after.cell.array, axis=-1)
+        dist[after.numbers[:, None] != after.numbers[None, :]] = np.inf
+        if dist.min(axis=1).max() > tol:
+            return False
+    return True
+
+
+def random_rotation(rng) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+def random_unimodular(rng) -> np.ndarray:
+    while True:
+        m = rng.integers(-1, 2, (3, 3))
+        if round(np.linalg.det(m)) == 1:
+            return m
+
+
+def conventional(atoms):
+    import moyopy
+
+    data = moyopy.MoyoDataset(moyopy.Cell(atoms.cell.array.tolist(), atoms.get_scaled_positions().tolist(),
+                                          atoms.numbers.tolist()), symprec=SYMPREC)
+    std = data.std_cell
+    return ase.Atoms(numbers=std.numbers, scaled_positions=std.positions, cell=std.basis, pbc=True)
+
+
+def rewritings(atoms, rng) -> dict:
+    """The same crystal written in ten other ways."""
+    out = {f"basis{k}": make_supercell(atoms, random_unimodular(rng)) for k in range(2)}
+    shifted = atoms.copy()
+    for i in range(len(shifted)):
+        shifted.positions[i] += rng.integers(-2, 3, 3) @ shifted.cell.array
+    out["lattice shifts"] = shifted
+    out["conventional"] = conventional(atoms)
+    out["2x1x1"] = make_supercell(atoms, np.diag([2, 1, 1]))
+    out["2x2x2"] = make_supercell(atoms, np.diag([2, 2, 2]))
+    rotated = atoms.copy()
+    rotated.set_cell(atoms.cell.array @ random_rotation(rng).T, scale_atoms=True)
+    out["rotation"] = rotated
+    translated = atoms.copy()
+    translated.positions += rng.normal(0.0, 2.0, 3)
+    out["translation"] = translated
+    both = make_supercell(atoms, random_unimodular(rng) @ np.diag([1, 1, 2]))
+    both.positions += rng.normal(0.0, 2.0, 3)
+    both.set_cell(both.cell.array @ random_rotation(rng).T, scale_atoms=True)
+    out["basis + supercell + translation + rotation"] = both
+    return out
+
+
+def load_crystals() -> dict:
+    """High- and low-symmetry crystals: examples/, textbook ones and the test split's inputs."""
+    crystals = {path.name: read(path) for path in sorted((ROOT / "examples").glob("*.cif"))}
+    crystals["GaAs zincblende"] = bulk("GaAs", "zincblende", a=5.65)
+    crystals["ZnO wurtzite (polar)"] = bulk("ZnO", "wurtzite", a=3.25, c=5.2)
+    crystals["Cu fcc"] = bulk("Cu", "fcc", a=3.61)
+    crystals["Fe bcc"] = bulk("Fe", "bcc", a=2.87)
+    pairs = read_pairs(ROOT / "data" / "chgnet_v3", "test")
+    by_group: dict[int, list] = {}
+    for pair in pairs:
+        atoms = ase.Atoms(numbers=pair.atomic_numbers, positions=pair.pos_unrelaxed, cell=pair.cell_unrelaxed,
+                          pbc=True)
+        by_group.setdefault(space_group(atoms), []).append((pair.id, atoms))
+    for group, members in sorted(by_group.items()):  # two of each space group, four of P1
+        for pair_id, atoms in members[: 4 if group == 1 else 2]:
+            crystals[f"test {pair_id} (sg {group})"] = atoms
+    return crystals
+
+
+CRYSTALS = load_crystals()
+
+
+def test_there_are_twenty_crystals_of_high_and_low_symmetry():
+    groups = [space_group(a) for a in CRYSTALS.values()]
+    assert len(CRYSTALS) >= 20
+    assert sum(g == 1 for g in groups) >= 4 and sum(g >= 195 for g in groups) >= 5  # triclinic and cubic
+
+
+@pytest.mark.parametrize("name", list(CRYSTALS))
+def test_canonical_frame_round_trip_and_invariance(name):
+    """Every rewriting maps to the same canonical cell (same atoms, same order), and the identity
+    prediction maps back onto the input exactly."""
+    atoms = CRYSTALS[name]
+    ref = canonical_frame(atoms.numbers, atoms.positions, atoms.cell.array)
+    for label, other in rewritings(atoms, np.random.default_rng(1)).items():
+        frame = canonical_frame(other.numbers, other.positions, other.cell.array)
+        np.testing.assert_allclose(frame.cell, ref.cell, atol=1e-6, err_msg=label)
+        assert np.array_equal(frame.numbers, ref.numbers), label
+        np.testing.assert_allclose(frame.positions, ref.positions, atol=1e-5, err_msg=label)
+        positions, cell = frame.to_user(frame.positions, frame.cell)
+        np.testing.assert_allclose(positions, other.positions, atol=2 * SYMPREC, err_msg=label)
+        np.testing.assert_allclose(cell, other.cell.array, atol=2 * SYMPREC, err_msg=label)
+        assert frame.atom_map.shape == (len(other),)
+
+
+def test_symmetrize_projects_onto_the_space_group():
+    atoms = bulk("GaAs", "zincblende", a=5.65, cubic=True)
+    frame = canonical_frame(atoms.numbers, atoms.positions, atoms.cell.array)
+    rng = np.random.default_rng(0)
+    noisy_cell = frame.cell @ (np.eye(3) + rng.normal(0, 0.02, (3, 3)))
+    noisy = frame.positions @ np.linalg.solve(frame.cell, noisy_cell) + rng.normal(0, 0.05, frame.positions.shape)
+    positions, cell = frame.symmetrize(noisy, noisy_cell)
+    out = ase.Atoms(numbers=frame.numbers, positions=positions, cell=cell, pbc=True)
+    assert space_group(out) == 216
+    assert space_group(ase.Atoms(numbers=frame.numbers, positions=noisy, cell=noisy_cell, pbc=True)) == 1
+    # An already symmetric prediction is left as it is (a projection).
+    again = frame.symmetrize(positions, cell)
+    np.testing.assert_allclose(again[0], positions, atol=1e-12)
+    np.testing.assert_allclose(again[1], cell, atol=1e-12)
+
+
+MATCHER = StructureMatcher(ltol=3e-3, stol=3e-3, angle_tol=0.1, primitive_cell=True, scale=False)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_pretrained("default")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_same_crystal_same_answer(model, dtype):
+    rng = np.random.default_rng(2)
+    inputs, owners = [], []
+    for name, atoms in CRYSTALS.items():
+        for label, other in {"as given": atoms, **rewritings(atoms, rng)}.items():
+            inputs.append(other)
+            owners.append((name, label))
+    out = relax_batch(inputs, model, dtype=dtype)
+    reference = {}
+    failures = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pymatgen's warnings about oxidation states
+        for (name, label), prediction in zip(owners, out, strict=True):
+            structure = AseAtomsAdaptor.get_structure(prediction)
+            volume = prediction.get_volume() / len(prediction)
+            if label == "as given":
+                reference[name] = (structure, volume)
+                continue
+            ref_structure, ref_volume = reference[name]
+            if not MATCHER.fit(ref_structure, structure) or abs(volume / ref_volume - 1) > 1e-3:
+                failures.append(f"{name}: {label}")
+    assert not failures, failures
+
+
+@pytest.mark.slow
+def test_symmetric_inputs_keep_their_space_group(model):
+    """Every symmetric structure of examples/ and of the test split keeps its symmetry operations."""
+    inputs = [read(path) for path in sorted((ROOT / "examples").glob("*.cif"))]
+    inputs += [ase.Atoms(numbers=p.atomic_numbers, positions=p.pos_unrelaxed, cell=p.cell_unrelaxed, pbc=True)
+               for p in read_pairs(ROOT / "data" / "chgnet_v3", "test")]
+    symmetric = [a for a in inputs if space_group(a) > 1]
+    assert len(symmetric) >= 100
+    out = relax_batch(symmetric, model)
+    lost = [(k, space_group(a), space_group(o)) for k, (a, o) in enumerate(zip(symmetric, out, strict=True))
+            if not keeps_symmetry(a, o)]
+    assert not lost, lost
+    free = relax_batch(symmetric, model, symmetry="free")  # what the projection repairs
+    assert sum(not keeps_symmetry(a, o) for a, o in zip(symmetric, free, strict=True)) > 0
+
+
+def test_paper_compat_keeps_the_raw_behaviour():
+    """An original checkpoint's model sees the input as given: no frame, no projection."""
+    torch.manual_seed(0)
+    model = E3Relax(hidden_channels=16, num_layers=2, paper_compat=True).double()
+    atoms = make_supercell(bulk("Si"), np.array([[1, 1, 0], [0, 1, 0], [0, 0, 1]]))
+    atoms.positions += 0.3
+    out = relax_batch([atoms], model)[0]
+    batch = Batch.from_arrays([(atoms.numbers, atoms.positions, atoms.cell.array)])
+    with torch.no_grad():
+        direct = model(batch)
+    np.testing.assert_allclose(out.positions, direct.positions[-1].numpy(), atol=1e-12)
+    np.testing.assert_allclose(out.cell.array, direct.cells[-1][0].numpy(), atol=1e-12)
+    with pytest.raises(ValueError, match="symmetry='keep' needs frame='canonical'"):
+        relax_batch([atoms], model, symmetry="keep")
