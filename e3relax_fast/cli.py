@@ -33,7 +33,8 @@ def run_relax(args: argparse.Namespace) -> int:
         return 2
     try:
         outcome = relax_files(inputs, outputs, formats, model, on_error=args.on_error, device=args.device,
-                              batch_size=args.batch_size, max_atoms=args.max_atoms, precision=args.precision)
+                              batch_size=args.batch_size, max_atoms=args.max_atoms, precision=args.precision,
+                              **_frame_options(args))
     except (UnreadableFileError, InvalidStructureError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -49,6 +50,21 @@ def run_relax(args: argparse.Namespace) -> int:
         + (f" ({failed} structure(s) failed)" if failed else "")
     )
     return 0
+
+
+def _add_frame_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--frame", choices=("auto", "canonical", "input"), default="auto",
+                   help="canonical: predict each crystal in its canonical description and map back (the same "
+                   "answer however a crystal is written); input: as given; auto (default): canonical, except for "
+                   "the authors' checkpoints (paper_compat)")
+    p.add_argument("--symmetry", choices=("auto", "keep", "free"), default="auto",
+                   help="keep: project each prediction onto the input's space group (auto, the default, with the "
+                   "canonical frame); free: no projection")
+    p.add_argument("--symprec", type=float, default=1e-3, help="symmetry tolerance in Å (default 1e-3)")
+
+
+def _frame_options(args: argparse.Namespace) -> dict:
+    return {"frame": args.frame, "symmetry": args.symmetry, "symprec": args.symprec}
 
 
 def add_relax_parser(subparsers) -> None:
@@ -68,6 +84,7 @@ def add_relax_parser(subparsers) -> None:
     p.add_argument("--precision", choices=("default", "tf32", "bf16"), default="default",
                    help="matmul arithmetic: the model's own (default), TF32 (CUDA) or bf16 autocast; accuracy "
                    "against float64 in bench/RESULTS.md")
+    _add_frame_arguments(p)
     p.add_argument(
         "--on-error",
         choices=("raise", "skip", "return_input"),
@@ -97,14 +114,14 @@ def run_train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         model={"hidden_channels": args.hidden, "num_layers": args.layers},
         lr=args.lr, batch_size=args.batch_size, steps_per_epoch=args.steps_per_epoch,
-        max_epochs=args.max_epochs, loss=args.loss, seed=args.seed, dtype=args.dtype,
+        max_epochs=args.max_epochs, loss=args.loss, seed=args.seed, dtype=args.dtype, frame=args.frame,
     )
     cache = Path(args.out) / "graphs"
     datasets = {}
     for split in (args.train_split, args.val_split):
         # Every --data source contributes its split. Graphs are built once and cached beside the
         # run (keyed by content), so reruns and resumes reuse them.
-        datasets[split] = PairDataset(read_pairs(args.data, split), cache=cache / f"{split}.pt")
+        datasets[split] = PairDataset(read_pairs(args.data, split), cache=cache / f"{split}.pt", frame=args.frame)
     summary = train(config, datasets[args.train_split], datasets[args.val_split], args.out, device=device,
                     max_steps=args.max_steps, progress=not args.quiet)
     print(f"trained {summary['step']} steps, {summary['epoch']} pseudo-epochs; "
@@ -133,6 +150,9 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--loss", choices=("l2", "pbc_l1"), default="l2", help="l2: the paper's loss; pbc_l1: E3Relax-H2's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--frame", choices=("canonical", "input"), default="canonical",
+                   help="canonical (default): train where relax_batch predicts, each pair in the canonical frame "
+                   "of its unrelaxed structure; input: as given (the original recipe)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     p.set_defaults(func=run_train)
@@ -141,20 +161,20 @@ def add_train_parser(subparsers) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from .io import read_pairs
     from .model import load_pretrained
-    from .training import PairDataset, write_report
     from .training import evaluate as evaluate_model
+    from .training import write_report
 
     model = load_pretrained(args.checkpoint, map_location=args.device)
-    dataset = PairDataset(read_pairs(args.data, args.split))
-    result = evaluate_model(model, dataset, device=args.device, match=not args.no_match)
+    pairs = read_pairs(args.data, args.split)
+    result = evaluate_model(model, pairs, device=args.device, match=not args.no_match, **_frame_options(args))
     if args.steps_saved:
         from .datagen import make_calculator, steps_saved
 
         calculator = make_calculator(args.steps_saved, batched=True, device=args.device)
-        result["steps_saved"] = steps_saved(dataset.pairs, result["predictions"], calculator,
+        result["steps_saved"] = steps_saved(pairs, result["predictions"], calculator,
                                             fmax=args.fmax, max_steps=args.max_steps)
     sources = " + ".join(str(source) for source in args.data)
-    report = write_report(result, dataset, args.out, title=f"{args.checkpoint} on {sources} ({args.split})")
+    report = write_report(result, pairs, args.out, title=f"{args.checkpoint} on {sources} ({args.split})")
     print(report.read_text())
     return 0
 
@@ -172,6 +192,7 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-match", action="store_true", help="skip the (slow) StructureMatcher match rate")
+    _add_frame_arguments(p)
     p.add_argument("--steps-saved", metavar="CALC",
                    help="also relax each structure with this potential (chgnet, emt, module:factory) from the "
                    "unrelaxed structure and from the prediction, and report the optimiser steps saved")

@@ -32,6 +32,8 @@ Units: Å; cells are ``(3, 3)`` with the lattice vectors as rows; fractional coo
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,6 +113,24 @@ class CanonicalFrame:
         user_positions = (frac[self.atom_map] + self.images + offset) @ std_cell
         return user_positions @ self.rotation, (self.user_cell @ std_cell) @ self.rotation
 
+    def from_user(self, positions: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The inverse of :meth:`to_user`: a structure in the user's description (``positions (n, 3)``
+        in the user's atom order, each atom the image that corresponds to its input position, and
+        ``cell (3, 3)``, Å) as ``(positions (m, 3), cell (3, 3))`` of the canonical cell. The images
+        of one canonical atom in a supercell are averaged (a target that breaks the supercell's
+        translations is projected onto them)."""
+        linear = self.choice_linear
+        rotation_q = np.linalg.solve(self.cell, linear.T @ self.cell)
+        std_cell = np.linalg.solve(self.user_cell.astype(np.float64), cell @ self.rotation.T)
+        per_atom = (positions @ self.rotation.T) @ np.linalg.inv(std_cell) - self.images \
+            - self.offset @ np.linalg.inv(self.cell)
+        frac = np.zeros((len(self.numbers), 3))
+        np.add.at(frac, self.atom_map, per_atom)
+        frac /= np.bincount(self.atom_map, minlength=len(self.numbers))[:, None]
+        canonical_cell = np.linalg.solve(linear.T, std_cell) @ rotation_q
+        canonical = frac @ linear.T + self.choice_shift + self.choice_images
+        return canonical @ canonical_cell, canonical_cell
+
     def align(self, positions: np.ndarray, cell: np.ndarray) -> np.ndarray:
         """``positions`` translated so that their centroid has the canonical input's fractional
         coordinates in ``cell``: the translation a relaxation gives (forces sum to zero, so atoms
@@ -166,6 +186,25 @@ def canonical_frame(atomic_numbers, positions, cell, symprec: float = SYMPREC) -
     z = np.asarray(atomic_numbers, dtype=np.int64)
     pos = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
     lattice = np.asarray(cell, dtype=np.float64).reshape(3, 3)
+    with _quiet_moyopy():
+        return _canonical_frame(moyopy, z, pos, lattice, symprec)
+
+
+@contextlib.contextmanager
+def _quiet_moyopy():
+    """moyopy logs a warning for every supercell input ("Omitted ... symmetry operations ... in the
+    input-cell basis"): true, expected here (the primitive cell's operations are used), and noise
+    for a user screening thousands of crystals."""
+    log = logging.getLogger("moyo")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _canonical_frame(moyopy, z, pos, lattice, symprec) -> CanonicalFrame:
     frac_in = pos @ np.linalg.inv(lattice)
     try:
         data = moyopy.MoyoDataset(moyopy.Cell(lattice.tolist(), frac_in.tolist(), z.tolist()), symprec=symprec,
@@ -312,3 +351,90 @@ def _user_bookkeeping(lattice, pos, rotation, basis, x_std, mapping, symprec):
     if np.abs(residual - offset).max() > 4 * symprec:
         raise FrameError("the input atoms do not map onto the refined primitive cell within symprec")
     return user_cell, atom_map, images, offset
+
+
+# --- slabs ----------------------------------------------------------------------------------------
+
+#: Vacuum (Å) below which a cell marked non-periodic along an axis is refused: atoms closer than
+#: this across the gap would be bonded (covalent bonds reach ~3 Å), so it is a bulk crystal written
+#: with a wrong pbc flag, not a slab.
+MIN_SLAB_VACUUM = 3.0
+
+
+@dataclass
+class SlabFrame:
+    """A slab (two periodic axes) as the model sees it, and the way back.
+
+    The non-periodic lattice vector is replaced, for the model, by the slab's normal with length
+    thickness + graph radius + 1 Å (so no edge or image crosses it, and the prediction does not
+    depend on how much vacuum the user gave), and placed last; the atoms are made contiguous across
+    the vacuum. The prediction keeps the user's non-periodic vector as given. The in-plane basis,
+    orientation and atom order are the user's (no canonical choice among equivalent descriptions for
+    slabs yet), and no symmetry projection is made (:meth:`symmetrize` returns its input).
+
+    Attributes:
+        numbers, positions, cell: the model's input (Å; ``cell[2]`` is the normal vector).
+        axes: ``(3,)`` user axis of each model axis (a cyclic permutation, so handedness is kept).
+        user_vector: ``(3,)`` the user's non-periodic lattice vector (Å).
+        shifts: ``(n, 3)`` Cartesian shift applied to each atom for the model (Å).
+    """
+
+    numbers: np.ndarray
+    positions: np.ndarray
+    cell: np.ndarray
+    axes: np.ndarray
+    user_vector: np.ndarray
+    shifts: np.ndarray
+
+    def symmetrize(self, positions: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return positions, cell
+
+    def align(self, positions: np.ndarray, cell: np.ndarray) -> np.ndarray:
+        """Positions translated so that the centroid keeps its fractional in-plane coordinates and its
+        height (a relaxation's translation; see :func:`align_fractional_centroid`)."""
+        in_plane = np.vstack([cell[:2], self.cell[2]])
+        return align_fractional_centroid(positions, in_plane, self.positions, self.cell)
+
+    def to_user(self, positions: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        user_cell = np.empty((3, 3))
+        user_cell[self.axes[:2]] = cell[:2]
+        user_cell[self.axes[2]] = self.user_vector
+        return positions - self.shifts, user_cell
+
+
+def slab_frame(atomic_numbers, positions, cell, pbc, radius: float) -> SlabFrame:
+    """The model's view of a slab (see :class:`SlabFrame`); ``pbc`` has exactly one False entry.
+
+    Raises:
+        FrameError: the cell leaves less than MIN_SLAB_VACUUM of vacuum along the non-periodic axis.
+    """
+    z = np.asarray(atomic_numbers, dtype=np.int64)
+    pos = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    lattice = np.asarray(cell, dtype=np.float64).reshape(3, 3)
+    k = int(np.flatnonzero(~np.asarray(pbc, dtype=bool))[0])
+    axes = np.array([(k + 1) % 3, (k + 2) % 3, k])
+    a, b, vector = lattice[axes[0]], lattice[axes[1]], lattice[k]
+    normal = np.cross(a, b)
+    normal /= np.linalg.norm(normal)  # points along the vector: the cell is right-handed (validated)
+    # Contiguous across the vacuum: wrap the fractional heights into [0, 1), find the widest gap
+    # between neighbouring atoms (cyclically) and move the atoms below it up by one period.
+    raw = (pos @ np.linalg.inv(lattice))[:, k]
+    wrapped = raw - np.floor(raw)
+    order = np.argsort(wrapped)
+    gaps = np.diff(np.concatenate([wrapped[order], wrapped[order[:1]] + 1.0]))
+    cut = wrapped[order[(np.argmax(gaps) + 1) % len(order)]]
+    periods = wrapped - raw + (wrapped < cut)
+    unwrapped = pos + periods[:, None] * vector
+    heights = unwrapped @ normal
+    thickness = float(heights.max() - heights.min())
+    vacuum = float(vector @ normal) - thickness
+    if vacuum < MIN_SLAB_VACUUM:
+        raise FrameError(f"slab (pbc {np.asarray(pbc).tolist()}): only {vacuum:.3g} Å of vacuum along the "
+                         f"non-periodic axis (at least {MIN_SLAB_VACUUM} Å, or atoms bond across it: is it a bulk "
+                         "crystal? then mark the axis periodic)")
+    box = thickness + radius + 1.0
+    # The slab centred in the model's box along the normal (the model is translation-invariant; this
+    # keeps the graph builder's fractional coordinates tidy).
+    shifts = unwrapped - pos + (0.5 * box - 0.5 * (heights.max() + heights.min())) * normal
+    model_cell = np.vstack([a, b, box * normal])
+    return SlabFrame(z, pos + shifts, model_cell, axes, vector.copy(), shifts)

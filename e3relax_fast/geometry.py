@@ -84,3 +84,28 @@ def nearest_images(positions: Tensor, reference: Tensor, cells: Tensor, graph_in
     candidates = positions.unsqueeze(1) + shifts  # (N, 27, 3)
     best = torch.linalg.vector_norm(reference.unsqueeze(1) - candidates, dim=-1).argmin(dim=1)
     return candidates[torch.arange(len(best), device=best.device), best], images[best]
+
+
+def align_fractional_centroid(positions: Tensor, cells: Tensor, reference: Tensor, reference_cells: Tensor,
+                              graph_index: Tensor, counts: Tensor) -> Tensor:
+    """Translate each crystal's atoms so that their centroid, in fractions of its cell in ``cells``,
+    equals the centroid of ``reference`` in fractions of ``reference_cells``.
+
+    This fixes the one thing a translation-equivariant model cannot know: where a relaxed crystal
+    sits. A relaxation keeps it there (the forces sum to zero, so the atoms only move with the cell,
+    whose deformation keeps fractional coordinates), and so do the training targets.
+
+    Args:
+        positions, reference: ``(N, 3)`` Å.  cells, reference_cells: ``(G, 3, 3)`` Å, rows.
+        graph_index: ``(N,)`` int64 crystal of each atom.  counts: ``(G,)`` atoms per crystal.
+
+    Returns:
+        ``(N, 3)`` translated positions (differentiable in ``positions`` and ``cells``).
+    """
+    g = cells.shape[0]
+    size = counts.clamp(min=1).to(positions.dtype).unsqueeze(-1)
+    mean = positions.new_zeros(g, 3).index_add_(0, graph_index, positions) / size
+    ref_mean = reference.new_zeros(g, 3).index_add_(0, graph_index, reference) / size
+    frac = torch.linalg.solve(reference_cells.transpose(1, 2), ref_mean.unsqueeze(-1)).squeeze(-1)
+    target = torch.einsum("gi,gij->gj", frac.to(cells.dtype), cells)
+    return positions + (target - mean)[graph_index]

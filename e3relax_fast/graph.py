@@ -4,13 +4,14 @@ through the op table (:func:`build_graph`), or into fixed-size buffers for CUDA 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import ops
-from .batch import Graph
+from .batch import Batch, Graph
 from .geometry import MAX_NEIGHBORS, RADIUS
 from .ops import compiled
 
@@ -142,3 +143,27 @@ def build_graph_fixed(
     if check:
         check_fixed(graph)
     return graph
+
+
+def drop_images(batch: Batch, periodic: Tensor) -> Batch:
+    """The batch with the edges of its graph that cross a non-periodic axis removed.
+
+    Args:
+        batch: a batch with a receiver-sorted graph (``rowptr`` given).
+        periodic: ``(G, 3)`` bool, which lattice vectors of each crystal are periodic; an edge whose
+            image offset is non-zero along a non-periodic axis of its crystal is dropped (a slab's
+            self-image edges through its vacuum, for one).
+
+    Returns:
+        A copy with the remaining edges, still receiver-sorted, and their ``rowptr``.
+    """
+    if batch.rowptr is None:
+        raise ValueError("drop_images needs a receiver-sorted graph with its rowptr")
+    edge_graph = batch.graph_index()[batch.edge_index[1]]
+    crossing = ((batch.cell_offsets != 0) & ~periodic.to(batch.cell_offsets.device)[edge_graph]).any(dim=1)
+    keep = ~crossing
+    kept_per_receiver = torch.zeros(batch.num_atoms, dtype=torch.int64, device=keep.device)
+    kept_per_receiver.index_add_(0, batch.edge_index[1], keep.to(torch.int64))
+    rowptr = torch.zeros(batch.num_atoms + 1, dtype=torch.int64, device=keep.device)
+    rowptr[1:] = torch.cumsum(kept_per_receiver, 0)
+    return replace(batch, edge_index=batch.edge_index[:, keep], cell_offsets=batch.cell_offsets[keep], rowptr=rowptr)

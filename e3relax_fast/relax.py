@@ -14,13 +14,17 @@ import torch
 from torch import nn
 
 from .batch import Batch
-from .frame import SYMPREC, CanonicalFrame, FrameError, canonical_frame
+from .frame import SYMPREC, FrameError, SlabFrame, canonical_frame, slab_frame
 from .geometry import MAX_NEIGHBORS, RADIUS
+from .graph import drop_images
 from .io import (
     FORMATS,
+    Constraints,
     InvalidStructureError,
     UnreadableFileError,
+    constraints,
     from_arrays_like,
+    periodicity,
     read_structures,
     structure_kind,
     to_arrays,
@@ -92,8 +96,10 @@ def plan_batches(
 
 def _prepare_model(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
     """``model`` itself if already on ``device`` in ``dtype``, else a moved copy (the caller's
-    model is never modified)."""
-    param = next(model.parameters())
+    model is never modified). A parameter-free model (a baseline) is used as it is."""
+    param = next(model.parameters(), None)
+    if param is None:
+        return model
     dtype = dtype or param.dtype
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -176,7 +182,7 @@ def relax_batch(
     if model is None:
         model = load_pretrained("default", map_location=device)
     model = _prepare_model(model, device, dtype)
-    if precision != "default" and next(model.parameters()).dtype != torch.float32:
+    if precision != "default" and next(model.parameters(), torch.empty(0)).dtype != torch.float32:
         raise ValueError(f"precision={precision!r} needs a float32 model (pass dtype=torch.float32)")
     if precision == "tf32" and device.type != "cuda":
         raise ValueError(f"precision='tf32' needs a CUDA device, got device={str(device)!r}")
@@ -190,29 +196,29 @@ def relax_batch(
         errors[index] = reason
 
     arrays = _valid_arrays(items, getattr(model, "num_elements", None), fail)
-    frames = _canonical_frames(arrays, symprec, fail) if canonical else {}
-    inputs = {i: (frames[i].numbers, frames[i].positions, frames[i].cell) if canonical else arrays[i]
-              for i in arrays if i in frames or not canonical}
+    fixed = _constraints(items, arrays, fail)
+    # The original's checkpoints see every structure as given and periodic in 3D, as the original did.
+    views = _model_views(items, arrays, canonical, not getattr(model, "paper_compat", False), symprec, radius, fail)
     if max_atoms is None and batch_size is None:
         max_atoms = DEFAULT_MAX_ATOMS.get(device.type, DEFAULT_MAX_ATOMS_ACCELERATOR)
-    valid = list(inputs)
+    valid = list(views)
     groups = [[valid[k] for k in group]
-              for group in plan_batches([len(inputs[i][0]) for i in valid], batch_size, max_atoms)]
+              for group in plan_batches([len(views[i].numbers) for i in valid], batch_size, max_atoms)]
     results: list = [None] * len(items)
     predicted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    batches = (Batch.from_arrays([inputs[i] for i in indices], dtype=torch.float64) for indices in groups)
+    batches = (_model_batch([views[i] for i in indices], device, radius, max_neighbors, graph_backend)
+               for indices in groups)
     predictions = predict_batches(model, batches, device, precision, graph_backend, radius, max_neighbors)
     for indices, prediction in zip(groups, predictions, strict=True):
-        per_structure = prediction.per_structure()
-        for index, (pos, cell), ok in zip(indices, per_structure, prediction.finite(), strict=True):
+        for index, (pos, cell), ok in zip(indices, prediction.per_structure(), prediction.finite(), strict=True):
             if not ok:
                 fail(index, "the model's prediction contains NaN or inf")
                 continue
-            if canonical:
-                frame_ = frames[index]
-                if keep_symmetry:
-                    pos, cell = frame_.symmetrize(pos, cell)
-                pos, cell = frame_.to_user(frame_.align(pos, cell), cell)
+            view = views[index]
+            if keep_symmetry or fixed[index].symmetry:
+                pos, cell = view.symmetrize(pos, cell)
+            pos, cell = view.to_user(view.align(pos, cell), cell)
+            pos = _honour_constraints(fixed[index], arrays[index], pos, cell)
             results[index] = from_arrays_like(items[index], pos, cell)
             predicted[index] = (pos, cell)
     if refine is not None and refine_steps > 0 and predicted:
@@ -242,15 +248,83 @@ def _frame_modes(model: nn.Module, frame: str, symmetry: str) -> tuple[bool, boo
     return canonical, canonical and symmetry != "free"
 
 
-def _canonical_frames(arrays: dict, symprec: float, fail) -> dict[int, CanonicalFrame]:
-    """The canonical frame of each valid input; ``fail(index, reason)`` for those without one."""
-    frames = {}
+@dataclass
+class _AsGiven:
+    """The model's view of a structure taken as given (``frame="input"``, and every structure of a
+    ``paper_compat`` model): no frame, no projection, no translation gauge."""
+
+    numbers: np.ndarray
+    positions: np.ndarray
+    cell: np.ndarray
+
+    def symmetrize(self, positions, cell):
+        return positions, cell
+
+    def align(self, positions, cell):
+        return positions
+
+    def to_user(self, positions, cell):
+        return positions, cell
+
+
+def _model_views(items, arrays: dict, canonical: bool, respect_pbc: bool, symprec: float, radius: float,
+                 fail) -> dict:
+    """What the model sees of each valid input and how its prediction goes back: a
+    :class:`~e3relax_fast.frame.CanonicalFrame` (crystals, canonical frame), a
+    :class:`~e3relax_fast.frame.SlabFrame` (two periodic axes) or the input as given;
+    ``fail(index, reason)`` for the others (molecules and wires, frames that cannot be built)."""
+    views = {}
     for index, (z, positions, cell) in arrays.items():
+        pbc = periodicity(items[index]) if respect_pbc else np.ones(3, dtype=bool)
         try:
-            frames[index] = canonical_frame(z, positions, cell, symprec)
+            if pbc.sum() < 2:
+                raise FrameError(f"a molecule or a wire (pbc={pbc.tolist()}): the model is for periodic crystals "
+                                 "and slabs (at least two periodic axes)")
+            if pbc.sum() == 2:
+                views[index] = slab_frame(z, positions, cell, pbc, radius)
+            elif canonical:
+                views[index] = canonical_frame(z, positions, cell, symprec)
+            else:
+                views[index] = _AsGiven(z, positions, cell)
         except FrameError as err:
-            fail(index, f"canonical frame: {err}")
-    return frames
+            fail(index, str(err))
+    return views
+
+
+def _model_batch(views: list, device: torch.device, radius: float, max_neighbors: int, backend: str) -> Batch:
+    """The model's batch of ``views``; when it holds slabs, with the graph built here and their edges
+    through the vacuum removed (else :func:`predict_batches` builds the graph)."""
+    batch = Batch.from_arrays([(v.numbers, v.positions, v.cell) for v in views], dtype=torch.float64)
+    slabs = [isinstance(v, SlabFrame) for v in views]
+    if not any(slabs):
+        return batch
+    periodic = torch.tensor([[True, True, not slab] for slab in slabs])  # a slab's normal is its last axis
+    return drop_images(batch.to(device).with_graph(radius, max_neighbors, backend=backend), periodic)
+
+
+def _constraints(items, arrays: dict, fail) -> dict[int, Constraints]:
+    """The constraints of each valid input; ``fail(index, reason)`` (and removal from ``arrays``) for
+    those that cannot be honoured."""
+    out = {}
+    for index in list(arrays):
+        try:
+            out[index] = constraints(items[index], index)
+        except InvalidStructureError as err:
+            fail(index, err.reason)
+            del arrays[index]
+    return out
+
+
+def _honour_constraints(fixed: Constraints, given: tuple, positions: np.ndarray, cell: np.ndarray) -> np.ndarray:
+    """``positions`` with the fixed components back at their input values: Cartesian ones (ASE) as
+    given, fractional ones (selective_dynamics) as given in the predicted cell."""
+    if not (fixed.cartesian.any() or fixed.fractional.any()):
+        return positions
+    _, input_positions, input_cell = given
+    positions = np.where(fixed.cartesian, input_positions, positions)
+    frac = positions @ np.linalg.inv(cell)
+    frac = np.where(fixed.fractional, input_positions @ np.linalg.inv(input_cell), frac)
+    return frac @ cell
 
 
 def _valid_arrays(items: list, num_elements: int | None, fail) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -5,10 +5,19 @@
 
 from .pairs import SPLITS, Pair, read_pairs, write_extxyz_pairs
 from .read import UnreadableFileError, read_structure, read_structures
-from .structures import from_arrays_like, structure_kind, to_arrays, to_atoms, to_pymatgen
+from .structures import (
+    Constraints,
+    constraints,
+    from_arrays_like,
+    periodicity,
+    structure_kind,
+    to_arrays,
+    to_atoms,
+    to_pymatgen,
+)
 from .validate import InvalidStructureError, validate
 from .write import FORMATS, write_structures
 
-__all__ = ["FORMATS", "SPLITS", "InvalidStructureError", "Pair", "UnreadableFileError", "from_arrays_like",
-           "read_pairs", "read_structure", "read_structures", "structure_kind", "to_arrays", "to_atoms", "to_pymatgen",
-           "validate", "write_extxyz_pairs", "write_structures"]
+__all__ = ["FORMATS", "SPLITS", "Constraints", "InvalidStructureError", "Pair", "UnreadableFileError", "constraints",
+           "from_arrays_like", "periodicity", "read_pairs", "read_structure", "read_structures", "structure_kind",
+           "to_arrays", "to_atoms", "to_pymatgen", "validate", "write_extxyz_pairs", "write_structures"]

@@ -11,6 +11,8 @@ vectors a, b, c as rows, in Å.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -97,6 +99,12 @@ def _pymatgen_to_arrays(structure, index: int | None) -> tuple[np.ndarray, np.nd
 
 
 def _ase_to_arrays(atoms, index: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if int(np.sum(atoms.pbc)) < 2:
+        raise InvalidStructureError(
+            index,
+            f"a molecule or a wire (pbc={atoms.pbc.tolist()}): the model is for periodic crystals and slabs "
+            "(at least two periodic axes)",
+        )
     if atoms.cell.rank < 3:
         raise InvalidStructureError(
             index,
@@ -154,6 +162,72 @@ def to_arrays(structure, index: int | None = None) -> tuple[np.ndarray, np.ndarr
         f"unsupported structure type {type(structure).__module__}.{type(structure).__qualname__}; "
         "expected a pymatgen Structure, an ASE Atoms or an (atomic_numbers, positions, cell) triple",
     )
+
+
+# --- periodicity and constraints --------------------------------------------------------------
+
+
+def periodicity(structure) -> np.ndarray:
+    """``(3,)`` bool: which lattice vectors are periodic (ASE ``pbc``, pymatgen ``Lattice.pbc``; a
+    triple is periodic along all three)."""
+    kind = structure_kind(structure)
+    if kind == "ase":
+        return np.array(structure.pbc, dtype=bool)
+    if kind == "pymatgen":
+        return np.array(structure.lattice.pbc, dtype=bool)
+    return np.ones(3, dtype=bool)
+
+
+@dataclass
+class Constraints:
+    """What a structure's constraints fix in a prediction.
+
+    cartesian: ``(n, 3)`` bool, components kept at their input Cartesian coordinates (ASE
+        ``FixAtoms``, ``FixCartesian``); fractional: ``(n, 3)`` bool, components kept at their input
+        fractional coordinates (pymatgen ``selective_dynamics`` False entries, VASP's convention);
+        symmetry: ASE ``FixSymmetry`` is set (the input's symmetry must be kept).
+    """
+
+    cartesian: np.ndarray
+    fractional: np.ndarray
+    symmetry: bool = False
+
+    @property
+    def any(self) -> bool:
+        return bool(self.cartesian.any() or self.fractional.any() or self.symmetry)
+
+
+def constraints(structure, index: int | None = None) -> Constraints:
+    """The constraints of one structure (none for a triple).
+
+    Raises:
+        InvalidStructureError: an ASE constraint other than ``FixAtoms``, ``FixCartesian`` and
+            ``FixSymmetry`` (a one-shot prediction cannot honour it), or malformed
+            ``selective_dynamics``.
+    """
+    kind = structure_kind(structure)
+    n = len(structure) if kind in ("ase", "pymatgen") else len(_as_numpy(structure[0]))
+    out = Constraints(np.zeros((n, 3), dtype=bool), np.zeros((n, 3), dtype=bool))
+    if kind == "ase":
+        for constraint in structure.constraints:
+            name = type(constraint).__name__
+            if name == "FixAtoms":
+                out.cartesian[constraint.index] = True
+            elif name == "FixCartesian":
+                out.cartesian[constraint.index] |= np.asarray(constraint.mask, dtype=bool)
+            elif name == "FixSymmetry":
+                out.symmetry = True
+            else:
+                raise InvalidStructureError(
+                    index, f"ASE constraint {name} cannot be honoured by a one-shot prediction (supported: "
+                    "FixAtoms, FixCartesian, FixSymmetry); remove it or relax with a potential")
+    elif kind == "pymatgen" and "selective_dynamics" in structure.site_properties:
+        sites = structure.site_properties["selective_dynamics"]
+        flags = np.array([[True, True, True] if f is None else f for f in sites])
+        if flags.shape != (n, 3):
+            raise InvalidStructureError(index, f"selective_dynamics must give 3 flags per site, got {flags.shape}")
+        out.fractional = ~flags.astype(bool)  # VASP: True = free to move
+    return out
 
 
 # --- arrays -> structure -----------------------------------------------------------------------

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..batch import Batch
+from ..frame import SYMPREC, FrameError, canonical_frame
 from ..geometry import MAX_NEIGHBORS, RADIUS
 from ..graph import build_graph
 from ..io.pairs import Pair
@@ -16,64 +17,78 @@ from .loss import unwrap_targets
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Pairs with unwrapped targets and precomputed graphs.
+    """Pairs as model inputs with targets and graphs, built once.
 
-    Targets are moved to the image nearest each unrelaxed atom (in the relaxed cell) once; graphs
-    are built once on the unrelaxed structures, in batches, and cached at ``cache`` when given
-    (keyed by a hash of the inputs and the graph rule, so a stale cache is never used).
-    Items are single-crystal dicts; :meth:`collate` joins them into ``(Batch, pos_target (N, 3),
-    cell_target (G, 3, 3))``.
+    With ``frame="canonical"`` (default) each pair is seen in the canonical frame of its unrelaxed
+    structure (:mod:`e3relax_fast.frame`), where the model predicts at inference: the input is the
+    canonical cell and the target is the relaxed structure read into the same frame; with
+    ``frame="input"`` both are used as given (the original's training, for ``paper_compat``).
+    Targets are first moved to the image nearest each unrelaxed atom (in the relaxed cell). Graphs
+    are built on the inputs, in batches. Everything is cached at ``cache`` when given (keyed by a
+    hash of the pairs, the frame and the graph rule, so a stale cache is never used). Items are
+    single-crystal dicts; :meth:`collate` joins them into ``(Batch, pos_target (N, 3), cell_target
+    (G, 3, 3))``.
+
+    Raises:
+        ValueError: a pair's canonical frame cannot be built (the message names the pair).
     """
 
     def __init__(self, pairs: list[Pair], radius: float = RADIUS, max_neighbors: int = MAX_NEIGHBORS,
-                 cache: str | Path | None = None, graph_backend: str = "auto", chunk: int = 256):
+                 cache: str | Path | None = None, graph_backend: str = "auto", chunk: int = 256,
+                 frame: str = "canonical", symprec: float = SYMPREC):
+        if frame not in ("canonical", "input"):
+            raise ValueError(f"frame must be 'canonical' or 'input', got {frame!r}")
         self.pairs = pairs
-        self.items = []
-        graphs = self._load_or_build_graphs(cache, radius, max_neighbors, graph_backend, chunk)
-        for pair, (edge_index, cell_offsets) in zip(pairs, graphs, strict=True):
-            ptr = torch.tensor([0, len(pair.atomic_numbers)])
-            target, _ = unwrap_targets(torch.from_numpy(pair.pos_unrelaxed), torch.from_numpy(pair.pos_relaxed),
-                                       torch.from_numpy(pair.cell_relaxed)[None], ptr)
-            self.items.append({
-                "atomic_numbers": torch.from_numpy(pair.atomic_numbers),
-                "positions": torch.from_numpy(pair.pos_unrelaxed),
-                "cell": torch.from_numpy(pair.cell_unrelaxed),
-                "pos_target": target,
-                "cell_target": torch.from_numpy(pair.cell_relaxed),
-                "edge_index": edge_index,
-                "cell_offsets": cell_offsets,
-                # The cached edges are receiver-sorted (as built): their CSR lets the model skip sorting.
-                "rowptr": torch.searchsorted(edge_index[1], torch.arange(len(pair.atomic_numbers) + 1)),
-            })
-
-    def _fingerprint(self, radius: float, max_neighbors: int) -> str:
-        h = hashlib.sha256(f"{radius}:{max_neighbors}".encode())
-        for p in self.pairs:
-            for arr in (p.atomic_numbers, p.pos_unrelaxed, p.cell_unrelaxed):
-                h.update(np.ascontiguousarray(arr).tobytes())
-        return h.hexdigest()
-
-    def _load_or_build_graphs(self, cache, radius, max_neighbors, backend, chunk):
-        key = self._fingerprint(radius, max_neighbors) if cache is not None else None
+        self.frame = frame
+        key = self._fingerprint(radius, max_neighbors, frame, symprec)
         if cache is not None and Path(cache).exists():
             stored = torch.load(cache, weights_only=True)
             if stored.get("key") == key:
-                return list(zip(stored["edge_index"], stored["cell_offsets"], strict=True))
-        graphs = []
-        for start in range(0, len(self.pairs), chunk):
-            part = self.pairs[start:start + chunk]
-            batch = Batch.from_arrays([(p.atomic_numbers, p.pos_unrelaxed, p.cell_unrelaxed) for p in part])
-            g = build_graph(batch.positions, batch.cells, batch.ptr, radius, max_neighbors, backend=backend)
-            # Edges are receiver-sorted, hence contiguous per crystal.
-            edge_ptr = g.rowptr[batch.ptr]
-            for k in range(len(part)):
-                lo, hi = int(edge_ptr[k]), int(edge_ptr[k + 1])
-                graphs.append((g.edge_index[:, lo:hi] - batch.ptr[k], g.cell_offsets[lo:hi]))
+                self.items = stored["items"]
+                return
+        self.items = [self._item(pair, symprec) for pair in pairs]
+        self._add_graphs(radius, max_neighbors, graph_backend, chunk)
         if cache is not None:
             Path(cache).parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"key": key, "edge_index": [e for e, _ in graphs], "cell_offsets": [o for _, o in graphs]},
-                       cache)
-        return graphs
+            torch.save({"key": key, "items": self.items}, cache)
+
+    def _item(self, pair: Pair, symprec: float) -> dict:
+        """The model input and target of one pair, in the dataset's frame (float64 tensors)."""
+        ptr = torch.tensor([0, len(pair.atomic_numbers)])
+        target, _ = unwrap_targets(torch.from_numpy(pair.pos_unrelaxed), torch.from_numpy(pair.pos_relaxed),
+                                   torch.from_numpy(pair.cell_relaxed)[None], ptr)
+        z, positions, cell = pair.atomic_numbers, pair.pos_unrelaxed, pair.cell_unrelaxed
+        target_pos, target_cell = target.numpy(), pair.cell_relaxed
+        if self.frame == "canonical":
+            try:
+                canon = canonical_frame(z, positions, cell, symprec)
+            except FrameError as err:
+                raise ValueError(f"pair {pair.id}: {err}") from err
+            z, positions, cell = canon.numbers, canon.positions, canon.cell
+            target_pos, target_cell = canon.from_user(target_pos, target_cell)
+        return {"atomic_numbers": torch.as_tensor(z), "positions": torch.as_tensor(positions),
+                "cell": torch.as_tensor(cell), "pos_target": torch.as_tensor(target_pos),
+                "cell_target": torch.as_tensor(target_cell)}
+
+    def _fingerprint(self, radius: float, max_neighbors: int, frame: str, symprec: float) -> str:
+        h = hashlib.sha256(f"{radius}:{max_neighbors}:{frame}:{symprec}".encode())
+        for p in self.pairs:
+            for arr in (p.atomic_numbers, p.pos_unrelaxed, p.cell_unrelaxed, p.pos_relaxed, p.cell_relaxed):
+                h.update(np.ascontiguousarray(arr).tobytes())
+        return h.hexdigest()
+
+    def _add_graphs(self, radius: float, max_neighbors: int, backend: str, chunk: int) -> None:
+        """Each item's graph (receiver-sorted edges, with their CSR so the model skips sorting)."""
+        for start in range(0, len(self.items), chunk):
+            part = self.items[start:start + chunk]
+            batch = Batch.from_arrays([(it["atomic_numbers"], it["positions"], it["cell"]) for it in part])
+            g = build_graph(batch.positions, batch.cells, batch.ptr, radius, max_neighbors, backend=backend)
+            edge_ptr = g.rowptr[batch.ptr]  # edges are receiver-sorted, hence contiguous per crystal
+            for k, item in enumerate(part):
+                lo, hi = int(edge_ptr[k]), int(edge_ptr[k + 1])
+                item["edge_index"] = g.edge_index[:, lo:hi] - batch.ptr[k]
+                item["cell_offsets"] = g.cell_offsets[lo:hi]
+                item["rowptr"] = g.rowptr[batch.ptr[k]:batch.ptr[k + 1] + 1] - lo
 
     def __len__(self) -> int:
         return len(self.items)

@@ -1,7 +1,9 @@
 """Evaluation with the field's metrics beside the Dummy baseline (spec §10).
 
-Every metric is computed per structure and averaged over structures. Dummy uses the unrelaxed
-structure as its prediction.
+Predictions are made as a user gets them, by :func:`~e3relax_fast.relax_batch` (canonical frame,
+symmetry kept, by default), and compared with the targets in each pair's own description. Every
+metric is computed per structure and averaged over structures. Dummy uses the unrelaxed structure
+as its prediction.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..batch import Batch
 from ..io.compare import structures_match
 from ..io.pairs import Pair
-from ..model import predict_batches
-from .dataset import PairDataset
+from ..relax import relax_batch
+from .loss import unwrap_targets
 from .metrics import structure_metrics
 
 METRICS = {  # name -> (label, unit)
@@ -25,9 +28,11 @@ METRICS = {  # name -> (label, unit)
 }
 
 
-def predict(model: torch.nn.Module, dataset: PairDataset, device="cpu", batch_size: int = 64):
-    """Per-structure predictions ``[(positions (n, 3) Å, cell (3, 3) Å)]`` of the final layer."""
-    return [one for pred in predict_batches(model, dataset.batches(batch_size), device) for one in pred.per_structure()]
+def predict(model: torch.nn.Module, pairs: list[Pair], device="cpu", **options) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per-pair predictions ``[(positions (n, 3) Å, cell (3, 3) Å)]`` in each pair's own description,
+    by :func:`~e3relax_fast.relax_batch` (``options`` go to it, e.g. ``frame`` and ``symmetry``)."""
+    inputs = [(p.atomic_numbers, p.pos_unrelaxed, p.cell_unrelaxed) for p in pairs]
+    return [(pos, cell) for _, pos, cell in relax_batch(inputs, model, device=device, **options)]
 
 
 def _match_rate(pairs: list[Pair], predictions) -> float | None:
@@ -48,8 +53,8 @@ def ratio_interval(model_err: np.ndarray, dummy_err: np.ndarray, resamples: int 
     return float(lo), float(hi)
 
 
-def evaluate(model: torch.nn.Module, dataset: PairDataset, device="cpu", match: bool = True) -> dict:
-    """Metrics of ``model`` and of Dummy on ``dataset``.
+def evaluate(model: torch.nn.Module, pairs: list[Pair], device="cpu", match: bool = True, **options) -> dict:
+    """Metrics of ``model`` and of Dummy on ``pairs`` (``options`` go to :func:`predict`).
 
     Returns ``{"model": {metric: mean}, "dummy": {...}, "ratio_ci": {metric: (lo, hi)},
     "better": {metric: fraction of structures where the model's error is below Dummy's},
@@ -57,8 +62,11 @@ def evaluate(model: torch.nn.Module, dataset: PairDataset, device="cpu", match: 
     ``match_rate`` is included when pymatgen is. ``ratio_ci`` is the 95 % bootstrap interval of
     model / Dummy (:func:`ratio_interval`).
     """
-    predictions = predict(model, dataset, device)
-    batch, pos_t, cell_t = PairDataset.collate(dataset.items)
+    predictions = predict(model, pairs, device, **options)
+    batch = Batch.from_arrays([(p.atomic_numbers, p.pos_unrelaxed, p.cell_unrelaxed) for p in pairs])
+    cell_t = torch.stack([torch.from_numpy(p.cell_relaxed) for p in pairs])
+    pos_t, _ = unwrap_targets(batch.positions, torch.from_numpy(np.concatenate([p.pos_relaxed for p in pairs])),
+                              cell_t, batch.ptr)
     pred_pos = torch.from_numpy(np.concatenate([p for p, _ in predictions]))
     pred_cell = torch.from_numpy(np.stack([c for _, c in predictions]))
     per = {
@@ -70,7 +78,6 @@ def evaluate(model: torch.nn.Module, dataset: PairDataset, device="cpu", match: 
     summary["ratio_ci"] = {k: ratio_interval(per["model"][k], per["dummy"][k]) for k in per["model"]}
     summary["better"] = {k: float((per["model"][k] < per["dummy"][k]).mean()) for k in per["model"]}
     if match:
-        pairs = dataset.pairs
         dummy = [(p.pos_unrelaxed, p.cell_unrelaxed) for p in pairs]
         for who, preds in (("model", predictions), ("dummy", dummy)):
             rate = _match_rate(pairs, preds)
@@ -79,12 +86,12 @@ def evaluate(model: torch.nn.Module, dataset: PairDataset, device="cpu", match: 
     return {**summary, "per_structure": per, "predictions": predictions}
 
 
-def write_report(result: dict, dataset: PairDataset, out_dir: str | Path, title: str) -> Path:
+def write_report(result: dict, pairs: list[Pair], out_dir: str | Path, title: str) -> Path:
     """Markdown report and PNG plots (predicted vs true volume and lattice lengths, error histograms)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", "",
-             f"{len(dataset)} structures; means over structures; the interval is a 95 % paired bootstrap "
+             f"{len(pairs)} structures; means over structures; the interval is a 95 % paired bootstrap "
              "interval of model / Dummy (2,000 resamples of the structures); \"model better on\": share of "
              "structures where the model's error is below Dummy's.", "",
              "| metric | model | Dummy | model / Dummy | 95 % interval | model better on |",
@@ -114,8 +121,8 @@ def write_report(result: dict, dataset: PairDataset, out_dir: str | Path, title:
     except ImportError:
         lines += ["", "(matplotlib not installed: no plots)"]
     else:
-        true_cells = np.stack([p.cell_relaxed for p in dataset.pairs])
-        unrelaxed = np.stack([p.cell_unrelaxed for p in dataset.pairs])
+        true_cells = np.stack([p.cell_relaxed for p in pairs])
+        unrelaxed = np.stack([p.cell_unrelaxed for p in pairs])
         pred_cells = np.stack([c for _, c in result["predictions"]])
         fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
         for ax, fn, name in ((axes[0], lambda c: np.abs(np.linalg.det(c)), "volume (Å³)"),

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..batch import graph_index_from_ptr
-from ..geometry import IMAGES_27, nearest_images, safe_norm
+from ..geometry import IMAGES_27, align_fractional_centroid, nearest_images, safe_norm
 from ..model import E3RelaxOutput
 
 LOSSES = ("l2", "pbc_l1")
@@ -43,7 +43,8 @@ class LossTerms:
 
 
 def layerwise_loss(output: E3RelaxOutput, target_positions: Tensor, target_cells: Tensor, ptr: Tensor | None = None,
-                   kind: str = "l2", atom_norm: float | None = None, cell_norm: float | None = None) -> LossTerms:
+                   kind: str = "l2", atom_norm: float | None = None, cell_norm: float | None = None,
+                   reference: tuple[Tensor, Tensor] | None = None) -> LossTerms:
     """E3Relax's training loss: every layer supervised, equal weights for every layer and both terms.
 
     Position term of layer n: ``kind="l2"`` (the paper's): the safe norm ``|p_n - p*|`` (Å) summed
@@ -57,23 +58,31 @@ def layerwise_loss(output: E3RelaxOutput, target_positions: Tensor, target_cells
     Args:
         output: per-layer predictions of :class:`~e3relax_fast.model.E3Relax`.
         target_positions: ``(N, 3)`` Å.  target_cells: ``(G, 3, 3)`` Å.
-        ptr: ``(G+1,)`` atom ranges; needed by ``pbc_l1``.
+        ptr: ``(G+1,)`` atom ranges; needed by ``pbc_l1`` and ``reference``.
         atom_norm, cell_norm: under data parallelism, the atoms and cell entries of the *global*
             batch, so that the processes' losses add up to the single-process loss.
+        reference: ``(positions (N, 3), cells (G, 3, 3))`` of the inputs: each layer's positions are
+            first translated so that their fractional centroid is the input's
+            (:func:`~e3relax_fast.geometry.align_fractional_centroid`), the translation a relaxation
+            keeps and a translation-equivariant model cannot see (the canonical-frame recipe).
     """
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}; expected one of {LOSSES}")
     atom_norm = float(target_positions.shape[0]) if atom_norm is None else atom_norm
     cell_norm = float(target_cells.numel()) if cell_norm is None else cell_norm
-    if kind == "pbc_l1":
-        if ptr is None:
-            raise ValueError("loss 'pbc_l1' needs ptr")
+    if (kind == "pbc_l1" or reference is not None) and ptr is None:
+        raise ValueError("loss 'pbc_l1' and a reference need ptr")
+    if ptr is not None:
         graph_index = graph_index_from_ptr(ptr, target_positions.shape[0])
+    if kind == "pbc_l1":
         images = IMAGES_27.to(device=target_positions.device, dtype=target_positions.dtype)
         target_shifts = torch.einsum("tp,npq->ntq", images, target_cells[graph_index])
     pos_terms, cell_terms = [], []
     total = 0.0
     for pos, cell in zip(output.positions, output.cells, strict=True):
+        if reference is not None:
+            pos = align_fractional_centroid(pos, cell, reference[0].to(pos.dtype), reference[1].to(pos.dtype),
+                                            graph_index, ptr[1:] - ptr[:-1])
         target = target_positions.to(pos.dtype)
         if kind == "l2":
             pos_terms.append(safe_norm(pos - target).sum() / atom_norm)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..geometry import align_fractional_centroid
 from ..model import E3Relax, predict_batches
 from .dataset import PairDataset
 from .loss import layerwise_loss
@@ -46,6 +47,9 @@ class TrainConfig:
     loss: str = "l2"  # one of LOSSES: "l2", the paper's loss; "pbc_l1", E3Relax-H2's periodicity-aware L1
     seed: int = 0
     dtype: str = "float32"
+    # "canonical": pairs in the canonical frame, positions aligned by the fractional-centroid gauge
+    # before the loss (how relax_batch predicts); "input": as given (the original, for paper_compat).
+    frame: str = "canonical"
 
 
 def _world() -> tuple[int, int]:
@@ -69,11 +73,17 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 
 def validation_signal(model: torch.nn.Module, dataset: PairDataset, device, batch_size: int = 64) -> float:
-    """Mean ``|Δp|`` of the last layer pooled over all validation atoms × xyz (Å), as the original."""
+    """Mean ``|Δp|`` of the last layer pooled over all validation atoms × xyz (Å), as the original
+    (in a canonical-frame dataset, after the fractional-centroid gauge, as the loss)."""
     err, count = 0.0, 0
     predictions = predict_batches(model, dataset.batches(batch_size), device)
     for pred, (pos_t, _) in zip(predictions, dataset.targets(batch_size), strict=True):
-        err += (pred.positions - pos_t.to(pred.positions.device, pred.positions.dtype)).abs().sum().item()
+        positions = pred.positions
+        if dataset.frame == "canonical":
+            b = pred.batch
+            positions = align_fractional_centroid(positions, pred.cells, b.positions, b.cells, b.graph_index(),
+                                                  b.ptr[1:] - b.ptr[:-1])
+        err += (positions - pos_t.to(positions.device, positions.dtype)).abs().sum().item()
         count += pos_t.numel()
     return err / max(count, 1)
 
@@ -103,9 +113,10 @@ def _optimizer_step(net, model, ema, optimizer, items: list[dict], config: Train
     atom_norm = _all_sum(float(batch.num_atoms))
     cell_norm = _all_sum(9.0 * batch.num_graphs)
     out = net(batch)
+    reference = (batch.positions, batch.cells) if config.frame == "canonical" else None
     # DDP averages gradients over processes; multiply by world so the result is the global sum.
     loss = layerwise_loss(out, pos_t.to(device, dtype), cell_t.to(device, dtype), batch.ptr, config.loss,
-                          atom_norm, cell_norm).total * world
+                          atom_norm, cell_norm, reference).total * world
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
@@ -135,6 +146,11 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
     slice of every global batch and the wrapped model averages gradients (DDP).
     """
     rank, world = _world()
+    for split, data in (("training", train_set), ("validation", val_set)):
+        if data.frame != config.frame:
+            raise ValueError(f"the {split} set is in the {data.frame!r} frame but config.frame is {config.frame!r}")
+        if len(data) == 0:
+            raise ValueError(f"the {split} set is empty")
     out_dir = Path(out_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
