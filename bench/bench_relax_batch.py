@@ -12,6 +12,9 @@ H=512, L=4 and a small H=64, L=4) on the first ``--n`` crystals of the MP-like m
 * ``graph+model`` — the sum of the two; ``batched`` minus this is the conversion/validation/output
   overhead of ``relax_batch``.
 * ``graph (1 by 1)`` / ``model (1 by 1)`` — the same split with one structure per batch.
+* ``frame`` — the canonical frame and the symmetry work of ``relax_batch`` alone: every input's
+  canonical frame (symmetry search, choice, bookkeeping) and, on the frame's own cell as the
+  "prediction", the projection, the translation gauge and the map back (part of ``batched``).
 
 Throughput: structures/s and atoms/s. Ratio: ``one_at_a_time`` time / mode time (> 1: faster).
 All modes of one model size are timed in interleaved rounds (``harness.measure_interleaved``);
@@ -39,6 +42,7 @@ PARTS = {
     "`build_graph` only": ("graph", "graph (1 by 1)"),
     "model forward only": ("model", "model (1 by 1)"),
     "graph + model (sum)": ("graph+model", "graph+model (1 by 1)"),
+    "canonical frame + symmetry": ("frame", "frame"),
 }
 PAIRS = {b: o for b, o in PARTS.values()}
 
@@ -54,6 +58,7 @@ def _time_model_size(hidden, layers, *, triples, atoms, batches, singles, device
     import torch
 
     from e3relax_fast import E3Relax, ops, relax_batch
+    from e3relax_fast.frame import canonical_frame
 
     n = len(triples)
     torch.manual_seed(0)
@@ -65,6 +70,12 @@ def _time_model_size(hidden, layers, *, triples, atoms, batches, singles, device
     def graphs(bs):
         # As relax_batch does: graph from float64 inputs, then cast to the model's dtype.
         return [b.with_graph(backend="auto").to(dtype=torch.float32) for b in bs]
+
+    def frame_work():
+        for triple in triples:
+            frame = canonical_frame(*triple)
+            positions, cell = frame.symmetrize(frame.positions, frame.cell)
+            frame.to_user(frame.align(positions, cell), cell)
 
     results = []
     with torch.inference_mode():
@@ -79,9 +90,10 @@ def _time_model_size(hidden, layers, *, triples, atoms, batches, singles, device
             "model": lambda: [model(b) for b in with_graph],
             "graph (1 by 1)": lambda: graphs(singles),
             "model (1 by 1)": lambda: [model(b) for b in single_graph],
+            "frame": frame_work,
         }
         backend_of = {"batched": both, "one_at_a_time": both, "graph": graph_backend, "graph (1 by 1)": graph_backend,
-                      "model": mp_backend, "model (1 by 1)": mp_backend}
+                      "model": mp_backend, "model (1 by 1)": mp_backend, "frame": "moyopy"}
         print(f"[{BENCH}] H={hidden} L={layers}: timing {', '.join(fns)} interleaved", flush=True)
         times = harness.measure_interleaved(fns, repeats, warmup, long_s)
     med = {}
