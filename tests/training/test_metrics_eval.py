@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_train import _denoising_pairs
+from helpers import denoising_pairs
 
 from e3relax_fast.training import PairDataset
 from e3relax_fast.training.evaluate import evaluate, write_report
@@ -43,7 +43,7 @@ class _Identity(torch.nn.Module):
 
 
 def test_evaluate_identity_equals_dummy_and_report(tmp_path):
-    dataset = PairDataset(_denoising_pairs(6, 5))
+    dataset = PairDataset(denoising_pairs(6, 5))
     result = evaluate(_Identity(), dataset, match=True)
     for key, value in result["dummy"].items():
         assert abs(result["model"][key] - value) < 1e-12, key

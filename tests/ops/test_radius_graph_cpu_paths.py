@@ -1,4 +1,5 @@
-"""The compiled radius-graph backends (csrc/, ``e3relax_fast._C``) against the reference.
+"""The C++ radius graph (backend ``cpu``, csrc/, ``e3relax_fast._C``): every named path against the
+reference. (Its comparison through the op table, with the other backends, is in test_radius_graph.py.)
 
 The C++ CPU launcher must reproduce the pure-PyTorch oracle (e3relax_fast/reference/radius_graph.py)
 exactly: integer outputs equal, distances equal to the bit. Every CPU path is checked:
@@ -14,30 +15,26 @@ exactly: integer outputs equal, distances equal to the bit. Every CPU path is ch
   boundary fallback) emulated lane by lane with the same header functions the kernel calls.
 
 ``cell_list_threshold=0`` forces the cell list on every crystal, a huge threshold forces brute force.
-The CUDA launcher itself cannot run here; ``test_cuda_compiled_when_nvcc_present`` checks that it
-was compiled in when nvcc exists.
+The CUDA launcher itself runs in test_radius_graph.py (marker ``gpu``); ``test_cuda_compiled_when_nvcc_present``
+checks here that it was compiled in when nvcc exists.
 """
 
 from __future__ import annotations
 
-import glob
 import itertools
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import random_batch
+from helpers import GRAPH_CASES, graph_case, nvcc_present, random_batch
 
-from e3relax_fast import build_graph, graph, ops
+from e3relax_fast import build_graph, ops
 from e3relax_fast.ops import compiled as _ext
 from e3relax_fast.reference.radius_graph import radius_graph as reference
 
 pytestmark = pytest.mark.skipif(_ext._C is None, reason=f"compiled extension unavailable: {_ext.IMPORT_ERROR}")
 
-DATA = Path(__file__).parent / "data"
 BIG = 10**9  # cell_list_threshold that forces brute force
 PATHS = [  # (path, cell_list_threshold)
     ("auto", None), ("auto", 0), ("auto", BIG), ("warp_emulation", 0), ("warp_emulation", BIG), ("brute_force", 0),
@@ -65,9 +62,8 @@ def cpu(pos, cells, ptr, radius=6.0, k=50, reserved=None, **kw):
 # golden graphs
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def golden():
-    with np.load(DATA / "graphs.npz") as z:
-        arrays = {k: z[k] for k in z.files}
+def golden(golden_graphs):
+    arrays = golden_graphs
     n = len([k for k in arrays if k.endswith("_pos")])
     out = []
     for k in range(n):
@@ -109,33 +105,15 @@ def test_golden_batched_and_threads(golden):
 _batch = random_batch
 
 
-CASES = [
-    # (sizes, kinds, unwrap, radius, K, reserved, float32)
-    ([1], ["tiny"], 0, 6.0, 50, False, False),
-    ([1, 1, 2], ["tiny", "gen", "tiny"], 3, 6.0, 50, True, False),
-    ([3, 2], ["tiny", "skewed"], 0, 7.5, 80, False, True),
-    ([5, 8, 1], ["skewed", "skewed", "gen"], 2, 6.0, 50, True, False),
-    ([12, 4], ["vacuum", "vacuum"], 50, 6.0, 50, False, False),
-    ([20, 3, 7], ["gen", "skewed", "tiny"], 1, 4.0, 12, True, True),
-    ([40], ["skewed"], 0, 6.0, 50, False, False),
-    ([9, 9], ["gen", "vacuum"], 0, 6.0, 0, False, False),
-    ([6, 2, 6], ["tiny", "tiny", "skewed"], 0, 3.0, 1, True, False),
-]
-
-
-@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("case", GRAPH_CASES, ids=[f"seed{c[0]}" for c in GRAPH_CASES])
 def test_random_suite(case):
-    sizes, kinds, unwrap, radius, k, use_res, f32 = CASES[case]
-    rng = np.random.default_rng(1000 + case)
-    pos, cells, ptr = _batch(rng, sizes, kinds, unwrap)
-    if f32:
-        pos, cells = pos.float(), cells.float()
-    res = torch.from_numpy(rng.integers(0, 2, pos.shape[0])) if use_res else None
-    ref = reference(pos, cells, ptr, radius, k, res)
-    for path, thr in PATHS:
-        for nt in (1, 2):
-            out = cpu(pos, cells, ptr, radius, k, res, path=path, cell_list_threshold=thr, num_threads=nt)
-            assert_same(ref, out, f"case {case} path={path} thr={thr} threads={nt}")
+    pos, cells, ptr, radius, k, reserved = graph_case(case)
+    for res in reserved:
+        ref = reference(pos, cells, ptr, radius, k, res)
+        for path, thr in PATHS:
+            for nt in (1, 2):
+                out = cpu(pos, cells, ptr, radius, k, res, path=path, cell_list_threshold=thr, num_threads=nt)
+                assert_same(ref, out, f"seed{case[0]} reserved={res is not None} path={path} thr={thr} threads={nt}")
 
 
 def test_symmetric_lattice_ties():
@@ -196,6 +174,7 @@ def _oracle_centre(pos, cell, i, radius, k):
     return np.column_stack([j[sel], o[sel], d[sel].view(np.int64)]), int(keep.sum())
 
 
+@pytest.mark.slow
 def test_large_crystal_cell_list_vs_brute_force():
     """2,000 atoms (unwrapped, skewed cell): the cell list (default), forced brute force, the
     hierarchical path and the emulated warp algorithm all equal the reference exactly, and sampled
@@ -285,15 +264,14 @@ def test_candidate_counts_across_sort_widths(radius):
 # API behaviour
 # --------------------------------------------------------------------------------------------------
 def test_empty_and_errors():
-    out = cpu(torch.zeros(0, 3), torch.eye(3)[None], torch.tensor([0, 0]))
-    assert_same(reference(torch.zeros(0, 3), torch.eye(3)[None], torch.tensor([0, 0])), out)
+    """Every path on an empty batch; a ptr that is no CSR over the atoms. (Empty inputs, singular
+    cells and negative ``reserved`` for every backend: test_radius_graph.py.)"""
+    for path in _ext.GRAPH_PATHS:
+        out = cpu(torch.zeros(0, 3), torch.eye(3)[None], torch.tensor([0, 0]), path=path)
+        assert_same(reference(torch.zeros(0, 3), torch.eye(3)[None], torch.tensor([0, 0])), out, path)
     pos = torch.rand(4, 3, dtype=torch.float64)
-    with pytest.raises(ValueError, match="non-singular"):
-        cpu(pos, torch.zeros(1, 3, 3), torch.tensor([0, 4]))
     with pytest.raises(ValueError, match="ptr"):
         cpu(pos, torch.eye(3)[None] * 5, torch.tensor([0, 3]))
-    with pytest.raises(ValueError, match="reserved"):
-        cpu(pos, torch.eye(3)[None] * 5, torch.tensor([0, 4]), reserved=torch.tensor([0, -1, 0, 0]))
 
 
 def test_out_of_memory_is_a_clear_error():
@@ -317,41 +295,11 @@ def test_registration_and_auto():
     assert name == "cpu" and fn is _ext.radius_graph_cpu
 
 
-def test_fixed_capacity_cpu():
-    rng = np.random.default_rng(3)
-    pos, cells, ptr = _batch(rng, [4, 6], ["gen", "skewed"])
-    ref = reference(pos, cells, ptr)
-    e = ref[3].shape[0]
-    g = graph.build_graph_fixed(pos, cells, ptr, capacity=e + 10)
-    assert int(g.num_edges) == e and int(g.status) == 0
-    assert torch.equal(g.edge_index[:, :e], ref[0]) and torch.equal(g.rowptr, ref[2])
-    assert torch.equal(g.distances[:e], ref[3]) and bool((g.edge_index[:, e:] == -1).all())
-    with pytest.raises(graph.GraphCapacityError) as info:
-        graph.build_graph_fixed(pos, cells, ptr, capacity=e - 1)
-    assert info.value.required == e
-    g = graph.build_graph_fixed(pos, cells, ptr, capacity=e - 1, check=False)
-    assert int(g.status) & _ext.ERR_OVERFLOW and int(g.num_edges) == e
-    with pytest.raises(graph.GraphCapacityError):
-        graph.check_fixed(g)
-
-
 # --------------------------------------------------------------------------------------------------
-# CUDA part (compile-time check only: no GPU here)
+# CUDA part (compile-time check; the launcher runs in test_radius_graph.py)
 # --------------------------------------------------------------------------------------------------
-def _nvcc_present() -> bool:
-    if os.environ.get("E3RELAX_NO_CUDA", "").strip() not in ("", "0"):
-        return False
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    return bool(
-        (home and os.path.isfile(os.path.join(home, "bin", "nvcc")))
-        or shutil.which("nvcc")
-        or os.path.isfile("/usr/local/cuda/bin/nvcc")
-        or glob.glob("/usr/local/cuda-*/bin/nvcc")
-    )
-
-
 def test_cuda_compiled_when_nvcc_present():
-    if not _nvcc_present():
+    if not nvcc_present():
         pytest.skip("nvcc not found (or E3RELAX_NO_CUDA set): the CUDA launcher is not built here")
     C = _ext._C
     assert C.WITH_CUDA, "nvcc is present but e3relax_fast._C was built without its CUDA part"
@@ -361,31 +309,3 @@ def test_cuda_compiled_when_nvcc_present():
     if not (torch.cuda.is_available() and C.cuda_available()):
         assert "cuda" not in ops.available("radius_graph")
         assert _ext.CUDA_UNAVAILABLE_REASON
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_backend_matches_reference(golden):
-    if "cuda" not in ops.available("radius_graph"):
-        pytest.skip(f"cuda backend unavailable: {_ext.CUDA_UNAVAILABLE_REASON}")
-    pos = torch.cat([p for p, _, _ in golden])
-    cells = torch.stack([c for _, c, _ in golden])
-    ptr = torch.tensor([0] + list(itertools.accumulate(p.shape[0] for p, _, _ in golden)))
-    res = torch.cat([z for _, _, z in golden]).to(torch.int64)
-    for r in (None, res):
-        ref = reference(pos, cells, ptr, 6.0, 50, r)
-        out = _ext.radius_graph_cuda(pos.cuda(), cells.cuda(), ptr.cuda(), 6.0, 50, None if r is None else r.cuda())
-        assert_same(ref, tuple(t.cpu() for t in out))
-        e = ref[3].shape[0]
-        g = graph.build_graph_fixed(pos.cuda(), cells.cuda(), ptr.cuda(), e + 5, 6.0, 50,
-                                   None if r is None else r.cuda())
-        assert torch.equal(g.edge_index[:, :e].cpu(), ref[0]) and int(g.num_edges) == e
-        with pytest.raises(graph.GraphCapacityError):
-            graph.build_graph_fixed(pos.cuda(), cells.cuda(), ptr.cuda(), e - 1, 6.0, 50,
-                                   None if r is None else r.cuda())
-    rng = np.random.default_rng(5)
-    for case in range(len(CASES)):
-        sizes, kinds, unwrap, radius, k, _, _ = CASES[case]
-        p, c, pt = _batch(rng, sizes, kinds, unwrap)
-        ref = reference(p, c, pt, radius, k)
-        out = _ext.radius_graph_cuda(p.cuda(), c.cuda(), pt.cuda(), radius, k)
-        assert_same(ref, tuple(t.cpu() for t in out), f"case {case}")

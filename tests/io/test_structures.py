@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import DATA
 
 from e3relax_fast.batch import Batch
 from e3relax_fast.io.structures import from_arrays_like, structure_kind, to_arrays
@@ -22,7 +23,7 @@ from ase.build import bulk  # noqa: E402
 from ase.calculators.singlepoint import SinglePointCalculator  # noqa: E402
 from ase.constraints import FixAtoms  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CUBE = np.eye(3) * 5.0
 
 
@@ -307,7 +308,7 @@ def test_good_structures_next_to_bad_ones():
 
 def test_every_golden_graph_structure_is_valid():
     # 1-atom cells, slabs, skewed and non-reduced cells, extreme Z, unwrapped positions (spec §13).
-    with np.load(ROOT / "tests" / "data" / "graphs.npz") as golden:
+    with np.load(DATA / "graphs.npz") as golden:
         keys = [k.removesuffix("_z") for k in golden.files if k.endswith("_z")]
         assert len(keys) == 26
         for index, key in enumerate(keys):

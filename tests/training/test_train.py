@@ -6,36 +6,19 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
+from helpers import denoising_pairs
 
-from e3relax_fast.io import Pair, read_pairs, write_extxyz_pairs
+from e3relax_fast.io import write_extxyz_pairs
 from e3relax_fast.training import PairDataset
 from e3relax_fast.training.train import TrainConfig, train
-
-
-def _denoising_pairs(n: int, seed: int) -> list[Pair]:
-    """Rattled + strained rock-salt-like cells (unrelaxed) and the ideal cells (relaxed)."""
-    rng = np.random.default_rng(seed)
-    pairs = []
-    for k in range(n):
-        a = rng.uniform(3.8, 4.6)
-        frac = np.array([[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0, 0], [0, 0.5, 0.5]])[: rng.integers(1, 5)]
-        z = rng.choice([3, 8, 11, 12, 17, 19], size=len(frac))
-        cell_r = np.eye(3) * a
-        strain = np.eye(3) + rng.uniform(-0.04, 0.04, (3, 3))
-        cell_u = cell_r @ (strain + strain.T) / 2
-        pos_r = frac @ cell_r
-        pos_u = frac @ cell_u + rng.normal(0, 0.08, frac.shape)
-        pairs.append(Pair(f"p{k}", z.astype(np.int64), pos_u, cell_u, pos_r, cell_r))
-    return pairs
 
 
 @pytest.fixture(scope="module")
 def datasets():
     torch.set_num_threads(1)
-    return PairDataset(_denoising_pairs(24, 0)), PairDataset(_denoising_pairs(6, 1))
+    return PairDataset(denoising_pairs(24, 0)), PairDataset(denoising_pairs(6, 1))
 
 
 def test_loss_falls_and_resume_continues(tmp_path, datasets):
@@ -70,22 +53,11 @@ def test_best_checkpoint_loads_for_inference(tmp_path, datasets):
     assert model.hidden_channels == 8 and not model.paper_compat
 
 
-def test_extxyz_pairs_round_trip(tmp_path):
-    pairs = _denoising_pairs(5, 2)
-    write_extxyz_pairs(pairs, tmp_path, "train")
-    back = read_pairs(tmp_path, "train")
-    assert [p.id for p in back] == [p.id for p in pairs]
-    for a, b in zip(pairs, back, strict=True):
-        np.testing.assert_array_equal(a.atomic_numbers, b.atomic_numbers)
-        for field in ("pos_unrelaxed", "cell_unrelaxed", "pos_relaxed", "cell_relaxed"):
-            np.testing.assert_allclose(getattr(a, field), getattr(b, field), atol=1e-8)
-
-
 def test_torchrun_two_processes_match_one(tmp_path):
     """Same global batch on 1 and on 2 gloo processes: same weights after a few steps."""
     data = tmp_path / "data"
-    write_extxyz_pairs(_denoising_pairs(16, 3), data, "train")
-    write_extxyz_pairs(_denoising_pairs(4, 4), data, "val")
+    write_extxyz_pairs(denoising_pairs(16, 3), data, "train")
+    write_extxyz_pairs(denoising_pairs(4, 4), data, "val")
     args = ["--data", str(data), "--hidden", "8", "--layers", "2", "--batch-size", "8", "--steps-per-epoch", "3",
             "--max-steps", "3", "--dtype", "float64", "--lr", "1e-3", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -108,32 +80,3 @@ def test_torchrun_two_processes_match_one(tmp_path):
     init = E3Relax(hidden_channels=8, num_layers=2).double().state_dict()
     assert max((one["model"][k] - v).abs().max().item() for k, v in init.items()) > 1e-4
     assert abs(one["state"]["history"][-1]["train_loss"] - two["state"]["history"][-1]["train_loss"]) < 1e-10
-
-
-def test_ase_db_and_cif_folder_readers(tmp_path):
-    """The other two dataset formats read back the same pairs."""
-    from ase import Atoms
-    from ase.db import connect
-    from ase.io import write
-
-    pairs = _denoising_pairs(4, 6)
-    db = connect(str(tmp_path / "pairs.db"))
-    for k, p in enumerate(pairs):
-        atoms = Atoms(numbers=p.atomic_numbers, positions=p.pos_unrelaxed, cell=p.cell_unrelaxed, pbc=True)
-        db.write(atoms, atoms_id=p.id, split="train" if k < 3 else "val",
-                 data={"pos_relaxed": p.pos_relaxed, "cell_relaxed": p.cell_relaxed})
-    (tmp_path / "CIF").mkdir()
-    for p in pairs:  # the original's MP naming: CIF/<id>_U.cif / CIF/<id>_R.cif, ids in column mp_id
-        for tag, pos, cell in (("U", p.pos_unrelaxed, p.cell_unrelaxed), ("R", p.pos_relaxed, p.cell_relaxed)):
-            write(tmp_path / "CIF" / f"{p.id}_{tag}.cif", Atoms(numbers=p.atomic_numbers, positions=pos, cell=cell,
-                                                                  pbc=True))
-    (tmp_path / "train.csv").write_text("mp_id\n" + "\n".join(p.id for p in pairs[:3]) + "\n")
-    for source in (tmp_path / "pairs.db", tmp_path):
-        back = read_pairs(source, "train")
-        assert [p.id for p in back] == [p.id for p in pairs[:3]]
-        for a, b in zip(pairs, back, strict=False):
-            np.testing.assert_array_equal(a.atomic_numbers, b.atomic_numbers)
-            # CIF stores cell parameters, so compare frame-independent quantities there.
-            np.testing.assert_allclose(np.linalg.det(b.cell_relaxed), np.linalg.det(a.cell_relaxed), rtol=1e-6)
-            np.testing.assert_allclose(np.linalg.norm(b.pos_relaxed - b.pos_relaxed[:1], axis=1),
-                                       np.linalg.norm(a.pos_relaxed - a.pos_relaxed[:1], axis=1), atol=1e-5)

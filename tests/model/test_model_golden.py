@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import golden_batch, golden_model_instance
+from helpers import DATA, golden_batch, golden_model_instance
 
 from e3relax_fast.reference.rbf import rbf_centres, rbf_coefficient
 from e3relax_fast.training.loss import layerwise_loss, unwrap_targets
@@ -132,8 +132,6 @@ def test_load_published_format(golden_model):
 
 def test_state_dict_names_and_shapes_match_original():
     import json
-
-    from conftest import DATA
 
     from e3relax_fast.model import E3Relax
 

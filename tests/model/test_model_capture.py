@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import golden_batch, golden_model_instance, random_batch
+from helpers import golden_batch, golden_model_instance, random_batch
 
 from e3relax_fast import Batch, build_graph, ops
 from e3relax_fast.model import E3Relax
@@ -50,7 +50,7 @@ def _cuda_backends() -> list[str]:
     return [b for b in ("reference", "triton", "cuda") if b in ops.available("message_passing")]
 
 
-@pytest.mark.skipif(not CUDA, reason="no CUDA device: CUDA-graph capture needs a GPU")
+@pytest.mark.gpu  # CUDA-graph capture needs a GPU
 @pytest.mark.parametrize("backend", _cuda_backends())
 def test_forward_cuda_graph_capture(backend):
     rng = np.random.default_rng(7)

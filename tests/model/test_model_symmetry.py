@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import golden_batch, golden_model_instance
+from helpers import golden_batch, golden_model_instance
 
 TOL = 1e-12
 

@@ -1,0 +1,49 @@
+"""Reading and writing training pairs (unrelaxed, relaxed) in the three dataset formats: extxyz,
+an ASE database, and the original's CIF folder with split CSVs."""
+
+from __future__ import annotations
+
+import numpy as np
+from helpers import denoising_pairs
+
+from e3relax_fast.io import read_pairs, write_extxyz_pairs
+
+
+def test_extxyz_pairs_round_trip(tmp_path):
+    pairs = denoising_pairs(5, 2)
+    write_extxyz_pairs(pairs, tmp_path, "train")
+    back = read_pairs(tmp_path, "train")
+    assert [p.id for p in back] == [p.id for p in pairs]
+    for a, b in zip(pairs, back, strict=True):
+        np.testing.assert_array_equal(a.atomic_numbers, b.atomic_numbers)
+        for field in ("pos_unrelaxed", "cell_unrelaxed", "pos_relaxed", "cell_relaxed"):
+            np.testing.assert_allclose(getattr(a, field), getattr(b, field), atol=1e-8)
+
+
+def test_ase_db_and_cif_folder_readers(tmp_path):
+    """The other two dataset formats read back the same pairs."""
+    from ase import Atoms
+    from ase.db import connect
+    from ase.io import write
+
+    pairs = denoising_pairs(4, 6)
+    db = connect(str(tmp_path / "pairs.db"))
+    for k, p in enumerate(pairs):
+        atoms = Atoms(numbers=p.atomic_numbers, positions=p.pos_unrelaxed, cell=p.cell_unrelaxed, pbc=True)
+        db.write(atoms, atoms_id=p.id, split="train" if k < 3 else "val",
+                 data={"pos_relaxed": p.pos_relaxed, "cell_relaxed": p.cell_relaxed})
+    (tmp_path / "CIF").mkdir()
+    for p in pairs:  # the original's MP naming: CIF/<id>_U.cif / CIF/<id>_R.cif, ids in column mp_id
+        for tag, pos, cell in (("U", p.pos_unrelaxed, p.cell_unrelaxed), ("R", p.pos_relaxed, p.cell_relaxed)):
+            write(tmp_path / "CIF" / f"{p.id}_{tag}.cif", Atoms(numbers=p.atomic_numbers, positions=pos, cell=cell,
+                                                                  pbc=True))
+    (tmp_path / "train.csv").write_text("mp_id\n" + "\n".join(p.id for p in pairs[:3]) + "\n")
+    for source in (tmp_path / "pairs.db", tmp_path):
+        back = read_pairs(source, "train")
+        assert [p.id for p in back] == [p.id for p in pairs[:3]]
+        for a, b in zip(pairs, back, strict=False):
+            np.testing.assert_array_equal(a.atomic_numbers, b.atomic_numbers)
+            # CIF stores cell parameters, so compare frame-independent quantities there.
+            np.testing.assert_allclose(np.linalg.det(b.cell_relaxed), np.linalg.det(a.cell_relaxed), rtol=1e-6)
+            np.testing.assert_allclose(np.linalg.norm(b.pos_relaxed - b.pos_relaxed[:1], axis=1),
+                                       np.linalg.norm(a.pos_relaxed - a.pos_relaxed[:1], axis=1), atol=1e-5)
