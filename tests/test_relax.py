@@ -212,7 +212,7 @@ class Recorder(nn.Module):
 def test_atom_budget_batching_runs_every_structure_exactly_once(model):
     inputs = structures() * 3  # 2, 8, 3, 3 atoms, repeated
     recorder = Recorder(model)
-    out = relax_batch(inputs, recorder, max_atoms=9)
+    out = relax_batch(inputs, recorder, max_atoms=9, frame="input")  # the inputs' own sizes
     assert [n for batch in recorder.atoms for n in batch] == [len(to_arrays(s)[0]) for s in inputs]
     assert all(sum(batch) <= 9 for batch in recorder.atoms)
     assert len(out) == len(inputs) and out.errors == {}

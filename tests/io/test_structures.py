@@ -257,11 +257,15 @@ def test_disordered_cif_read_by_ase(tmp_path):
     check_invalid(atoms, 1, "disordered structure", "occupancy")
 
 
-def test_non_periodic_ase_atoms_without_cell():
-    check_invalid(ase.Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]]), 3, "without a full 3D cell")
+def test_molecules_and_cell_less_atoms():
+    check_invalid(ase.Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]]), 3, "a molecule or a wire")
     molecule = ase.Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]])
-    molecule.center(vacuum=5.0)  # a cell makes it a valid (periodic) model input
+    molecule.center(vacuum=5.0)
+    check_invalid(molecule, 3, "a molecule or a wire", "periodic crystals and slabs")  # pbc still False
+    molecule.pbc = True  # periodic in a box: a valid model input
     validate(*to_arrays(molecule))
+    periodic_without_cell = ase.Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]], pbc=True)
+    check_invalid(periodic_without_cell, 3, "without a full 3D cell")
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,6 @@ import pytest
 import torch
 from helpers import denoising_pairs
 
-from e3relax_fast.training import PairDataset
 from e3relax_fast.training.evaluate import evaluate, write_report
 from e3relax_fast.training.metrics import coordinate_mae, periodic_coordinate_mae, shape_error, volume_error
 
@@ -42,16 +41,23 @@ class _Identity(torch.nn.Module):
         return E3RelaxOutput([batch.positions], [batch.cells])
 
 
-def test_evaluate_identity_equals_dummy_and_report(tmp_path):
-    dataset = PairDataset(denoising_pairs(6, 5))
-    result = evaluate(_Identity(), dataset, match=True)
+@pytest.mark.parametrize("frame", ["input", "canonical"])
+def test_evaluate_identity_equals_dummy_and_report(tmp_path, frame):
+    """Predicting the input scores exactly as Dummy, in either frame (the canonical frame maps an
+    unchanged prediction back onto the input)."""
+    pairs = denoising_pairs(6, 5)
+    result = evaluate(_Identity(), pairs, match=True, frame=frame)
     for key, value in result["dummy"].items():
         assert abs(result["model"][key] - value) < 1e-12, key
     assert result["dummy"]["coord_mae"] > 0.01 and 0.0 <= result["dummy"]["match_rate"] <= 1.0
-    assert result["ratio_ci"]["coord_mae"] == (1.0, 1.0) and result["better"]["coord_mae"] == 0.0
-    report = write_report(result, dataset, tmp_path, "identity")
+    if frame == "input":  # bit for bit; through the canonical frame and back, to float64 rounding
+        assert result["ratio_ci"]["coord_mae"] == (1.0, 1.0) and result["better"]["coord_mae"] == 0.0
+    else:
+        assert result["ratio_ci"]["coord_mae"] == pytest.approx((1.0, 1.0), abs=1e-12)
+    report = write_report(result, pairs, tmp_path, "identity")
     text = report.read_text()
-    assert "| coordinate MAE (Å) |" in text and "1.000 | 1.000–1.000 | 0 % |" in text
+    assert "| coordinate MAE (Å) |" in text and "1.000 | 1.000–1.000 |" in text
+    assert frame == "canonical" or "1.000 | 1.000–1.000 | 0 % |" in text
     assert (tmp_path / "parity.png").exists() and (tmp_path / "errors.png").exists()
 
 
