@@ -54,13 +54,26 @@ def test_pyxtal_candidates_are_deterministic_and_small():
         assert a.info["prototype"].startswith("pyxtal-")
 
 
-def test_make_seeds_writes_a_seed_file(tmp_path):
+def test_implausible_minima():
+    from ase.build import bulk
+
+    from e3relax_fast.datagen.prepare import implausible
+
+    assert implausible(bulk("Cu", "fcc", a=3.6), -4.0) is None
+    assert implausible(bulk("Cu", "fcc", a=3.6), 0.5) == "positive energy"
+    assert implausible(bulk("Cu", "fcc", a=2.0), -4.0) == "atoms too close"  # 1.41 Å < 0.6 x 2.64 Å
+    assert implausible(bulk("Cu", "sc", a=1.5), -4.0) == "atoms too close"  # its own periodic image
+
+
+def test_make_seeds_writes_a_seed_file(tmp_path, monkeypatch):
     pytest.importorskip("pyxtal")
-    from e3relax_fast.datagen import family_of, load_seed_source
+    from e3relax_fast.datagen import family_of, load_seed_source, prepare
     from e3relax_fast.datagen.prepare import make_seeds
 
     out = tmp_path / "pyxtal_random.extxyz"
-    # Lennard-Jones takes every element: the test exercises the pipeline, not the chemistry.
+    # Lennard-Jones takes every element: the test exercises the pipeline, not the chemistry (its minima are
+    # σ = 1 Å close, which the plausibility filter, tested above, would drop).
+    monkeypatch.setattr(prepare, "implausible", lambda atoms, energy: None)
     made = make_seeds("pyxtal", out, 3, calculator="ase.calculators.lj:LennardJones", max_atoms=12, max_steps=100,
                       progress=False)
     assert made["candidates"] == 3 and made["written"] + sum(made["dropped"].values()) == 3 and made["written"]

@@ -18,7 +18,8 @@ Elements are those :func:`~e3relax_fast.datagen.protocols.similar_elements` may 
 H, noble gases, Tc or Pm). Everything is drawn from per-item RNG streams of ``seed``, so a file is
 a pure function of (kind, n, seed, settings). Structures are relaxed with the batched FIRE
 (``fmax``, ``max_steps``), the space group kept at ``symprec``; unconverged or failed relaxations,
-volume changes beyond 3× and invalid structures are dropped. Output: an extxyz file, ``info``:
+volume changes beyond 3×, invalid structures and implausible minima (:func:`implausible`: a
+collapsed cell or a positive energy) are dropped. Output: an extxyz file, ``info``:
 ``material_id`` (the seed id's tail), ``formula``, ``prototype`` (AFLOW label, or
 ``pyxtal-<space group>``), ``spacegroup`` (of the relaxed crystal, spglib at ``symprec``),
 ``energy_per_atom`` (eV, the potential's), ``provenance``.
@@ -201,6 +202,26 @@ def pyxtal_candidates(n: int, seed: int = 0, max_atoms: int = 40, max_tries: int
 
 # --- relax and write -------------------------------------------------------------------------------
 
+#: Closest approach allowed in a seed, as a fraction of the two atoms' summed covalent radii.
+MIN_BOND_FRACTION = 0.6
+
+
+def implausible(atoms, energy_per_atom: float) -> str | None:
+    """Why a relaxed seed is no plausible crystal, else ``None``: two atoms (periodic images
+    included) closer than :data:`MIN_BOND_FRACTION` of their summed covalent radii — a minimum
+    the symmetry constraint let collapse (seen: Tl₁₂As₄ at 1.05 Å) — or a positive energy per
+    atom (the potential's; every element's own crystal is below zero)."""
+    from ase.data import covalent_radii
+    from ase.neighborlist import neighbor_list
+
+    if energy_per_atom > 0:
+        return "positive energy"
+    radii = covalent_radii[atoms.numbers]
+    i, j, d = neighbor_list("ijd", atoms, 2 * MIN_BOND_FRACTION * radii.max())
+    if np.any(d < MIN_BOND_FRACTION * (radii[i] + radii[j])):
+        return "atoms too close"
+    return None
+
 
 def make_seeds(kind: str, out: str | Path, n: int, seed: int = 0, calculator: str = "chgnet",
                max_atoms: int = 40, fmax: float = 0.05, max_steps: int = 500, symprec: float = SYMPREC,
@@ -237,6 +258,7 @@ def make_seeds(kind: str, out: str | Path, n: int, seed: int = 0, calculator: st
         else:
             try:
                 validate(outcome.atoms.numbers, outcome.atoms.positions, outcome.atoms.cell.array)
+                reason = implausible(outcome.atoms, outcome.energy / len(outcome.atoms))
             except InvalidStructureError:
                 reason = "invalid"
         if reason:
