@@ -7,6 +7,7 @@ receiver (target) and therefore contiguous per crystal.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
@@ -198,3 +199,36 @@ def graph_index_from_ptr(ptr: Tensor, num_atoms: int) -> Tensor:
     counts = ptr[1:] - ptr[:-1]
     graphs = torch.arange(counts.shape[0], device=ptr.device)
     return torch.repeat_interleave(graphs, counts, output_size=num_atoms)
+
+
+def plan_batches(
+    num_atoms: Sequence[int], batch_size: int | None = None, max_atoms: int | None = None
+) -> list[list[int]]:
+    """Group consecutive structures into batches.
+
+    A batch is closed before it would exceed ``batch_size`` structures or ``max_atoms`` atoms in
+    total (either bound may be ``None``); a structure larger than ``max_atoms`` forms a batch alone.
+
+    Args:
+        num_atoms: atom count of each structure, in order.
+
+    Returns:
+        Lists of positions into ``num_atoms``; every position appears exactly once, in order.
+    """
+    for name, value in (("batch_size", batch_size), ("max_atoms", max_atoms)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+    batches: list[list[int]] = []
+    current: list[int] = []
+    atoms = 0
+    for k, n in enumerate(num_atoms):
+        too_many = batch_size is not None and len(current) >= batch_size
+        too_large = max_atoms is not None and atoms + n > max_atoms
+        if current and (too_many or too_large):
+            batches.append(current)
+            current, atoms = [], 0
+        current.append(k)
+        atoms += n
+    if current:
+        batches.append(current)
+    return batches

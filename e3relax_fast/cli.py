@@ -34,7 +34,7 @@ def run_relax(args: argparse.Namespace) -> int:
     try:
         outcome = relax_files(inputs, outputs, formats, model, on_error=args.on_error, device=args.device,
                               batch_size=args.batch_size, max_atoms=args.max_atoms, precision=args.precision,
-                              **_frame_options(args))
+                              return_uncertainty=args.uncertainty, **_frame_options(args))
     except (UnreadableFileError, InvalidStructureError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -43,6 +43,12 @@ def run_relax(args: argparse.Namespace) -> int:
         return 2
     for message in outcome.errors:
         print(f"error: {message}", file=sys.stderr)
+    if args.uncertainty:
+        table = (args.outdir or Path(".")) / "uncertainty.csv"
+        table.parent.mkdir(parents=True, exist_ok=True)
+        table.write_text("input,structure,uncertainty_A\n"
+                         + "".join(f"{path},{k},{value:.6f}\n" for path, k, value in outcome.uncertainty))
+        print(f"uncertainty (Å, ranks error; not an error bar) of {len(outcome.uncertainty)} structure(s): {table}")
     failed = outcome.structures - outcome.relaxed
     print(
         f"relaxed {outcome.relaxed} of {outcome.structures} structure(s) from {outcome.files_read} of "
@@ -85,6 +91,9 @@ def add_relax_parser(subparsers) -> None:
                    help="matmul arithmetic: the model's own (default), TF32 (CUDA) or bf16 autocast; accuracy "
                    "against float64 in bench/RESULTS.md")
     _add_frame_arguments(p)
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also estimate each prediction's uncertainty (its spread over other descriptions of the "
+                   "crystal, Å; two more forward passes per structure): uncertainty.csv and info['uncertainty']")
     p.add_argument(
         "--on-error",
         choices=("raise", "skip", "return_input"),

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .batch import Batch
+from .batch import Batch, plan_batches
 from .frame import CanonicalFrame
 from .model import predict_batches
 
@@ -131,7 +131,7 @@ def equivalent_predictions(
                 else -np.floor(frame.frac + shift).astype(np.int64)
             inputs.append((frame.numbers, frame.positions + image @ frame.cell, basis @ frame.cell))
             images.append(image)
-    chunks = _chunks([len(z) for z, _, _ in inputs], max_atoms)
+    chunks = plan_batches([len(z) for z, _, _ in inputs], max_atoms=max_atoms)
     batches = (Batch.from_arrays([inputs[i] for i in chunk], dtype=torch.float64) for chunk in chunks)
     predicted = []
     for prediction in predict_batches(model, batches, device, **predict_options):
@@ -187,16 +187,3 @@ def frame_spread(
     """
     return np.array([position_spread(positions) for positions, _ in equivalent_predictions(
         model, frames, device, descriptions, predictions, symmetrize, max_atoms, **predict_options)])
-
-
-def _chunks(sizes: Sequence[int], max_atoms: int) -> list[list[int]]:
-    """Consecutive indices into ``sizes`` grouped under ``max_atoms`` atoms (a larger item alone)."""
-    chunks: list[list[int]] = []
-    atoms = 0
-    for i, n in enumerate(sizes):
-        if not chunks or atoms + n > max_atoms:
-            chunks.append([])
-            atoms = 0
-        chunks[-1].append(i)
-        atoms += n
-    return chunks

@@ -163,3 +163,22 @@ def test_the_spread_ranks_the_coordinate_error(model):
 
     rho = np.corrcoef(ranks(spread), ranks(error))[0, 1]
     assert rho > 0.5, rho
+
+
+def test_relax_batch_returns_one_uncertainty_per_input():
+    """relax_batch(return_uncertainty=True): the spread of each relaxed crystal (the same however it is
+    written), None where the structure failed or is a slab (no canonical frame)."""
+    from ase.build import bulk, fcc111, make_supercell
+
+    from e3relax_fast import load_pretrained, relax_batch
+
+    model = load_pretrained("default")
+    si = bulk("Si")
+    slab = fcc111("Cu", (2, 2, 3), vacuum=5.0)
+    slab.pbc = (True, True, False)
+    overlap = ([14, 14], [[0.0, 0.0, 0.0], [0.0, 0.0, 0.01]], np.eye(3) * 5.0)
+    out = relax_batch([si, overlap, slab, make_supercell(si, np.diag([2, 1, 1]))], model, on_error="skip",
+                      return_uncertainty=True)
+    assert out.uncertainty[0] > 0 and out.uncertainty[1] is None and out.uncertainty[2] is None
+    assert out.uncertainty[3] == pytest.approx(out.uncertainty[0], abs=1e-6)  # float32 model, other batches
+    assert relax_batch([si], model).uncertainty is None  # not asked, not paid for
