@@ -121,7 +121,7 @@ def run_train(args: argparse.Namespace) -> int:
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     config = TrainConfig(
-        model={"hidden_channels": args.hidden, "num_layers": args.layers},
+        model={"hidden_channels": args.hidden, "num_layers": args.layers, "cell_transport": args.cell_transport},
         lr=args.lr, batch_size=args.batch_size, steps_per_epoch=args.steps_per_epoch,
         max_epochs=args.max_epochs, loss=args.loss, seed=args.seed, dtype=args.dtype, frame=args.frame,
     )
@@ -151,6 +151,8 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--val-split", default="val")
     p.add_argument("--hidden", type=int, default=64, help="hidden channels H (paper: 512)")
     p.add_argument("--layers", type=int, default=4, help="layers L (paper: 4)")
+    p.add_argument("--cell-transport", action="store_true",
+                   help="carry the atoms along with each layer's cell update (E3Relax(cell_transport=True))")
     p.add_argument("--batch-size", type=int, default=32, help="crystals per step, all processes together")
     p.add_argument("--steps-per-epoch", type=int, default=100, help="steps per pseudo-epoch")
     p.add_argument("--max-epochs", type=int, default=800)

@@ -25,9 +25,11 @@ def _max_dev(out_a, out_b, transform_pos, transform_cell):
     return pos, cell
 
 
+@pytest.mark.parametrize("transport", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_default_mode_rotation_equivariant(golden_model, seed):
+def test_default_mode_rotation_equivariant(golden_model, seed, transport):
     model = golden_model_instance(golden_model, paper_compat=False)
+    model.cell_transport = transport
     batch = golden_batch(golden_model)
     rot = _random_rotation(seed)
     out = model(batch)
@@ -37,8 +39,10 @@ def test_default_mode_rotation_equivariant(golden_model, seed):
     assert dev_pos < TOL and dev_cell < TOL
 
 
-def test_default_mode_translation_equivariant(golden_model):
+@pytest.mark.parametrize("transport", [False, True])
+def test_default_mode_translation_equivariant(golden_model, transport):
     model = golden_model_instance(golden_model, paper_compat=False)
+    model.cell_transport = transport
     batch = golden_batch(golden_model)
     shift = torch.tensor([0.37, -1.21, 0.83], dtype=torch.float64)
     out = model(batch)
