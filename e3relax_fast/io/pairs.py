@@ -29,10 +29,24 @@ from .structures import to_arrays, to_atoms
 SPLITS = ("train", "val", "test")
 
 
+#: Seed families, for leave-one-family-out evaluation: a seed's family is the first of these that
+#: its id's prefix (the letters of its seed file's name, e.g. ``perovval``, ``nomadbulk``,
+#: ``aflowdecorated``) starts with, else the prefix itself.
+FAMILIES = ("perov", "carbon", "oqmd", "mp", "nomad", "aflow", "pyxtal")
+
+
+def family_of(seed_id: str) -> str:
+    """Family of a seed id ``<prefix>-<id>`` (see :data:`FAMILIES`)."""
+    prefix = seed_id.split("-", 1)[0]
+    return next((f for f in FAMILIES if prefix.startswith(f)), prefix)
+
+
 @dataclass
 class Pair:
     """One unrelaxed → relaxed pair; atoms correspond by index. Positions (n, 3) Cartesian Å,
-    cells (3, 3) Å with lattice vectors as rows, atomic numbers (n,) int64."""
+    cells (3, 3) Å with lattice vectors as rows, atomic numbers (n,) int64. ``family`` (the seed
+    family, :data:`FAMILIES`) and ``protocol`` (how the unrelaxed structure was made) are "" where
+    the dataset does not say."""
 
     id: str
     atomic_numbers: np.ndarray
@@ -40,6 +54,8 @@ class Pair:
     cell_unrelaxed: np.ndarray
     pos_relaxed: np.ndarray
     cell_relaxed: np.ndarray
+    family: str = ""
+    protocol: str = ""
 
 
 def _pair_from_atoms(pair_id: str, unrelaxed, relaxed) -> Pair:
@@ -105,7 +121,9 @@ def read_extxyz_pairs(root: str | Path, split: str) -> list[Pair]:
         pair_id = str(u.info.get("atoms_id", k))
         if str(r.info.get("atoms_id", pair_id)) != pair_id:
             raise ValueError(f"{root} ({split}): frame {k} ids differ: {pair_id} vs {r.info['atoms_id']}")
-        pairs.append(_pair_from_atoms(pair_id, u, r))
+        pair = _pair_from_atoms(pair_id, u, r)
+        pair.family, pair.protocol = str(u.info.get("family", "")), str(u.info.get("protocol", ""))
+        pairs.append(pair)
     return pairs
 
 
@@ -147,6 +165,22 @@ def read_pairs(sources: str | Path | list, split: str) -> list[Pair]:
     source = Path(sources)
     if source.is_file():
         return read_ase_db_pairs(source, split)
-    if any(source.glob(f"{split}_unrelaxed.*")):
-        return read_extxyz_pairs(source, split)
-    return read_cif_pairs(source, split)
+    extxyz = any(source.glob(f"{split}_unrelaxed.*"))
+    pairs = read_extxyz_pairs(source, split) if extxyz else read_cif_pairs(source, split)
+    return _annotate(pairs, source / "index.csv")
+
+
+def _annotate(pairs: list[Pair], index: Path) -> list[Pair]:
+    """Fill in each pair's family and protocol from the dataset's ``index.csv`` where it has them
+    (columns ``atoms_id``, ``protocol``, ``seed_id``, optionally ``family``)."""
+    if not index.exists():
+        return pairs
+    with index.open(newline="") as fh:
+        rows = {row["atoms_id"]: row for row in csv.DictReader(fh) if row.get("atoms_id")}
+    for pair in pairs:
+        row = rows.get(pair.id)
+        if row is None:
+            continue
+        pair.protocol = pair.protocol or row.get("protocol") or ""
+        pair.family = pair.family or row.get("family") or (family_of(row["seed_id"]) if row.get("seed_id") else "")
+    return pairs
