@@ -56,9 +56,12 @@ def ratio_interval(model_err: np.ndarray, dummy_err: np.ndarray, resamples: int 
 def evaluate(model: torch.nn.Module, pairs: list[Pair], device="cpu", match: bool = True, **options) -> dict:
     """Metrics of ``model`` and of Dummy on ``pairs`` (``options`` go to :func:`predict`).
 
-    Returns ``{"model": {metric: mean}, "dummy": {...}, "ratio_ci": {metric: (lo, hi)},
+    Returns ``{"model": {metric: mean}, "dummy": {...}, "rescale": {...}, "ratio_ci": {metric: (lo, hi)},
     "better": {metric: fraction of structures where the model's error is below Dummy's},
-    "per_structure": {"model": {metric: (G,) array}, "dummy": {...}}, "predictions": [...]}``;
+    "families": {family: {"n": count, "model": {...}, "dummy": {...}, "rescale": {...}}},
+    "per_structure": {"model": {metric: (G,) array}, "dummy": {...}, "rescale": {...}},
+    "predictions": [...]}``; "rescale" is the input scaled isotropically to the model's predicted
+    volume (does the model know more than the volume?);
     ``match_rate`` is included when pymatgen is. ``ratio_ci`` is the 95 % bootstrap interval of
     model / Dummy (:func:`ratio_interval`).
     """
@@ -69,12 +72,23 @@ def evaluate(model: torch.nn.Module, pairs: list[Pair], device="cpu", match: boo
                               cell_t, batch.ptr)
     pred_pos = torch.from_numpy(np.concatenate([p for p, _ in predictions]))
     pred_cell = torch.from_numpy(np.stack([c for _, c in predictions]))
+    # "Rescale": the input scaled isotropically to the model's predicted volume (fractions kept), the
+    # baseline that tells whether the model knows more than the volume.
+    scale = (torch.linalg.det(pred_cell) / torch.linalg.det(batch.cells)).abs() ** (1 / 3)
     per = {
         "model": structure_metrics(pred_pos, pred_cell, pos_t, cell_t, batch.ptr),
         "dummy": structure_metrics(batch.positions, batch.cells, pos_t, cell_t, batch.ptr),
+        "rescale": structure_metrics(batch.positions * scale[batch.graph_index()].unsqueeze(-1),
+                                     batch.cells * scale.reshape(-1, 1, 1), pos_t, cell_t, batch.ptr),
     }
     per = {who: {k: v.numpy() for k, v in m.items()} for who, m in per.items()}
     summary = {who: {k: float(v.mean()) for k, v in m.items()} for who, m in per.items()}
+    families = np.array([p.family or "?" for p in pairs])
+    summary["families"] = {
+        family: {"n": int(np.sum(families == family)),
+                 **{who: {k: float(v[families == family].mean()) for k, v in m.items()} for who, m in per.items()}}
+        for family in sorted(set(families))
+    }
     summary["ratio_ci"] = {k: ratio_interval(per["model"][k], per["dummy"][k]) for k in per["model"]}
     summary["better"] = {k: float((per["model"][k] < per["dummy"][k]).mean()) for k in per["model"]}
     if match:
@@ -84,6 +98,27 @@ def evaluate(model: torch.nn.Module, pairs: list[Pair], device="cpu", match: boo
             if rate is not None:
                 summary[who]["match_rate"] = rate
     return {**summary, "per_structure": per, "predictions": predictions}
+
+
+def _ratio(value: float, dummy: float) -> str:
+    """``value / dummy`` to 3 decimals, "n/a" where Dummy's error is zero (e.g. unchanged cells)."""
+    return f"{value / dummy:.3f}" if dummy > 0 else "n/a"
+
+
+def _family_table(result: dict) -> list[str]:
+    """Per seed family: model and the isotropic rescale to the model's volume, each / Dummy."""
+    families = result.get("families") or {}
+    if len(families) < 2:
+        return []
+    lines = ["", "Per seed family (model / Dummy and rescale / Dummy; rescale = the input scaled to the model's "
+             "predicted volume):", "",
+             "| family | structures | coordinate MAE model | coordinate MAE rescale | volume error model |",
+             "|---|---|---|---|---|"]
+    for family, r in families.items():
+        coord, vol = r["dummy"]["coord_mae"], r["dummy"]["volume_error"]
+        lines.append(f"| {family} | {r['n']} | {_ratio(r['model']['coord_mae'], coord)} | "
+                     f"{_ratio(r['rescale']['coord_mae'], coord)} | {_ratio(r['model']['volume_error'], vol)} |")
+    return lines
 
 
 def write_report(result: dict, pairs: list[Pair], out_dir: str | Path, title: str) -> Path:
@@ -99,11 +134,12 @@ def write_report(result: dict, pairs: list[Pair], out_dir: str | Path, title: st
     for key, (label, unit) in METRICS.items():
         m, d = result["model"][key], result["dummy"][key]
         lo, hi = result["ratio_ci"][key]
-        lines.append(f"| {label} ({unit}) | {m:.4f} | {d:.4f} | {m / d:.3f} | {lo:.3f}–{hi:.3f} | "
+        lines.append(f"| {label} ({unit}) | {m:.4f} | {d:.4f} | {_ratio(m, d)} | {lo:.3f}–{hi:.3f} | "
                      f"{100 * result['better'][key]:.0f} % |")
     if "match_rate" in result["model"]:
         lines.append(f"| match rate (StructureMatcher defaults) | {100 * result['model']['match_rate']:.1f}% | "
                      f"{100 * result['dummy']['match_rate']:.1f}% | | | |")
+    lines += _family_table(result)
     saved = result.get("steps_saved")
     if saved is not None:
         lines += ["", f"Potential steps to converge (FIRE, both starts converged for {saved['n_both_converged']} of "

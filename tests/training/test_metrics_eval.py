@@ -95,3 +95,17 @@ def test_eval_cli_reports_steps_saved_with_emt(tmp_path):
                  "--out", str(tmp_path / "report"), "--no-match", "--steps-saved", "emt"]) == 0
     text = (tmp_path / "report" / "report.md").read_text()
     assert "Potential steps to converge" in text and "both starts converged for 3 of 3" in text
+
+
+def test_report_says_n_a_for_a_zero_dummy_metric(tmp_path):
+    """Pairs whose cells do not change give Dummy a zero volume error: the report prints n/a for the
+    ratio instead of dividing by zero (it used to crash after computing everything)."""
+    pairs = denoising_pairs(4, 7)
+    for pair in pairs:
+        pair.cell_relaxed = pair.cell_unrelaxed.copy()
+        pair.family = "perov" if pair is pairs[0] else "oqmd"
+    result = evaluate(_Identity(), pairs, match=False, frame="input")
+    assert result["dummy"]["volume_error"] == 0.0
+    text = write_report(result, pairs, tmp_path, "zero dummy").read_text()
+    assert "| volume error (Å³) | 0.0000 | 0.0000 | n/a |" in text
+    assert "| perov | 1 |" in text and "| oqmd | 3 |" in text  # the per-family table
