@@ -65,8 +65,9 @@ class CanonicalFrame:
         permutations: ``(k, m)`` int64; operation ``g`` moves atom ``j`` onto atom ``permutations[g, j]``.
         user_cell: ``(3, 3)`` int64 ``T``: the user's cell is ``T @ cell`` (standard orientation).
         atom_map: ``(n,)`` int64 canonical atom of each user atom; images: ``(n, 3)`` int64 its lattice
-            translation (canonical basis); offset: ``(3,)`` Cartesian translation, standard orientation:
-            user atom i sits at ``(frac[atom_map[i]] + images[i]) @ cell + offset``.
+            translation; offset: ``(3,)`` Cartesian translation, standard orientation: user atom i
+            sits at ``(x[atom_map[i]] + images[i]) @ cell + offset``, ``x`` moyopy's standard
+            fractions (below).
         rotation: ``(3, 3)`` orthogonal matrix of the standard orientation: ``r_std = r_user @ rotation.T``.
         choice_linear, choice_shift, choice_images: ``(3, 3)``, ``(3,)`` and ``(m, 3)`` int64: the chosen
             description among the equivalent ones, ``frac[k] = choice_linear @ x[k] + choice_shift +
