@@ -130,7 +130,8 @@ def run_train(args: argparse.Namespace) -> int:
     for split in (args.train_split, args.val_split):
         # Every --data source contributes its split. Graphs are built once and cached beside the
         # run (keyed by content), so reruns and resumes reuse them.
-        datasets[split] = PairDataset(read_pairs(args.data, split), cache=cache / f"{split}.pt", frame=args.frame)
+        pairs = [p for p in read_pairs(args.data, split) if p.family not in (args.exclude_family or ())]
+        datasets[split] = PairDataset(pairs, cache=cache / f"{split}.pt", frame=args.frame)
     summary = train(config, datasets[args.train_split], datasets[args.val_split], args.out, device=device,
                     max_steps=args.max_steps, progress=not args.quiet)
     print(f"trained {summary['step']} steps, {summary['epoch']} pseudo-epochs; "
@@ -151,6 +152,8 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--val-split", default="val")
     p.add_argument("--hidden", type=int, default=64, help="hidden channels H (paper: 512)")
     p.add_argument("--layers", type=int, default=4, help="layers L (paper: 4)")
+    p.add_argument("--exclude-family", action="append", metavar="FAMILY",
+                   help="leave this seed family out of training and validation (repeatable; leave-one-family-out)")
     p.add_argument("--cell-transport", action="store_true",
                    help="carry the atoms along with each layer's cell update (E3Relax(cell_transport=True))")
     p.add_argument("--batch-size", type=int, default=32, help="crystals per step, all processes together")
@@ -176,7 +179,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from .training import write_report
 
     model = load_pretrained(args.checkpoint, map_location=args.device)
-    pairs = read_pairs(args.data, args.split)
+    pairs = [p for p in read_pairs(args.data, args.split) if not args.family or p.family in args.family]
+    if not pairs:
+        print(f"error: no pairs in split {args.split!r} of {', '.join(args.data)}"
+              + (f" for families {args.family}" if args.family else ""), file=sys.stderr)
+        return 2
     result = evaluate_model(model, pairs, device=args.device, match=not args.no_match, **_frame_options(args))
     if args.steps_saved:
         from .datagen import make_calculator, steps_saved
@@ -203,6 +210,8 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-match", action="store_true", help="skip the (slow) StructureMatcher match rate")
+    p.add_argument("--family", action="append", metavar="FAMILY",
+                   help="evaluate only pairs of this seed family (repeatable; e.g. the family left out of training)")
     _add_frame_arguments(p)
     p.add_argument("--steps-saved", metavar="CALC",
                    help="also relax each structure with this potential (chgnet, emt, module:factory) from the "
