@@ -33,11 +33,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
 OUR_SOURCES = [os.path.join(CSRC, f) for f in ("module.cpp", "radius_graph_cpu.cpp", "radius_graph_cpu_avx512.cpp",
                                                 "radius_graph_warp_emulation.cpp", "thread_pool.cpp",
-                                                "output_cache.cpp", "message_passing_cpu.cpp")]
+                                                "output_cache.cpp", "message_passing_cuda_emulation.cpp",
+                                                "message_passing_cpu.cpp", "message_passing_cpu_avx512.cpp",
+                                                "lattice_message_cpu.cpp", "lattice_message_cpu_avx512.cpp")]
 CUDA_SOURCES = [os.path.join(CSRC, f) for f in ("radius_graph_cuda.cu", "message_passing_cuda.cu")]
 HEADERS = [os.path.join(CSRC, h) for h in ("radius_graph.h", "radius_graph_api.h", "radius_graph_cpu_internal.h",
                                            "thread_pool.h", "output_cache.h", "message_passing.h",
-                                           "message_passing_api.h")]
+                                           "message_passing_api.h", "radial_window.h", "fused_cpu.h",
+                                           "fused_cpu_avx512.h")]
 # nanobind's core as one translation unit (its documented non-CMake route; the file list of the
 # unity source follows the installed nanobind version).
 NB_CORE = ["nb_combined.cpp"]

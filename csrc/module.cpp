@@ -20,6 +20,7 @@
 #include "radius_graph_api.h"
 #include "message_passing.h"
 #include "message_passing_api.h"
+#include "fused_cpu.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -213,7 +214,7 @@ e3mp::Params<T> mp_params(const MpIn<T, Dev>& x_proj, const MpIn<T, Dev>& vec, c
 }
 
 template <class T>
-void message_passing_cpu(MpIn<T, nb::device::cpu> x_proj, MpIn<T, nb::device::cpu> vec,
+void message_passing_cuda_emulated(MpIn<T, nb::device::cpu> x_proj, MpIn<T, nb::device::cpu> vec,
                          MpIn<T, nb::device::cpu> pos, MpIn<T, nb::device::cpu> cells,
                          MpIn<int64_t, nb::device::cpu> edge_index, MpIn<int64_t, nb::device::cpu> offsets,
                          MpIn<int64_t, nb::device::cpu> edge_graph, MpIn<int64_t, nb::device::cpu> rowptr,
@@ -225,12 +226,133 @@ void message_passing_cpu(MpIn<T, nb::device::cpu> x_proj, MpIn<T, nb::device::cp
   int64_t bad;
   {
     nb::gil_scoped_release release;
-    bad = e3mp::message_passing_cpu(p, num_threads);
+    bad = e3mp::message_passing_cuda_emulated(p, num_threads);
   }
   if (bad)
     throw nb::value_error(("message_passing: " + std::to_string(bad) + " receiver(s) with invalid edges (rowptr " +
                            "must be the receiver CSR of receiver-sorted edges; source and crystal indices in range)")
                               .c_str());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backend `cpu` of the gated message ops (fused_cpu.h): forward only, outputs written into caller
+// buffers (every element). `exact`: the radial projection on every centre instead of the window;
+// path 0 = AVX-512 where the CPU has it, 1 = portable.
+// ---------------------------------------------------------------------------------------------
+e3cpu::Path fused_path(int path) {
+  if (path < 0 || path > 1) throw nb::value_error("path must be 0 (auto) or 1 (portable)");
+  return static_cast<e3cpu::Path>(path);
+}
+
+template <class T>
+void message_passing_fused_cpu(MpIn<T, nb::device::cpu> x_proj, MpIn<T, nb::device::cpu> vec,
+                               MpIn<T, nb::device::cpu> pos, MpIn<T, nb::device::cpu> cells,
+                               MpIn<int64_t, nb::device::cpu> edge_index, MpIn<int64_t, nb::device::cpu> offsets,
+                               MpIn<int64_t, nb::device::cpu> edge_graph, MpIn<int64_t, nb::device::cpu> rowptr,
+                               MpW<T, nb::device::cpu> weight, MpIn<T, nb::device::cpu> bias,
+                               MpIn<T, nb::device::cpu> centres, double coeff, double cutoff,
+                               MpOut<T, nb::device::cpu> ds, MpOut<T, nb::device::cpu> dv, int num_threads, bool exact,
+                               int path) {
+  const e3mp::Params<T> p = mp_params<T, nb::device::cpu>(x_proj, vec, pos, cells, edge_index, offsets, edge_graph,
+                                                          rowptr, weight, bias, centres, coeff, cutoff, ds, dv);
+  e3cpu::MessageArgs<T> a;
+  a.x_proj = p.x_proj;
+  a.vec = p.vec;
+  a.pos = p.pos;
+  a.cells = p.cells;
+  a.src = p.src;
+  a.dst = p.dst;
+  a.offsets = p.offsets;
+  a.edge_graph = p.edge_graph;
+  a.rowptr = p.rowptr;
+  a.weight = p.weight;
+  a.w_stride_c = p.w_stride_c;
+  a.w_stride_r = p.w_stride_r;
+  a.bias = p.bias;
+  a.centres = p.centres;
+  a.coeff = coeff;
+  a.cutoff = cutoff;
+  a.n_atoms = p.n_atoms;
+  a.n_graphs = p.n_graphs;
+  a.n_edges = p.n_edges;
+  a.hidden = p.hidden;
+  a.num_rbf = p.num_rbf;
+  a.ds = p.ds;
+  a.dv = p.dv;
+  const e3cpu::Path how = fused_path(path);
+  int64_t bad;
+  {
+    nb::gil_scoped_release release;
+    bad = e3cpu::message_passing(a, num_threads, exact, how);
+  }
+  if (bad)
+    throw nb::value_error(("message_passing: " + std::to_string(bad) + " receiver(s) with invalid edges (rowptr " +
+                           "must be the receiver CSR of receiver-sorted edges; source and crystal indices in range)")
+                              .c_str());
+}
+
+template <class T>
+void lattice_message_fused_cpu(MpIn<T, nb::device::cpu> x_proj, MpIn<T, nb::device::cpu> vec,
+                               MpIn<T, nb::device::cpu> pos, MpIn<T, nb::device::cpu> cells,
+                               MpIn<int64_t, nb::device::cpu> graph_index,
+                               std::optional<MpIn<T, nb::device::cpu>> centres, int64_t k,
+                               MpW<T, nb::device::cpu> weight, MpIn<T, nb::device::cpu> bias,
+                               MpIn<T, nb::device::cpu> rbf_centres, double coeff, double cutoff,
+                               MpOut<T, nb::device::cpu> ds, MpOut<T, nb::device::cpu> v_out, int num_threads,
+                               bool exact, int path) {
+  if (vec.ndim() != 3 || vec.shape(1) != 3) throw nb::value_error("lattice_message: vec must be (N, 3, H)");
+  const int64_t N = (int64_t)vec.shape(0), H = (int64_t)vec.shape(2);
+  if (cells.ndim() != 3) throw nb::value_error("lattice_message: cells must be (G, 3, 3)");
+  const int64_t G = (int64_t)cells.shape(0);
+  if (rbf_centres.ndim() != 1) throw nb::value_error("lattice_message: rbf_centres must be (R,)");
+  const int64_t R = (int64_t)rbf_centres.shape(0);
+  if (!has_shape(x_proj, {N, 3 * H})) throw nb::value_error("lattice_message: x_proj must be (N, 3H)");
+  if (!has_shape(pos, {N, 3})) throw nb::value_error("lattice_message: positions must be (N, 3)");
+  if (!has_shape(cells, {G, 3, 3})) throw nb::value_error("lattice_message: cells must be (G, 3, 3)");
+  if (!has_shape(graph_index, {N})) throw nb::value_error("lattice_message: graph_index must be (N,)");
+  if (centres && !has_shape(*centres, {G, 3})) throw nb::value_error("lattice_message: centres must be (G, 3)");
+  if (k < 0 || k > 2) throw nb::value_error("lattice_message: lattice node k must be 0, 1 or 2");
+  if (!has_shape(weight, {3 * H, R})) throw nb::value_error("lattice_message: edge_weight must be (3H, R)");
+  if (!has_shape(bias, {3 * H})) throw nb::value_error("lattice_message: edge_bias must be (3H,)");
+  if (!has_shape(ds, {N, H}) || !has_shape(v_out, {N, 3, H}))
+    throw nb::value_error("lattice_message: outputs must be (N, H) and (N, 3, H)");
+  if (!(cutoff > 0.0)) throw nb::value_error("lattice_message: cutoff must be > 0");
+  e3cpu::LatticeArgs<T> a;
+  a.x_proj = x_proj.data();
+  a.vec = vec.data();
+  a.pos = pos.data();
+  a.cells = cells.data();
+  a.graph_index = graph_index.data();
+  a.centres = centres ? centres->data() : nullptr;
+  a.k = k;
+  a.weight = weight.data();
+  a.w_stride_c = (int64_t)weight.stride(0);
+  a.w_stride_r = (int64_t)weight.stride(1);
+  a.bias = bias.data();
+  a.rbf_centres = rbf_centres.data();
+  a.coeff = coeff;
+  a.cutoff = cutoff;
+  a.n_atoms = N;
+  a.n_graphs = G;
+  a.hidden = H;
+  a.num_rbf = R;
+  a.ds = ds.data();
+  a.v_out = v_out.data();
+  const e3cpu::Path how = fused_path(path);
+  int64_t bad;
+  {
+    nb::gil_scoped_release release;
+    bad = e3cpu::lattice_message(a, num_threads, exact, how);
+  }
+  if (bad)
+    throw nb::value_error(("lattice_message: " + std::to_string(bad) + " atom(s) with a crystal index out of range")
+                              .c_str());
+}
+
+nb::tuple radial_window(nb::ndarray<const double, nb::ndim<1>, nb::c_contig, nb::device::cpu> centres, double coeff,
+                        bool exact) {
+  const e3cpu::RadialWindow w = e3cpu::make_window(centres.data(), (int64_t)centres.shape(0), coeff, exact);
+  return nb::make_tuple(w.halfwidth, w.size, w.first, w.spacing, w.tail);
 }
 
 #ifdef E3RELAX_WITH_CUDA
@@ -291,12 +413,22 @@ std::string cuda_status() {
 #define MP_CPU_ARGS MP_ARGS_COMMON, "num_threads"_a = 0
 #define MP_CUDA_ARGS MP_ARGS_COMMON, "stream"_a
 #define MP_CPU_DOC                                                                                     \
-  "Fused message passing on the CPU into ds (N,H), dv (N,3,H) (every element written). float32 or\n"  \
+  "The CUDA kernel's logic on CPU threads (tests): into ds (N,H), dv (N,3,H) (every element written). float32 or\n"  \
   "float64 arrays of one dtype, int64 indices, all C-contiguous except edge_weight (3H,R), any\n"     \
   "strides. Edges receiver-sorted with receiver CSR rowptr. Raises ValueError on invalid edges."
+#define MP_FUSED_DOC                                                                                   \
+  "Backend `cpu` of the message op (fused_cpu.h): the arrays of message_passing_cuda_emulated;\n"       \
+  "exact: every centre of the basis instead of the window; path 0 auto, 1 portable."
+#define LM_ARGS                                                                                        \
+  "x_proj"_a, "vec"_a, "positions"_a, "cells"_a, "graph_index"_a, "centres"_a.none(), "k"_a, "edge_weight"_a, \
+      "edge_bias"_a, "rbf_centres"_a, "rbf_coeff"_a, "cutoff"_a, "ds"_a.noconvert(), "v_out"_a.noconvert(),  \
+      "num_threads"_a = 0, "exact"_a = false, "path"_a = 0
+#define LM_DOC                                                                                         \
+  "Backend `cpu` of the lattice message op (fused_cpu.h) into ds (N,H), v_out (N,3,H). float32 or\n"  \
+  "float64 arrays of one dtype, int64 graph_index, C-contiguous except edge_weight (3H,R)."
 #define MP_CUDA_DOC                                                                                    \
   "Fused message passing on a CUDA device (forward only, on `stream`, no host sync): same arrays\n"  \
-  "as message_passing_cpu; edge_weight best passed transposed in memory (stride (1, 3H)). Invalid\n" \
+  "as message_passing_cuda_emulated; edge_weight best passed transposed in memory (stride (1, 3H)). Invalid\n" \
   "receivers get NaN outputs."
 
 NB_MODULE(_C, m) {
@@ -320,8 +452,17 @@ NB_MODULE(_C, m) {
         "CUDA kernel's warp algorithm, emulated, algo=2 brute force with per-pair bounds, algo=3 the\n"
         "default without its AVX-512 path (tests only).");
   m.attr("CPU_AVX512") = e3rg::cpu_simd_avx512();
-  m.def("message_passing_cpu", &message_passing_cpu<float>, MP_CPU_ARGS, MP_CPU_DOC);
-  m.def("message_passing_cpu", &message_passing_cpu<double>, MP_CPU_ARGS, MP_CPU_DOC);
+  m.def("message_passing_cuda_emulated", &message_passing_cuda_emulated<float>, MP_CPU_ARGS, MP_CPU_DOC);
+  m.def("message_passing_cuda_emulated", &message_passing_cuda_emulated<double>, MP_CPU_ARGS, MP_CPU_DOC);
+  m.def("message_passing_fused_cpu", &message_passing_fused_cpu<float>, MP_CPU_ARGS, "exact"_a = false,
+        "path"_a = 0, MP_FUSED_DOC);
+  m.def("message_passing_fused_cpu", &message_passing_fused_cpu<double>, MP_CPU_ARGS, "exact"_a = false,
+        "path"_a = 0, MP_FUSED_DOC);
+  m.def("lattice_message_fused_cpu", &lattice_message_fused_cpu<float>, LM_ARGS, LM_DOC);
+  m.def("lattice_message_fused_cpu", &lattice_message_fused_cpu<double>, LM_ARGS, LM_DOC);
+  m.def("radial_window", &radial_window, "centres"_a, "coeff"_a, "exact"_a = false,
+        "The window of the fused CPU ops for a basis (radial_window.h): (halfwidth (-1: exact), size,\n"
+        "first centre, spacing, tail bound).");
 #ifdef E3RELAX_WITH_CUDA
   // Distinct names, no overloads: DLPack capsules must not meet a rejected overload first.
   m.def("message_passing_cuda_f32", &message_passing_cuda<float>, MP_CUDA_ARGS, MP_CUDA_DOC);

@@ -5,7 +5,10 @@
 * :func:`radius_graph_cuda` — the CUDA radius graph (one warp per centre), and its two phases
   :func:`cuda_select` / :func:`cuda_emit` for the fixed-capacity graph of :mod:`e3relax_fast.graph`;
 * :func:`message_passing_cuda` — the fused message op, forward only; :func:`message_passing_cpu` —
-  its per-receiver logic on CPU threads, for the tests.
+  its per-receiver logic on CPU threads, for the tests;
+* :func:`message_passing_fused_cpu`, :func:`lattice_message_fused_cpu` — backend ``cpu`` of the two
+  gated message ops (inference): fused per receiver / atom, the radial projection on a window of
+  the basis (:func:`radial_window`), AVX-512 where the CPU has it.
 
 Every wrapper has its reference twin's signature and returns exactly the reference's result (graph:
 integers equal, distances equal to the bit). Whether a backend can run here is decided once, at
@@ -259,7 +262,8 @@ def message_passing_cpu(
     (no autograd: outputs are detached), CPU tensors only. With ``rowptr`` the edges must be
     receiver-sorted and ``rowptr`` their receiver CSR; without it they are sorted here. ``out``:
     optional ``(ds, dv)`` buffers to write (every element is written). Not a backend of the op
-    table (the reference is the CPU choice); it exists to test the CUDA kernel's logic without a GPU.
+    table (backend ``cpu`` is :func:`message_passing_fused_cpu`); it exists to test the CUDA kernel's
+    logic without a GPU.
     """
     if _C is None:
         raise BackendUnavailableError(IMPORT_ERROR or "e3relax_fast._C missing")
@@ -267,8 +271,8 @@ def message_passing_cpu(
         raise ValueError("message_passing_cpu: tensors must be on the CPU")
     arrays, ds, dv = _mp_arrays(x_proj, vec, positions, cells, edge_index, cell_offsets, edge_graph, edge_weight,
                                 edge_bias, rbf_centres, rowptr, out, transpose_weight=False)
-    _C.message_passing_cpu(*arrays, float(rbf_coeff), float(cutoff), ds, dv,
-                           int(num_threads if num_threads is not None else torch.get_num_threads()))
+    _C.message_passing_cuda_emulated(*arrays, float(rbf_coeff), float(cutoff), ds, dv,
+                                     int(num_threads if num_threads is not None else torch.get_num_threads()))
     return ds, dv
 
 
@@ -322,6 +326,144 @@ def message_passing_cuda(
         fn = _C.message_passing_cuda_f64 if ds.dtype == torch.float64 else _C.message_passing_cuda_f32
         fn(*(_dl(a, s) for a in arrays), float(rbf_coeff), float(cutoff), _dl(ds, s), _dl(dv, s), handle)
     return ds, dv
+
+
+# --------------------------------------------------------------------------------------------------
+# Backend ``cpu`` of the gated message ops (csrc/fused_cpu.h, message_passing_cpu*, lattice_message_cpu*)
+# --------------------------------------------------------------------------------------------------
+#: ``radial=`` of the fused CPU ops: ``"window"`` evaluates the radial projection on the window of
+#: :func:`radial_window` where the basis has one (else on every centre), ``"exact"`` on every centre.
+RADIAL_MODES = ("window", "exact")
+#: ``path=`` of the fused CPU ops: AVX-512 where the CPU has it, or the portable C++ (for the tests).
+FUSED_PATHS = {"auto": 0, "portable": 1}
+
+
+def radial_window(rbf_centres: Tensor, rbf_coeff: float,
+                  radial: str = "window") -> tuple[int, int, float, float, float]:
+    """The window the fused CPU ops use for this basis: ``(halfwidth, size, first centre, spacing, tail)``
+    (csrc/radial_window.h; halfwidth -1 and size R: every centre). It is the rule of
+    :func:`e3relax_fast.reference.radial_window.radial_window`; tail bounds the dropped Gaussians."""
+    if _C is None:
+        raise BackendUnavailableError(IMPORT_ERROR or "e3relax_fast._C missing")
+    centres = rbf_centres.detach().to(device="cpu", dtype=torch.float64).contiguous()
+    return tuple(_C.radial_window(centres, float(rbf_coeff), _radial_exact(radial)))
+
+
+def _radial_exact(radial: str) -> bool:
+    if radial not in RADIAL_MODES:
+        raise ValueError(f"radial must be one of {RADIAL_MODES}, got {radial!r}")
+    return radial == "exact"
+
+
+def _forward_only(op: str, named: dict) -> None:
+    """The fused CPU ops have no backward: refuse inputs that need a gradient."""
+    if torch.is_grad_enabled():
+        needs = [name for name, t in named.items() if isinstance(t, Tensor) and t.requires_grad]
+        if needs:
+            raise RuntimeError(
+                f"{op} backend 'cpu' is forward only (inference) but gradients are required for {', '.join(needs)}; "
+                f"run under torch.no_grad()/torch.inference_mode(), or use a differentiable backend ('reference')")
+
+
+def _check_cpu(op: str, *tensors: Tensor) -> None:
+    if any(t.device.type != "cpu" for t in tensors):
+        raise ValueError(f"{op}: backend 'cpu' takes CPU tensors")
+
+
+def message_passing_fused_cpu(
+    x_proj: Tensor,
+    vec: Tensor,
+    positions: Tensor,
+    cells: Tensor,
+    edge_index: Tensor,
+    cell_offsets: Tensor,
+    edge_graph: Tensor,
+    edge_weight: Tensor,
+    edge_bias: Tensor,
+    rbf_centres: Tensor,
+    rbf_coeff: float,
+    cutoff: float,
+    rowptr: Tensor | None = None,
+    *,
+    num_threads: int | None = None,
+    out: tuple[Tensor, Tensor] | None = None,
+    radial: str = "window",
+    path: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Backend ``cpu`` of op ``message_passing``: fused per receiver, forward only (inference).
+
+    Same arguments and results as :func:`e3relax_fast.reference.message_passing.message_passing`:
+    per receiver over its CSR edges, the geometry, the radial projection on its window, the gather
+    of the source projection, the gate and the sums stay in registers and L1 (no E x H tensor).
+    With ``rowptr`` the edges must be receiver-sorted and ``rowptr`` their receiver CSR; without it
+    they are sorted here. Keywords: ``num_threads`` (default ``torch.get_num_threads()``), ``out``
+    (``(ds, dv)`` buffers to write, every element), ``radial`` (:data:`RADIAL_MODES`), ``path``
+    (:data:`FUSED_PATHS`).
+
+    Raises:
+        RuntimeError: gradients are required; ValueError: invalid edges, shapes or a non-CPU tensor.
+    """
+    if _C is None:
+        raise BackendUnavailableError(IMPORT_ERROR or "e3relax_fast._C missing")
+    _forward_only("message_passing", dict(zip(_MP_FLOAT_INPUTS, (x_proj, vec, positions, cells, edge_weight,
+                                                                 edge_bias), strict=True)))
+    _check_cpu("message_passing", x_proj, vec, positions, cells, edge_index, edge_weight)
+    arrays, ds, dv = _mp_arrays(x_proj, vec, positions, cells, edge_index, cell_offsets, edge_graph, edge_weight,
+                                edge_bias, rbf_centres, rowptr, out, transpose_weight=False)
+    _C.message_passing_fused_cpu(*arrays, float(rbf_coeff), float(cutoff), ds, dv,
+                                 int(num_threads if num_threads is not None else torch.get_num_threads()),
+                                 _radial_exact(radial), FUSED_PATHS[path])
+    return ds, dv
+
+
+def lattice_message_fused_cpu(
+    x_proj: Tensor,
+    vec: Tensor,
+    positions: Tensor,
+    cells: Tensor,
+    graph_index: Tensor,
+    centres: Tensor | None,
+    k: int,
+    edge_weight: Tensor,
+    edge_bias: Tensor,
+    rbf_centres: Tensor,
+    rbf_coeff: float,
+    cutoff: float,
+    *,
+    num_threads: int | None = None,
+    out: tuple[Tensor, Tensor] | None = None,
+    radial: str = "window",
+    path: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Backend ``cpu`` of op ``lattice_message``: fused per atom, forward only (inference).
+
+    Same arguments and results as :func:`e3relax_fast.reference.lattice_message.lattice_message`
+    (``(ds, v_out)``); keywords as :func:`message_passing_fused_cpu`.
+    """
+    if _C is None:
+        raise BackendUnavailableError(IMPORT_ERROR or "e3relax_fast._C missing")
+    floats = dict(x_proj=x_proj, vec=vec, positions=positions, cells=cells, centres=centres, edge_weight=edge_weight,
+                  edge_bias=edge_bias)
+    _forward_only("lattice_message", floats)
+    _check_cpu("lattice_message", x_proj, vec, positions, cells, graph_index, edge_weight)
+    dtype = x_proj.dtype
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"lattice_message: x_proj must be float32 or float64, got {dtype}")
+
+    def fl(t: Tensor) -> Tensor:
+        return t.detach().to(dtype).contiguous()
+
+    n, h = vec.shape[0], vec.shape[-1]
+    if out is None:
+        out = (torch.empty((n, h), dtype=dtype), torch.empty((n, 3, h), dtype=dtype))
+    ds, v_out = out
+    _C.lattice_message_fused_cpu(fl(x_proj), fl(vec), fl(positions), fl(cells),
+                                 graph_index.detach().to(torch.int64).contiguous(),
+                                 None if centres is None else fl(centres), int(k), edge_weight.detach().to(dtype),
+                                 fl(edge_bias), fl(rbf_centres), float(rbf_coeff), float(cutoff), ds, v_out,
+                                 int(num_threads if num_threads is not None else torch.get_num_threads()),
+                                 _radial_exact(radial), FUSED_PATHS[path])
+    return ds, v_out
 
 
 def cuda_reason() -> str | None:

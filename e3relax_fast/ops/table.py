@@ -4,12 +4,18 @@ on each device type, and what each backend can do. This is the only place that k
 | op | reference | cpu (C++) | cuda (C++/CUDA) | triton | cueq |
 |---|---|---|---|---|---|
 | radius_graph | ✓ | ✓ auto on CPU | ✓ auto on CUDA | ✓ | — |
-| message_passing | ✓ auto on CPU | — | forward only | ✓ auto on CUDA | ✓ |
-| lattice_message | ✓ auto on CPU | — | (reference) | ✓ auto on CUDA | (reference) |
-| lattice_pool | ✓ auto on CPU | — | (reference) | ✓ auto on CUDA | (reference) |
+| message_passing | ✓ auto on CPU with grad | forward only, auto on CPU | forward only | ✓ auto on CUDA | ✓ |
+| lattice_message | ✓ auto on CPU with grad | forward only, auto on CPU | (reference) | ✓ auto on CUDA | (reference) |
+| lattice_pool | ✓ auto on CPU | (reference) | (reference) | ✓ auto on CUDA | (reference) |
 
-"(reference)": a model run with ``backend="cuda"`` or ``"cueq"`` takes the atom–lattice ops from
-the reference, since those backends implement only the atom–atom message op.
+"(reference)": a model run with ``backend="cpu"``, ``"cuda"`` or ``"cueq"`` takes that op from the
+reference, since those backends do not implement it.
+
+The ``cpu`` backend of the two gated message ops (``csrc/fused_cpu.h``) is for inference: fused
+per receiver, with the radial projection evaluated on the 15 centres of the basis nearest each
+distance (``reference/radial_window.py``: the other 113 add at most 6.1e-13 of the largest weight
+of each channel); ``auto`` takes it on CPU when no gradient is needed, the reference otherwise
+(training, golden parity).
 
 Each backend's implementation has its reference twin's signature (``e3relax_fast/reference/``).
 Compiled and Triton backends are imported on first use; a missing one says why.
@@ -38,6 +44,7 @@ LATTICE_POOL = "lattice_pool"
 
 ANY_DEVICE = frozenset({"cpu", "cuda"})
 CUDA_ONLY = frozenset({"cuda"})
+CPU_ONLY = frozenset({"cpu"})
 
 
 def _any_device() -> frozenset[str]:
@@ -46,6 +53,10 @@ def _any_device() -> frozenset[str]:
 
 def _cuda_only() -> frozenset[str]:
     return CUDA_ONLY
+
+
+def _cpu_only() -> frozenset[str]:
+    return CPU_ONLY
 
 
 def _reference(fn):
@@ -119,6 +130,7 @@ def _cueq_load():
 
 # --- the table -----------------------------------------------------------------------------------------
 _LATTICE_SUBSTITUTES = {"cuda": "reference", "cueq": "reference"}
+_POOL_SUBSTITUTES = {"cpu": "reference", **_LATTICE_SUBSTITUTES}
 
 OPS: dict[str, Op] = {
     RADIUS_GRAPH: Op(
@@ -136,23 +148,26 @@ OPS: dict[str, Op] = {
         MESSAGE_PASSING,
         {
             "reference": _reference(_reference_message_passing),
+            "cpu": Impl("cpu", _compiled("message_passing_fused_cpu", need_cuda=False), _cpu_only,
+                        differentiable=False),
             "cuda": Impl("cuda", _compiled("message_passing_cuda", need_cuda=True), _cuda_only,
                          differentiable=False),
             "triton": Impl("triton", _triton("message_passing", "message_passing"), _triton_devices,
                            differentiable=True),
             "cueq": Impl("cueq", _cueq_load, _any_device, differentiable=True),
         },
-        # On CPU the reference is the choice: the fused kernels target GPUs.
-        auto={"cpu": ("reference",), "cuda": ("triton", "cuda", "cueq", "reference")},
+        auto={"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "cueq", "reference")},
     ),
     LATTICE_MESSAGE: Op(
         LATTICE_MESSAGE,
         {
             "reference": _reference(_reference_lattice_message),
+            "cpu": Impl("cpu", _compiled("lattice_message_fused_cpu", need_cuda=False), _cpu_only,
+                        differentiable=False),
             "triton": Impl("triton", _triton("lattice_message", "lattice_message"), _triton_devices,
                            differentiable=True),
         },
-        auto={"cpu": ("reference",), "cuda": ("triton", "reference")},
+        auto={"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")},
         substitutes=_LATTICE_SUBSTITUTES,
     ),
     LATTICE_POOL: Op(
@@ -162,6 +177,6 @@ OPS: dict[str, Op] = {
             "triton": Impl("triton", _triton("lattice_pool", "lattice_pool"), _triton_devices, differentiable=True),
         },
         auto={"cpu": ("reference",), "cuda": ("triton", "reference")},
-        substitutes=_LATTICE_SUBSTITUTES,
+        substitutes=_POOL_SUBSTITUTES,
     ),
 }

@@ -2,14 +2,18 @@
 backend against its reference twin (e3relax_fast/reference/lattice_message.py), and the model run with
 each backend's atom–lattice ops.
 
-Backends: ``triton`` (kernels/lattice_message.py; without a GPU on Triton's CPU interpreter, so
-shapes are small). Its output buffers start NaN-poisoned, so an element the kernel fails to write
-fails. ``cuda`` and ``cueq`` have no kernel of this op: a model run with them takes the reference.
+Backends: ``cpu`` (the fused C++ inference backend, csrc/fused_cpu.h; forward only, its radial
+projection on the window of the basis; it writes into NaN-filled ``out`` buffers) and ``triton``
+(kernels/lattice_message.py; without a GPU on Triton's CPU interpreter, so shapes are small; its
+output buffers start NaN-poisoned). So an element a backend fails to write fails. ``cuda`` and
+``cueq`` have no kernel of this op: a model run with them takes the reference.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -26,13 +30,15 @@ from helpers import (
 )
 
 from e3relax_fast import ops
+from e3relax_fast.ops import compiled
 from e3relax_fast.reference.lattice_message import lattice_message as reference_op
 from e3relax_fast.reference.message_passing import message_passing as reference_message_passing
 from e3relax_fast.reference.rbf import rbf_centres, rbf_coefficient
 from e3relax_fast.training.loss import layerwise_loss
 
 OP = "lattice_message"
-BACKENDS = backend_params(OP, "triton")
+BACKENDS = backend_params(OP, "cpu", "triton")
+DIFFERENTIABLE = backend_params(OP, "triton")
 INPUTS = ("x_proj", "vec", "positions", "cells", "centres", "edge_weight", "edge_bias")
 
 
@@ -85,15 +91,27 @@ def run(op, args, k, requires=INPUTS, seed=1, **kwargs):
     return run_with_grads(op, args, INPUTS, requires, seed, k=k, **kwargs)
 
 
-def compare(op, args, expected_args, k, rel, **kwargs):
-    """``op`` on ``args`` agrees with the reference (on the CPU) on ``expected_args``: outputs and gradients."""
-    ds0, v0, g0 = run(reference_op, to_device(expected_args, "cpu"), k)
-    ds1, v1, g1 = run(op, args, k, **kwargs)
-    assert set(g1) == set(g0)
+def poisoned(args):
+    n, h = args["vec"].shape[0], args["vec"].shape[2]
+    like = dict(dtype=args["x_proj"].dtype, device=args["x_proj"].device)
+    return torch.full((n, h), math.nan, **like), torch.full((n, 3, h), math.nan, **like)
+
+
+def compare(op, args, expected_args, k, rel, differentiable=True, **kwargs):
+    """``op`` on ``args`` agrees with the reference (on the CPU) on ``expected_args``: outputs and, for
+    a differentiable op, gradients (a forward-only op runs without autograd into NaN-filled buffers)."""
+    if differentiable:
+        ds0, v0, g0 = run(reference_op, to_device(expected_args, "cpu"), k)
+        ds1, v1, g1 = run(op, args, k, **kwargs)
+        assert set(g1) == set(g0)
+        for name in g0:
+            assert_close(g1[name], g0[name], rel, f"d/d {name}")
+    else:
+        ds0, v0 = reference_op(**to_device(expected_args, "cpu"), k=k)
+        with torch.no_grad():
+            ds1, v1 = op(**args, k=k, out=poisoned(args), **kwargs)
     assert_close(ds1, ds0, rel, "ds")
     assert_close(v1, v0, rel, "v_out")
-    for name in g0:
-        assert_close(g1[name], g0[name], rel, f"d/d {name}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,7 +119,8 @@ def compare(op, args, expected_args, k, rel, **kwargs):
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_registered(backend):
-    expected = {"triton": lambda: triton_module(OP).lattice_message}[backend.name]()
+    expected = {"cpu": lambda: compiled.lattice_message_fused_cpu,
+                "triton": lambda: triton_module(OP).lattice_message}[backend.name]()
     name, fn = ops.resolve(OP, backend.name, backend.device.type)
     assert name == backend.name and fn is expected
 
@@ -111,7 +130,7 @@ def test_registered(backend):
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_matches_reference_float64(backend, centred, k):
     args = random_case(torch.float64, centred, backend.device, seed=k)
-    compare(backend.fn, args, args, k, 1e-10)
+    compare(backend.fn, args, args, k, 1e-10, backend.differentiable)
 
 
 @pytest.mark.parametrize("centred", [True, False])
@@ -127,10 +146,10 @@ def test_float32_error(backend, centred):
                              on_lattice_point=False)
         args64 = {name: (v.to(torch.float64) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
                   for name, v in args32.items()}
-        compare(backend.fn, args32, args64, k, 5e-6)
+        compare(backend.fn, args32, args64, k, 5e-6, backend.differentiable)
 
 
-@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("backend", DIFFERENTIABLE, indirect=True)
 def test_partial_gradients_float64(backend):
     """Only some inputs need a gradient: the kernel skips the W or the geometry terms."""
     args = random_case(torch.float64, True, backend.device, seed=5, sizes=(1, 3))
@@ -151,15 +170,19 @@ def test_no_atoms_and_no_grad(backend):
     assert_close(v_out, v0, 1e-10, "v_out")
     empty = dict(args, x_proj=args["x_proj"][:0], vec=args["vec"][:0], positions=args["positions"][:0],
                  graph_index=args["graph_index"][:0])
-    ds0, v0, g0 = run(reference_op, to_device(empty, "cpu"), 1)
-    ds1, v1, g1 = run(backend.fn, empty, 1)
-    assert ds1.shape == ds0.shape and v1.shape == v0.shape
-    for name in g0:
-        assert torch.equal(g1[name].cpu(), g0[name]), name
+    if backend.differentiable:
+        ds0, v0, g0 = run(reference_op, to_device(empty, "cpu"), 1)
+        ds1, v1, g1 = run(backend.fn, empty, 1)
+        for name in g0:
+            assert torch.equal(g1[name].cpu(), g0[name]), name
+    else:
+        with torch.no_grad():
+            ds1, v1 = backend.fn(**empty, k=1)
+    assert ds1.shape == (0, 32) and v1.shape == (0, 3, 32)
 
 
 @pytest.mark.parametrize("centred", [True, False])
-@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("backend", DIFFERENTIABLE, indirect=True)
 def test_gradcheck_float64(backend, centred):
     args = random_case(torch.float64, centred, backend.device, hidden=16, num_rbf=16, seed=4, sizes=(1, 4))
     names = [name for name in INPUTS if args[name] is not None]
@@ -236,6 +259,73 @@ def test_atom_atom_only_backends_use_reference_lattice_ops(golden_model, monkeyp
     for n in range(4):
         assert torch.equal(outs["cueq"].positions[n], outs["reference"].positions[n])
         assert torch.equal(outs["cueq"].cells[n], outs["reference"].cells[n])
+
+
+# --------------------------------------------------------------------------------------------------
+# cpu: the fused C++ inference backend (the window itself: tests/ops/test_radial_window.py)
+# --------------------------------------------------------------------------------------------------
+@backend_only(OP, "cpu")
+@pytest.mark.parametrize("path", ["auto", "portable"])
+@pytest.mark.parametrize("radial", ["window", "exact"])
+def test_cpu_paths_and_radial_modes(path, radial):
+    """Both code paths with the windowed and the exact radial projection, both forms of the geometry,
+    every lattice node; H=40 leaves a partial block of channels. float64 against the reference
+    (1e-10), float32 against the float64 reference on the same inputs (5e-6, as test_float32_error)."""
+    op = functools.partial(compiled.lattice_message_fused_cpu, path=path, radial=radial)
+    for centred in (True, False):
+        for k in range(3):
+            args = random_case(torch.float64, centred, "cpu", hidden=40, cutoff=30.0 if k else 6.0, seed=20 + k)
+            compare(op, args, args, k, 1e-10, differentiable=False)
+            args32 = random_case(torch.float32, centred, "cpu", hidden=40, cutoff=30.0, seed=30 + k,
+                                 on_lattice_point=False)
+            args64 = {name: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                      for name, v in args32.items()}
+            compare(op, args32, args64, k, 5e-6, differentiable=False)
+
+
+@backend_only(OP, "cpu")
+def test_cpu_deterministic_over_threads():
+    args = random_case(torch.float32, True, "cpu", seed=3, sizes=(1, 9, 1, 20, 6, 1, 40))
+    ds1, v1 = compiled.lattice_message_fused_cpu(**args, k=1, num_threads=1)
+    ds2, v2 = compiled.lattice_message_fused_cpu(**args, k=1, num_threads=3)
+    assert torch.equal(ds1, ds2) and torch.equal(v1, v2)
+
+
+@backend_only(OP, "cpu")
+def test_cpu_rejects_invalid_input_and_gradients():
+    args = random_case(torch.float64, True, "cpu", sizes=(2, 3), on_lattice_point=False)
+    graph_index = args["graph_index"].clone()
+    graph_index[1] = 7
+    with pytest.raises(ValueError, match="crystal index out of range"):
+        compiled.lattice_message_fused_cpu(**dict(args, graph_index=graph_index), k=0)
+    with pytest.raises(ValueError, match="lattice node k"):
+        compiled.lattice_message_fused_cpu(**args, k=3)
+    vec = args["vec"].clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="forward only.*vec"):
+        compiled.lattice_message_fused_cpu(**dict(args, vec=vec), k=0)
+    assert ops.resolve(OP, "auto", "cpu", needs_grad=False)[0] == "cpu"
+    assert ops.resolve(OP, "auto", "cpu", needs_grad=True)[0] == "reference"
+
+
+@backend_only(OP, "cpu")
+@pytest.mark.parametrize("paper_compat", [True, False])
+def test_cpu_model_matches_reference_float64(golden_model, paper_compat):
+    """E3Relax(H=32), golden weights, inference with backend "cpu" for the atom–lattice ops alone (the
+    atom–atom op on the reference): every output and traced intermediate within 1e-12."""
+    outs, traces = {}, {}
+    for name in ("reference", "cpu"):
+        model = golden_model_instance(golden_model, paper_compat=paper_compat)
+        model.backend = name
+        traces[name] = {}
+        with torch.inference_mode(), mock.patch.dict(ops.OPS["message_passing"]._loaded,
+                                                     {"cpu": reference_message_passing}):
+            outs[name] = model(golden_batch(golden_model), trace=traces[name])
+    for n in range(4):
+        assert_close(outs["cpu"].positions[n], outs["reference"].positions[n], 1e-12, f"positions L{n}")
+        assert_close(outs["cpu"].cells[n], outs["reference"].cells[n], 1e-12, f"cells L{n}")
+    assert set(traces["cpu"]) == set(traces["reference"])
+    for name, value in traces["reference"].items():
+        assert (traces["cpu"][name] - value).abs().max().item() <= 1e-12, name
 
 
 # --------------------------------------------------------------------------------------------------

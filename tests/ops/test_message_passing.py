@@ -3,6 +3,8 @@ against its reference twin (e3relax_fast/reference/message_passing.py), and thro
 
 Backends (``backend`` parameter, each skipped with the reason when it cannot run here):
 
+* ``cpu``: the fused C++ inference backend (csrc/fused_cpu.h; forward only), its radial projection on
+  the window of the basis (its own tests, with the exact mode and both paths, are at the end);
 * ``cuda_emulated``: not an op-table backend but the C++ CPU launcher
   (``ops.compiled.message_passing_cpu``), which calls the CUDA kernel's header functions
   (csrc/message_passing.h) in the same order, so the kernel's logic is tested without a GPU;
@@ -51,10 +53,10 @@ from e3relax_fast.reference.rbf import rbf_centres, rbf_coefficient
 from e3relax_fast.training.loss import layerwise_loss
 
 OP = "message_passing"
-ALL = backend_params(OP, CUDA_EMULATED, "cuda", "triton", "cueq")
+ALL = backend_params(OP, "cpu", CUDA_EMULATED, "cuda", "triton", "cueq")
 DIFFERENTIABLE = backend_params(OP, "triton", "cueq")
-UNORDERED = backend_params(OP, CUDA_EMULATED, "cuda", "cueq")  # edges in any order, no rowptr needed
-MODEL = backend_params(OP, "cuda", "triton", "cueq")
+UNORDERED = backend_params(OP, "cpu", CUDA_EMULATED, "cuda", "cueq")  # edges in any order, no rowptr needed
+MODEL = backend_params(OP, "cpu", "cuda", "triton", "cueq")
 INPUTS = ("x_proj", "vec", "positions", "cells", "edge_weight", "edge_bias")
 # (hidden, num_rbf, cutoff, seed): the paper's basis, partial tiles and a short cutoff, a cutoff
 # beyond every edge, a narrow basis, and H=300 (several channel groups per CUDA block).
@@ -175,7 +177,8 @@ def compare(backend, args, rowptr, rel):
 def test_registered(backend):
     from e3relax_fast.ops import cueq
 
-    expected = {"cuda": lambda: compiled.message_passing_cuda, "triton": lambda: triton_module(OP).message_passing,
+    expected = {"cpu": lambda: compiled.message_passing_fused_cpu, "cuda": lambda: compiled.message_passing_cuda,
+                "triton": lambda: triton_module(OP).message_passing,
                 "cueq": lambda: cueq.message_passing}[backend.name]()
     name, fn = ops.resolve(OP, backend.name, backend.device.type)
     assert name == backend.name and fn is expected
@@ -359,7 +362,7 @@ def test_cuda_emulated_deterministic_over_threads_and_weight_layout():
                                                              "edge_bias", "rbf_centres")),
                                          rowptr, poisoned(args), transpose_weight=True)
     assert arrays[8].stride() == (1, arrays[8].shape[0])
-    compiled._C.message_passing_cpu(*arrays, args["rbf_coeff"], args["cutoff"], ds, dv, 1)
+    compiled._C.message_passing_cuda_emulated(*arrays, args["rbf_coeff"], args["cutoff"], ds, dv, 1)
     assert torch.equal(ds, ds1) and torch.equal(dv, dv1)
 
 
@@ -392,14 +395,13 @@ def test_cuda_compiled_when_nvcc_present():
     C = compiled._C
     assert C.WITH_CUDA, "nvcc is present but e3relax_fast._C was built without its CUDA part"
     assert hasattr(C, "message_passing_cuda_f32") and hasattr(C, "message_passing_cuda_f64")
-    assert hasattr(C, "message_passing_cpu")
+    assert hasattr(C, "message_passing_cuda_emulated")
     if compiled.CUDA_UNAVAILABLE_REASON is not None:
         assert "cuda" not in ops.available(OP)
         with pytest.raises(ops.BackendUnavailableError, match="cuda"):
             ops.resolve(OP, "cuda", "cuda")
     else:
         assert "cuda" in ops.available(OP)
-    assert "cpu" not in ops.available(OP)  # the reference is the CPU choice
 
 
 @backend_only(OP, "cuda")
@@ -432,6 +434,104 @@ def test_cuda_forward_only():
     with torch.no_grad():
         ds, _ = compiled.message_passing_cuda(**args, rowptr=rowptr)
     assert not ds.requires_grad
+
+
+# --------------------------------------------------------------------------------------------------
+# cpu: the fused C++ inference backend (the window itself: tests/ops/test_radial_window.py)
+# --------------------------------------------------------------------------------------------------
+@backend_only(OP, "cpu")
+@pytest.mark.parametrize("dtype, rel", TOLERANCES)
+@pytest.mark.parametrize("path", ["auto", "portable"])
+@pytest.mark.parametrize("radial", ["window", "exact"])
+def test_cpu_paths_and_radial_modes(dtype, rel, path, radial):
+    """Both code paths (AVX-512 where the CPU has it, and the portable one) with the windowed and the
+    exact radial projection; H=40 and 300 leave a partial block of channels."""
+    for hidden, num_rbf, cutoff, seed in SHAPES:
+        args, rowptr = make_case(dtype, "cpu", hidden, num_rbf, cutoff, seed)
+        ds0, dv0 = reference_op(**args)
+        with torch.no_grad():
+            ds, dv = compiled.message_passing_fused_cpu(**args, rowptr=rowptr, out=poisoned(args), path=path,
+                                                         radial=radial)
+        assert_close(ds, ds0, rel, f"ds H={hidden}", check_dtype=True)
+        assert_close(dv, dv0, rel, f"dv H={hidden}", check_dtype=True)
+
+
+@backend_only(OP, "cpu")
+def test_cpu_exact_mode_float64_to_rounding():
+    """Without the window the op is the reference's arithmetic in another order: 1e-13."""
+    args, rowptr = make_case(torch.float64, "cpu", hidden=48, cutoff=30.0, seed=11)
+    ds0, dv0 = reference_op(**args)
+    for path in ("auto", "portable"):
+        ds, dv = compiled.message_passing_fused_cpu(**args, rowptr=rowptr, radial="exact", path=path)
+        assert_close(ds, ds0, 1e-13, "ds")
+        assert_close(dv, dv0, 1e-13, "dv")
+
+
+@backend_only(OP, "cpu")
+def test_cpu_deterministic_over_threads_and_weight_layout():
+    """Bitwise the same result for any thread count and for W passed transposed in memory."""
+    args, rowptr = make_case(torch.float32, "cpu", seed=5, sizes=(1, 9, 1, 12, 4, 6, 30))
+    ds1, dv1 = compiled.message_passing_fused_cpu(**args, rowptr=rowptr, num_threads=1)
+    ds2, dv2 = compiled.message_passing_fused_cpu(**args, rowptr=rowptr, num_threads=3)
+    assert torch.equal(ds1, ds2) and torch.equal(dv1, dv2)
+    weight_t = args["edge_weight"].t().contiguous().t()
+    ds3, dv3 = compiled.message_passing_fused_cpu(**dict(args, edge_weight=weight_t), rowptr=rowptr)
+    assert torch.equal(ds1, ds3) and torch.equal(dv1, dv3)
+
+
+@backend_only(OP, "cpu")
+def test_cpu_rejects_invalid_input_and_gradients():
+    args, rowptr = make_case(torch.float64, "cpu", seed=7)
+    bad = rowptr.clone()
+    bad[3] += 1  # a receiver's range holds another's edge
+    with pytest.raises(ValueError, match="invalid edges"):
+        compiled.message_passing_fused_cpu(**args, rowptr=bad)
+    ei = args["edge_index"].clone()
+    ei[0, 0] = 10**6  # source out of range
+    with pytest.raises(ValueError, match="invalid edges"):
+        compiled.message_passing_fused_cpu(**dict(args, edge_index=ei), rowptr=rowptr)
+    with pytest.raises(ValueError, match="radial"):
+        compiled.message_passing_fused_cpu(**args, rowptr=rowptr, radial="table")
+    x_proj = args["x_proj"].clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="forward only.*x_proj"):
+        compiled.message_passing_fused_cpu(**dict(args, x_proj=x_proj), rowptr=rowptr)
+
+
+@backend_only(OP, "cpu")
+def test_cpu_is_the_inference_default_and_training_keeps_the_reference():
+    assert ops.resolve(OP, "auto", "cpu", needs_grad=False)[0] == "cpu"
+    assert ops.resolve(OP, "auto", "cpu", needs_grad=True)[0] == "reference"
+    assert ops.resolve("lattice_pool", "cpu", "cpu")[0] == "reference"  # no cpu kernel of its own
+
+
+@backend_only(OP, "cpu")
+@pytest.mark.parametrize("paper_compat", [True, False])
+def test_cpu_model_golden_float64(golden_model, paper_compat):
+    """E3Relax(H=32) with the golden weights, inference (no autograd) with backend "cpu" for both
+    gated message ops (windowed projection): the golden outputs (paper mode) and the reference
+    backend's outputs within 1e-12, as the reference itself."""
+    outs = {}
+    for name in ("reference", "cpu"):
+        model = golden_model_instance(golden_model, paper_compat=paper_compat)
+        model.backend = name
+        with torch.inference_mode():
+            outs[name] = model(golden_batch(golden_model))
+    for n in range(4):
+        if paper_compat:
+            np.testing.assert_allclose(outs["cpu"].positions[n].numpy(), golden_model[f"out/pos_L{n}"], rtol=0,
+                                       atol=1e-12)
+            np.testing.assert_allclose(outs["cpu"].cells[n].numpy(), golden_model[f"out/cell_L{n}"], rtol=0,
+                                       atol=1e-12)
+        assert_close(outs["cpu"].positions[n], outs["reference"].positions[n], 1e-12, f"positions L{n}")
+        assert_close(outs["cpu"].cells[n], outs["reference"].cells[n], 1e-12, f"cells L{n}")
+
+
+@backend_only(OP, "cpu")
+def test_cpu_model_refuses_autograd(golden_model):
+    model = golden_model_instance(golden_model, paper_compat=False)
+    model.backend = "cpu"
+    with pytest.raises(RuntimeError, match="forward only"):
+        model(golden_batch(golden_model))
 
 
 # --------------------------------------------------------------------------------------------------
