@@ -12,18 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-#: Seed families, for leave-one-family-out evaluation: a seed's family is the first of these that
-#: its id's prefix (the letters of its seed file's name, e.g. ``perovval``, ``nomadbulk``,
-#: ``aflowdecorated``) starts with, else the prefix itself.
-FAMILIES = ("perov", "carbon", "oqmd", "mp", "nomad", "aflow", "pyxtal")
+# A seed's family (the data format's knowledge, so readers of pair files share it): re-exported here.
+from ..io.pairs import FAMILIES, family_of  # noqa: F401
 
 # --- seeds --------------------------------------------------------------------------------------
-
-
-def family_of(seed_id: str) -> str:
-    """Family of a seed id ``<prefix>-<id>`` (see :data:`FAMILIES`)."""
-    prefix = seed_id.split("-", 1)[0]
-    return next((f for f in FAMILIES if prefix.startswith(f)), prefix)
 
 
 @dataclass
