@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import copy
-import time
 import warnings
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,24 +15,22 @@ from torch import nn
 from .batch import Batch, plan_batches
 from .frame import SYMPREC, CanonicalFrame, FrameError, SlabFrame, canonical_frame, slab_frame
 from .geometry import MAX_NEIGHBORS, RADIUS
-from .graph import drop_images
+from .graph import build_graph, drop_images
 from .io import (
-    FORMATS,
     Constraints,
     InvalidStructureError,
-    UnreadableFileError,
+    close_atoms,
     constraints,
     from_arrays_like,
+    original_reserved_slots,
     periodicity,
-    read_structures,
     structure_kind,
     to_arrays,
     to_atoms,
     validate,
-    write_structures,
 )
 from .model import load_pretrained, predict_batches
-from .model.predict import PRECISIONS
+from .model.predict import PRECISIONS, check_device
 from .uncertainty import frame_spread
 
 ON_ERROR = ("raise", "skip", "return_input")
@@ -43,10 +40,25 @@ ON_ERROR = ("raise", "skip", "return_input")
 DEFAULT_MAX_ATOMS = {"cpu": 4096}
 #: Budget on accelerators (device types not in :data:`DEFAULT_MAX_ATOMS`).
 DEFAULT_MAX_ATOMS_ACCELERATOR = 16384
+#: Share of the free CUDA memory a batch may plan to use (the rest: allocator fragmentation, the
+#: graph builder's buffers, other processes); a batch that still runs out is split and retried.
+MEMORY_FRACTION = 0.5
 
 
 class RelaxWarning(UserWarning):
     """Some structures could not be relaxed (``on_error="skip"`` or ``"return_input"``)."""
+
+
+class CloseAtomsWarning(UserWarning):
+    """Some structures have atoms closer than 0.5 Å (accepted, but implausible; 0.1 Å is refused).
+
+    Attributes:
+        structures: ``{input index: "atoms i and j are d Å apart"}``.
+    """
+
+    def __init__(self, message: str, structures: dict[int, str]) -> None:
+        super().__init__(message)
+        self.structures = structures
 
 
 class RelaxResult(list):
@@ -108,12 +120,17 @@ def relax_batch(
         structures: an iterable of pymatgen ``Structure``, ASE ``Atoms`` and/or
             ``(atomic_numbers (n,), positions (n, 3) Å, cell (3, 3) Å)`` triples; a single
             structure is accepted too (the result is still a list).
-        model: an :class:`~e3relax_fast.model.E3Relax` (any module with its interface); ``None``
-            loads ``load_pretrained("default")``, which raises while no pretrained model ships.
-        device: where graphs are built and the model runs.
+        model: an :class:`~e3relax_fast.model.E3Relax` (any module with its interface), or a name or
+            checkpoint path for :func:`~e3relax_fast.model.load_pretrained`; ``None``: ``"default"``,
+            the shipped model. ``paper_compat`` models see the original's graph (its 49-slot rule,
+            spec §3.2, from pymatgen's neighbour list as the original computed it).
+        device: where graphs are built and the model runs (``ValueError`` if it is not available).
         batch_size: at most this many structures per batch.
         max_atoms: at most this many atoms per batch (a larger structure runs alone). When both
-            bounds are ``None``, the budget is 4096 atoms on CPU and 16384 on accelerators.
+            bounds are ``None``, the budget is 4096 atoms on CPU; on CUDA, what fits in half the
+            free memory with every atom at its maximum in-degree (56 edges), at most 16384. A batch
+            that runs out of memory anyway is split in halves and retried, down to one structure;
+            a structure that does not fit alone fails with that reason (``on_error`` applies).
         on_error: ``"raise"``: raise :class:`InvalidStructureError` for the first invalid input
             (before any model work) or non-finite prediction; ``"skip"``: put ``None`` there;
             ``"return_input"``: put the unmodified input there. Both non-raising modes emit one
@@ -155,9 +172,9 @@ def relax_batch(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     items = [structures] if structure_kind(structures) is not None else list(structures)
-    device = torch.device(device)
-    if model is None:
-        model = load_pretrained("default", map_location=device)
+    device = check_device(device)
+    if model is None or isinstance(model, (str, Path)):
+        model = load_pretrained("default" if model is None else model, map_location=device)
     model = _prepare_model(model, device, dtype)
     if precision != "default" and next(model.parameters(), torch.empty(0)).dtype != torch.float32:
         raise ValueError(f"precision={precision!r} needs a float32 model (pass dtype=torch.float32)")
@@ -173,21 +190,29 @@ def relax_batch(
         errors[index] = reason
 
     arrays = _valid_arrays(items, getattr(model, "num_elements", None), fail)
+    _warn_close_atoms(arrays)
     fixed = _constraints(items, arrays, fail)
+    paper_compat = getattr(model, "paper_compat", False)
     # The original's checkpoints see every structure as given and periodic in 3D, as the original did.
-    views = _model_views(items, arrays, canonical, not getattr(model, "paper_compat", False), symprec, radius, fail)
+    views = _model_views(items, arrays, canonical, not paper_compat, symprec, radius, fail)
+    # ... and the original's graph: its 49-slot rule (spec §3.2), which only pymatgen can tell.
+    reserved = ({i: original_reserved_slots(v.numbers, v.positions, v.cell, radius) for i, v in views.items()}
+                if paper_compat else None)
     if max_atoms is None and batch_size is None:
-        max_atoms = DEFAULT_MAX_ATOMS.get(device.type, DEFAULT_MAX_ATOMS_ACCELERATOR)
+        max_atoms = _atom_budget(model, device, max_neighbors)
     valid = list(views)
     groups = [[valid[k] for k in group]
               for group in plan_batches([len(views[i].numbers) for i in valid], batch_size, max_atoms)]
     results: list = [None] * len(items)
     predicted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     canonical_predictions: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    batches = (_model_batch([views[i] for i in indices], device, radius, max_neighbors, graph_backend)
-               for indices in groups)
-    predictions = predict_batches(model, batches, device, precision, graph_backend, radius, max_neighbors)
-    for indices, prediction in zip(groups, predictions, strict=True):
+
+    def predict(indices: list[int]):
+        batch = _model_batch([views[i] for i in indices], device, radius, max_neighbors, graph_backend,
+                             None if reserved is None else [reserved[i] for i in indices])
+        return list(predict_batches(model, [batch], device, precision, graph_backend, radius, max_neighbors))[0]
+
+    for indices, prediction in _predict_splitting(groups, predict, views, device, fail):
         for index, (pos, cell), ok in zip(indices, prediction.per_structure(), prediction.finite(), strict=True):
             if not ok:
                 fail(index, "the model's prediction contains NaN or inf")
@@ -282,15 +307,78 @@ def _model_views(items, arrays: dict, canonical: bool, respect_pbc: bool, sympre
     return views
 
 
-def _model_batch(views: list, device: torch.device, radius: float, max_neighbors: int, backend: str) -> Batch:
+def _model_batch(views: list, device: torch.device, radius: float, max_neighbors: int, backend: str,
+                 reserved: list[np.ndarray] | None = None) -> Batch:
     """The model's batch of ``views``; when it holds slabs, with the graph built here and their edges
-    through the vacuum removed (else :func:`predict_batches` builds the graph)."""
+    through the vacuum removed; with ``reserved`` (per view, the original's lost slots), with the
+    original's graph built here (else :func:`predict_batches` builds the graph)."""
     batch = Batch.from_arrays([(v.numbers, v.positions, v.cell) for v in views], dtype=torch.float64)
+    if reserved is not None:
+        batch = batch.to(device)
+        g = build_graph(batch.positions, batch.cells, batch.ptr, radius, max_neighbors, backend=backend,
+                        reserved=torch.from_numpy(np.concatenate(reserved)).to(device))
+        return replace(batch, edge_index=g.edge_index, cell_offsets=g.cell_offsets, rowptr=g.rowptr)
     slabs = [isinstance(v, SlabFrame) for v in views]
     if not any(slabs):
         return batch
     periodic = torch.tensor([[True, True, not slab] for slab in slabs])  # a slab's normal is its last axis
     return drop_images(batch.to(device).with_graph(radius, max_neighbors, backend=backend), periodic)
+
+
+def _atom_budget(model: nn.Module, device: torch.device, max_neighbors: int) -> int:
+    """Atoms per batch when the caller gives no bound: :data:`DEFAULT_MAX_ATOMS` on CPU; on CUDA the
+    atoms whose activations fit in :data:`MEMORY_FRACTION` of the free memory (an edge budget: every
+    atom counted at its largest in-degree, ``max_neighbors`` + 6 edges), at most
+    :data:`DEFAULT_MAX_ATOMS_ACCELERATOR`."""
+    if device.type != "cuda":
+        return DEFAULT_MAX_ATOMS.get(device.type, DEFAULT_MAX_ATOMS_ACCELERATOR)
+    param = next(model.parameters(), None)
+    itemsize = param.element_size() if param is not None else 4
+    # Unknown modules (wrappers, baselines) are costed as the paper-size model.
+    hidden, rbf = getattr(model, "hidden_channels", 512), getattr(model, "num_rbf", 128)
+    # Inference keeps about a dozen (E, H)-sized message tensors and the (E, R) basis alive at once
+    # in the reference ops (the fused kernels need less), and a few dozen (N, H) atom features.
+    per_edge = itemsize * (12 * hidden + 2 * rbf)
+    per_atom = (max_neighbors + 6) * per_edge + itemsize * 32 * hidden
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(DEFAULT_MAX_ATOMS_ACCELERATOR, int(MEMORY_FRACTION * free) // per_atom))
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    """The device (or the host, for CPU runs) ran out of memory: torch's OutOfMemoryError, Python's
+    MemoryError (the compiled graph builder's), or a RuntimeError with an allocator's message."""
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    message = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+
+
+def _predict_splitting(groups: list[list[int]], predict, views: dict, device: torch.device, fail):
+    """``(indices, predict(indices))`` for each group, in order. A group that runs out of memory is
+    split in halves, each retried (recursively, so nothing is dropped or run twice); a structure that
+    runs out of memory alone is ``fail``ed with that reason."""
+    pending = list(reversed(groups))  # a stack: the next group to run is last
+    while pending:
+        indices = pending.pop()
+        reason = None
+        try:
+            prediction = predict(indices)
+        except Exception as err:
+            if not _is_out_of_memory(err):
+                raise
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        # Outside the except block: the traceback (and the batch's tensors it holds) is gone.
+        if reason is None:
+            yield indices, prediction
+            continue
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(indices) == 1:
+            atoms = len(views[indices[0]].numbers)
+            fail(indices[0], f"out of memory on {device} even alone ({atoms} atoms in the model's cell): {reason}")
+        else:
+            half = len(indices) // 2
+            pending += [indices[half:], indices[:half]]
 
 
 def _constraints(items, arrays: dict, fail) -> dict[int, Constraints]:
@@ -312,10 +400,12 @@ def _honour_constraints(fixed: Constraints, given: tuple, positions: np.ndarray,
     if not (fixed.cartesian.any() or fixed.fractional.any()):
         return positions
     _, input_positions, input_cell = given
-    positions = np.where(fixed.cartesian, input_positions, positions)
-    frac = positions @ np.linalg.inv(cell)
-    frac = np.where(fixed.fractional, input_positions @ np.linalg.inv(input_cell), frac)
-    return frac @ cell
+    if fixed.fractional.any():
+        frac = positions @ np.linalg.inv(cell)
+        frac = np.where(fixed.fractional, input_positions @ np.linalg.inv(input_cell), frac)
+        positions = frac @ cell
+    # Last, so that fixed Cartesian components are the input's bit for bit.
+    return np.where(fixed.cartesian, input_positions, positions)
 
 
 def _valid_arrays(items: list, num_elements: int | None, fail) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -334,6 +424,19 @@ def _valid_arrays(items: list, num_elements: int | None, fail) -> dict[int, tupl
             continue
         arrays[index] = (z, positions, cell)
     return arrays
+
+
+def _warn_close_atoms(arrays: dict) -> None:
+    """One :class:`CloseAtomsWarning` naming every structure with atoms closer than 0.5 Å."""
+    close = {}
+    for index, (_, positions, cell) in arrays.items():
+        pair = close_atoms(positions, cell)
+        if pair is not None:
+            close[index] = f"atoms {pair[0]} and {pair[1]} are {pair[2]:.3g} Å apart"
+    if close:
+        listing = "; ".join(f"[{index}] {what}" for index, what in close.items())
+        warnings.warn(CloseAtomsWarning(f"relax_batch: implausibly close atoms (< 0.5 Å) in {len(close)} "
+                                        f"structure(s), relaxed anyway: {listing}", close), stacklevel=3)
 
 
 def _warn_failures(errors: dict[int, str], total: int, on_error: str) -> None:
@@ -362,84 +465,3 @@ def _refine(items, arrays, predicted, results, calculator, steps: int, fmax: flo
     if failed:
         warnings.warn(f"relax_batch: refinement failed for structure(s) {failed}; their one-shot predictions "
                       "are returned", RelaxWarning, stacklevel=3)
-
-
-@dataclass
-class FilesOutcome:
-    """What :func:`relax_files` did.
-
-    errors: one message per unreadable file or structure that failed, naming the file (and the
-        structure's index in it). written: the files written. seconds: wall time.
-    uncertainty: ``(input file, structure index in it, value in Å)`` per relaxed structure, with
-        ``return_uncertainty=True`` (also in each written frame's ``info["uncertainty"]``).
-    """
-
-    structures: int = 0
-    relaxed: int = 0
-    files_read: int = 0
-    errors: list[str] = field(default_factory=list)
-    written: list[Path] = field(default_factory=list)
-    seconds: float = 0.0
-    uncertainty: list[tuple[Path, int, float]] = field(default_factory=list)
-
-
-def output_path(path: Path, outdir: Path | None, fmt: str) -> Path:
-    """Where :func:`relax_files` writes the predictions of input ``path``: ``<stem>_relaxed.<ext>``."""
-    return (outdir or path.parent) / f"{path.stem}_relaxed{FORMATS[fmt]}"
-
-
-def relax_files(inputs: Sequence[Path], outputs: Sequence[Path], formats: Sequence[str], model: nn.Module,
-                on_error: str = "raise", **options) -> FilesOutcome:
-    """Relax every structure of every input file in shared batches; write each file's predictions.
-
-    Args:
-        inputs: structure files (anything :func:`~e3relax_fast.io.read_structures` reads).
-        outputs, formats: per input, the file to write and its format (a key of ``FORMATS``).
-        model, on_error, options: passed to :func:`relax_batch`.
-
-    Raises:
-        UnreadableFileError: a file cannot be read (``on_error="raise"``).
-        InvalidStructureError: a structure is invalid (``on_error="raise"``); its message names the
-            file and the structure's index in it.
-    """
-    outcome = FilesOutcome()
-    start = time.perf_counter()
-    structures, origin = [], []
-    for f, path in enumerate(inputs):
-        try:
-            frames = read_structures(path)
-        except UnreadableFileError as err:
-            if on_error == "raise":
-                raise
-            outcome.errors.append(str(err))
-            continue
-        outcome.files_read += 1
-        structures += frames
-        origin += [(f, k) for k in range(len(frames))]
-
-    def where(index: int) -> str:
-        f, k = origin[index]
-        return f"{inputs[f]} (structure {k})"
-
-    with warnings.catch_warnings():
-        # Failures are reported per file below, with file names instead of global indices.
-        warnings.simplefilter("ignore", RelaxWarning)
-        try:
-            results = relax_batch(structures, model, on_error=on_error, **options)
-        except InvalidStructureError as err:
-            raise InvalidStructureError(None, f"{where(err.index)}: {err.reason}") from err
-    outcome.errors += [f"{where(index)}: {reason}" for index, reason in results.errors.items()]
-    for index, value in enumerate(results.uncertainty or []):
-        if value is not None:
-            f, k = origin[index]
-            outcome.uncertainty.append((inputs[f], k, value))
-            results[index].info["uncertainty"] = value
-    for f, output in enumerate(outputs):
-        frames = [r for r, (g, _) in zip(results, origin, strict=True) if g == f and r is not None]
-        if frames:
-            write_structures(output, frames, formats[f])
-            outcome.written.append(output)
-    outcome.structures = len(structures)
-    outcome.relaxed = len(structures) - len(results.errors)
-    outcome.seconds = time.perf_counter() - start
-    return outcome
