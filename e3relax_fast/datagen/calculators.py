@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ..io.structures import to_pymatgen
+
 BatchCalculator = Callable[[list], tuple]
 
 #: eV/Å³ per GPa.
@@ -94,16 +96,13 @@ class CHGNetBatchCalculator:
         self.model.graph_converter.set_isolated_atom_response("error")
 
     def __call__(self, atoms_list: Sequence) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-        from pymatgen.core import Lattice, Structure
-
         energies = np.full(len(atoms_list), np.nan)
         forces = [np.full((len(a), 3), np.nan) for a in atoms_list]
         stresses = np.full((len(atoms_list), 3, 3), np.nan)
         graphs, where = [], []
         for k, atoms in enumerate(atoms_list):
             try:
-                structure = Structure(Lattice(atoms.cell.array), atoms.numbers, atoms.positions,
-                                      coords_are_cartesian=True)
+                structure = to_pymatgen(atoms.numbers, atoms.positions, atoms.cell.array)
                 graphs.append(self.model.graph_converter(structure))
                 where.append(k)
             except (ValueError, RuntimeError):  # e.g. an isolated atom: this structure fails, the batch goes on

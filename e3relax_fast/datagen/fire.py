@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..io.structures import to_atoms
 from .calculators import as_batch_calculator
 
 
@@ -262,9 +263,76 @@ class BatchedFIRE:
                 stresses[b] = voigt_6_to_full_3x3_stress(voigt)
         return energies, forces, stresses
 
+    def _fire_step(self, state: _Active, g_atoms: np.ndarray, g_cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """FIRE's update (``ase.optimize.FIRE.step``) of each structure's velocities, time step and
+        mixing, from its gradients; returns the displacements ``(dr (N, 3), dr_cell (B, 3, 3))``. The
+        degrees of freedom are the atoms plus the cell rows."""
+        p = self.params
+        seg = state.segment()
+        b = len(state)
+        vf = _segment_sum((g_atoms * state.vel).sum(1), seg, b) + (g_cell * state.vel_cell).sum((1, 2))
+        g2 = _segment_sum((g_atoms * g_atoms).sum(1), seg, b) + (g_cell * g_cell).sum((1, 2))
+        v2 = _segment_sum((state.vel * state.vel).sum(1), seg, b) + (state.vel_cell * state.vel_cell).sum((1, 2))
+        started = state.started
+        mix = started & (vf > 0.0)
+        reset = started & ~(vf > 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scale = np.where(mix, state.a * np.sqrt(v2) / np.sqrt(g2), 0.0)
+        keep_v = np.where(mix, 1.0 - state.a, np.where(reset, 0.0, 1.0))
+        state.vel = keep_v[seg, None] * state.vel + scale[seg, None] * g_atoms
+        state.vel_cell = keep_v[:, None, None] * state.vel_cell + scale[:, None, None] * g_cell
+        grow = mix & (state.n_positive > p.Nmin)
+        state.dt = np.where(grow, np.minimum(state.dt * p.finc, p.dtmax), state.dt)
+        state.a = np.where(grow, state.a * p.fa, state.a)
+        state.n_positive = np.where(mix, state.n_positive + 1, state.n_positive)
+        state.a = np.where(reset, p.astart, state.a)
+        state.dt = np.where(reset, state.dt * p.fdec, state.dt)
+        state.n_positive = np.where(reset, 0, state.n_positive)
+        state.started = np.ones(b, dtype=bool)
+
+        state.vel = state.vel + state.dt[seg, None] * g_atoms
+        state.vel_cell = state.vel_cell + state.dt[:, None, None] * g_cell
+        dr = state.dt[seg, None] * state.vel
+        dr_cell = state.dt[:, None, None] * state.vel_cell
+        norm = np.sqrt(_segment_sum((dr * dr).sum(1), seg, b) + (dr_cell * dr_cell).sum((1, 2)))
+        shrink = np.where(norm > p.maxstep, p.maxstep / np.where(norm > 0, norm, 1.0), 1.0)
+        dr = dr * shrink[seg, None]
+        dr_cell = dr_cell * shrink[:, None, None]
+
+        return dr, dr_cell
+
+    def _move(self, state: _Active, deform, cell_factor, dr, dr_cell, energies,
+              fmax) -> Iterator[tuple[int, RelaxOutcome]]:
+        """Apply the displacements through the unit-cell filter (and each structure's symmetry);
+        yields the structures whose symmetrised step failed."""
+        seg = state.segment()
+        b = len(state)
+        # x = (F^-1 positions, cell_factor F); x += dr; then cell = orig_cell F'^T, positions = F' r.
+        r = np.einsum("nij,nj->ni", np.linalg.inv(deform)[seg], state.pos) + dr
+        new_deform = (cell_factor[:, None, None] * deform + dr_cell) / cell_factor[:, None, None]
+        if not self.relax_cell:
+            new_deform = deform
+        cell = state.orig_cell @ np.swapaxes(new_deform, 1, 2)
+        pos = np.einsum("nij,nj->ni", new_deform[seg], r)
+        offsets = np.concatenate([[0], np.cumsum(state.natoms)])
+        failed = np.zeros(b, dtype=bool)
+        for k, constraint in enumerate(state.symmetry):
+            if constraint is not None:
+                part = slice(offsets[k], offsets[k + 1])
+                try:
+                    cell[k], pos[part] = _symmetric_update(constraint, state.atoms[k], cell[k], pos[part])
+                except RuntimeError as err:  # FixSymmetry refuses a cell step beyond 0.25 strain
+                    failed[k] = True
+                    yield state.slots[k], RelaxOutcome(state.atoms[k].copy(), False, int(state.steps[k]),
+                                                       float(state.energy0[k]), float(energies[k]), float(fmax[k]),
+                                                       f"symmetrised step failed: {err}")
+        state.cell, state.pos = cell, pos
+        state.steps = state.steps + 1
+        if failed.any():
+            state.keep(~failed)
+
     def _iterate(self, state: _Active) -> Iterator[tuple[int, RelaxOutcome]]:
         """One evaluation of the active set, then the FIRE step of the unconverged ones."""
-        p = self.params
         energies, forces, stresses = self._evaluate(state)
         b = len(state)
         seg = state.segment()
@@ -310,59 +378,8 @@ class BatchedFIRE:
         seg = state.segment()
         b = len(state)
 
-        # FIRE (ase.optimize.FIRE.step), per structure; the dofs are atoms (N, 3) plus cell rows (B, 3, 3).
-        vf = _segment_sum((g_atoms * state.vel).sum(1), seg, b) + (g_cell * state.vel_cell).sum((1, 2))
-        g2 = _segment_sum((g_atoms * g_atoms).sum(1), seg, b) + (g_cell * g_cell).sum((1, 2))
-        v2 = _segment_sum((state.vel * state.vel).sum(1), seg, b) + (state.vel_cell * state.vel_cell).sum((1, 2))
-        started = state.started
-        mix = started & (vf > 0.0)
-        reset = started & ~(vf > 0.0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            scale = np.where(mix, state.a * np.sqrt(v2) / np.sqrt(g2), 0.0)
-        keep_v = np.where(mix, 1.0 - state.a, np.where(reset, 0.0, 1.0))
-        state.vel = keep_v[seg, None] * state.vel + scale[seg, None] * g_atoms
-        state.vel_cell = keep_v[:, None, None] * state.vel_cell + scale[:, None, None] * g_cell
-        grow = mix & (state.n_positive > p.Nmin)
-        state.dt = np.where(grow, np.minimum(state.dt * p.finc, p.dtmax), state.dt)
-        state.a = np.where(grow, state.a * p.fa, state.a)
-        state.n_positive = np.where(mix, state.n_positive + 1, state.n_positive)
-        state.a = np.where(reset, p.astart, state.a)
-        state.dt = np.where(reset, state.dt * p.fdec, state.dt)
-        state.n_positive = np.where(reset, 0, state.n_positive)
-        state.started = np.ones(b, dtype=bool)
-
-        state.vel = state.vel + state.dt[seg, None] * g_atoms
-        state.vel_cell = state.vel_cell + state.dt[:, None, None] * g_cell
-        dr = state.dt[seg, None] * state.vel
-        dr_cell = state.dt[:, None, None] * state.vel_cell
-        norm = np.sqrt(_segment_sum((dr * dr).sum(1), seg, b) + (dr_cell * dr_cell).sum((1, 2)))
-        shrink = np.where(norm > p.maxstep, p.maxstep / np.where(norm > 0, norm, 1.0), 1.0)
-        dr = dr * shrink[seg, None]
-        dr_cell = dr_cell * shrink[:, None, None]
-
-        # x = (F^-1 positions, cell_factor F); x += dr; then cell = orig_cell F'^T, positions = F' r.
-        r = np.einsum("nij,nj->ni", np.linalg.inv(deform)[seg], state.pos) + dr
-        new_deform = (cell_factor[:, None, None] * deform + dr_cell) / cell_factor[:, None, None]
-        if not self.relax_cell:
-            new_deform = deform
-        cell = state.orig_cell @ np.swapaxes(new_deform, 1, 2)
-        pos = np.einsum("nij,nj->ni", new_deform[seg], r)
-        offsets = np.concatenate([[0], np.cumsum(state.natoms)])
-        failed = np.zeros(b, dtype=bool)
-        for k, constraint in enumerate(state.symmetry):
-            if constraint is not None:
-                part = slice(offsets[k], offsets[k + 1])
-                try:
-                    cell[k], pos[part] = _symmetric_update(constraint, state.atoms[k], cell[k], pos[part])
-                except RuntimeError as err:  # FixSymmetry refuses a cell step beyond 0.25 strain
-                    failed[k] = True
-                    yield state.slots[k], RelaxOutcome(state.atoms[k].copy(), False, int(state.steps[k]),
-                                                       float(state.energy0[k]), float(energies[k]), float(fmax[k]),
-                                                       f"symmetrised step failed: {err}")
-        state.cell, state.pos = cell, pos
-        state.steps = state.steps + 1
-        if failed.any():
-            state.keep(~failed)
+        dr, dr_cell = self._fire_step(state, g_atoms, g_cell)
+        yield from self._move(state, deform, cell_factor, dr, dr_cell, energies, fmax)
 
 
 def relax_one_ase(atoms, calculator, fmax: float = 0.05, max_steps: int = 300) -> RelaxOutcome:
@@ -392,17 +409,15 @@ def relax_one_ase(atoms, calculator, fmax: float = 0.05, max_steps: int = 300) -
 
 
 def _to_atoms(structure, reference=None):
-    """``ase.Atoms`` from Atoms, a :class:`~e3relax_fast.data.Pair`-like ``(positions, cell)`` pair
+    """``ase.Atoms`` from Atoms, a :class:`~e3relax_fast.io.Pair`-like ``(positions, cell)`` pair
     with ``reference``'s species, or an ``(atomic_numbers, positions, cell)`` triple."""
     from ase import Atoms
 
     if isinstance(structure, Atoms):
         return structure
     if len(structure) == 2 and reference is not None:
-        positions, cell = structure
-        return Atoms(numbers=reference, positions=np.asarray(positions), cell=np.asarray(cell), pbc=True)
-    numbers, positions, cell = structure
-    return Atoms(numbers=np.asarray(numbers), positions=np.asarray(positions), cell=np.asarray(cell), pbc=True)
+        return to_atoms(reference, *structure)
+    return to_atoms(*structure)
 
 
 def steps_saved(pairs: Sequence, predictions: Sequence, calculator, fmax: float = 0.05, max_steps: int = 300,

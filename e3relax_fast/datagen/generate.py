@@ -60,6 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import SPLITS
+from ..io.structures import to_atoms
 from .calculators import make_calculator
 from .fire import BatchedFIRE, relax_one_ase
 from .protocols import (
@@ -137,13 +138,11 @@ class JobPlan:
         return names[rng.choice(len(names), p=list(self.protocols.values()))]
 
     def job(self, k: int) -> Job:
-        from ase import Atoms
-
         src, index, variant = self.locate(k)
         seed_id = src.ids[index]
         loaded = src.load(index)
         # Only species, positions and cell: CIF-reader extras (occupancies, kinds) would go stale.
-        atoms = Atoms(numbers=loaded.numbers, positions=loaded.positions, cell=loaded.cell.array, pbc=True)
+        atoms = to_atoms(loaded.numbers, loaded.positions, loaded.cell.array)
         if self.max_atoms is not None and len(atoms) > self.max_atoms:
             return Job(self.atoms_id(k), seed_id, "skipped", "", atoms,
                        skip=f"seed has {len(atoms)} > {self.max_atoms} atoms")
@@ -427,111 +426,131 @@ def _generate(seeds, out, n, protocols, calculator, workers, batched, fmax, max_
     _check_config(out / "datagen.json", config)
     _log_start(out / "datagen.json", n)
     inherited = inherit_splits(inherit) if inherit else None
+    run = _Run(out, plan, n, max_attempts if max_attempts is not None else 4 * n + 100, time_limit,
+               split_fractions, inherited, progress)
+    try:
+        run.relax_all(Settings(calculator, batched, fmax, max_steps, batch_size, threads), workers)
+    finally:
+        run.close()
+    seconds = time.perf_counter() - run.start
+    splits = write_splits(out, split_fractions, inherited)
+    if extxyz:
+        from .snapshot import write_snapshot
 
-    index_rows = _read_rows(out / "index.csv", INDEX_COLUMNS)
-    dropped_rows = _read_rows(out / "dropped.csv", DROPPED_COLUMNS)
-    for path, columns, rows in ((out / "index.csv", INDEX_COLUMNS, index_rows),
-                                (out / "dropped.csv", DROPPED_COLUMNS, dropped_rows)):
-        for row in rows:  # folders made before the family column get it here
-            row["family"] = row.get("family") or family_of(row["seed_id"])
-        if path.exists():
-            _rewrite_rows(path, columns, rows)  # drop a torn line left by an interrupted run
-    done = {r["atoms_id"] for r in index_rows} | {r["atoms_id"] for r in dropped_rows}
-    total = len(index_rows)
-    max_attempts = max_attempts if max_attempts is not None else 4 * n + 100
-    settings = Settings(calculator, batched, fmax, max_steps, batch_size, threads)
+        write_snapshot(out, out / "extxyz")
+    written = run.counters["written"]
+    rate = written / seconds * 3600 if seconds > 0 else float("nan")
+    return {"written": written, "dropped": run.counters["dropped"], "total": run.total + written,
+            "splits": splits, "seconds": seconds, "pairs_per_hour": rate}
 
-    index = _Appender(out / "index.csv", INDEX_COLUMNS)
-    dropped_file = _Appender(out / "dropped.csv", DROPPED_COLUMNS)
-    bar = _Progress(n, min(total, n), progress)
-    start = time.perf_counter()
-    counters = {"written": 0, "dropped": 0, "in_flight": 0, "next": 0}
 
-    def pending() -> Iterator[Job]:
+class _Run:
+    """One call of :func:`generate` on an output folder: what is done already, the jobs still to do,
+    and the record of each relaxation as it finishes (pair files + ``index.csv``, or ``dropped.csv``)."""
+
+    def __init__(self, out: Path, plan: JobPlan, n: int, max_attempts: int, time_limit: float | None,
+                 split_fractions, inherited: dict | None, progress: bool) -> None:
+        self.out, self.plan, self.n, self.max_attempts, self.time_limit = out, plan, n, max_attempts, time_limit
+        self.split_fractions, self.inherited = split_fractions, inherited
+        index_rows = _read_rows(out / "index.csv", INDEX_COLUMNS)
+        dropped_rows = _read_rows(out / "dropped.csv", DROPPED_COLUMNS)
+        for path, columns, rows in ((out / "index.csv", INDEX_COLUMNS, index_rows),
+                                    (out / "dropped.csv", DROPPED_COLUMNS, dropped_rows)):
+            for row in rows:  # folders made before the family column get it here
+                row["family"] = row.get("family") or family_of(row["seed_id"])
+            if path.exists():
+                _rewrite_rows(path, columns, rows)  # drop a torn line left by an interrupted run
+        self.done = {r["atoms_id"] for r in index_rows} | {r["atoms_id"] for r in dropped_rows}
+        self.total = len(index_rows)
+        self.index = _Appender(out / "index.csv", INDEX_COLUMNS)
+        self.dropped = _Appender(out / "dropped.csv", DROPPED_COLUMNS)
+        self.bar = _Progress(n, min(self.total, n), progress)
+        self.start = time.perf_counter()
+        self.counters = {"written": 0, "dropped": 0, "in_flight": 0, "next": 0}
+
+    def pending(self) -> Iterator[Job]:
         """Jobs not done yet, while more pairs are needed (lazily, so stopping is prompt)."""
-        while counters["next"] < max_attempts:
-            if total + counters["written"] + counters["in_flight"] >= n:
+        counters = self.counters
+        while counters["next"] < self.max_attempts:
+            if self.total + counters["written"] + counters["in_flight"] >= self.n:
                 return
-            if time_limit is not None and time.perf_counter() - start > time_limit:
+            if self.time_limit is not None and time.perf_counter() - self.start > self.time_limit:
                 return
             k = counters["next"]
             counters["next"] += 1
-            if plan.atoms_id(k) in done:
+            if self.plan.atoms_id(k) in self.done:
                 continue
-            job = plan.job(k)
+            job = self.plan.job(k)
             if job.skip:
-                dropped_file.write({"atoms_id": job.atoms_id, "protocol": job.protocol, "seed_id": job.seed_id,
+                self.dropped.write({"atoms_id": job.atoms_id, "protocol": job.protocol, "seed_id": job.seed_id,
                                     "note": job.note, "natoms": len(job.atoms), "steps": 0, "reason": job.skip,
                                     "family": family_of(job.seed_id)})
                 continue
             counters["in_flight"] += 1
             yield job
 
-    def record(job: Job, outcome) -> None:
+    def record(self, job: Job, outcome) -> None:
+        """Keep the pair (files and an ``index.csv`` row) or drop it (a ``dropped.csv`` row and why)."""
+        counters = self.counters
         counters["in_flight"] -= 1
         reason = judge(job, outcome)
         natoms = len(job.atoms)
         family = family_of(job.seed_id)
         if reason is not None:
-            dropped_file.write({"atoms_id": job.atoms_id, "protocol": job.protocol, "seed_id": job.seed_id,
+            self.dropped.write({"atoms_id": job.atoms_id, "protocol": job.protocol, "seed_id": job.seed_id,
                                 "note": job.note, "natoms": natoms, "steps": outcome.steps, "reason": reason,
                                 "family": family})
             counters["dropped"] += 1
-            bar.update(0, counters["dropped"])
+            self.bar.update(0, counters["dropped"])
             return
         unrelaxed, note, steps, energy_initial = job.atoms, job.note, outcome.steps, outcome.energy_initial
         if job.protocol == "minimum":  # the pair is the minimum itself: relaxing it again takes no step
             unrelaxed, note, energy_initial = outcome.atoms, f"{note};reached in {steps} steps", outcome.energy
             steps = 0
-        _write_cif(unrelaxed, out / "CIF" / f"{job.atoms_id}_unrelaxed.cif")
-        _write_cif(outcome.atoms, out / "CIF" / f"{job.atoms_id}_relaxed.cif")
-        index.write({"atoms_id": job.atoms_id, "protocol": job.protocol, "seed_id": job.seed_id, "note": note,
-                     "natoms": natoms, "steps": steps, "e_unrelaxed": f"{energy_initial / natoms:.6f}",
-                     "e_relaxed": f"{outcome.energy / natoms:.6f}", "family": family})
+        _write_cif(unrelaxed, self.out / "CIF" / f"{job.atoms_id}_unrelaxed.cif")
+        _write_cif(outcome.atoms, self.out / "CIF" / f"{job.atoms_id}_relaxed.cif")
+        self.index.write({"atoms_id": job.atoms_id, "protocol": job.protocol, "seed_id": job.seed_id, "note": note,
+                          "natoms": natoms, "steps": steps, "e_unrelaxed": f"{energy_initial / natoms:.6f}",
+                          "e_relaxed": f"{outcome.energy / natoms:.6f}", "family": family})
         counters["written"] += 1
-        bar.update(1, counters["dropped"])
+        self.bar.update(1, counters["dropped"])
         if counters["written"] % 20 == 0:  # keep the split files usable while a long run goes on
-            write_splits(out, split_fractions, inherited)
+            write_splits(self.out, self.split_fractions, self.inherited)
 
-    pool = None
-    try:
-        if workers > 1:
-            import multiprocessing as mp
+    def relax_all(self, settings: Settings, workers: int) -> None:
+        """Relax the pending jobs, in rounds: a round feeds jobs until enough are in flight; drops are
+        made up by the next one."""
+        pool = None
+        try:
+            if workers > 1:
+                import multiprocessing as mp
 
-            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(settings,))
-        # Rounds: a round feeds jobs until enough are in flight; drops are made up by the next one.
-        while True:
-            before = counters["next"]
-            if pool is None:
-                jobs: list[Job | None] = []
+                pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(settings,))
+            while True:
+                before = self.counters["next"]
+                if pool is None:
+                    jobs: list[Job | None] = []
 
-                def feed(jobs=jobs):
-                    for job in pending():
-                        jobs.append(job)
-                        yield job.atoms
+                    def feed(jobs=jobs):
+                        for job in self.pending():
+                            jobs.append(job)
+                            yield job.atoms
 
-                for k, outcome in _relax_iter(feed(), settings):
-                    record(jobs[k], outcome)
-                    jobs[k] = None  # free memory
-            else:
-                _run_pool(pool, pending(), settings, 2 * workers, record)
-            if counters["next"] == before:
-                break
-    finally:
-        if pool is not None:
-            pool.terminate()
-        index.close()
-        dropped_file.close()
-        bar.close()
-    seconds = time.perf_counter() - start
-    splits = write_splits(out, split_fractions, inherited)
-    if extxyz:
-        from .snapshot import write_snapshot
+                    for k, outcome in _relax_iter(feed(), settings):
+                        self.record(jobs[k], outcome)
+                        jobs[k] = None  # free memory
+                else:
+                    _run_pool(pool, self.pending(), settings, 2 * workers, self.record)
+                if self.counters["next"] == before:
+                    break
+        finally:
+            if pool is not None:
+                pool.terminate()
 
-        write_snapshot(out, out / "extxyz")
-    return {"written": counters["written"], "dropped": counters["dropped"], "total": total + counters["written"],
-            "splits": splits, "seconds": seconds,
-            "pairs_per_hour": counters["written"] / seconds * 3600 if seconds > 0 else float("nan")}
+    def close(self) -> None:
+        self.index.close()
+        self.dropped.close()
+        self.bar.close()
 
 
 def _run_pool(pool, jobs: Iterator[Job], settings: Settings, max_in_flight: int, record) -> None:

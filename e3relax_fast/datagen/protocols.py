@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..io.structures import to_pymatgen
+
 PROTOCOLS = ("subst", "subst_sym", "rattle", "jiggle", "seed", "minimum")
 #: Protocols relaxed with the input's space group kept (ASE's FixSymmetry): their inputs are
 #: symmetric, and a free relaxation would let float noise break the symmetry into a target no
@@ -139,9 +141,8 @@ def dls_volume(atoms) -> float:
     import warnings
 
     from pymatgen.analysis.structure_prediction.volume_predictor import DLSVolumePredictor
-    from pymatgen.core import Lattice, Structure
 
-    structure = Structure(Lattice(atoms.cell.array), atoms.numbers, atoms.positions, coords_are_cartesian=True)
+    structure = to_pymatgen(atoms.numbers, atoms.positions, atoms.cell.array)
     with warnings.catch_warnings():  # it warns for every element without bond parameters
         warnings.simplefilter("ignore")
         return float(DLSVolumePredictor().predict(structure))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import re
 import sys
 from collections.abc import Callable
@@ -14,6 +13,7 @@ import numpy as np
 
 # A seed's family (the data format's knowledge, so readers of pair files share it): re-exported here.
 from ..io.pairs import FAMILIES, family_of  # noqa: F401
+from ..io.read import read_cif_text, read_structure, read_structures
 
 # --- seeds --------------------------------------------------------------------------------------
 
@@ -37,12 +37,6 @@ def _prefix(path: Path) -> str:
     return re.sub(r"[^a-z]", "", stem.lower()) or "seed"
 
 
-def _read_cif_text(text: str):
-    from ase.io import read
-
-    return read(io.StringIO(text), format="cif")
-
-
 def load_seed_source(path: str | Path) -> SeedSource:
     """Seeds from a CSV with a ``cif`` column (ids ``<prefix>-<material_id>``, prefix: the letters
     of the file name, e.g. ``perovval``), an extxyz/xyz file (ids from ``info`` ``atoms_id``,
@@ -52,15 +46,13 @@ def load_seed_source(path: str | Path) -> SeedSource:
     An extxyz file may hold several frames of one material (NOMAD: one per calculation of an
     entry): exact repeats are dropped, the other frames become seeds ``<id>#2``, ``<id>#3``, … in
     file order, which share the material's split (:func:`~e3relax_fast.datagen.generate.split_of`)."""
-    from ase.io import read
-
     path = Path(path)
     prefix = _prefix(path)
     if path.is_dir():
         files = sorted(path.glob("*.cif"))
         if not files:
             raise ValueError(f"no .cif files in {path}")
-        return SeedSource(prefix, [f"{prefix}-{f.stem}" for f in files], lambda i: read(files[i], format="cif"))
+        return SeedSource(prefix, [f"{prefix}-{f.stem}" for f in files], lambda i: read_structure(files[i]))
     if path.suffix == ".csv":
         csv.field_size_limit(sys.maxsize)
         with path.open(newline="") as fh:
@@ -70,9 +62,9 @@ def load_seed_source(path: str | Path) -> SeedSource:
         key = next((k for k in ("material_id", "atoms_id", "id") if k in rows[0]), None)
         ids = [f"{prefix}-{row[key] if key else k}" for k, row in enumerate(rows)]
         texts = [row["cif"] for row in rows]
-        return SeedSource(prefix, ids, lambda i: _read_cif_text(texts[i]))
+        return SeedSource(prefix, ids, lambda i: read_cif_text(texts[i]))
     ids, frames, by_id = [], [], {}
-    for k, atoms in enumerate(read(path, index=":")):
+    for k, atoms in enumerate(read_structures(path)):
         info = atoms.info
         key = next((x for x in ("atoms_id", "material_id", "seed_id") if x in info), None)
         key = key or next((x for x in sorted(info) if x.endswith("_id")), None)

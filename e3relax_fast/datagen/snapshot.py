@@ -21,17 +21,16 @@ from collections import Counter
 from pathlib import Path
 
 from ..io import SPLITS
+from ..io.read import read_structure
+from ..io.structures import to_atoms
 from .generate import INDEX_COLUMNS, _read_rows, _rewrite_rows
 from .seeds import family_of
 
 
 def _frame(path: Path, info: dict):
-    from ase import Atoms
-    from ase.io import read
-
-    atoms = read(path, format="cif")
+    atoms = read_structure(path)
     # Only species, positions and cell: CIF-reader arrays (occupancies, spacegroup kinds) are noise.
-    return Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell.array, pbc=True, info=info)
+    return to_atoms(atoms.numbers, atoms.positions, atoms.cell.array, **info)
 
 
 def write_snapshot(run: str | Path, dest: str | Path) -> dict:
