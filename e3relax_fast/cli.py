@@ -10,52 +10,61 @@ import argparse
 import sys
 from pathlib import Path
 
-FORMATS = ("cif", "extxyz")
+
+def _die(message: str, status: int = 2) -> int:
+    """Print one ``error:`` line (no traceback) and return the exit status."""
+    print(f"error: {message}", file=sys.stderr)
+    return status
 
 
 def run_relax(args: argparse.Namespace) -> int:
-    """``e3relax-fast relax``: relax every structure of every input file in shared batches."""
+    """``e3relax-fast relax``: relax every structure of every input, with a manifest to resume from."""
+    import os
+
+    from . import ops
     from .io import InvalidStructureError, UnreadableFileError
     from .model import load_pretrained
-    from .relax import output_path, relax_files
+    from .model.predict import check_device
+    from .screen import ScreenError, collect_inputs, plan_sources, screen
 
-    inputs = [Path(p) for p in args.inputs]
-    formats = [args.format or ("cif" if p.suffix.lower() == ".cif" else "extxyz") for p in inputs]
-    outputs = [output_path(p, args.outdir, f) for p, f in zip(inputs, formats, strict=True)]
-    duplicates = sorted({str(o) for o in outputs if outputs.count(o) > 1})
-    if duplicates:
-        print(f"error: several inputs would write {', '.join(duplicates)}; use -o", file=sys.stderr)
-        return 2
+    device = args.device
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
     try:
-        model = load_pretrained(args.checkpoint or "default", map_location=args.device)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        device_type = check_device(device).type
+        sources = plan_sources(collect_inputs(args.inputs), args.outdir, args.format)
+        model = load_pretrained(args.checkpoint or "default", map_location=device, paper_compat=args.paper_compat)
+        if args.backend is not None:
+            model.backend = args.backend
+        # A backend that cannot run here is named now, not at the first batch.
+        for op in (ops.MESSAGE_PASSING, ops.LATTICE_MESSAGE, ops.LATTICE_POOL):
+            ops.resolve(op, model.backend, device_type)
+        ops.resolve(ops.RADIUS_GRAPH, args.graph_backend, device_type)
+    except (ScreenError, ValueError, FileNotFoundError, ops.BackendUnavailableError) as err:
+        return _die(str(err))  # load_pretrained's errors name the file
+    manifest = args.manifest or (args.outdir or Path(".")) / "manifest.jsonl"
     try:
-        outcome = relax_files(inputs, outputs, formats, model, on_error=args.on_error, device=args.device,
-                              batch_size=args.batch_size, max_atoms=args.max_atoms, precision=args.precision,
-                              return_uncertainty=args.uncertainty, **_frame_options(args))
-    except (UnreadableFileError, InvalidStructureError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        summary = screen(sources, model, manifest, on_error=args.on_error, chunk=args.chunk,
+                         overwrite=args.overwrite, progress=not args.quiet, device=device,
+                         batch_size=args.batch_size, max_atoms=args.max_atoms, precision=args.precision,
+                         graph_backend=args.graph_backend, return_uncertainty=args.uncertainty,
+                         **_frame_options(args))
+    except (UnreadableFileError, InvalidStructureError, ScreenError) as err:
+        return _die(str(err), 1 if isinstance(err, InvalidStructureError) else 2)
     except ValueError as err:  # an option this model or device cannot honour (e.g. tf32 on CPU)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for message in outcome.errors:
+        return _die(str(err))
+    for message in summary.messages:
         print(f"error: {message}", file=sys.stderr)
-    if args.uncertainty:
-        table = (args.outdir or Path(".")) / "uncertainty.csv"
-        table.parent.mkdir(parents=True, exist_ok=True)
-        table.write_text("input,structure,uncertainty_A\n"
-                         + "".join(f"{path},{k},{value:.6f}\n" for path, k, value in outcome.uncertainty))
-        print(f"uncertainty (Å, ranks error; not an error bar) of {len(outcome.uncertainty)} structure(s): {table}")
-    failed = outcome.structures - outcome.relaxed
-    print(
-        f"relaxed {outcome.relaxed} of {outcome.structures} structure(s) from {outcome.files_read} of "
-        f"{len(inputs)} file(s) in {outcome.seconds:.2f} s; wrote {len(outcome.written)} file(s)"
-        + (f" ({failed} structure(s) failed)" if failed else "")
-    )
-    return 0
+    if int(os.environ.get("RANK", "0")) == 0:
+        rate = summary.relaxed / summary.seconds if summary.seconds > 0 else 0.0
+        print(f"relaxed {summary.relaxed} structure(s) from {summary.files} file(s) in {summary.seconds:.1f} s "
+              f"({rate:.1f} structures/s); {summary.failed} failed"
+              + (f", {summary.warned} with implausibly close atoms" if summary.warned else "")
+              + (f"; {summary.skipped} already relaxed (manifest)" if summary.skipped else "")
+              + f"; wrote {summary.written} file(s); manifest {manifest}"
+              + ("; stopped at the first failure (--on-error raise)" if summary.stopped else ""))
+    failed = summary.failed and args.on_error != "skip"
+    return 1 if failed or summary.messages else 0
 
 
 def _add_frame_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,34 +83,60 @@ def _frame_options(args: argparse.Namespace) -> dict:
 
 
 def add_relax_parser(subparsers) -> None:
+    from .io import FORMATS
+    from .screen import CHUNK
+
     p = subparsers.add_parser(
         "relax",
-        help="predict relaxed structures",
-        description="Predict the relaxed positions and cell of every structure in the input files "
-        "(CIF, POSCAR, extxyz or anything else ASE or pymatgen reads; multi-frame files give "
-        "several structures) and write <stem>_relaxed.<ext> per input file.",
+        help="predict relaxed structures of files, folders, globs, multi-frame files and ASE databases",
+        description="Predict the relaxed positions and cell of every structure in the inputs (files; folders, "
+        "searched recursively for CIF, POSCAR/CONTCAR/*.vasp, extxyz/xyz, ASE .traj and .db files, also compressed, "
+        "leaving out earlier outputs *_relaxed*; glob patterns; anything else ASE or pymatgen reads when named) "
+        "and write <stem>_relaxed.<ext> per input in the input's format: frame k of a multi-frame output is frame "
+        "k of the input, a failed frame the input with info relax_status=failed. A manifest (JSON lines: input, "
+        "frame, output, status, reason, seconds) records every structure; a re-run skips what it records as "
+        "relaxed, so an interrupted run resumes. Several processes: torchrun --nproc-per-node N -m e3relax_fast "
+        "relax ... Exit status: 0, or 1 when a structure failed (unless --on-error skip), 2 for usage errors.",
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="structure files")
-    p.add_argument("-o", "--outdir", type=Path, help="output directory (default: next to each input)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="structure files, folders or glob patterns")
+    p.add_argument("-o", "--outdir", type=Path,
+                   help="output folder (default: next to each input); a folder's files keep their relative paths")
+    p.add_argument("--format", choices=tuple(FORMATS),
+                   help="output format (default: the input's; extxyz for formats it cannot write)")
+    p.add_argument("--manifest", type=Path, help="the manifest (default: OUTDIR/manifest.jsonl, or ./manifest.jsonl)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="ignore the manifest of earlier runs and redo everything, replacing their outputs")
     p.add_argument("--checkpoint", help="checkpoint file (default: the bundled pretrained model)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--paper-compat", action=argparse.BooleanOptionalAction, default=None,
+                   help="the mode of a checkpoint that does not record it (a bare state dict)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu; cuda under torchrun: one GPU per "
+                   "process)")
     p.add_argument("--batch-size", type=int, help="at most N structures per batch")
-    p.add_argument("--max-atoms", type=int, help="at most N atoms per batch (default: 4096 on CPU)")
+    p.add_argument("--max-atoms", type=int,
+                   help="at most N atoms per batch (default: 4096 on CPU; on CUDA, from the free memory)")
+    p.add_argument("--backend", choices=("auto", "reference", "cpu", "cuda", "triton", "cueq"),
+                   help="kernel backend of the model's ops (default: the checkpoint's, auto)")
+    p.add_argument("--graph-backend", choices=("auto", "reference", "cpu", "cuda", "triton"), default="auto",
+                   help="backend of the graph builder (default: auto)")
     p.add_argument("--precision", choices=("default", "tf32", "bf16"), default="default",
                    help="matmul arithmetic: the model's own (default), TF32 (CUDA) or bf16 autocast; accuracy "
                    "against float64 in bench/RESULTS.md")
     _add_frame_arguments(p)
     p.add_argument("--uncertainty", action="store_true",
                    help="also estimate each prediction's uncertainty (its spread over other descriptions of the "
-                   "crystal, Å; two more forward passes per structure): uncertainty.csv and info['uncertainty']")
+                   "crystal, Å; two more forward passes per structure): in the manifest and info['uncertainty']")
     p.add_argument(
         "--on-error",
         choices=("raise", "skip", "return_input"),
         default="raise",
-        help="invalid structure or unreadable file: stop (raise, default), leave it out (skip), "
-        "or write the input unchanged (return_input)",
+        help="a structure or file that fails: stop after its chunk, exit 1 (raise, default); record it and go on, "
+        "exit 0 (skip); record it, write a failed single-structure file's input unchanged and go on, exit 1 "
+        "(return_input)",
     )
-    p.add_argument("--format", choices=FORMATS, help="output format (default: cif for CIF inputs, else extxyz)")
+    p.add_argument("--chunk", type=int, default=CHUNK,
+                   help="structures relaxed, written and recorded together: the most work a kill can lose "
+                   f"(default {CHUNK})")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no per-structure messages")
     p.set_defaults(func=run_relax)
 
 

@@ -3,8 +3,19 @@
 (:mod:`.read`, :mod:`.write`), pair datasets on disk (:mod:`.pairs`) and structure matching
 (:mod:`.compare`). pymatgen and ASE are imported only when used."""
 
+from .original import original_reserved_slots
 from .pairs import SPLITS, Pair, read_pairs, write_extxyz_pairs
-from .read import UnreadableFileError, read_structure, read_structures
+from .read import (
+    MULTI_FRAME_FORMATS,
+    UnreadableFileError,
+    file_format,
+    iter_structures,
+    read_frames,
+    read_structure,
+    read_structures,
+    split_name,
+    structure_files,
+)
 from .structures import (
     Constraints,
     constraints,
@@ -15,9 +26,12 @@ from .structures import (
     to_atoms,
     to_pymatgen,
 )
-from .validate import InvalidStructureError, validate
-from .write import FORMATS, write_structures
+from .validate import InvalidStructureError, close_atoms, validate
+from .write import FORMATS, SINGLE_STRUCTURE_FORMATS, output_format, write_structures
 
-__all__ = ["FORMATS", "SPLITS", "Constraints", "InvalidStructureError", "Pair", "UnreadableFileError", "constraints",
-           "from_arrays_like", "periodicity", "read_pairs", "read_structure", "read_structures", "structure_kind",
-           "to_arrays", "to_atoms", "to_pymatgen", "validate", "write_extxyz_pairs", "write_structures"]
+__all__ = ["FORMATS", "MULTI_FRAME_FORMATS", "SINGLE_STRUCTURE_FORMATS", "SPLITS", "Constraints",
+           "InvalidStructureError", "Pair", "UnreadableFileError", "close_atoms", "constraints", "file_format",
+           "from_arrays_like", "iter_structures", "original_reserved_slots", "output_format", "periodicity",
+           "read_frames", "read_pairs", "read_structure", "read_structures", "split_name", "structure_files",
+           "structure_kind", "to_arrays", "to_atoms", "to_pymatgen", "validate", "write_extxyz_pairs",
+           "write_structures"]

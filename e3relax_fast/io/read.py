@@ -5,11 +5,87 @@ from __future__ import annotations
 import csv
 import io
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+
+#: Compression suffixes ASE reads through (``frames.extxyz.gz``).
+COMPRESSION = (".gz", ".bz2", ".xz")
+#: File names a folder is expanded to (:func:`structure_files`), by suffix (after any compression
+#: suffix) or, for VASP, by name: formats whose files hold nothing but structures.
+STRUCTURE_SUFFIXES = (".cif", ".vasp", ".poscar", ".extxyz", ".xyz", ".traj", ".db")
+VASP_NAMES = ("POSCAR", "CONTCAR")
+#: ASE formats whose files usually hold many structures: read frame by frame
+#: (:func:`iter_structures`) and split into segments by the screening workflow.
+MULTI_FRAME_FORMATS = ("extxyz", "traj", "db")
 
 
 class UnreadableFileError(ValueError):
-    """A structure file cannot be read; the message names the file and the parser's complaint."""
+    """A structure file cannot be read; the message names the file (and the frame) and the parser's
+    complaint, on one line.
+
+    Attributes:
+        frame: the index of the first frame that could not be read (``None``: the file as a whole).
+    """
+
+    def __init__(self, message: str, frame: int | None = None) -> None:
+        super().__init__(message)
+        self.frame = frame
+
+    def __reduce__(self):  # keep the frame when pickled
+        return (type(self), (str(self), self.frame))
+
+
+def _reason(err: BaseException) -> str:
+    """An exception's message on one line (its first line; the type's name when it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def split_name(path: Path) -> tuple[str, str]:
+    """``(stem, suffix)`` of a structure file, any compression suffix dropped: ``frames.extxyz.gz`` ->
+    ``("frames", ".extxyz")``, ``POSCAR`` -> ``("POSCAR", "")``."""
+    name = path.name
+    for compression in COMPRESSION:
+        if name.lower().endswith(compression):
+            name = name[: -len(compression)]
+            break
+    stem, dot, suffix = name.rpartition(".")
+    return (stem, dot + suffix) if stem else (name, "")
+
+
+def file_format(path: str | Path) -> str | None:
+    """ASE's name for the format of ``path``, guessed from its name alone (``"cif"``, ``"vasp"``,
+    ``"extxyz"``, ``"traj"``, ``"db"``, ...; ``.xyz`` is read as ``"extxyz"``); ``None`` when the name
+    says nothing."""
+    from ase.io.formats import UnknownFileTypeError, filetype
+
+    try:
+        return filetype(str(path), read=False)
+    except UnknownFileTypeError:
+        return None
+
+
+def is_structure_file(path: Path) -> bool:
+    """A file a folder is expanded to: a suffix of :data:`STRUCTURE_SUFFIXES` or a VASP name."""
+    stem, suffix = split_name(path)
+    return suffix.lower() in STRUCTURE_SUFFIXES or any(stem.startswith(name) for name in VASP_NAMES)
+
+
+def structure_files(folder: Path) -> list[Path]:
+    """The structure files in ``folder`` and its sub-folders (:func:`is_structure_file`), sorted;
+    hidden files and folders are left out."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and is_structure_file(p)
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _check_file(path: Path) -> None:
+    if path.is_dir():
+        raise UnreadableFileError(f"cannot read {path}: it is a folder (give the files in it, or pass the folder to "
+                                  "the relax command, which reads every structure file inside)")
+    if not path.exists():
+        raise UnreadableFileError(f"cannot read {path}: no such file")
 
 
 def read_structures(path: str | Path) -> list:
@@ -23,23 +99,65 @@ def read_structures(path: str | Path) -> list:
     import ase.io
 
     path = Path(path)
+    _check_file(path)
     if path.suffix.lower() == ".csv":
         return _read_cif_table(path)
     try:
-        frames = list(ase.io.read(path, index=":"))
+        with warnings.catch_warnings():  # parsers warn about what they then fail on: one message is enough
+            warnings.simplefilter("ignore")
+            frames = list(ase.io.read(path, index=":"))
     # Parsers raise many exception types on malformed or unknown files; all mean "unreadable".
     except Exception as ase_error:
         try:
             from pymatgen.core import Structure
             from pymatgen.io.ase import AseAtomsAdaptor
 
-            frames = [AseAtomsAdaptor.get_atoms(Structure.from_file(path))]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                frames = [AseAtomsAdaptor.get_atoms(Structure.from_file(path))]
         except Exception:
-            reason = str(ase_error) or type(ase_error).__name__
-            raise UnreadableFileError(f"cannot read {path}: {reason}") from ase_error
+            raise UnreadableFileError(f"cannot read {path}: {_reason(ase_error)}") from ase_error
     if not frames:
         raise UnreadableFileError(f"cannot read {path}: no structures in the file")
     return frames
+
+
+def iter_structures(path: str | Path) -> Iterator:
+    """The structures of a multi-frame file (:data:`MULTI_FRAME_FORMATS`), one at a time, as ASE
+    ``Atoms``: a file of millions of frames is never held in memory.
+
+    Raises:
+        UnreadableFileError: naming the file and the first frame that cannot be read (its
+            ``frame``); the frames before it have been yielded.
+    """
+    import ase.io
+
+    path = Path(path)
+    _check_file(path)
+    frames = ase.io.iread(path, index=":")
+    k = 0
+    while True:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                atoms = next(frames)
+        except StopIteration:
+            break
+        except Exception as err:  # as in read_structures: any parser failure means "unreadable"
+            raise UnreadableFileError(f"cannot read {path}: frame {k}: {_reason(err)}", frame=k) from err
+        yield atoms
+        k += 1
+    if k == 0:
+        raise UnreadableFileError(f"cannot read {path}: no structures in the file", frame=0)
+
+
+def read_frames(path: str | Path, start: int, stop: int) -> Iterator:
+    """Frames ``start`` to ``stop - 1`` of a multi-frame file, one at a time (ASE ``Atoms``)."""
+    import ase.io
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield from ase.io.iread(Path(path), index=f"{start}:{stop}")
 
 
 def read_structure(path: str | Path):
@@ -65,10 +183,11 @@ def _read_cif_table(path: Path) -> list:
         try:
             atoms = read_cif_text(row["cif"])
         except Exception as err:  # as above: any parser failure means this row is unreadable
-            raise UnreadableFileError(f"cannot read {path}: row {k}: {err or type(err).__name__}") from err
+            raise UnreadableFileError(f"cannot read {path}: row {k}: {_reason(err)}", frame=k) from err
         atoms.info["row"] = {key: value for key, value in row.items() if key != "cif"}
         frames.append(atoms)
     return frames
 
 
-__all__ = ["UnreadableFileError", "read_cif_text", "read_structure", "read_structures"]
+__all__ = ["MULTI_FRAME_FORMATS", "UnreadableFileError", "file_format", "is_structure_file", "iter_structures",
+           "read_cif_text", "read_frames", "read_structure", "read_structures", "split_name", "structure_files"]

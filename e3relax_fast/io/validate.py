@@ -14,6 +14,13 @@ from ..geometry import IMAGES_27
 MIN_Z, MAX_Z = 1, 117
 #: Atoms closer than this (Å), periodic images included, are reported as overlapping.
 MIN_DISTANCE = 0.1
+#: Atoms closer than this (Å) are accepted but implausible (shorter than any bond but H2's 0.74 Å):
+#: :func:`close_atoms` names them so that callers can warn.
+PLAUSIBLE_DISTANCE = 0.5
+#: Largest |x|, |y|, |z| (Å) of a position: beyond it float64 fractional coordinates lose the
+#: precision the graph needs (the compiled graph builders refuse such positions; checked here, per
+#: structure, before any graph work, so every backend and every ``on_error`` mode behave alike).
+MAX_COORDINATE = 1e6
 #: Lattice planes closer than this (Å) make a cell degenerate. Besides rejecting collapsed cells,
 #: it guarantees that the minimum image in fractional coordinates finds every overlap below
 #: ``MIN_DISTANCE`` (see :func:`_closest_pair`).
@@ -129,9 +136,10 @@ def validate(z, positions, cell, index: int | None = None) -> None:
         index: position of the structure in the caller's input, used in error messages.
 
     Raises:
-        InvalidStructureError: wrong shapes; no atoms; NaN/inf positions or cell; Z outside
-            1..117; a singular cell; a degenerate cell (lattice planes closer than 0.5 Å); a
-            left-handed cell (det < 0); two atoms closer than 0.1 Å, periodic images included.
+        InvalidStructureError: wrong shapes; no atoms; NaN/inf positions or cell; a coordinate
+            beyond 1e6 Å; Z outside 1..117; a singular cell; a degenerate cell (lattice planes
+            closer than 0.5 Å); a left-handed cell (det < 0); two atoms closer than 0.1 Å,
+            periodic images included.
     """
     z = np.asarray(z)
     positions = np.asarray(positions, dtype=np.float64)
@@ -145,6 +153,13 @@ def validate(z, positions, cell, index: int | None = None) -> None:
     if len(bad):
         raise InvalidStructureError(
             index, f"positions contain NaN or inf ({len(bad)} atom(s), first: atom {bad[0]})"
+        )
+    bad = np.flatnonzero((np.abs(positions) > MAX_COORDINATE).any(axis=1))
+    if len(bad):
+        raise InvalidStructureError(
+            index,
+            f"atom {bad[0]} lies {np.abs(positions[bad[0]]).max():.3g} Å from the origin along an axis "
+            f"({len(bad)} atom(s) beyond {MAX_COORDINATE:.0e} Å); wrap the positions into the cell",
         )
     bad = np.flatnonzero((z < MIN_Z) | (z > MAX_Z))
     if len(bad):
@@ -184,3 +199,13 @@ def validate(z, positions, cell, index: int | None = None) -> None:
         )
 
 
+def close_atoms(positions, cell, threshold: float = PLAUSIBLE_DISTANCE) -> tuple[int, int, float] | None:
+    """The closest pair of distinct atoms nearer than ``threshold`` Å (periodic images included), or
+    ``None``: ``(i, j, distance)`` with ``i < j``. For a structure that passed :func:`validate`.
+
+    The pair's distance is its minimum image in fractional coordinates, which is the closest image
+    whenever the plane spacings are at least 2.5 ``threshold`` (1.25 Å here, see :func:`_closest_pair`);
+    in thinner or very skewed cells a pair may be found at a longer image or missed, which only
+    matters for this warning, never for :func:`validate`'s hard limit.
+    """
+    return _closest_pair(np.asarray(positions, dtype=np.float64), np.asarray(cell, dtype=np.float64), threshold)

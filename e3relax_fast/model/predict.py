@@ -17,6 +17,22 @@ from ..geometry import MAX_NEIGHBORS, RADIUS
 PRECISIONS = ("default", "tf32", "bf16")
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``; ``ValueError`` naming it when it is not a device name or names
+    an accelerator this torch cannot use (checked before any work, instead of failing mid-run)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: CUDA is not available here (torch.cuda.is_available() is False;"
+                             f" torch {torch.__version__}); use device='cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
 @contextlib.contextmanager
 def inference_precision(precision: str, device: torch.device):
     """Matmul arithmetic for a forward pass: ``"default"`` (the model dtype's own; torch's global TF32

@@ -7,7 +7,13 @@ Two checkpoint formats are read, both with ``torch.load(..., weights_only=True)`
   ``radial_basis.rbf.offset`` buffer. It loads into ``E3Relax(paper_compat=True)`` with
   ``hidden_channels``, ``num_layers``, ``num_rbf`` and ``num_elements`` inferred from the shapes.
 - **this package's**: a dict with ``"state_dict"`` and ``"config"`` (the model's constructor
-  arguments, ``paper_compat`` included; a top-level ``"paper_compat"`` entry overrides it).
+  arguments, ``paper_compat`` included; a top-level ``"paper_compat"`` entry overrides it). What
+  the package writes (``train``'s ``best.pt``/``last.pt``) always records the mode this way.
+
+A bare state dict that holds the RBF buffer (``torch.save(model.state_dict(), path)`` of an
+:class:`E3Relax`) is ambiguous: it says nothing about the mode, and loading it in the wrong one
+moves atoms by tenths of an Å without any error. :func:`load_pretrained` therefore refuses it unless
+``paper_compat=`` is given.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .e3relax import E3Relax
+from .predict import check_device
 
 #: Names of the models that can ship as package data under ``e3relax_fast/weights/<name>.pt``.
 BUNDLED = ("default",)
@@ -56,8 +63,23 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
     }
 
 
+def _bare_mode(path: Path, state: dict, paper_compat: bool | None) -> bool:
+    """The mode of a bare state dict: as asked; else the original's for the authors' format (no RBF
+    buffer: their weights are only correct with the original's arithmetic, spec §11); else refused."""
+    if paper_compat is not None:
+        return paper_compat
+    if "radial_basis.rbf.offset" not in state:
+        return True
+    raise ValueError(
+        f"{path} is a bare state dict of an E3Relax model (torch.save(model.state_dict(), path)), which does "
+        "not record the model's mode: pass load_pretrained(path, paper_compat=False) for this package's "
+        "default mode or paper_compat=True for the original's arithmetic (CLI: --paper-compat / "
+        "--no-paper-compat), or save {'state_dict': model.state_dict(), 'config': model.config} instead"
+    )
+
+
 def load_pretrained(
-    name_or_path: str | Path = "default", map_location: str | torch.device = "cpu"
+    name_or_path: str | Path = "default", map_location: str | torch.device = "cpu", paper_compat: bool | None = None
 ) -> E3Relax:
     """Return a trained :class:`~e3relax_fast.model.E3Relax` in eval mode on ``map_location``.
 
@@ -65,11 +87,16 @@ def load_pretrained(
         name_or_path: a bundled model name (``"default"``) or the path of a checkpoint file in
             either format described in the module docstring.
         map_location: device the weights are loaded to and the model is placed on.
+        paper_compat: the mode, for a file that does not record it (a bare state dict); required for
+            one that holds the RBF buffer (``torch.save(model.state_dict(), path)``), which could be
+            of either mode. A file that records its mode must agree with it.
 
     Raises:
         PretrainedModelNotFoundError: the bundled model is not shipped (none is yet) or the file
             does not exist. A ``FileNotFoundError``.
-        ValueError: the file is not an E3Relax checkpoint, or its parameters do not match.
+        ValueError: the file is not a PyTorch file or not an E3Relax checkpoint, its parameters do
+            not match, its mode is ambiguous and ``paper_compat`` was not given, or it contradicts
+            ``paper_compat``; or ``map_location`` is a CUDA device and CUDA is not available.
     """
     path = Path(name_or_path)
     if str(name_or_path) in BUNDLED:  # a file of that name must be given as e.g. "./default"
@@ -87,7 +114,14 @@ def load_pretrained(
             f"(bundled names: {', '.join(BUNDLED)})"
         )
 
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    map_location = check_device(map_location)
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    # torch.load raises many types on a file that is not a (safe) PyTorch file: KeyError for text,
+    # EOFError when empty, RuntimeError for a truncated zip, UnpicklingError for arbitrary pickles.
+    except Exception as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{path}: not a PyTorch checkpoint that loads with weights_only=True ({reason})") from err
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: not an E3Relax checkpoint (got {type(checkpoint).__name__})")
     if "state_dict" in checkpoint:
@@ -95,10 +129,16 @@ def load_pretrained(
         config = {**infer_config(state), **dict(checkpoint.get("config") or {})}
         if "paper_compat" in checkpoint:
             config["paper_compat"] = bool(checkpoint["paper_compat"])
+        if "paper_compat" in config and paper_compat is not None and bool(config["paper_compat"]) != paper_compat:
+            raise ValueError(f"{path} records paper_compat={bool(config['paper_compat'])}, "
+                             f"but paper_compat={paper_compat} was asked for")
+        config.setdefault("paper_compat", paper_compat)
+        if config["paper_compat"] is None:
+            raise ValueError(f"{path}: the checkpoint's config does not record paper_compat; pass "
+                             "load_pretrained(path, paper_compat=True or False)")
     elif all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         state = {k.removeprefix("module."): v for k, v in checkpoint.items()}
-        # The original's weights are only correct with the original's arithmetic (spec §11).
-        config = {**infer_config(state), "paper_compat": True}
+        config = {**infer_config(state), "paper_compat": _bare_mode(path, state, paper_compat)}
     else:
         raise ValueError(
             f"{path}: not an E3Relax checkpoint (expected a state dict of tensors or a dict with "

@@ -121,6 +121,40 @@ def _chunk_bounds(work: Tensor, budget: int) -> list[tuple[int, int]]:
     return bounds
 
 
+# The compiled launchers' limits (csrc/radius_graph.h, csrc/module.cpp), checked here with the same
+# wording so that every backend refuses the same arguments alike.
+MAX_COORD = 1e6
+MAX_RADIUS = 1e4
+MAX_NEIGHBORS_LIMIT = 1 << 24
+
+
+def check_arguments(pos: Tensor, cell: Tensor, ptr: Tensor, radius: float, max_neighbors: int,
+                    reserved: Tensor | None) -> None:
+    """Raise ``ValueError`` for arguments the compiled builders refuse: shapes, ``ptr`` not a CSR over
+    the atoms, a radius outside [0, 1e4) Å, a negative ``max_neighbors``, negative ``reserved``
+    entries, positions not finite or beyond 1e6 Å (singular cells are caught where the inverse is
+    taken). ``pos`` ``(N, 3)`` and ``cell`` ``(G, 3, 3)`` float64, ``ptr`` int64."""
+    if cell.dim() != 3 or cell.shape[1:] != (3, 3):
+        raise ValueError("radius_graph: cells must have shape (G, 3, 3)")
+    if pos.dim() != 2 or pos.shape[1] != 3:
+        raise ValueError("radius_graph: positions must have shape (N, 3)")
+    if ptr.dim() != 1 or ptr.shape[0] != cell.shape[0] + 1:
+        raise ValueError("radius_graph: ptr must have G + 1 entries")
+    if ptr[0] != 0 or ptr[-1] != pos.shape[0] or bool((ptr[1:] < ptr[:-1]).any()):
+        raise ValueError("radius_graph: ptr must be a CSR over the atoms (ptr[0] == 0, non-decreasing, ptr[-1] == N)")
+    if not 0.0 <= radius < MAX_RADIUS:  # also false for NaN
+        raise ValueError("radius_graph: radius must be in [0, 1e4)")
+    if not 0 <= max_neighbors <= MAX_NEIGHBORS_LIMIT:
+        raise ValueError("radius_graph: max_neighbors must be in [0, 2^24]")
+    if reserved is not None:
+        if reserved.shape != (pos.shape[0],):
+            raise ValueError("radius_graph: reserved must have one entry per atom")
+        if bool((reserved.to(torch.int64) < 0).any()):
+            raise ValueError("radius_graph: reserved must be >= 0")
+    if not bool((pos.abs() <= MAX_COORD).all()):  # NaN fails the comparison too
+        raise ValueError("radius_graph: positions must be finite with |p| <= 1e6 Å")
+
+
 def radius_graph(
     positions: Tensor,
     cells: Tensor,
@@ -158,6 +192,7 @@ def radius_graph(
     pos = positions.detach().to(f64)
     cell = cells.detach().to(device=device, dtype=f64)
     ptr = ptr.to(device=device, dtype=i64)
+    check_arguments(pos, cell, ptr, radius, max_neighbors, reserved)
     n_atoms = pos.shape[0]
     n_graphs = cell.shape[0]
 

@@ -13,6 +13,7 @@ from ..frame import SYMPREC, FrameError, canonical_frame
 from ..geometry import MAX_NEIGHBORS, RADIUS
 from ..graph import build_graph
 from ..io.pairs import Pair
+from ..io.validate import InvalidStructureError, validate
 from .loss import unwrap_targets
 
 
@@ -30,7 +31,9 @@ class PairDataset(torch.utils.data.Dataset):
     (G, 3, 3))``.
 
     Raises:
-        ValueError: a pair's canonical frame cannot be built (the message names the pair).
+        ValueError: a pair is not a valid model input (its unrelaxed or relaxed structure fails
+            :func:`~e3relax_fast.io.validate`, as inference inputs do) or its canonical frame cannot
+            be built; the message names the pair.
     """
 
     def __init__(self, pairs: list[Pair], radius: float = RADIUS, max_neighbors: int = MAX_NEIGHBORS,
@@ -54,6 +57,12 @@ class PairDataset(torch.utils.data.Dataset):
 
     def _item(self, pair: Pair, symprec: float) -> dict:
         """The model input and target of one pair, in the dataset's frame (float64 tensors)."""
+        for role, positions, cell in (("unrelaxed", pair.pos_unrelaxed, pair.cell_unrelaxed),
+                                      ("relaxed", pair.pos_relaxed, pair.cell_relaxed)):
+            try:
+                validate(pair.atomic_numbers, positions, cell)
+            except InvalidStructureError as err:
+                raise ValueError(f"pair {pair.id}: {role} structure: {err.reason}") from err
         ptr = torch.tensor([0, len(pair.atomic_numbers)])
         target, _ = unwrap_targets(torch.from_numpy(pair.pos_unrelaxed), torch.from_numpy(pair.pos_relaxed),
                                    torch.from_numpy(pair.cell_relaxed)[None], ptr)

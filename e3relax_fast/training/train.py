@@ -136,6 +136,17 @@ def _save(out_dir: Path, config: TrainConfig, model, ema, optimizer, scheduler, 
                 "scheduler": scheduler.state_dict(), "state": state}, out_dir / "last.pt")
 
 
+def _check_elements(model: E3Relax, datasets: dict[str, PairDataset]) -> None:
+    """``ValueError`` naming the first pair with an element outside the model's table (an IndexError
+    deep inside the embedding otherwise, mid-training)."""
+    for split, data in datasets.items():
+        for k, item in enumerate(data.items):
+            z = int(item["atomic_numbers"].max())
+            if z >= model.num_elements:
+                raise ValueError(f"the {split} set's pair {data.pairs[k].id} has element Z={z}, outside the model's "
+                                 f"table (num_elements={model.num_elements})")
+
+
 def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out_dir: str | Path,
           device: str = "cpu", max_steps: int | None = None, progress: bool = True) -> dict:
     """Train, resuming from ``out_dir/last.pt`` when present; returns a summary dict.
@@ -157,6 +168,7 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
     dtype = getattr(torch, config.dtype)
     torch.manual_seed(config.seed)
     model = E3Relax(**config.model).to(device=device, dtype=dtype)
+    _check_elements(model, {"training": train_set, "validation": val_set})
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, eps=config.eps,
                                   weight_decay=config.weight_decay, amsgrad=True)

@@ -15,7 +15,7 @@ from helpers import DATA
 
 from e3relax_fast.batch import Batch
 from e3relax_fast.io.structures import from_arrays_like, structure_kind, to_arrays
-from e3relax_fast.io.validate import InvalidStructureError, plane_spacings, validate
+from e3relax_fast.io.validate import InvalidStructureError, close_atoms, plane_spacings, validate
 
 pmg = pytest.importorskip("pymatgen.core")
 ase = pytest.importorskip("ase")
@@ -319,3 +319,19 @@ def test_every_golden_graph_structure_is_valid():
             validate(
                 *to_arrays((golden[f"{key}_z"], golden[f"{key}_pos"], golden[f"{key}_cell"])), index=index
             )
+
+
+def test_coordinates_beyond_1e6_angstrom():
+    """Before: accepted here, then a bare ValueError from the compiled graph for the whole batch."""
+    pos = np.array([[0.0, 0, 0], [1.0, -2e6, 1.0]])
+    check_invalid(([1, 1], pos, CUBE), 3, "atom 1 lies 2e+06 Å from the origin", "beyond 1e+06 Å")
+    validate(*to_arrays(([1], [[1e6, -1e6, 0.0]], CUBE)))  # the limit itself is accepted
+
+
+def test_close_atoms_names_the_closest_pair_through_the_boundary():
+    pos = np.array([[0.1, 2.0, 2.0], [4.8, 2.0, 2.0], [2.5, 0.5, 0.5], [2.5, 0.5, 0.9]])
+    i, j, distance = close_atoms(pos, CUBE)
+    assert (i, j) == (0, 1) and abs(distance - 0.3) < 1e-12
+    assert close_atoms(pos[1:3], CUBE) is None
+    assert close_atoms(pos[2:], CUBE)[:2] == (0, 1)  # 0.4 Å apart
+    assert close_atoms(pos, CUBE, threshold=0.2) is None
