@@ -58,7 +58,7 @@ from .io import (
     structure_files,
     write_structures,
 )
-from .relax import CloseAtomsWarning, RelaxWarning, relax_batch
+from .relax import CloseAtomsWarning, RelaxResult, RelaxWarning, relax_batch
 
 #: Structures per chunk (and frames per segment of a multi-frame file) by default.
 CHUNK = 256
@@ -354,7 +354,8 @@ def _units(sources: list[Source], records: dict, chunk: int, rank: int, world: i
                     yield _Unit(source, items, (start, stop), several=True)
             if atoms is None:
                 frame_counts[source.label] = start + sum(it.error is None for it in items)
-                summary.files += rank == 0 and frame_counts[source.label] > 0
+                if rank == 0 and frame_counts[source.label]:  # every rank reads it: rank 0 counts it
+                    summary.files += 1
                 break
             start, items, s = stop, [], s + 1
 
@@ -375,7 +376,7 @@ def _chunks(units: Iterator[_Unit], chunk: int) -> Iterator[list[_Unit]]:
 # --------------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------------
-def _relax_chunk(units: list[_Unit], model: nn.Module, on_error: str, options: dict) -> tuple[dict, dict, dict]:
+def _relax_chunk(units: list[_Unit], model: nn.Module, options: dict) -> tuple[dict, dict, dict]:
     """Relax every readable structure of ``units``: ``(results, errors, notes)``, keyed by
     ``(unit index, item index)``: the relaxed ``Atoms``, the failure reasons, the close-atoms notes;
     uncertainties go into the results' ``info``."""
@@ -383,21 +384,21 @@ def _relax_chunk(units: list[_Unit], model: nn.Module, on_error: str, options: d
     structures = [units[u].items[i].atoms for u, i in keys]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = relax_batch(structures, model, on_error="skip", **options) if structures else []
+        out = relax_batch(structures, model, on_error="skip", **options) if structures else RelaxResult()
     notes = {}
     for w in caught:
         if isinstance(w.message, CloseAtomsWarning):
             notes = {keys[index]: what for index, what in w.message.structures.items()}
         elif not issubclass(w.category, RelaxWarning):  # failures are reported per structure below
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    errors = {keys[index]: reason for index, reason in getattr(out, "errors", {}).items()}
+    errors = {keys[index]: reason for index, reason in out.errors.items()}
     errors.update({(u, i): item.error for u, unit in enumerate(units) for i, item in enumerate(unit.items)
                    if item.error is not None})
     results = {}
     for index, atoms in enumerate(out):
         if atoms is None:
             continue
-        if getattr(out, "uncertainty", None) is not None and out.uncertainty[index] is not None:
+        if out.uncertainty is not None and out.uncertainty[index] is not None:
             atoms.info["uncertainty"] = out.uncertainty[index]
         results[keys[index]] = atoms
     return results, errors, notes
@@ -413,7 +414,8 @@ def _placeholder(atoms, reason: str):
 def _write_unit(u: int, unit: _Unit, results: dict, errors: dict, on_error: str) -> tuple[int, dict[int, Path]]:
     """Write one unit's outputs; ``(files written, {item index: output it is in})``."""
     source, written, where = unit.source, 0, {}
-    if unit.segment is None and not source.multi_frame and (source.fmt in SINGLE_STRUCTURE_FORMATS or not unit.several):
+    # One file per structure (a single-structure format, or a file of one structure): a failure gets none.
+    if source.fmt in SINGLE_STRUCTURE_FORMATS or not unit.several:
         for i, item in enumerate(unit.items):
             atoms = results.get((u, i))
             if atoms is None and on_error == "return_input" and item.atoms is not None:
@@ -437,11 +439,6 @@ def _write_unit(u: int, unit: _Unit, results: dict, errors: dict, on_error: str)
         where[i] = source.output
     if not frames:
         return 0, where
-    if source.fmt in SINGLE_STRUCTURE_FORMATS:
-        for i, atoms in zip(where, frames, strict=True):
-            where[i] = source.frame_output(unit.items[i].frame, True)
-            write_structures(where[i], [atoms], source.fmt)
-        return len(frames), where
     if unit.segment is None:
         write_structures(source.output, frames, source.fmt)
         return 1, where
@@ -638,7 +635,7 @@ def screen(sources: list[Source], model: nn.Module, manifest: Path, on_error: st
         book.append([{"input": unit.source.label, "frame": item.frame, "status": "started"}
                      for unit in units for item in unit.items])
         t0 = time.perf_counter()
-        relaxed = _relax_chunk(units, model, on_error, options)
+        relaxed = _relax_chunk(units, model, options)
         n = sum(len(unit.items) for unit in units)
         book.append(_record(units, relaxed, (time.perf_counter() - t0) / n, on_error, summary, say))
         bar.update(n)

@@ -91,6 +91,13 @@ def test_poscar_stays_poscar(tmp_path, checkpoint):
     assert relax(tmp_path / "POSCAR", "--format", "extxyz", "--manifest", tmp_path / "m2.jsonl",
                  checkpoint=checkpoint) == 0
     assert ase_io.read(tmp_path / "POSCAR_relaxed.extxyz", format="extxyz").get_chemical_formula() == "ClNa"
+    # POSCAR holds one structure: a multi-frame input gets one file per frame, none for a failed one.
+    ase_io.write(tmp_path / "frames.extxyz", [bulk("Cu", "fcc", a=3.6), overlapping(), bulk("Si", "diamond", a=5.43)])
+    assert relax(tmp_path / "frames.extxyz", "--format", "poscar", "--on-error", "skip", "--manifest",
+                 tmp_path / "m3.jsonl", checkpoint=checkpoint) == 0
+    written = sorted(p.name for p in tmp_path.glob("frames_relaxed*"))
+    assert written == ["frames_relaxed_0.vasp", "frames_relaxed_2.vasp"]
+    assert ase_io.read(tmp_path / "frames_relaxed_2.vasp").get_chemical_formula() == "Si2"
 
 
 def test_folders_and_globs(tmp_path, checkpoint, capsys):
