@@ -213,7 +213,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from .training import evaluate as evaluate_model
     from .training import write_report
 
-    model = load_pretrained(args.checkpoint, map_location=args.device)
+    try:
+        model = load_pretrained(args.checkpoint, map_location=args.device, paper_compat=args.paper_compat)
+    except (ValueError, FileNotFoundError) as err:  # they name the file (or the device)
+        return _die(str(err))
     pairs = [p for p in read_pairs(args.data, args.split) if not args.family or p.family in args.family]
     if not pairs:
         print(f"error: no pairs in split {args.split!r} of {', '.join(args.data)}"
@@ -242,6 +245,8 @@ def add_eval_parser(subparsers) -> None:
     _add_data_argument(p)
     p.add_argument("--split", default="val")
     p.add_argument("--checkpoint", default="default", help="checkpoint path or 'default' (bundled model)")
+    p.add_argument("--paper-compat", action=argparse.BooleanOptionalAction, default=None,
+                   help="the mode of a checkpoint that does not record it (a bare state dict)")
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-match", action="store_true", help="skip the (slow) StructureMatcher match rate")

@@ -120,7 +120,7 @@ def load_pretrained(
     # torch.load raises many types on a file that is not a (safe) PyTorch file: KeyError for text,
     # EOFError when empty, RuntimeError for a truncated zip, UnpicklingError for arbitrary pickles.
     except Exception as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = type(err).__name__ + (f": {str(err).splitlines()[0]}" if str(err).strip() else "")
         raise ValueError(f"{path}: not a PyTorch checkpoint that loads with weights_only=True ({reason})") from err
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: not an E3Relax checkpoint (got {type(checkpoint).__name__})")
