@@ -20,20 +20,29 @@ Providers (one markdown row and one CSV row each):
 * ``triton`` (op also ``triton-tf32x3``, ``triton-tf32`` in float32) — the fused Triton kernels
   (``backend="triton"``), **only on a CUDA device**: the Triton CPU interpreter is never timed
   (``--interpreter-check`` runs it once, untimed, for the parity column only);
-* ``cuda``, ``cueq`` — when ``e3relax_fast.ops.available(ops.MESSAGE_PASSING)`` lists them.
+* ``cuda``, ``cueq`` — when ``e3relax_fast.ops.available(ops.MESSAGE_PASSING)`` lists them;
+* ``cpu`` — the fused C++ inference backend (CPU only; layer and model: both gated message ops),
+  its radial projection on the basis's window (15 of 128 centres), and ``cpu-exact`` — the same
+  with the projection on every centre.
 
 Every provider's first call is checked against ``eager`` (max |Δ| column: op, largest output
 difference / largest output; layer and model, final positions in Å).
 
 Each row carries the spec §14 cost model (:mod:`bench.cost_model`: FLOP and DRAM bytes of the op,
 a layer and the model; unfused traffic for ``eager`` and ``compile``, compulsory traffic for the
-fused kernels).
+fused kernels). The FLOP are those each provider executes: ``cpu`` evaluates the radial projections
+on the window's centres only, so its rows count the window (R = 15) where the others count 128.
 
-GFLOP/s and GB/s are these counts over the median time. On a GPU the run first measures the
-card's peaks: bandwidth by a 1 GiB device-to-device copy (read + write), FLOP rates by 8192³
-matmuls in float32 (TF32 off), TF32, bf16 and float64; the "% peak" columns use the peak of the
-provider's arithmetic (float32 IEEE, TF32, float64). On CPU the same is measured at small sizes
-(for scale only). With a GPU (or ``--accuracy``) it also reports the model's accuracy: max |Δ| of
+On CPU with the ``cpu`` backend, the op part also reports the window's accuracy in float64 (max
+error relative to the largest output, against the exact reference): the windowed and the exact
+mode of ``cpu``, and the windowed projection W e(d) + b alone over 0-31 Å.
+
+GFLOP/s and GB/s are these counts over the median time. The run first measures the machine's
+peaks: on a GPU bandwidth by a 1 GiB device-to-device copy (read + write), FLOP rates by 8192³
+matmuls in float32 (TF32 off), TF32, bf16 and float64; on CPU the same at small sizes (64 MiB,
+768³) with the run's threads. The "% peak FLOP" column (the roofline: how far the arithmetic is
+from what a matmul reaches here) uses the peak of the provider's arithmetic (float32 IEEE, TF32,
+float64). With a GPU (or ``--accuracy``) it also reports the model's accuracy: max |Δ| of
 the final positions and cells against the float64 reference, for float32, TF32 matmuls, bf16
 autocast and every kernel backend (run before the timings, on the first min(--n, 64) crystals, so
 that a run cut short by a time limit keeps it; ``--md`` is rewritten after every step).
@@ -64,6 +73,7 @@ from .inputs import describe, mp_like_mix
 
 BENCH = "message_passing"
 RADIUS, MAX_NEIGHBORS = 6.0, 50
+WINDOW_CENTRES = 15  # centres of the radial window of backend cpu (reference/radial_window.py, K = 7)
 PARTS = ("op", "layer", "model")
 INTERPRETER_MAX_H = 64  # --interpreter-check: larger hidden sizes take too long on the CPU interpreter
 
@@ -138,6 +148,7 @@ class Prov:
     make: object  # () -> callable; may raise (the provider is then skipped with the reason)
     compiled: bool = False
     timed: bool = True  # False: parity only (Triton interpreter)
+    radial_centres: int = 128  # centres each radial projection is evaluated on (the cost model's R)
 
 
 def _short(exc: BaseException) -> str:
@@ -154,7 +165,10 @@ def _kernel_backends(device, interpreter_check: bool, h: int = 0) -> tuple[list[
     usable, skipped = [], []
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
     for name in names:
-        if device.type == "cuda":
+        devices = ops.OPS[ops.MESSAGE_PASSING].impls[name].devices()
+        if device.type not in devices:
+            skipped.append((name, f"takes {', '.join(sorted(devices))} tensors only"))
+        elif device.type == "cuda" or name == "cpu":
             usable.append((name, True))
         elif name == "triton" and interp and interpreter_check and h <= INTERPRETER_MAX_H:
             usable.append((name, False))
@@ -165,7 +179,7 @@ def _kernel_backends(device, interpreter_check: bool, h: int = 0) -> tuple[list[
                    "for the parity column)" if name == "triton" else
                    "kernel backends are timed on CUDA devices only (on CPU: eager and compile)")
             skipped.append((name, why))
-    for name in ("triton", "cuda", "cueq"):
+    for name in ("cpu", "triton", "cuda", "cueq"):
         if name not in names:
             try:
                 ops.resolve(ops.MESSAGE_PASSING, name, device.type)
@@ -188,6 +202,10 @@ def op_providers(device, dtype, interpreter_check: bool, h: int) -> tuple[list[P
     usable, skipped = _kernel_backends(device, interpreter_check, h)
     for name, timed in usable:
         fn = ops.resolve(ops.MESSAGE_PASSING, name, device.type)[1]
+        if name == "cpu":
+            provs.append(Prov(name, name, "ieee", True, lambda fn=fn: fn, radial_centres=WINDOW_CENTRES))
+            provs.append(Prov("cpu-exact", name, "ieee", True, lambda fn=fn: functools.partial(fn, radial="exact")))
+            continue
         provs.append(Prov(name, name, "ieee", True, lambda fn=fn: fn, timed=timed))
         if name == "triton" and dtype == torch.float32 and timed:
             from e3relax_fast.kernels.message_passing import KernelConfig
@@ -203,8 +221,28 @@ def model_providers(device, interpreter_check: bool, h: int) -> tuple[list[Prov]
     provs = [Prov("eager", "reference", "ieee", False, None),
              Prov("compile", "reference", "ieee", False, None, compiled=True)]
     usable, skipped = _kernel_backends(device, interpreter_check, h)
-    provs += [Prov(name, name, "ieee", True, None, timed=timed) for name, timed in usable]
+    for name, timed in usable:
+        if name == "cpu":
+            provs += [Prov(name, name, "ieee", True, None, radial_centres=WINDOW_CENTRES),
+                      Prov("cpu-exact", name, "ieee", True, None)]
+        else:
+            provs.append(Prov(name, name, "ieee", True, None, timed=timed))
     return provs, skipped
+
+
+def exact_radial(model):
+    """``model`` with backend ``cpu``, both of whose ops evaluate the radial projection exactly."""
+    from e3relax_fast import ops
+
+    m = _with_backend(model, "cpu")
+    mp, lm = (ops.OPS[op].load("cpu") for op in (ops.MESSAGE_PASSING, ops.LATTICE_MESSAGE))
+
+    def call(batch):
+        with registered(ops.MESSAGE_PASSING, "cpu", functools.partial(mp, radial="exact")), \
+                registered(ops.LATTICE_MESSAGE, "cpu", functools.partial(lm, radial="exact")):
+            return m(batch)
+
+    return call
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,6 +282,8 @@ def run_case(part: str, h: int, layers: int, inputs: Inputs, device, dtype, *, r
         for p in provs:
             if p.compiled:
                 p.make = lambda: torch.compile(model, dynamic=False)
+            elif p.name == "cpu-exact":
+                p.make = functools.partial(exact_radial, model)
             else:
                 p.make = functools.partial(_with_backend, model, p.backend)
 
@@ -305,7 +345,7 @@ def run_case(part: str, h: int, layers: int, inputs: Inputs, device, dtype, *, r
             continue
         ts = times[p.name]
         t = statistics.median(ts)
-        c = cost(part, h, 128, layers, inputs.n_atoms, inputs.n_edges, inputs.n_graphs, b, p.fused)
+        c = cost(part, h, p.radial_centres, layers, inputs.n_atoms, inputs.n_edges, inputs.n_graphs, b, p.fused)
         gflops, gbps = c.flops / t / 1e9, c.bytes / t / 1e9
         extra = {
             "min_s": round(min(ts), 6), "timed_calls": len(ts), "precision": p.precision,
@@ -316,6 +356,8 @@ def run_case(part: str, h: int, layers: int, inputs: Inputs, device, dtype, *, r
         }
         if "parity" in meta[p.name]:
             extra["max_abs_diff"], extra["diff_unit"] = meta[p.name]["parity"]
+        if p.radial_centres != 128:
+            extra["radial_centres"] = p.radial_centres
         if peaks:
             extra["pct_peak_flops"] = round(100 * gflops / peaks[harness.peak_flops_key(p.precision, dtype)], 2)
             extra["pct_peak_bw"] = round(100 * gbps / peaks["copy_GBps"], 2)
@@ -426,6 +468,33 @@ def accuracy(inputs64: Inputs, sizes, device, interpreter_check: bool) -> tuple[
     return rows, notes
 
 
+def window_accuracy(inputs: Inputs, h: int) -> list[list[str]]:
+    """Rows ``[H, quantity, max |Δ| / max |exact|]``: the ``cpu`` backend's radial window against the
+    exact projection, in float64 on the op's inputs (cast up) and on a 0-31 Å grid of distances."""
+    import torch
+
+    from e3relax_fast import ops
+    from e3relax_fast.reference.message_passing import message_passing as reference
+    from e3relax_fast.reference.radial_window import radial_window, windowed_projection
+    from e3relax_fast.reference.rbf import radial_basis
+
+    args, kwargs = op_arguments(inputs, h)
+    args = tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    fn = ops.resolve(ops.MESSAGE_PASSING, "cpu", "cpu")[1]
+    with torch.inference_mode():
+        exact = reference(*args, **kwargs)
+        rows = [[f"H={h}", f"op, `cpu` {label}", f"{_max_rel(fn(*args, **kwargs, radial=radial), exact):.1e}"]
+                for label, radial in (("windowed", "window"), ("exact mode", "exact"))]
+        weight, bias, centres, coeff, cutoff = args[7:12]
+        window = radial_window(centres, coeff)
+        d = torch.linspace(0.0, 31.0, 4001, dtype=torch.float64)
+        full = torch.nn.functional.linear(radial_basis(d, centres, coeff, cutoff), weight, bias)
+        part = windowed_projection(d, weight, bias, centres, coeff, cutoff, window)
+    rows.append([f"H={h}", f"W e(d) + b on {window.size} centres, 0-31 Å (bound: {window.tail:.1e} x max |W_c|)",
+                 f"{_max_rel((part,), (full,)):.1e}"])
+    return rows
+
+
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
@@ -473,7 +542,7 @@ def peaks_md(peaks: dict, device) -> str:
 
 
 def build_md(title_line: str, inputs: Inputs | None, peaks, device, dtype, results, skipped, acc, notes, args,
-             wall_s: float) -> str:
+             wall_s: float, window_rows=()) -> str:
     parts = [title_line]
     if inputs is not None:
         parts.append(
@@ -490,13 +559,17 @@ def build_md(title_line: str, inputs: Inputs | None, peaks, device, dtype, resul
     if peaks:
         parts.append(peaks_md(peaks, device))
     if results:
-        parts.append(results_table(results, peaks if device.type == "cuda" or args.cpu_peak_pct else None) + "\n")
+        parts.append(results_table(results, peaks) + "\n")
     if skipped:
         grouped: dict[tuple[str, str], list[str]] = {}
         for case, name, why in skipped:
             grouped.setdefault((name, why), []).append(case)
         lines = [f"- `{name}` ({', '.join(cases)}): {why}" for (name, why), cases in grouped.items()]
         parts.append("Not timed:\n\n" + "\n".join(lines) + "\n")
+    if window_rows:
+        parts.append(
+            "#### Radial window of backend `cpu` against the exact projection (float64)\n\n"
+            + report.markdown_table(["size", "quantity", "max |Δ| / max |exact|"], list(window_rows)) + "\n")
     if acc:
         parts.append(
             "#### Accuracy of the model output (final layer) against the float64 reference\n\n"
@@ -530,10 +603,11 @@ def run(args, info: dict | None = None) -> tuple[str, list[harness.Result]]:
     skipped: list[tuple[str, str, str]] = []
     acc_rows: list[list[str]] = []
     acc_notes: list[str] = []
+    window_rows: list[list[str]] = []
 
     def write():
         md = build_md(title, inputs, peaks, device, dtype, results, skipped, acc_rows, acc_notes, args,
-                      time.perf_counter() - t_start)
+                      time.perf_counter() - t_start, window_rows)
         if args.md:
             Path(args.md).parent.mkdir(parents=True, exist_ok=True)
             Path(args.md).write_text(md)
@@ -570,6 +644,10 @@ def run(args, info: dict | None = None) -> tuple[str, list[harness.Result]]:
                     torch.cuda.empty_cache()
             results += res
             skipped += sk
+            if part == "op" and any(r.provider == "cpu" for r in res):
+                window_rows += window_accuracy(inputs, h)
+                for r in window_rows[-3:]:
+                    print(f"[{BENCH}] window accuracy {r[0]} {r[1]}: {r[2]}", flush=True)
             write()
     md = write()
     if results:
@@ -601,8 +679,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--interpreter-check", action="store_true",
                     help="CPU: run the Triton backend once under TRITON_INTERPRET=1 for the parity column "
                          "(never timed). Sets TRITON_INTERPRET=1 before e3relax_fast is imported.")
-    ap.add_argument("--no-peaks", action="store_true", help="skip measuring the machine's peaks")
-    ap.add_argument("--cpu-peak-pct", action="store_true", help="also show %% of the measured CPU peaks")
+    ap.add_argument("--no-peaks", action="store_true", help="skip measuring the machine's peaks (and the % columns)")
     ap.add_argument("--md", default=None, help="also write the markdown report here (rewritten after each case)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch default")
     args = ap.parse_args(argv)

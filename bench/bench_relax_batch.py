@@ -4,7 +4,7 @@ For each model size (untrained, seeded: ``torch.manual_seed(0)``; default the pa
 H=512, L=4 and a small H=64, L=4) on the first ``--n`` crystals of the MP-like mix:
 
 * ``batched`` — one ``relax_batch(structures, model=..., device=..., max_atoms=--max-atoms)`` call
-  (default budget: ``relax_batch``'s own, 4096 atoms on CPU);
+  (default budget: ``relax_batch``'s own for the model on the device);
 * ``one_at_a_time`` — ``relax_batch([s], ...)`` for each structure in turn (baseline of the ratio);
 * ``graph`` — ``build_graph`` alone (``backend="auto"``) on the same atom-budget batches
   (``e3relax_fast.relax.plan_batches`` with the same budget, i.e. ``relax_batch``'s own batches);
@@ -12,9 +12,19 @@ H=512, L=4 and a small H=64, L=4) on the first ``--n`` crystals of the MP-like m
 * ``graph+model`` — the sum of the two; ``batched`` minus this is the conversion/validation/output
   overhead of ``relax_batch``.
 * ``graph (1 by 1)`` / ``model (1 by 1)`` — the same split with one structure per batch.
+* ``model, reference`` / ``model, cpu exact`` (and their ``(1 by 1)``) — the model forward with the
+  pure-PyTorch reference ops (what ``relax_batch`` ran before backend ``cpu``), and with backend
+  ``cpu`` evaluating its radial projections on every centre instead of the window (when the
+  model's auto choice is ``cpu``; ``--no-backends`` leaves these out).
 * ``frame`` — the canonical frame and the symmetry work of ``relax_batch`` alone: every input's
   canonical frame (symmetry search, choice, bookkeeping) and, on the frame's own cell as the
   "prediction", the projection, the translation gauge and the map back (part of ``batched``).
+* ``batched max_atoms=B`` — with ``--budgets B ...``: ``relax_batch`` end to end under other atom
+  budgets, to see where batching stops paying (each against ``one_at_a_time``).
+
+The model forward's executed GFLOP/s (the spec §14 cost model, :mod:`bench.cost_model`, with the
+window's 15 centres for backend ``cpu``) is reported beside this machine's measured float32 matmul
+peak (``harness.measure_peaks``, with the run's threads): the roofline of the forward.
 
 Throughput: structures/s and atoms/s. Ratio: ``one_at_a_time`` time / mode time (> 1: faster).
 All modes of one model size are timed in interleaved rounds (``harness.measure_interleaved``);
@@ -42,6 +52,8 @@ PARTS = {
     "`build_graph` only": ("graph", "graph (1 by 1)"),
     "model forward only": ("model", "model (1 by 1)"),
     "graph + model (sum)": ("graph+model", "graph+model (1 by 1)"),
+    "model forward, `reference` ops": ("model, reference", "model, reference (1 by 1)"),
+    "model forward, `cpu` exact radial": ("model, cpu exact", "model, cpu exact (1 by 1)"),
     "canonical frame + symmetry": ("frame", "frame"),
 }
 PAIRS = {b: o for b, o in PARTS.values()}
@@ -52,18 +64,31 @@ def _cell(r: harness.Result) -> str:
     return report.fmt_time(r.median_s) + (f" ({report.fmt_time(t_min)})" if t_min is not None else "")
 
 
-def _time_model_size(hidden, layers, *, triples, atoms, batches, singles, device, max_atoms,
-                     graph_backend, repeats, warmup, long_s) -> list[harness.Result]:
+def _time_model_size(hidden, layers, *, triples, atoms, singles, device, max_atoms,
+                     graph_backend, repeats, warmup, long_s, backends=True, budgets=(), peaks=None
+                     ) -> list[harness.Result]:
     """Time every mode for one model size, interleaved; returns the results."""
+    import copy
+
     import torch
 
     from e3relax_fast import E3Relax, ops, relax_batch
+    from e3relax_fast.batch import Batch, plan_batches
     from e3relax_fast.frame import canonical_frame
+    from e3relax_fast.relax import _atom_budget
+
+    from .bench_message_passing import exact_radial
 
     n = len(triples)
     torch.manual_seed(0)
     model = E3Relax(hidden_channels=hidden, num_layers=layers).to(device).eval()
     mp_backend, _ = ops.resolve(ops.MESSAGE_PASSING, model.backend, torch.device(device).type)
+    if max_atoms is None:  # relax_batch's own default for this model on the device
+        max_atoms = _atom_budget(model, torch.device(device), 50)
+    # The package's own grouping, so the split timings use relax_batch's batches.
+    batches = [Batch.from_arrays([triples[k] for k in g]).to(device)
+               for g in plan_batches([len(t[0]) for t in triples], None, max_atoms)]
+    print(f"[{BENCH}] H={hidden}: {len(batches)} batch(es) of <= {max_atoms} atoms", flush=True)
     case = f"H={hidden} L={layers} n={n} max_atoms={max_atoms}"
     both = f"graph={graph_backend}, mp={mp_backend}"
 
@@ -94,17 +119,36 @@ def _time_model_size(hidden, layers, *, triples, atoms, batches, singles, device
         }
         backend_of = {"batched": both, "one_at_a_time": both, "graph": graph_backend, "graph (1 by 1)": graph_backend,
                       "model": mp_backend, "model (1 by 1)": mp_backend, "frame": "moyopy"}
+        variants = {}
+        if backends:
+            reference = copy.copy(model)  # shares the parameters; only the backend differs
+            reference.backend = "reference"
+            variants["model, reference"] = ("reference", reference)
+            if mp_backend == "cpu":
+                variants["model, cpu exact"] = ("cpu, radial exact", exact_radial(model))
+        for mode, (label, fn) in variants.items():
+            fns[mode] = lambda fn=fn: [fn(b) for b in with_graph]
+            fns[f"{mode} (1 by 1)"] = lambda fn=fn: [fn(b) for b in single_graph]
+            backend_of[mode] = backend_of[f"{mode} (1 by 1)"] = label
+        for budget in budgets:
+            fns[f"batched max_atoms={budget}"] = (
+                lambda budget=budget: relax_batch(triples, model=model, device=device, max_atoms=budget))
+            backend_of[f"batched max_atoms={budget}"] = both
         print(f"[{BENCH}] H={hidden} L={layers}: timing {', '.join(fns)} interleaved", flush=True)
         times = harness.measure_interleaved(fns, repeats, warmup, long_s)
     med = {}
     for mode, ts in times.items():
         t = med[mode] = statistics.median(ts)
-        print(f"[{BENCH}] H={hidden:<4} {mode:<16} {report.fmt_time(t):>10}  "
+        print(f"[{BENCH}] H={hidden:<4} {mode:<28} {report.fmt_time(t):>10}  "
               f"({len(ts)} timed, min {report.fmt_time(min(ts))})", flush=True)
-        results.append(harness.Result(
-            BENCH, mode, backend_of[mode], device, case, t, n / t, "structures/s",
-            extra={"atoms_per_s": round(atoms / t, 2), "timed_calls": len(ts), "min_s": round(min(ts), 6)},
-        ))
+        extra = {"atoms_per_s": round(atoms / t, 2), "timed_calls": len(ts), "min_s": round(min(ts), 6)}
+        kind = {"model": mp_backend, "model, reference": "reference", "model, cpu exact": "cpu exact"}.get(mode)
+        if kind is not None:
+            extra.update(_roofline(hidden, layers, with_graph, t, kind, peaks))
+        if mode == "batched":
+            extra["batches"] = len(batches)
+        results.append(harness.Result(BENCH, mode, backend_of[mode], device, case, t, n / t, "structures/s",
+                                      extra=extra))
     for mode, parts in (("graph+model", ("graph", "model")),
                         ("graph+model (1 by 1)", ("graph (1 by 1)", "model (1 by 1)"))):
         t = med[parts[0]] + med[parts[1]]
@@ -117,47 +161,70 @@ def _time_model_size(hidden, layers, *, triples, atoms, batches, singles, device
     return results
 
 
+def _roofline(hidden: int, layers: int, batches, seconds: float, backend: str, peaks: dict | None) -> dict:
+    """Executed GFLOP/s of a forward over ``batches`` in ``seconds`` (spec §14 cost model; backend
+    ``cpu`` evaluates the radial projections on the window's centres, ``"cpu exact"`` on all) and its
+    share of the fp32 peak."""
+    from .bench_message_passing import WINDOW_CENTRES
+    from .cost_model import cost
+
+    centres = WINDOW_CENTRES if backend == "cpu" else 128
+    flops = sum(cost("model", hidden, centres, layers, b.num_atoms, int(b.edge_index.shape[1]), b.num_graphs, 4,
+                     fused=backend != "reference").flops for b in batches)
+    out = {"gflops": round(flops / seconds / 1e9, 2), "radial_centres": centres}
+    if peaks:
+        out["pct_peak_flops"] = round(100 * out["gflops"] / peaks["fp32_GFLOPs"], 1)
+    return out
+
+
 def run(n: int = 48, sizes=((512, 4), (64, 4)), max_atoms: int | None = None, device: str = "cpu", seed: int = 0,
-        repeats: int = 3, warmup: int = 1, long_s: float = 10.0, info: dict | None = None):
+        repeats: int = 3, warmup: int = 1, long_s: float = 10.0, info: dict | None = None, backends: bool = True,
+        budgets=(), peaks: bool = True):
     """Returns ``(markdown, results)``."""
     import torch
 
     from e3relax_fast import Batch, ops
-    from e3relax_fast.relax import DEFAULT_MAX_ATOMS, DEFAULT_MAX_ATOMS_ACCELERATOR, plan_batches
 
-    if max_atoms is None:  # relax_batch's own default for the device
-        max_atoms = DEFAULT_MAX_ATOMS.get(torch.device(device).type, DEFAULT_MAX_ATOMS_ACCELERATOR)
     triples = inputs.mp_like_mix(n, seed=seed)
     atoms = sum(len(t[0]) for t in triples)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         graph_backend, _ = ops.resolve(ops.RADIUS_GRAPH, "auto", torch.device(device).type)
     backend_notes = [f"note: {w.message}" for w in caught]
-    # The package's own grouping, so the split timings use relax_batch's batches.
-    groups = [[triples[k] for k in g] for g in plan_batches([len(t[0]) for t in triples], None, max_atoms)]
-    batches = [Batch.from_arrays(c).to(device) for c in groups]
     singles = [Batch.from_arrays([t]).to(device) for t in triples]
-    print(f"[{BENCH}] {inputs.describe(triples)}; {len(batches)} batch(es) of <= {max_atoms} atoms", flush=True)
+    print(f"[{BENCH}] {inputs.describe(triples)}", flush=True)
 
+    measured = harness.measure_peaks(torch.device(device)) if peaks else None
     results: list[harness.Result] = []
-    ctx = dict(triples=triples, atoms=atoms, batches=batches, singles=singles, device=device,
-               max_atoms=max_atoms, graph_backend=graph_backend, repeats=repeats, warmup=warmup, long_s=long_s)
+    ctx = dict(triples=triples, atoms=atoms, singles=singles, device=device,
+               max_atoms=max_atoms, graph_backend=graph_backend, repeats=repeats, warmup=warmup, long_s=long_s,
+               backends=backends, budgets=budgets, peaks=measured)
     for hidden, layers in sizes:
         results += _time_model_size(hidden, layers, **ctx)
 
     # Ratios: each batched part against its one-at-a-time counterpart.
     by = {(r.case, r.provider): r for r in results}
     for r in results:
-        base = by.get((r.case, PAIRS.get(r.provider, r.provider)))
+        baseline = "one_at_a_time" if r.provider.startswith("batched max_atoms=") else PAIRS.get(r.provider, r.provider)
+        base = by.get((r.case, baseline))
         if base is not None:
             r.ratios["one_at_a_time"] = base.median_s / r.median_s
-    rows_md = []
+    rows_md, roofline = [], []
     for case in dict.fromkeys(r.case for r in results):
         e2e = by[(case, "batched")]
-        for part, (batched, single) in PARTS.items():
+        label = f"{case.split(' n=')[0]}, {e2e.extra['batches']} batch(es) of <= {case.split('max_atoms=')[1]} atoms"
+        parts = dict(PARTS)
+        parts.update({f"`relax_batch`, max_atoms={b}": (f"batched max_atoms={b}", "one_at_a_time") for b in budgets})
+        for part, (batched, single) in parts.items():
+            if (case, batched) not in by:
+                continue
             rb, r1 = by[(case, batched)], by[(case, single)]
+            if "gflops" in rb.extra:
+                roofline.append(f"{case.split(' max_atoms=')[0]}, {part}: {rb.extra['gflops']:.1f} GFLOP/s executed"
+                                + (f" ({rb.extra['pct_peak_flops']:.0f} % of the fp32 matmul peak)"
+                                   if "pct_peak_flops" in rb.extra else ""))
             rows_md.append([
-                case.split(" n=")[0], part,
+                label, part,
                 _cell(rb), report.fmt_num(rb.throughput), report.fmt_num(rb.extra["atoms_per_s"]),
                 _cell(r1), report.fmt_num(r1.throughput),
                 report.fmt_ratio(rb.ratios.get("one_at_a_time")),
@@ -169,11 +236,17 @@ def run(n: int = 48, sizes=((512, 4), (64, 4)), max_atoms: int | None = None, de
         rows_md,
     )
     notes = "".join(f"\n- {s}" for s in backend_notes)
+    if roofline:
+        peak = (f"measured float32 matmul peak {measured['fp32_GFLOPs']:,.0f} GFLOP/s ({measured['fp32_desc']}, "
+                f"{torch.get_num_threads()} thread(s))" if measured else "peaks not measured")
+        notes += (f"\n\nModel forward, batched, against the roofline ({peak}; FLOP from the spec §14 cost model, "
+                  f"radial projections on the centres each backend evaluates):\n"
+                  + "".join(f"\n- {line}" for line in roofline))
     md = (
         f"### relax_batch on {device}, MP-like mix subset ({inputs.describe(triples)})\n\n"
         f"Untrained models (`torch.manual_seed(0)`), float32 parameters, `torch.inference_mode()`. "
-        f"Atom budget `max_atoms={max_atoms}` ({len(batches)} batch{'' if len(batches) == 1 else 'es'}, "
-        f"as `relax_batch` plans them). Median of "
+        f"Atom budget (model column): {'--max-atoms' if max_atoms else '`relax_batch`'}'s, batches as "
+        f"`relax_batch` plans them. Median of "
         f"{repeats} timed calls after {warmup} warm-up call(s), all modes interleaved round-robin; calls over "
         f"{long_s:g} s are timed once. "
         f"Batched speed-up = one-at-a-time median / batched median of the same part (> 1: batching "
@@ -196,13 +269,18 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds (the first is timed; see harness)")
     ap.add_argument("--long-s", type=float, default=10.0, help="a call slower than this is timed once")
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch default")
+    ap.add_argument("--budgets", type=int, nargs="*", default=[],
+                    help="also time relax_batch end to end under these atom budgets")
+    ap.add_argument("--no-backends", dest="backends", action="store_false",
+                    help="leave out the model forward with the reference ops and with the exact radial projection")
+    ap.add_argument("--no-peaks", dest="peaks", action="store_false", help="skip measuring the matmul peak")
     args = ap.parse_args(argv)
     harness.set_threads(args.threads)
     info = harness.machine()
     cmd = "python -m bench.bench_relax_batch " + " ".join(sys.argv[1:] if argv is None else argv)
     print(report.header_md("relax_batch", cmd.strip(), info))
     md, _ = run(args.n, [harness.parse_model_size(s) for s in args.sizes], args.max_atoms, args.device, args.seed,
-                args.repeats, args.warmup, args.long_s, info)
+                args.repeats, args.warmup, args.long_s, info, args.backends, args.budgets, args.peaks)
     print(md)
 
 

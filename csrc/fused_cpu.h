@@ -212,14 +212,23 @@ inline void transpose_weight(const T* w, int64_t stride_c, int64_t stride_r, int
         for (int64_t r = r0; r < std::min(R, r0 + kBlock); ++r) wt[r * C + c] = w[c * stride_c + r * stride_r];
 }
 
-// Calls work(begin, end, scratch) over [0, n) in dynamic chunks on the thread pool (num_threads <= 0:
-// hardware concurrency), with one Scratch per thread; work returns its count of invalid items.
+// Threads worth waking for a call of `fmas` multiply-adds (the radial projections' count, which
+// dominates): each must get at least kMinFmasPerThread (~0.1 ms of work), since waking a helper costs
+// tens to hundreds of microseconds on a virtual machine (thread_pool.cpp) and a one-crystal call at
+// H = 64 is smaller than that. num_threads <= 0: hardware concurrency.
+constexpr double kMinFmasPerThread = 8e6;
+inline int threads_for(double fmas, int num_threads) {
+  const int nt = num_threads > 0 ? num_threads : (int)std::max(1u, std::thread::hardware_concurrency());
+  return (int)std::clamp(fmas / kMinFmasPerThread, 1.0, (double)nt);
+}
+
+// Calls work(begin, end, scratch) over [0, n) in dynamic chunks on `nt` threads of the pool, with
+// one Scratch per thread; work returns its count of invalid items.
 template <class Scratch, class Work>
-int64_t parallel_chunks(int64_t n, int num_threads, Work work) {
+int64_t parallel_chunks(int64_t n, int nt, Work work) {
   if (n <= 0) return 0;
-  const int nt0 = num_threads > 0 ? num_threads : (int)std::max(1u, std::thread::hardware_concurrency());
-  const int64_t chunk = std::clamp<int64_t>(n / (8 * (int64_t)nt0), 1, 16);
-  const int nt = (int)std::min<int64_t>(nt0, (n + chunk - 1) / chunk);
+  const int64_t chunk = std::clamp<int64_t>(n / (8 * (int64_t)nt), 1, 16);
+  nt = (int)std::min<int64_t>(nt, (n + chunk - 1) / chunk);
   std::atomic<int64_t> next{0}, bad{0};
   auto run = [&](int) {
     Scratch scratch;

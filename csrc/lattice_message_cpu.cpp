@@ -61,7 +61,8 @@ int64_t run(const LatticeArgs<T>& a, int num_threads, bool exact, Path path) {
   }
 #endif
   const T cutoff = (T)a.cutoff, coeff = (T)a.coeff;
-  return parallel_chunks<std::vector<T>>(a.n_atoms, num_threads, [&](int64_t s, int64_t e, std::vector<T>& vals) {
+  const int nt = threads_for((double)a.n_atoms * (double)C * (double)w.size, num_threads);
+  return parallel_chunks<std::vector<T>>(a.n_atoms, nt, [&](int64_t s, int64_t e, std::vector<T>& vals) {
     vals.resize((size_t)w.size);
     int64_t bad = 0;
     for (int64_t i = s; i < e; ++i) {

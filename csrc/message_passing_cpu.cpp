@@ -102,7 +102,8 @@ int64_t run(const MessageArgs<T>& a, int num_threads, bool exact, Path path) {
     channels = &message_channels_avx512;
   }
 #endif
-  return parallel_chunks<Prepared<T>>(a.n_atoms, num_threads, [&](int64_t s, int64_t e, Prepared<T>& p) {
+  const int nt = threads_for((double)a.n_edges * (double)C * (double)w.size, num_threads);
+  return parallel_chunks<Prepared<T>>(a.n_atoms, nt, [&](int64_t s, int64_t e, Prepared<T>& p) {
     int64_t bad = 0;
     for (int64_t i = s; i < e; ++i) {
       if (prepare_receiver(a, w, values_fn, i, p)) {

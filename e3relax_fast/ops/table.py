@@ -64,13 +64,17 @@ def _reference(fn):
 
 
 # --- compiled (csrc/) ------------------------------------------------------------------------------
-def _compiled(name: str, need_cuda: bool):
+def _compiled(name: str, need_cuda: bool, binding: str | None = None):
+    """Loader of ``compiled.<name>``; ``binding``: the ``_C`` function it calls, absent from an
+    extension built from older sources (then the backend is unavailable, not broken)."""
     def load():
         from . import compiled
 
         reason = compiled.IMPORT_ERROR if not need_cuda else compiled.CUDA_UNAVAILABLE_REASON
         if reason is not None or compiled._C is None:
             raise BackendUnavailableError(reason or "e3relax_fast._C is not built")
+        if binding is not None and not hasattr(compiled._C, binding):
+            raise BackendUnavailableError(f"e3relax_fast._C has no {binding} (built from older sources: reinstall)")
         return getattr(compiled, name)
 
     return load
@@ -148,7 +152,7 @@ OPS: dict[str, Op] = {
         MESSAGE_PASSING,
         {
             "reference": _reference(_reference_message_passing),
-            "cpu": Impl("cpu", _compiled("message_passing_fused_cpu", need_cuda=False), _cpu_only,
+            "cpu": Impl("cpu", _compiled("message_passing_fused_cpu", False, "message_passing_fused_cpu"), _cpu_only,
                         differentiable=False),
             "cuda": Impl("cuda", _compiled("message_passing_cuda", need_cuda=True), _cuda_only,
                          differentiable=False),
@@ -162,7 +166,7 @@ OPS: dict[str, Op] = {
         LATTICE_MESSAGE,
         {
             "reference": _reference(_reference_lattice_message),
-            "cpu": Impl("cpu", _compiled("lattice_message_fused_cpu", need_cuda=False), _cpu_only,
+            "cpu": Impl("cpu", _compiled("lattice_message_fused_cpu", False, "lattice_message_fused_cpu"), _cpu_only,
                         differentiable=False),
             "triton": Impl("triton", _triton("lattice_message", "lattice_message"), _triton_devices,
                            differentiable=True),

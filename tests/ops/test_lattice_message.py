@@ -285,7 +285,8 @@ def test_cpu_paths_and_radial_modes(path, radial):
 
 @backend_only(OP, "cpu")
 def test_cpu_deterministic_over_threads():
-    args = random_case(torch.float32, True, "cpu", seed=3, sizes=(1, 9, 1, 20, 6, 1, 40))
+    """(Large enough for 3 threads: a call gets one thread per ~8 M multiply-adds, csrc/fused_cpu.h.)"""
+    args = random_case(torch.float32, True, "cpu", hidden=64, seed=3, sizes=(1, 9, 1, 20) + (500,) * 20)
     ds1, v1 = compiled.lattice_message_fused_cpu(**args, k=1, num_threads=1)
     ds2, v2 = compiled.lattice_message_fused_cpu(**args, k=1, num_threads=3)
     assert torch.equal(ds1, ds2) and torch.equal(v1, v2)

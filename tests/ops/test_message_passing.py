@@ -23,6 +23,7 @@ import logging
 import math
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -469,8 +470,9 @@ def test_cpu_exact_mode_float64_to_rounding():
 
 @backend_only(OP, "cpu")
 def test_cpu_deterministic_over_threads_and_weight_layout():
-    """Bitwise the same result for any thread count and for W passed transposed in memory."""
-    args, rowptr = make_case(torch.float32, "cpu", seed=5, sizes=(1, 9, 1, 12, 4, 6, 30))
+    """Bitwise the same result for any thread count and for W passed transposed in memory. (Large
+    enough for 3 threads: a call gets one thread per ~8 M multiply-adds, csrc/fused_cpu.h.)"""
+    args, rowptr = make_case(torch.float32, "cpu", hidden=64, seed=5, sizes=(1, 9, 1, 12) + (40,) * 30)
     ds1, dv1 = compiled.message_passing_fused_cpu(**args, rowptr=rowptr, num_threads=1)
     ds2, dv2 = compiled.message_passing_fused_cpu(**args, rowptr=rowptr, num_threads=3)
     assert torch.equal(ds1, ds2) and torch.equal(dv1, dv2)
@@ -524,6 +526,32 @@ def test_cpu_model_golden_float64(golden_model, paper_compat):
                                        atol=1e-12)
         assert_close(outs["cpu"].positions[n], outs["reference"].positions[n], 1e-12, f"positions L{n}")
         assert_close(outs["cpu"].cells[n], outs["reference"].cells[n], 1e-12, f"cells L{n}")
+
+
+@backend_only(OP, "cpu")
+def test_cpu_batches_of_relax_batch():
+    """relax_batch's default atom budget on CPU follows the message ops: larger batches with the fused
+    backend (which keeps no edge tensors), small ones with the reference's."""
+    from e3relax_fast import relax
+
+    model = E3Relax(hidden_channels=16, num_layers=1)
+    assert relax._atom_budget(model, torch.device("cpu"), 50) == relax.DEFAULT_MAX_ATOMS["cpu"]
+    model.backend = "reference"
+    assert relax._atom_budget(model, torch.device("cpu"), 50) == relax.DEFAULT_MAX_ATOMS_REFERENCE_OPS
+    assert relax.DEFAULT_MAX_ATOMS_REFERENCE_OPS < relax.DEFAULT_MAX_ATOMS["cpu"]
+
+
+@pytest.mark.parametrize("op", [OP, "lattice_message"])
+def test_cpu_unavailable_says_why(monkeypatch, op):
+    """Without the extension, or with one built from older sources, backend cpu is unavailable with
+    the reason (auto then falls back to the reference), not broken."""
+    monkeypatch.setattr(compiled, "_C", types.SimpleNamespace())
+    with pytest.raises(ops.BackendUnavailableError, match="older sources"):
+        ops.OPS[op].impls["cpu"].load()
+    monkeypatch.setattr(compiled, "_C", None)
+    monkeypatch.setattr(compiled, "IMPORT_ERROR", "e3relax_fast._C is not importable (test)")
+    with pytest.raises(ops.BackendUnavailableError, match="not importable \\(test\\)"):
+        ops.OPS[op].impls["cpu"].load()
 
 
 @backend_only(OP, "cpu")
