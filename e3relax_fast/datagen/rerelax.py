@@ -54,35 +54,70 @@ def _split_or_nothing(source, split: str) -> list[Pair]:
         return []
 
 
+def _relax_in_chunks(broken: list[Pair], journal: Path, calculator: str, symprec: float, fmax: float,
+                     max_steps: int, batch_size: int, device: str) -> dict[str, dict]:
+    """Relax each pair's unrelaxed structure with ``FixSymmetry``, ``batch_size`` pairs at a time; each
+    finished chunk is appended to ``journal`` (JSON lines: id, converged, positions, cell), so a killed
+    run resumes where it stopped. Returns the outcomes by pair id."""
+    from ase.constraints import FixSymmetry
+
+    done = {}
+    if journal.exists():
+        for line in journal.read_text().splitlines():
+            if line.strip():  # a line cut by a kill is incomplete JSON: drop it, its chunk runs again
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                done[record["id"]] = record
+    todo = [pair for pair in broken if pair.id not in done]
+    fire = BatchedFIRE(make_calculator(calculator, batched=True, batch_size=batch_size, device=device),
+                       fmax=fmax, max_steps=max_steps, max_batch=batch_size) if todo else None
+    for first in range(0, len(todo), batch_size):
+        chunk = todo[first:first + batch_size]
+        starts = []
+        for pair in chunk:
+            atoms = to_atoms(pair.atomic_numbers, pair.pos_unrelaxed, pair.cell_unrelaxed)
+            atoms.set_constraint(FixSymmetry(atoms, symprec=symprec))
+            starts.append(atoms)
+        lines = []
+        for pair, outcome in zip(chunk, fire.relax(starts), strict=True):
+            ok = outcome.error is None and outcome.converged
+            record = {"id": pair.id, "converged": ok,
+                      "positions": outcome.atoms.positions.tolist() if ok else None,
+                      "cell": outcome.atoms.cell.array.tolist() if ok else None}
+            done[pair.id] = record
+            lines.append(json.dumps(record) + "\n")
+        with journal.open("a") as fh:
+            fh.write("".join(lines))
+        print(f"rerelax: {len(done)}/{len(broken)} symmetry-broken pairs relaxed again", flush=True)
+    return done
+
+
 def rerelax(sources: list[str | Path], out: str | Path, calculator: str = "chgnet", symprec: float = 1e-3,
             tolerance: float = 1e-2, fmax: float = 0.05, max_steps: int = 300, batch_size: int = 64,
             device: str = "cpu") -> dict:
     """Copy the pairs of ``sources`` to ``out``, re-relaxing the symmetry-broken ones (see the module
     docstring). A re-relaxation that fails or does not converge keeps the pair's old target and is
-    counted as failed. Returns the counts and the time taken."""
-    from ase.constraints import FixSymmetry
-
+    counted as failed. A killed run resumes from ``out/rerelaxed.jsonl``. Returns the counts and the
+    time taken."""
     out = Path(out)
     start = time.perf_counter()
     pairs = {split: [pair for source in sources for pair in _split_or_nothing(source, split)] for split in SPLITS}
     broken = [p for split in SPLITS for p in pairs[split]
               if p.protocol.startswith("subst") and not keeps_symmetry(p, symprec, tolerance)]
-    starts = []
-    for pair in broken:
-        atoms = to_atoms(pair.atomic_numbers, pair.pos_unrelaxed, pair.cell_unrelaxed)
-        atoms.set_constraint(FixSymmetry(atoms, symprec=symprec))
-        starts.append(atoms)
-    outcomes = BatchedFIRE(make_calculator(calculator, batched=True, batch_size=batch_size, device=device),
-                           fmax=fmax, max_steps=max_steps, max_batch=batch_size).relax(starts)
+    out.mkdir(parents=True, exist_ok=True)
+    done = _relax_in_chunks(broken, out / "rerelaxed.jsonl", calculator, symprec, fmax, max_steps,
+                            batch_size, device)
     changed, failed = set(), set()
-    for pair, outcome in zip(broken, outcomes, strict=True):
-        if outcome.error is None and outcome.converged:
-            pair.pos_relaxed = np.asarray(outcome.atoms.positions, dtype=np.float64)
-            pair.cell_relaxed = np.asarray(outcome.atoms.cell.array, dtype=np.float64)
+    for pair in broken:
+        outcome = done[pair.id]
+        if outcome["converged"]:
+            pair.pos_relaxed = np.asarray(outcome["positions"], dtype=np.float64)
+            pair.cell_relaxed = np.asarray(outcome["cell"], dtype=np.float64)
             changed.add(pair.id)
         else:
             failed.add(pair.id)
-    out.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
         if pairs[split]:  # an empty extxyz file is unreadable
             write_extxyz_pairs(pairs[split], out, split)

@@ -41,3 +41,20 @@ def test_only_symmetry_broken_substitutions_are_relaxed_again(tmp_path):
     for name in ("kept", "rattled"):
         np.testing.assert_allclose(out[name].pos_relaxed, {p.id: p for p in pairs}[name].pos_relaxed, atol=1e-7)
     assert (tmp_path / "out" / "provenance.json").exists()
+
+
+def test_a_rerun_resumes_from_the_journal(tmp_path):
+    """Finished chunks are journalled: a re-run relaxes nothing again (no calculator is even made, so
+    an unknown one passes) and writes the same targets; a line cut by a kill is dropped and redone."""
+    cu = bulk("Cu", "fcc", a=3.7, cubic=True)
+    tilted = cu.positions + np.random.default_rng(1).normal(0, 0.05, cu.positions.shape)
+    write_extxyz_pairs([pair("broken", cu, tilted, cu.cell.array * 0.97, "subst")], tmp_path / "in", "train")
+    (tmp_path / "in" / "index.csv").write_text("atoms_id,protocol,seed_id\nbroken,subst,perov-1\n")
+    first = rerelax([tmp_path / "in"], tmp_path / "out", calculator="emt")
+    journal = (tmp_path / "out" / "rerelaxed.jsonl").read_text()
+    again = rerelax([tmp_path / "in"], tmp_path / "out", calculator="no-such-calculator")
+    assert (first["rerelaxed"], again["rerelaxed"]) == (1, 1)
+    assert (tmp_path / "out" / "rerelaxed.jsonl").read_text() == journal
+    (tmp_path / "out" / "rerelaxed.jsonl").write_text(journal[: len(journal) // 2])  # killed mid-write
+    assert rerelax([tmp_path / "in"], tmp_path / "out", calculator="emt")["rerelaxed"] == 1
+    assert keeps_symmetry(read_pairs(tmp_path / "out", "train")[0])
