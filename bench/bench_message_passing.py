@@ -177,7 +177,7 @@ def _kernel_backends(device, interpreter_check: bool, h: int = 0) -> tuple[list[
         else:
             why = ("the Triton CPU interpreter is never timed (--interpreter-check runs it once, untimed, "
                    "for the parity column)" if name == "triton" else
-                   "kernel backends are timed on CUDA devices only (on CPU: eager and compile)")
+                   "GPU backends are timed on CUDA devices only (on CPU: eager, compile and cpu)")
             skipped.append((name, why))
     for name in ("cpu", "triton", "cuda", "cueq"):
         if name not in names:
@@ -533,7 +533,7 @@ def results_table(results: list[harness.Result], peaks: dict | None) -> str:
 
 
 def peaks_md(peaks: dict, device) -> str:
-    what = "card" if device.type == "cuda" else "CPU (small sizes, for scale only; this run's torch threads)"
+    what = "card" if device.type == "cuda" else "CPU (small sizes; this run's torch threads)"
     items = [f"bandwidth {peaks['copy_GBps']:,.0f} GB/s ({peaks['copy_desc']}, read + write)"]
     for k in ("fp32", "tf32", "bf16", "fp64"):
         if f"{k}_GFLOPs" in peaks:

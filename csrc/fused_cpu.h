@@ -19,7 +19,9 @@
 //      message_passing_cpu_avx512.cpp): the tile's gates g[q] = b + sum_r WT[kmin + r] G[r][q]
 //      (each WT row loaded once per tile, kTile FMAs per load), then each edge's message is added
 //      to the receiver's sums in edge order; one store per output element, no atomics.
-// Results do not depend on the thread count (a receiver is computed by one thread).
+// The lattice op has one such "edge" per atom (to its crystal's lattice point k): per block of
+// channels, its three gates from the window's WT rows, then ds and v_out, in registers.
+// Results do not depend on the thread count (a receiver or atom is computed by one thread).
 //
 // Scale factors are applied once per output: ds = (1/sqrt 3) sum x2 g2,
 // dv = (1/sqrt 3)(1/sqrt H) sum (x0 g0 v_j + u x1 g1).

@@ -7,7 +7,8 @@
 * backends: :func:`backend_params` (parameters of a test run once per backend of an op, through
   conftest's ``backend`` fixture; a backend that cannot run here is skipped with the reason),
   :func:`backend_only` (a test of one backend alone), :func:`backend_device` (the device a backend's
-  tests put their tensors on), :func:`triton_module`, :func:`nvcc_present`.
+  tests put their tensors on), :func:`triton_module`, :func:`nvcc_present`;
+* ahead-of-time compiles for sm_90: :func:`compile_in_subprocess`, :data:`H100_MAX_SHARED`.
 
 Fixtures live in conftest.py (which also switches Triton to its CPU interpreter when there is no GPU,
 before anything imports this module).
@@ -20,6 +21,8 @@ import importlib
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -347,3 +350,24 @@ def nvcc_present() -> bool:
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     return bool((home and os.path.isfile(os.path.join(home, "bin", "nvcc"))) or shutil.which("nvcc")
                 or os.path.isfile("/usr/local/cuda/bin/nvcc") or glob.glob("/usr/local/cuda-*/bin/nvcc"))
+
+
+H100_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90
+
+
+def compile_in_subprocess(script: str, *args: str) -> dict:
+    """Run ``script`` (which compiles kernels for sm_90 and prints one JSON line) in a subprocess and
+    return that line. A subprocess because this session runs Triton's interpreter (conftest.py), under
+    which Triton hands out interpreted functions that cannot be compiled."""
+    import json
+
+    import e3relax_fast
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton's default, stated so no test depends on the caller's
+    package_root = str(Path(e3relax_fast.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -62,6 +62,13 @@ def test_matches_reference(backend, dtype, rel, trailing):
     assert (out1[ptr[1:] == ptr[:-1]] == 0).all()  # empty crystals
 
 
+def test_model_backends_without_a_pool_kernel_take_the_reference():
+    """The per-crystal mean is memory-bound and small next to the layer; backends "cpu", "cuda" and
+    "cueq" have no kernel of it, and a model run with them takes the reference's."""
+    for name in ("cpu", "cuda", "cueq"):
+        assert ops.resolve(OP, name, "cpu")[0] == "reference"
+
+
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_deterministic(backend):
     ptr, graph_index = csr(SIZES, backend.device)

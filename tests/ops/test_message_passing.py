@@ -503,7 +503,6 @@ def test_cpu_rejects_invalid_input_and_gradients():
 def test_cpu_is_the_inference_default_and_training_keeps_the_reference():
     assert ops.resolve(OP, "auto", "cpu", needs_grad=False)[0] == "cpu"
     assert ops.resolve(OP, "auto", "cpu", needs_grad=True)[0] == "reference"
-    assert ops.resolve("lattice_pool", "cpu", "cpu")[0] == "reference"  # no cpu kernel of its own
 
 
 @backend_only(OP, "cpu")
