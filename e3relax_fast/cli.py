@@ -159,6 +159,7 @@ def run_train(args: argparse.Namespace) -> int:
         model={"hidden_channels": args.hidden, "num_layers": args.layers, "cell_transport": args.cell_transport},
         lr=args.lr, batch_size=args.batch_size, steps_per_epoch=args.steps_per_epoch,
         max_epochs=args.max_epochs, loss=args.loss, seed=args.seed, dtype=args.dtype, frame=args.frame,
+        init=args.init,
     )
     cache = Path(args.out) / "graphs"
     datasets = {}
@@ -183,6 +184,9 @@ def add_train_parser(subparsers) -> None:
     )
     _add_data_argument(p)
     p.add_argument("--out", required=True, help="run directory (checkpoints, graph cache)")
+    p.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights (same architecture; fresh optimiser and "
+                   "schedule); ignored when OUT/last.pt exists (then the run resumes)")
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", default="val")
     p.add_argument("--hidden", type=int, default=64, help="hidden channels H (paper: 512)")

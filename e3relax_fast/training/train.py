@@ -50,6 +50,10 @@ class TrainConfig:
     # "canonical": pairs in the canonical frame, positions aligned by the fractional-centroid gauge
     # before the loss (how relax_batch predicts); "input": as given (the original, for paper_compat).
     frame: str = "canonical"
+    # Start from this checkpoint's weights (an earlier run's best.pt, or any checkpoint load_pretrained
+    # reads) instead of the seeded initialisation; optimiser, schedule and the best
+    # signal start afresh. Ignored when the run directory holds a last.pt to resume from.
+    init: str | None = None
 
 
 def _world() -> tuple[int, int]:
@@ -136,6 +140,22 @@ def _save(out_dir: Path, config: TrainConfig, model, ema, optimizer, scheduler, 
                 "scheduler": scheduler.state_dict(), "state": state}, out_dir / "last.pt")
 
 
+def _load_init(model: E3Relax, ema: torch.nn.Module, path: str) -> None:
+    """Copy the weights of checkpoint ``path`` (read by ``load_pretrained``: e.g. an earlier run's
+    best.pt, its EMA weights) into ``model`` and ``ema``; ``ValueError`` naming the first difference
+    when its architecture is not the configured one."""
+    from ..model import load_pretrained
+
+    source = load_pretrained(path, paper_compat=model.paper_compat)
+    differences = {k: (source.config[k], v) for k, v in model.config.items() if source.config.get(k) != v}
+    if differences:
+        key, (theirs, ours) = next(iter(differences.items()))
+        raise ValueError(f"--init {path}: its {key} is {theirs!r}, this run's is {ours!r} "
+                         f"(train with the same architecture to start from it)")
+    model.load_state_dict(source.state_dict())
+    ema.load_state_dict(source.state_dict())
+
+
 def _check_elements(model: E3Relax, datasets: dict[str, PairDataset]) -> None:
     """``ValueError`` naming the first pair with an element outside the model's table (an IndexError
     deep inside the embedding otherwise, mid-training)."""
@@ -176,6 +196,8 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
                                                            patience=config.lr_patience, min_lr=config.min_lr)
     state = {"step": 0, "epoch": 0, "best": math.inf, "bad_epochs": 0, "history": []}
     last = out_dir / "last.pt"
+    if config.init and not last.exists():
+        _load_init(model, ema, config.init)
     if last.exists():
         ckpt = torch.load(last, map_location=device, weights_only=True)
         model.load_state_dict(ckpt["model"])

@@ -53,6 +53,28 @@ def test_best_checkpoint_loads_for_inference(tmp_path, datasets):
     assert model.hidden_channels == 8 and not model.paper_compat
 
 
+def test_init_starts_from_a_checkpoint_and_refuses_another_architecture(tmp_path, datasets):
+    """--init: the run's first validation is the source's EMA weights trained one more step (not the
+    seeded start); optimiser and best signal start afresh; another architecture is named."""
+    from e3relax_fast import load_pretrained
+
+    train_set, val_set = datasets
+    cfg = TrainConfig(model={"hidden_channels": 8, "num_layers": 2}, batch_size=4, steps_per_epoch=1,
+                      lr=1e-3, ema_decay=0.0, dtype="float64")  # EMA decay 0: the EMA is the model
+    train(cfg, train_set, val_set, tmp_path / "a", max_steps=3, progress=False)
+    source = load_pretrained(tmp_path / "a" / "best.pt")
+    fresh = train(cfg, train_set, val_set, tmp_path / "fresh", max_steps=1, progress=False)
+    cfg.init = str(tmp_path / "a" / "best.pt")
+    tuned = train(cfg, train_set, val_set, tmp_path / "b", max_steps=1, progress=False)
+    assert tuned["step"] == 1 and tuned["history"][0]["val_mae"] != fresh["history"][0]["val_mae"]
+    weights = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
+    moved = max((weights[k] - v).abs().max().item() for k, v in source.state_dict().items())
+    assert 0 < moved < 0.05  # one AdamW step of lr 1e-3 away from the source, not from a fresh start
+    with pytest.raises(ValueError, match="hidden_channels is 8, this run's is 16"):
+        train(TrainConfig(model={"hidden_channels": 16, "num_layers": 2}, init=cfg.init), train_set, val_set,
+              tmp_path / "c", max_steps=1, progress=False)
+
+
 def test_torchrun_two_processes_match_one(tmp_path):
     """Same global batch on 1 and on 2 gloo processes: same weights after a few steps."""
     data = tmp_path / "data"
