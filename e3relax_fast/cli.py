@@ -221,10 +221,12 @@ def run_eval(args: argparse.Namespace) -> int:
         model = load_pretrained(args.checkpoint, map_location=args.device, paper_compat=args.paper_compat)
     except (ValueError, FileNotFoundError) as err:  # they name the file (or the device)
         return _die(str(err))
-    pairs = [p for p in read_pairs(args.data, args.split) if not args.family or p.family in args.family]
+    pairs = [p for p in read_pairs(args.data, args.split) if (not args.family or p.family in args.family)
+             and (not args.protocol or p.protocol in args.protocol)]
     if not pairs:
         print(f"error: no pairs in split {args.split!r} of {', '.join(args.data)}"
-              + (f" for families {args.family}" if args.family else ""), file=sys.stderr)
+              + (f" for families {args.family}" if args.family else "")
+              + (f" for protocols {args.protocol}" if args.protocol else ""), file=sys.stderr)
         return 2
     result = evaluate_model(model, pairs, device=args.device, match=not args.no_match, **_frame_options(args))
     if args.steps_saved:
@@ -233,6 +235,11 @@ def run_eval(args: argparse.Namespace) -> int:
         calculator = make_calculator(args.steps_saved, batched=True, device=args.device)
         result["steps_saved"] = steps_saved(pairs, result["predictions"], calculator,
                                             fmax=args.fmax, max_steps=args.max_steps)
+    if args.energy:
+        from .datagen import energies_above_minimum, make_calculator
+
+        result["energy"] = energies_above_minimum(pairs, result["predictions"],
+                                                  make_calculator(args.energy, batched=True, device=args.device))
     sources = " + ".join(str(source) for source in args.data)
     report = write_report(result, pairs, args.out, title=f"{args.checkpoint} on {sources} ({args.split})")
     print(report.read_text())
@@ -256,10 +263,15 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--no-match", action="store_true", help="skip the (slow) StructureMatcher match rate")
     p.add_argument("--family", action="append", metavar="FAMILY",
                    help="evaluate only pairs of this seed family (repeatable; e.g. the family left out of training)")
+    p.add_argument("--protocol", action="append", metavar="PROTOCOL",
+                   help="evaluate only pairs made by this protocol (repeatable; e.g. minimum: already relaxed inputs)")
     _add_frame_arguments(p)
     p.add_argument("--steps-saved", metavar="CALC",
                    help="also relax each structure with this potential (chgnet, emt, module:factory) from the "
                    "unrelaxed structure and from the prediction, and report the optimiser steps saved")
+    p.add_argument("--energy", metavar="CALC",
+                   help="also compute this potential's single-point energies of input, prediction and target, and "
+                   "report how often the prediction is closer to the minimum than the input")
     p.add_argument("--fmax", type=float, default=0.05, help="force threshold for --steps-saved (eV/Å)")
     p.add_argument("--max-steps", type=int, default=300, help="step limit for --steps-saved")
     p.set_defaults(func=run_eval)

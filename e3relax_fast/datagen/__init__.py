@@ -7,7 +7,7 @@ as the repository's compressed extxyz.
 """
 
 from .calculators import ASEBatchCalculator, CHGNetBatchCalculator, as_batch_calculator, make_calculator
-from .fire import BatchedFIRE, FireParams, RelaxOutcome, relax_one_ase, steps_saved
+from .fire import BatchedFIRE, FireParams, RelaxOutcome, energies_above_minimum, relax_one_ase, steps_saved
 from .generate import Job, JobPlan, Settings, generate, inherit_splits, judge, split_of, write_splits
 from .protocols import (
     apply_rattle,
@@ -26,4 +26,4 @@ __all__ = ["FAMILIES", "ASEBatchCalculator", "BatchedFIRE", "CHGNetBatchCalculat
            "RelaxOutcome", "SeedSource", "Settings", "apply_rattle", "apply_substitution", "as_batch_calculator",
            "dls_volume", "family_of", "generate", "inherit_splits", "judge", "keep_symmetry", "load_seed_source",
            "make_calculator", "parse_protocols", "period_group", "relax_one_ase", "similar_elements", "split_of",
-           "steps_saved", "substitutions", "write_snapshot", "write_splits"]
+           "steps_saved", "energies_above_minimum", "substitutions", "write_snapshot", "write_splits"]

@@ -476,3 +476,39 @@ def steps_saved(pairs: Sequence, predictions: Sequence, calculator, fmax: float 
         "mean_energy_difference": float(de.mean()) if both.any() else nan,
     })
     return result
+
+
+def energies_above_minimum(pairs: Sequence, predictions: Sequence, calculator, batch_size: int = 64) -> dict:
+    """Single-point energies (no relaxation) of each pair's unrelaxed input and of the model's
+    prediction, above the pair's relaxed structure's energy (the potential's minimum), eV/atom.
+
+    Args:
+        pairs: :class:`~e3relax_fast.io.Pair` records; predictions: one per pair, as for
+            :func:`steps_saved`; calculator: batched or ASE calculator.
+
+    Returns:
+        ``ids``, ``input_above`` and ``prediction_above`` (per-pair lists, eV/atom; NaN where the
+        potential failed) and over the pairs with all three energies: ``n``, ``fraction_closer`` (the
+        prediction's energy is below the input's), ``median_input_above`` and
+        ``median_prediction_above``.
+    """
+    if len(pairs) != len(predictions):
+        raise ValueError(f"{len(pairs)} pairs but {len(predictions)} predictions")
+    calc = as_batch_calculator(calculator)
+    inputs = [_to_atoms((p.atomic_numbers, p.pos_unrelaxed, p.cell_unrelaxed)) for p in pairs]
+    relaxed = [_to_atoms((p.atomic_numbers, p.pos_relaxed, p.cell_relaxed)) for p in pairs]
+    pred = [_to_atoms(s, p.atomic_numbers) for s, p in zip(predictions, pairs, strict=True)]
+    structures = inputs + relaxed + pred
+    energies = np.concatenate([calc(structures[k:k + batch_size])[0] for k in range(0, len(structures), batch_size)])
+    n = np.array([len(p.atomic_numbers) for p in pairs], dtype=np.float64)
+    e_input, e_min, e_pred = (energies[k * len(pairs):(k + 1) * len(pairs)] / n for k in range(3))
+    above_input, above_pred = e_input - e_min, e_pred - e_min
+    ok = np.isfinite(above_input) & np.isfinite(above_pred)
+    nan = float("nan")
+    return {
+        "ids": [p.id for p in pairs], "input_above": above_input.tolist(), "prediction_above": above_pred.tolist(),
+        "n": int(ok.sum()),
+        "fraction_closer": float((above_pred[ok] < above_input[ok]).mean()) if ok.any() else nan,
+        "median_input_above": float(np.median(above_input[ok])) if ok.any() else nan,
+        "median_prediction_above": float(np.median(above_pred[ok])) if ok.any() else nan,
+    }

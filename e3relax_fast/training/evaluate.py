@@ -20,6 +20,8 @@ from ..relax import relax_batch
 from .loss import unwrap_targets
 from .metrics import structure_metrics
 
+#: "Already relaxed stays relaxed": a predicted volume within this fraction of the target's.
+VOLUME_TOLERANCE = 0.03
 METRICS = {  # name -> (label, unit)
     "coord_mae": ("coordinate MAE", "Å"),
     "pbc_coord_mae": ("periodicity-aware MAE", "Å"),
@@ -83,12 +85,19 @@ def evaluate(model: torch.nn.Module, pairs: list[Pair], device="cpu", match: boo
     }
     per = {who: {k: v.numpy() for k, v in m.items()} for who, m in per.items()}
     summary = {who: {k: float(v.mean()) for k, v in m.items()} for who, m in per.items()}
-    families = np.array([p.family or "?" for p in pairs])
-    summary["families"] = {
-        family: {"n": int(np.sum(families == family)),
-                 **{who: {k: float(v[families == family].mean()) for k, v in m.items()} for who, m in per.items()}}
-        for family in sorted(set(families))
-    }
+    # Share of structures whose volume is within VOLUME_TOLERANCE of the target's.
+    target_volume = torch.linalg.det(cell_t).abs().numpy()
+    for who, cells in (("model", pred_cell), ("dummy", batch.cells)):
+        summary[who]["volume_within"] = float(
+            (np.abs(torch.linalg.det(cells).abs().numpy() / target_volume - 1) <= VOLUME_TOLERANCE).mean())
+    groups = {"families": [p.family or "?" for p in pairs], "protocols": [p.protocol or "?" for p in pairs]}
+    for key, labels in groups.items():
+        labels = np.array(labels)
+        summary[key] = {
+            label: {"n": int(np.sum(labels == label)),
+                    **{who: {k: float(v[labels == label].mean()) for k, v in m.items()} for who, m in per.items()}}
+            for label in sorted(set(labels))
+        }
     summary["ratio_ci"] = {k: ratio_interval(per["model"][k], per["dummy"][k]) for k in per["model"]}
     summary["better"] = {k: float((per["model"][k] < per["dummy"][k]).mean()) for k in per["model"]}
     if match:
@@ -105,14 +114,14 @@ def _ratio(value: float, dummy: float) -> str:
     return f"{value / dummy:.3f}" if dummy > 0 else "n/a"
 
 
-def _family_table(result: dict) -> list[str]:
-    """Per seed family: model and the isotropic rescale to the model's volume, each / Dummy."""
-    families = result.get("families") or {}
+def _group_table(result: dict, key: str = "families", what: str = "seed family") -> list[str]:
+    """Per seed family (or protocol): model and the isotropic rescale to the model's volume, each / Dummy."""
+    families = result.get(key) or {}
     if len(families) < 2:
         return []
-    lines = ["", "Per seed family (model / Dummy and rescale / Dummy; rescale = the input scaled to the model's "
+    lines = ["", f"Per {what} (model / Dummy and rescale / Dummy; rescale = the input scaled to the model's "
              "predicted volume):", "",
-             "| family | structures | coordinate MAE model | coordinate MAE rescale | volume error model |",
+             f"| {what} | structures | coordinate MAE model | coordinate MAE rescale | volume error model |",
              "|---|---|---|---|---|"]
     for family, r in families.items():
         coord, vol = r["dummy"]["coord_mae"], r["dummy"]["volume_error"]
@@ -139,7 +148,17 @@ def write_report(result: dict, pairs: list[Pair], out_dir: str | Path, title: st
     if "match_rate" in result["model"]:
         lines.append(f"| match rate (StructureMatcher defaults) | {100 * result['model']['match_rate']:.1f}% | "
                      f"{100 * result['dummy']['match_rate']:.1f}% | | | |")
-    lines += _family_table(result)
+    lines.append(f"| volume within {100 * VOLUME_TOLERANCE:.0f} % of the target's (share of structures) | "
+                 f"{100 * result['model']['volume_within']:.1f}% | {100 * result['dummy']['volume_within']:.1f}% "
+                 "| | | |")
+    lines += _group_table(result) + _group_table(result, "protocols", "protocol")
+    energy = result.get("energy")
+    if energy is not None:
+        lines += ["", f"Single-point energy above the relaxed structure's ({energy['n']} structures with all three "
+                  f"energies): the prediction is closer to the minimum than the input on "
+                  f"{100 * energy['fraction_closer']:.1f} %; median above the minimum: prediction "
+                  f"{1000 * energy['median_prediction_above']:.1f} meV/atom, input "
+                  f"{1000 * energy['median_input_above']:.1f} meV/atom."]
     saved = result.get("steps_saved")
     if saved is not None:
         lines += ["", f"Potential steps to converge (FIRE, both starts converged for {saved['n_both_converged']} of "

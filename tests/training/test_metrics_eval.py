@@ -92,9 +92,30 @@ def test_eval_cli_reports_steps_saved_with_emt(tmp_path):
     model = E3Relax(hidden_channels=8, num_layers=2)
     torch.save({"state_dict": model.state_dict(), "config": model.config}, tmp_path / "model.pt")
     assert main(["eval", "--data", str(tmp_path / "data"), "--checkpoint", str(tmp_path / "model.pt"),
-                 "--out", str(tmp_path / "report"), "--no-match", "--steps-saved", "emt"]) == 0
+                 "--out", str(tmp_path / "report"), "--no-match", "--steps-saved", "emt", "--energy", "emt"]) == 0
     text = (tmp_path / "report" / "report.md").read_text()
     assert "Potential steps to converge" in text and "both starts converged for 3 of 3" in text
+    assert "Single-point energy above the relaxed structure's (3 structures with all three energies)" in text
+    assert main(["eval", "--data", str(tmp_path / "data"), "--checkpoint", str(tmp_path / "model.pt"),
+                 "--out", str(tmp_path / "r2"), "--no-match", "--protocol", "minimum"]) == 2  # none made so
+
+
+def test_energies_above_minimum_with_emt():
+    """The relaxed structure as the prediction is exactly at the minimum; strained, rattled inputs
+    are above it, so the prediction is closer on every pair."""
+    pytest.importorskip("ase")
+    from e3relax_fast.datagen import energies_above_minimum, make_calculator
+    from e3relax_fast.io import Pair
+
+    rng = np.random.default_rng(2)
+    cell = np.eye(3) * 3.59
+    pos = np.array([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]]) @ cell
+    pairs = [Pair(f"cu{k}", np.full(4, 29), pos + rng.normal(0, 0.05, (4, 3)), cell * 1.03, pos, cell)
+             for k in range(3)]
+    out = energies_above_minimum(pairs, [(p.pos_relaxed, p.cell_relaxed) for p in pairs], make_calculator("emt", True))
+    assert out["n"] == 3 and out["prediction_above"] == [0.0, 0.0, 0.0]
+    assert min(out["input_above"]) > 0.005 and out["fraction_closer"] == 1.0
+    assert out["median_prediction_above"] == 0.0 < out["median_input_above"]
 
 
 def test_report_says_n_a_for_a_zero_dummy_metric(tmp_path):
@@ -109,3 +130,7 @@ def test_report_says_n_a_for_a_zero_dummy_metric(tmp_path):
     text = write_report(result, pairs, tmp_path, "zero dummy").read_text()
     assert "| volume error (Å³) | 0.0000 | 0.0000 | n/a |" in text
     assert "| perov | 1 |" in text and "| oqmd | 3 |" in text  # the per-family table
+    assert "| volume within 3 % of the target's (share of structures) | 100.0% | 100.0% |" in text
+    for pair in pairs:
+        pair.cell_relaxed = pair.cell_unrelaxed * 1.02  # +6 % volume: outside the 3 %
+    assert evaluate(_Identity(), pairs, match=False, frame="input")["dummy"]["volume_within"] == 0.0
