@@ -17,23 +17,29 @@ basis tile (block_n x block_k) once and feeds three ``tl.dot`` with the rows of 
 chunks. Gates, ``ds`` and ``v_out`` follow in registers: one plain store per output element, no
 atomics, nothing of size N x R in memory.
 
-Backward (``_lm_bwd_kernel``): grid ``(atom-tile runs, channel blocks)``; a program handles
-``bwd_tiles_per_program`` consecutive atom tiles in turn. Per tile it recomputes the geometry, the
-basis, its d-derivative and the three gates (six K-loop GEMMs), reads the upstream gradients and
-produces
+Backward: three kernels, so that none holds more than three (block_n, block_h) tiles at once (the
+single backward kernel this replaced held six accumulators plus the W-gradient operands, and
+spilled at float64):
 
-* d x_proj and d vec of its atoms and channels (one store each);
-* per-(atom, channel block) partials of dL/dd and dL/dw, summed over the channel blocks afterwards
-  in fixed order;
-* d b and d W for its channel block: a third GEMM per chunk, ggate^T f, accumulated over the
-  program's tiles into a slice of a zeroed per-program partial that only this program touches,
-  summed afterwards in fixed order.
+* ``_lm_bwd_kernel``, grid ``(atom tiles, channel blocks)``: recomputes geometry, basis and the
+  three gates as the forward does, reads the upstream gradients and stores d x_proj and d vec
+  (one store each), the gate gradients ``gg`` ((N, 3H), laid out as x_proj; only when W, b or the
+  geometry need a gradient) and per-(atom, channel block) partials of dL/dw;
+* ``_lm_bwd_dist_kernel``, grid ``(atom tiles,)``: dL/dd = sum_k df/dd[n, k] (gg W)[n, k], the
+  GEMM gg W over all 3H rows inside a K-loop over the centres, so the gates' d-derivatives are
+  never formed;
+* ``_lm_bwd_weight_kernel``, grid ``(row blocks of W, centre blocks, runs of atom tiles)``:
+  dL/dW = gg^T f accumulated in registers over the run's atom tiles (basis recomputed), one store
+  per run into a partial summed afterwards in fixed order; dL/db = column sums of gg (torch).
 
 A short PyTorch epilogue turns dL/dd and dL/dw into dL/dq. Each atom has exactly one q, so
 dL/dp = -dL/dq needs no scatter; dL/dC_g[k] and dL/dc_g are ``index_add_`` over the atoms of each
 crystal, the only non-deterministic part on CUDA (atomic float adds, ulp-level run-to-run
 differences; deterministic under ``torch.use_deterministic_algorithms``). The backward is
 first-order only (``once_differentiable``).
+
+Tiles: :func:`gpu_tiles` (one fixed configuration, used by the AOT tests) and
+:func:`tuning_configs` (candidates for a hardware sweep).
 
 Precision: float32 and float64, with the conventions of ``kernels/message_passing.py``:
 ``input_precision="ieee"`` by default (``"tf32"``/``"tf32x3"`` opt in, untested here), and float
@@ -81,35 +87,26 @@ def _lattice_geometry(pos_ptr, cell_ptr, cen_ptr, gi_ptr, n, nm, K, eps, CENTRED
 
 
 @triton.jit
-def _three_gates(x, env, denv, nm, w_ptr, mu_ptr, h, hm, H, R, coeff, cutoff,
-                 WITH_DERIVATIVE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """(tile_n, tile_h) gates W[c H + h] f(d) (no bias) of the three chunks c and, optionally,
-    their d-derivatives. One K-loop: each basis tile is computed once and used by all chunks."""
+def _three_gates(x, env, nm, w_ptr, mu_ptr, h, hm, H, R, coeff, cutoff,
+                 BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """(tile_n, tile_h) gates W[c H + h] f(d) (no bias) of the three chunks c. One K-loop: each
+    basis tile is computed once and used by all chunks."""
     dtype = w_ptr.dtype.element_ty
     g1 = tl.zeros([BLOCK_N, BLOCK_H], dtype=dtype)
     g2 = tl.zeros([BLOCK_N, BLOCK_H], dtype=dtype)
     g3 = tl.zeros([BLOCK_N, BLOCK_H], dtype=dtype)
-    dg1 = tl.zeros([BLOCK_N, BLOCK_H], dtype=dtype)
-    dg2 = tl.zeros([BLOCK_N, BLOCK_H], dtype=dtype)
-    dg3 = tl.zeros([BLOCK_N, BLOCK_H], dtype=dtype)
     for k0 in range(0, R, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         km = k < R
-        f, df = basis_tile(x, env, denv, nm, mu_ptr, k, km, coeff, cutoff, WITH_DERIVATIVE)
+        f, _ = basis_tile(x, env, env, nm, mu_ptr, k, km, coeff, cutoff, False)
         wm = hm[:, None] & km[None, :]
         wrow = w_ptr + h[:, None] * R + k[None, :]
-        w1 = tl.trans(tl.load(wrow, mask=wm, other=0.0))
-        w2 = tl.trans(tl.load(wrow + H * R, mask=wm, other=0.0))
-        w3 = tl.trans(tl.load(wrow + 2 * H * R, mask=wm, other=0.0))
-        g1 = tl.dot(f, w1, g1, input_precision=PRECISION, out_dtype=dtype)
-        g2 = tl.dot(f, w2, g2, input_precision=PRECISION, out_dtype=dtype)
-        g3 = tl.dot(f, w3, g3, input_precision=PRECISION, out_dtype=dtype)
-        if WITH_DERIVATIVE:
-            dg1 = tl.dot(df, w1, dg1, input_precision=PRECISION, out_dtype=dtype)
-            dg2 = tl.dot(df, w2, dg2, input_precision=PRECISION, out_dtype=dtype)
-            dg3 = tl.dot(df, w3, dg3, input_precision=PRECISION, out_dtype=dtype)
-    return g1, g2, g3, dg1, dg2, dg3
+        g1 = tl.dot(f, tl.trans(tl.load(wrow, mask=wm, other=0.0)), g1, input_precision=PRECISION, out_dtype=dtype)
+        g2 = tl.dot(f, tl.trans(tl.load(wrow + H * R, mask=wm, other=0.0)), g2, input_precision=PRECISION,
+                    out_dtype=dtype)
+        g3 = tl.dot(f, tl.trans(tl.load(wrow + 2 * H * R, mask=wm, other=0.0)), g3, input_precision=PRECISION,
+                    out_dtype=dtype)
+    return g1, g2, g3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,8 +131,8 @@ def _lm_fwd_kernel(
 
     qx, qy, qz, _, d = _lattice_geometry(pos_ptr, cell_ptr, cen_ptr, gi_ptr, n, nm, K, eps, CENTRED)
     x, env, _ = envelope(d, cutoff, False)
-    g1, g2, g3, _, _, _ = _three_gates(x, env, env, nm, w_ptr, mu_ptr, h, hm, H, R, coeff, cutoff, False,
-                                       BLOCK_N, BLOCK_H, BLOCK_K, PRECISION)
+    g1, g2, g3 = _three_gates(x, env, nm, w_ptr, mu_ptr, h, hm, H, R, coeff, cutoff, BLOCK_N, BLOCK_H, BLOCK_K,
+                              PRECISION)
     m2 = nm[:, None] & hm[None, :]
     xrow = xp_ptr + n[:, None] * H3 + h[None, :]
     a1 = tl.load(xrow, mask=m2, other=0.0) * (g1 + tl.load(b_ptr + h, mask=hm, other=0.0)[None, :]) * inv_sqrt3
@@ -154,103 +151,129 @@ def _lm_fwd_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Backward
+# Backward: three kernels (gates and per-atom terms; dL/dd; dL/dW)
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _accumulate_weight_grad(gw_rows, gg, x, env, nm, mu_ptr, hm, R, coeff, cutoff,
-                            BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """dW[rows, :] += gg^T f(d): read-modify-write of the calling program's own partial rows."""
-    for k0 in range(0, R, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        km = k < R
-        f, _ = basis_tile(x, env, env, nm, mu_ptr, k, km, coeff, cutoff, False)
-        wm = hm[:, None] & km[None, :]
-        gw = tl.load(gw_rows[:, None] + k[None, :], mask=wm, other=0.0)
-        gw = tl.dot(tl.trans(gg), f, gw, input_precision=PRECISION, out_dtype=gw.dtype)
-        tl.store(gw_rows[:, None] + k[None, :], gw, mask=wm)
-
-
 @triton.jit
 def _lm_bwd_kernel(
     xp_ptr, vec_ptr, pos_ptr, cell_ptr, cen_ptr, gi_ptr, w_ptr, b_ptr, mu_ptr, scal_ptr,
     gds_ptr, gvo_ptr,
-    gxp_ptr, gvec_ptr, gw_ptr, gb_ptr, gdist_ptr, gdir_ptr,
-    N, H, R, K, tiles_per_program, num_hblocks,
-    CENTRED: tl.constexpr, NEED_W: tl.constexpr, NEED_GEOM: tl.constexpr,
+    gxp_ptr, gvec_ptr, gg_ptr, gdir_ptr,
+    N, H, R, K, num_hblocks,
+    CENTRED: tl.constexpr, NEED_GG: tl.constexpr, NEED_GEOM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """Gates again (as the forward), then per (atom, channel): d x_proj, d vec, the gate gradients
+    gg (stored when NEED_GG) and this channel block's part of dL/dw (when NEED_GEOM)."""
     pid_n = tl.program_id(0)
     pid_h = tl.program_id(1)
+    n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    nm = n < N
     h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
+    m2 = nm[:, None] & hm[None, :]
     coeff, cutoff, inv_sqrt3, inv_sqrt_h, eps = load_scalars(scal_ptr)
     H3 = 3 * H
+    qx, qy, qz, _, d = _lattice_geometry(pos_ptr, cell_ptr, cen_ptr, gi_ptr, n, nm, K, eps, CENTRED)
+    x, env, _ = envelope(d, cutoff, False)
+    g1, g2, g3 = _three_gates(x, env, nm, w_ptr, mu_ptr, h, hm, H, R, coeff, cutoff, BLOCK_N, BLOCK_H, BLOCK_K,
+                              PRECISION)
     bias1, bias2, bias3 = chunk_biases(b_ptr, h, hm, H)
-    zero_h = tl.zeros([BLOCK_H], dtype=xp_ptr.dtype.element_ty)
-    acc_gb1 = zero_h
-    acc_gb2 = zero_h
-    acc_gb3 = zero_h
-    gw_rows = gw_ptr + (pid_n.to(tl.int64) * H3 + h) * R  # this program's W-gradient partial, chunk 1
+    g1 = g1 + bias1[None, :]
+    g2 = g2 + bias2[None, :]
+    g3 = g3 + bias3[None, :]
+    row = n[:, None] * H3 + h[None, :]
+    gvx = tl.load(gvo_ptr + row, mask=m2, other=0.0)
+    gvy = tl.load(gvo_ptr + row + H, mask=m2, other=0.0)
+    gvz = tl.load(gvo_ptr + row + 2 * H, mask=m2, other=0.0)
+    # Upstream gradients of the three gated chunks a1, a2, a3.
+    ga1 = (gvx * tl.load(vec_ptr + row, mask=m2, other=0.0) + gvy * tl.load(vec_ptr + row + H, mask=m2, other=0.0)
+           + gvz * tl.load(vec_ptr + row + 2 * H, mask=m2, other=0.0)) * inv_sqrt_h
+    ga2 = (gvx * (-qx / d)[:, None] + gvy * (-qy / d)[:, None] + gvz * (-qz / d)[:, None]) * inv_sqrt_h
+    ga3 = tl.load(gds_ptr + n[:, None] * H + h[None, :], mask=m2, other=0.0)
+    tl.store(gxp_ptr + row, ga1 * g1 * inv_sqrt3, mask=m2)
+    tl.store(gxp_ptr + row + H, ga2 * g2 * inv_sqrt3, mask=m2)
+    tl.store(gxp_ptr + row + 2 * H, ga3 * g3 * inv_sqrt3, mask=m2)
+    x1 = tl.load(xp_ptr + row, mask=m2, other=0.0)
+    a1 = x1 * g1 * inv_sqrt3
+    tl.store(gvec_ptr + row, a1 * gvx * inv_sqrt_h, mask=m2)
+    tl.store(gvec_ptr + row + H, a1 * gvy * inv_sqrt_h, mask=m2)
+    tl.store(gvec_ptr + row + 2 * H, a1 * gvz * inv_sqrt_h, mask=m2)
+    x2 = tl.load(xp_ptr + row + H, mask=m2, other=0.0)
+    if NEED_GG:
+        # Gradients of the gates W f + b, laid out as x_proj: row c H + h of chunk c.
+        tl.store(gg_ptr + row, ga1 * x1 * inv_sqrt3, mask=m2)
+        tl.store(gg_ptr + row + H, ga2 * x2 * inv_sqrt3, mask=m2)
+        tl.store(gg_ptr + row + 2 * H, ga3 * tl.load(xp_ptr + row + 2 * H, mask=m2, other=0.0) * inv_sqrt3,
+                 mask=m2)
+    if NEED_GEOM:
+        a2 = x2 * g2 * inv_sqrt3
+        gdir_row = gdir_ptr + (n * num_hblocks + pid_h) * 3
+        tl.store(gdir_row + 0, tl.sum(gvx * a2, axis=1) * inv_sqrt_h, mask=nm)
+        tl.store(gdir_row + 1, tl.sum(gvy * a2, axis=1) * inv_sqrt_h, mask=nm)
+        tl.store(gdir_row + 2, tl.sum(gvz * a2, axis=1) * inv_sqrt_h, mask=nm)
 
+
+@triton.jit
+def _lm_bwd_dist_kernel(
+    pos_ptr, cell_ptr, cen_ptr, gi_ptr, w_ptr, mu_ptr, scal_ptr, gg_ptr, gdist_ptr,
+    N, H3, R, K,
+    CENTRED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dL/dd of a tile of atoms: sum_k df/dd[n, k] G[n, k] with G = gg W (a GEMM over all 3H rows of
+    W, in blocks of BLOCK_H), one K-loop over the centres; the gates' d-derivatives are never formed.
+    The basis slope is taken with cutoff 1 (cutoff * df/dd), divided by the cutoff once per atom."""
+    pid_n = tl.program_id(0)
+    n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    nm = n < N
+    coeff, cutoff, _, _, eps = load_scalars(scal_ptr)
+    dtype = w_ptr.dtype.element_ty
+    _, _, _, _, d = _lattice_geometry(pos_ptr, cell_ptr, cen_ptr, gi_ptr, n, nm, K, eps, CENTRED)
+    x, env, denv = envelope(d, cutoff, True)
+    gdist = tl.zeros([BLOCK_N], dtype=dtype)
+    for k0 in range(0, R, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        km = k < R
+        big_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=dtype)
+        for r0 in range(0, H3, BLOCK_H):
+            r = r0 + tl.arange(0, BLOCK_H)
+            rm = r < H3
+            gg = tl.load(gg_ptr + n[:, None] * H3 + r[None, :], mask=nm[:, None] & rm[None, :], other=0.0)
+            wt = tl.load(w_ptr + r[:, None] * R + k[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+            big_g = tl.dot(gg, wt, big_g, input_precision=PRECISION, out_dtype=dtype)
+        f_unused, slope = basis_tile(x, env, denv, nm, mu_ptr, k, km, coeff, 1.0, True)
+        gdist += tl.sum(slope * big_g, axis=1)
+    tl.store(gdist_ptr + n, gdist / cutoff, mask=nm)
+
+
+@triton.jit
+def _lm_bwd_weight_kernel(
+    pos_ptr, cell_ptr, cen_ptr, gi_ptr, mu_ptr, scal_ptr, gg_ptr, gw_ptr,
+    N, H3, R, K, tiles_per_program,
+    CENTRED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dL/dW partial: rows ``BLOCK_H`` of W (over all three chunks), centres ``BLOCK_K``, summed
+    over a run of ``tiles_per_program`` atom tiles as gg^T f in a register accumulator; one store
+    into this run's slice of the partial."""
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    r = pid_r * BLOCK_H + tl.arange(0, BLOCK_H)
+    rm = r < H3
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    km = k < R
+    coeff, cutoff, _, _, eps = load_scalars(scal_ptr)
+    acc = tl.zeros([BLOCK_H, BLOCK_K], dtype=gg_ptr.dtype.element_ty)
     for t in range(0, tiles_per_program):
-        n = ((pid_n * tiles_per_program + t) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        n = ((pid_s * tiles_per_program + t) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         nm = n < N
-        m2 = nm[:, None] & hm[None, :]
-        qx, qy, qz, _, d = _lattice_geometry(pos_ptr, cell_ptr, cen_ptr, gi_ptr, n, nm, K, eps, CENTRED)
-        x, env, denv = envelope(d, cutoff, NEED_GEOM)
-        g1, g2, g3, dg1, dg2, dg3 = _three_gates(x, env, denv, nm, w_ptr, mu_ptr, h, hm, H, R, coeff, cutoff,
-                                                 NEED_GEOM, BLOCK_N, BLOCK_H, BLOCK_K, PRECISION)
-        g1 = g1 + bias1[None, :]
-        g2 = g2 + bias2[None, :]
-        g3 = g3 + bias3[None, :]
-        row = n[:, None] * H3 + h[None, :]
-        x1 = tl.load(xp_ptr + row, mask=m2, other=0.0)
-        x2 = tl.load(xp_ptr + row + H, mask=m2, other=0.0)
-        x3 = tl.load(xp_ptr + row + 2 * H, mask=m2, other=0.0)
-        gvx = tl.load(gvo_ptr + row, mask=m2, other=0.0)
-        gvy = tl.load(gvo_ptr + row + H, mask=m2, other=0.0)
-        gvz = tl.load(gvo_ptr + row + 2 * H, mask=m2, other=0.0)
-        wx = -qx / d
-        wy = -qy / d
-        wz = -qz / d
-        # Upstream gradients of the three gated chunks a1, a2, a3.
-        ga1 = (gvx * tl.load(vec_ptr + row, mask=m2, other=0.0) + gvy * tl.load(vec_ptr + row + H, mask=m2, other=0.0)
-               + gvz * tl.load(vec_ptr + row + 2 * H, mask=m2, other=0.0)) * inv_sqrt_h
-        ga2 = (gvx * wx[:, None] + gvy * wy[:, None] + gvz * wz[:, None]) * inv_sqrt_h
-        ga3 = tl.load(gds_ptr + n[:, None] * H + h[None, :], mask=m2, other=0.0)
-        tl.store(gxp_ptr + row, ga1 * g1 * inv_sqrt3, mask=m2)
-        tl.store(gxp_ptr + row + H, ga2 * g2 * inv_sqrt3, mask=m2)
-        tl.store(gxp_ptr + row + 2 * H, ga3 * g3 * inv_sqrt3, mask=m2)
-        a1 = x1 * g1 * inv_sqrt3
-        tl.store(gvec_ptr + row, a1 * gvx * inv_sqrt_h, mask=m2)
-        tl.store(gvec_ptr + row + H, a1 * gvy * inv_sqrt_h, mask=m2)
-        tl.store(gvec_ptr + row + 2 * H, a1 * gvz * inv_sqrt_h, mask=m2)
-        # Gradients of the gates W f + b (zero outside the tile, so the W/b sums ignore padding).
-        gg1 = tl.where(m2, ga1 * x1 * inv_sqrt3, 0.0)
-        gg2 = tl.where(m2, ga2 * x2 * inv_sqrt3, 0.0)
-        gg3 = tl.where(m2, ga3 * x3 * inv_sqrt3, 0.0)
-        if NEED_GEOM:
-            tl.store(gdist_ptr + n * num_hblocks + pid_h, tl.sum(gg1 * dg1 + gg2 * dg2 + gg3 * dg3, axis=1),
-                     mask=nm)
-            a2 = x2 * g2 * inv_sqrt3
-            gdir_row = gdir_ptr + (n * num_hblocks + pid_h) * 3
-            tl.store(gdir_row + 0, tl.sum(gvx * a2, axis=1) * inv_sqrt_h, mask=nm)
-            tl.store(gdir_row + 1, tl.sum(gvy * a2, axis=1) * inv_sqrt_h, mask=nm)
-            tl.store(gdir_row + 2, tl.sum(gvz * a2, axis=1) * inv_sqrt_h, mask=nm)
-        if NEED_W:
-            acc_gb1 += tl.sum(gg1, axis=0)
-            acc_gb2 += tl.sum(gg2, axis=0)
-            acc_gb3 += tl.sum(gg3, axis=0)
-            _accumulate_weight_grad(gw_rows, gg1, x, env, nm, mu_ptr, hm, R, coeff, cutoff, BLOCK_K, PRECISION)
-            _accumulate_weight_grad(gw_rows + H * R, gg2, x, env, nm, mu_ptr, hm, R, coeff, cutoff, BLOCK_K,
-                                    PRECISION)
-            _accumulate_weight_grad(gw_rows + 2 * H * R, gg3, x, env, nm, mu_ptr, hm, R, coeff, cutoff, BLOCK_K,
-                                    PRECISION)
-    if NEED_W:
-        gb_row = gb_ptr + pid_n * H3 + h
-        tl.store(gb_row, acc_gb1, mask=hm)
-        tl.store(gb_row + H, acc_gb2, mask=hm)
-        tl.store(gb_row + 2 * H, acc_gb3, mask=hm)
+        qx, qy, qz, qq, d = _lattice_geometry(pos_ptr, cell_ptr, cen_ptr, gi_ptr, n, nm, K, eps, CENTRED)
+        x, env, denv = envelope(d, cutoff, False)
+        f, df = basis_tile(x, env, env, nm, mu_ptr, k, km, coeff, cutoff, False)
+        gg = tl.load(gg_ptr + n[:, None] * H3 + r[None, :], mask=nm[:, None] & rm[None, :], other=0.0)
+        acc = tl.dot(tl.trans(gg), f, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+    tl.store(gw_ptr + (pid_s.to(tl.int64) * H3 + r)[:, None] * R + k[None, :], acc, mask=rm[:, None] & km[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,10 +283,12 @@ def _lm_bwd_kernel(
 class KernelConfig(GateConfig):
     """Tile sizes and launch parameters; ``None`` fields are chosen from the problem and device.
 
-    block_n: atoms per tile (>= 16, the M side of the gate GEMM). bwd_tiles_per_program: atom
-    tiles handled in turn by one backward program (each program keeps one (3H, R) W-gradient
-    partial). block_h, block_k, num_warps, num_stages, input_precision: see
-    :class:`~e3relax_fast.kernels.utils.GateConfig`.
+    block_n: atoms per tile (>= 16; the M side of the gate GEMMs, >= 64 lets tf32/tf32x3 use
+    wgmma on sm_90). bwd_tiles_per_program: atom tiles summed in turn by one program of the
+    W-gradient kernel (each run of tiles writes one (3H, R) partial). block_h (channels per
+    program; rows of W per program of the W-gradient kernel), block_k, num_warps, num_stages,
+    input_precision: see :class:`~e3relax_fast.kernels.utils.GateConfig`. One configuration serves
+    all four kernels.
     """
 
     block_n: int | None = None
@@ -271,16 +296,38 @@ class KernelConfig(GateConfig):
 
 
 def gpu_tiles(dtype: torch.dtype, hidden: int) -> dict:
-    """Default GPU tiles. Chosen from sm_90 ahead-of-time compiles at H=512, R=128, not from
-    timings (no GPU was available when they were picked): with these, ptxas reports no spills
-    (float32: 110 registers forward, 239 backward; float64: 128 and 255), while 4 warps or larger
-    tiles spilled in the backward."""
+    """Default GPU tiles. Chosen from sm_90 ahead-of-time compiles at H=512, R=128 under Triton
+    3.6 and 3.9 (ptxas), not from timings (no GPU was available when they were picked): with
+    these, no kernel spills at float32 (ieee, tf32 and tf32x3) or float64, and with tf32/tf32x3
+    the forward, backward and dL/dd kernels use wgmma. Larger tiles (block_h 64 at float32, 32 at
+    float64) or 4 warps spilled. :func:`tuning_configs` lists the candidates to sweep on hardware."""
     if dtype == torch.float64:
-        tiles = dict(block_n=32, block_h=16, block_k=16, num_warps=8, num_stages=1)
+        tiles = dict(block_n=64, block_h=16, block_k=16, num_warps=8, num_stages=2)
     else:
-        tiles = dict(block_n=32, block_h=32, block_k=16, num_warps=8, num_stages=1)
+        tiles = dict(block_n=64, block_h=32, block_k=32, num_warps=8, num_stages=3)
     tiles["block_h"] = min(tiles["block_h"], max(16, triton.next_power_of_2(hidden)))
     return tiles
+
+
+def tuning_configs(dtype: torch.dtype = torch.float32) -> list[KernelConfig]:
+    """Candidate configurations to sweep on hardware (``lattice_message(..., config=c)`` for each;
+    the defaults of :func:`gpu_tiles` come first, ``bwd_tiles_per_program`` is left to the
+    device). The interpreter and the AOT tests use one fixed configuration; no entry here has been
+    timed yet, and some spill (check with :func:`aot_compile` before timing)."""
+    fp32 = dtype == torch.float32
+    out = [KernelConfig(**gpu_tiles(dtype, 512))]
+    for block_n in (64, 128) if fp32 else (32, 64):
+        for block_h in (32, 64) if fp32 else (16, 32):
+            for block_k in (16, 32):
+                for num_warps in (4, 8):
+                    for num_stages in (2, 3):
+                        cfg = KernelConfig(block_n=block_n, block_h=block_h, block_k=block_k, num_warps=num_warps,
+                                           num_stages=num_stages)
+                        if cfg not in out:
+                            out.append(cfg)
+    if fp32:
+        out += [KernelConfig(**{**gpu_tiles(dtype, 512), "input_precision": p}) for p in ("tf32x3", "tf32")]
+    return out
 
 
 def _resolve_config(cfg: KernelConfig | None, n: int, h: int, r: int, dtype: torch.dtype,
@@ -294,13 +341,14 @@ def _resolve_config(cfg: KernelConfig | None, n: int, h: int, r: int, dtype: tor
                         bwd_tiles_per_program=max(1, triton.cdiv(n, block_n)), num_warps=4, num_stages=1)
     else:
         defaults = gpu_tiles(dtype, h)
-        n_hb = triton.cdiv(h, cfg.block_h or defaults["block_h"])
         tiles = triton.cdiv(n, cfg.block_n or defaults["block_n"])
+        blocks = triton.cdiv(3 * h, cfg.block_h or defaults["block_h"]) * triton.cdiv(r, cfg.block_k or
+                                                                                    defaults["block_k"])
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        # Backward: about four programs per SM, each over a run of atom tiles, so the W-gradient
-        # partials (one (3H, R) slice per program) stay small.
-        blocks = max(1, (4 * sms) // n_hb)
-        defaults["bwd_tiles_per_program"] = max(1, triton.cdiv(tiles, blocks))
+        # W-gradient kernel: about four programs per SM, each over a run of atom tiles, so the
+        # partials (one (3H, R) slice per run) stay few.
+        runs = max(1, (4 * sms) // blocks)
+        defaults["bwd_tiles_per_program"] = max(1, triton.cdiv(tiles, runs))
     return cfg.with_defaults(defaults)
 
 
@@ -321,39 +369,55 @@ def _forward(x_proj, vec, positions, cells, centres, graph_index, k, edge_weight
     return ds, v_out
 
 
+def _backward_kernels(gds, gvo, saved, centres, k: int, need_gg: bool, need_w: bool, need_geom: bool,
+                      cfg: KernelConfig):
+    """Launch the backward kernels. Returns d x_proj, d vec, the gate gradients gg ((N, 3H) or
+    None), the dL/dW partials ((runs, 3H, R) or None), dL/dd ((N,) or None) and the dL/dw partials
+    ((N, channel blocks, 3) or None)."""
+    x_proj, vec, positions, cells, _, graph_index, edge_weight, edge_bias, mu, scal = saved
+    n, h = vec.shape[0], vec.shape[2]
+    r = mu.shape[0]
+    n_hb = triton.cdiv(h, cfg.block_h)
+    tiles = triton.cdiv(n, cfg.block_n)
+    cen = positions if centres is None else centres
+    geometry = dict(CENTRED=centres is not None, BLOCK_N=cfg.block_n, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
+                    PRECISION=cfg.input_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    gxp = alloc((n, 3 * h), x_proj)
+    gvec = alloc((n, 3, h), x_proj)
+    gg = alloc((n, 3 * h), x_proj) if need_gg else x_proj.new_empty(0)
+    gdir = alloc((n, n_hb, 3), x_proj) if need_geom else x_proj.new_empty(0)
+    _lm_bwd_kernel[(tiles, n_hb)](
+        x_proj, vec, positions, cells, cen, graph_index, edge_weight, edge_bias, mu, scal, gds, gvo,
+        gxp, gvec, gg, gdir, n, h, r, k, n_hb, NEED_GG=need_gg, NEED_GEOM=need_geom, **geometry)
+    gdist = gw = None
+    if need_geom:
+        gdist = alloc((n,), x_proj)
+        _lm_bwd_dist_kernel[(tiles,)](positions, cells, cen, graph_index, edge_weight, mu, scal, gg, gdist,
+                                      n, 3 * h, r, k, **geometry)
+    if need_w:
+        tpp = cfg.bwd_tiles_per_program
+        runs = triton.cdiv(tiles, tpp)
+        gw = alloc((runs, 3 * h, r), x_proj)
+        grid = (triton.cdiv(3 * h, cfg.block_h), triton.cdiv(r, cfg.block_k), runs)
+        _lm_bwd_weight_kernel[grid](positions, cells, cen, graph_index, mu, scal, gg, gw, n, 3 * h, r, k, tpp,
+                                    **geometry)
+    return gxp, gvec, (gg if need_gg else None), gw, gdist, (gdir if need_geom else None)
+
+
 def _backward(gds, gvo, saved, centred: bool, k: int, need, cfg: KernelConfig):
-    x_proj, vec, positions, cells, centres, graph_index, edge_weight, edge_bias, mu, scal = saved
+    x_proj, vec, positions, cells, centres, graph_index, edge_weight, edge_bias, _, _ = saved
     if not centred:
         centres = None
     need_xp, need_vec, need_pos, need_cell, need_cen, need_w, need_b = need
-    n, h = vec.shape[0], vec.shape[2]
-    r = mu.shape[0]
-    if n == 0:
+    if vec.shape[0] == 0:
         return (x_proj.new_zeros(x_proj.shape), vec.new_zeros(vec.shape), torch.zeros_like(positions),
                 torch.zeros_like(cells), None if centres is None else torch.zeros_like(centres),
                 torch.zeros_like(edge_weight), torch.zeros_like(edge_bias))
     need_geom = need_pos or need_cell or need_cen
-    need_wb = need_w or need_b
-    n_hb = triton.cdiv(h, cfg.block_h)
-    tpp = cfg.bwd_tiles_per_program
-    n_prog = triton.cdiv(triton.cdiv(n, cfg.block_n), tpp)
-    gxp = alloc((n, 3 * h), x_proj)
-    gvec = alloc((n, 3, h), x_proj)
-    # Accumulated in place by the kernel (each program owns one slice): must start at zero.
-    gw_part = x_proj.new_zeros((n_prog, 3 * h, r)) if need_wb else x_proj.new_empty(0)
-    gb_part = alloc((n_prog, 3 * h), x_proj) if need_wb else x_proj.new_empty(0)
-    gdist_part = alloc((n, n_hb), x_proj) if need_geom else x_proj.new_empty(0)
-    gdir_part = alloc((n, n_hb, 3), x_proj) if need_geom else x_proj.new_empty(0)
-    _lm_bwd_kernel[(n_prog, n_hb)](
-        x_proj, vec, positions, cells, positions if centres is None else centres, graph_index, edge_weight,
-        edge_bias, mu, scal, gds, gvo, gxp, gvec, gw_part, gb_part, gdist_part, gdir_part,
-        n, h, r, k, tpp, n_hb,
-        CENTRED=centres is not None, NEED_W=need_wb, NEED_GEOM=need_geom,
-        BLOCK_N=cfg.block_n, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
-        PRECISION=cfg.input_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    gxp, gvec, gg, gw_part, gdist, gdir_part = _backward_kernels(
+        gds, gvo, saved, centres, k, need_geom or need_w or need_b, need_w, need_geom, cfg)
     g_w = gw_part.sum(0) if need_w else None
-    g_b = gb_part.sum(0) if need_b else None
+    g_b = gg.sum(0) if need_b else None
     g_pos = g_cell = g_cen = None
     if need_geom:
         # dL/dd and dL/dw -> dL/dq (d = sqrt(max(|q|^2, eps)), w = -q/d), from the same q as the kernel.
@@ -365,7 +429,7 @@ def _backward(gds, gvo, saved, centred: bool, k: int, need, cfg: KernelConfig):
         qq = (q * q).sum(-1)
         d = torch.sqrt(torch.clamp(qq, min=EPS))
         gdir = gdir_part.sum(1)
-        gd = gdist_part.sum(1) + (gdir * q).sum(-1) / (d * d)
+        gd = gdist + (gdir * q).sum(-1) / (d * d)
         gq = -gdir / d.unsqueeze(-1) + torch.where(qq >= EPS, gd / d, 0.0).unsqueeze(-1) * q
         if need_pos:
             g_pos = -gq  # q = C_g[k] - (p - c_g): one q per atom, no scatter
@@ -464,10 +528,11 @@ def lattice_message(
 # ---------------------------------------------------------------------------------------------
 def aot_compile(dtype: torch.dtype = torch.float32, hidden: int = 512, num_rbf: int = 128,
                 arch: int = 90, config: KernelConfig | None = None, centred: bool = True,
-                kernels: tuple[str, ...] = ("fwd", "bwd")) -> dict:
-    """Compile the forward (``"fwd"``) and backward (``"bwd"``, with every gradient term) kernels
-    for ``sm_{arch}`` without a device, with the tiles the GPU defaults would use; ``centred``
-    selects the default-mode (True) or paper form of the geometry.
+                kernels: tuple[str, ...] = ("fwd", "bwd", "bwd_dist", "bwd_weight")) -> dict:
+    """Compile the forward (``"fwd"``) and backward kernels (``"bwd"`` with every gradient term,
+    ``"bwd_dist"``, ``"bwd_weight"``) for ``sm_{arch}`` without a device, with the tiles the GPU
+    defaults would use (or ``config``'s); ``centred`` selects the default-mode (True) or paper
+    form of the geometry.
 
     Returns ``{kernel name: compiled kernel}`` (``.asm`` holds ``ttgir``/``ptx``/``cubin``).
     """
@@ -475,15 +540,16 @@ def aot_compile(dtype: torch.dtype = torch.float32, hidden: int = 512, num_rbf: 
     fp = "*fp32" if dtype == torch.float32 else "*fp64"
     consts = {"CENTRED": centred, "BLOCK_N": tiles.block_n, "BLOCK_H": tiles.block_h, "BLOCK_K": tiles.block_k,
               "PRECISION": tiles.input_precision}
-    common = {"xp_ptr": fp, "vec_ptr": fp, "pos_ptr": fp, "cell_ptr": fp, "cen_ptr": fp, "gi_ptr": "*i64",
-              "w_ptr": fp, "b_ptr": fp, "mu_ptr": fp, "scal_ptr": fp, "N": "i32", "H": "i32", "R": "i32", "K": "i32"}
-    out = {}
-    if "fwd" in kernels:
-        types = {**common, "ds_ptr": fp, "vo_ptr": fp}
-        out["fwd"] = compile_for_gpu(_lm_fwd_kernel, types, consts, arch, tiles.num_warps, tiles.num_stages)
-    if "bwd" in kernels:
-        types = {**common, "gds_ptr": fp, "gvo_ptr": fp, "gxp_ptr": fp, "gvec_ptr": fp, "gw_ptr": fp, "gb_ptr": fp,
-                 "gdist_ptr": fp, "gdir_ptr": fp, "tiles_per_program": "i32", "num_hblocks": "i32"}
-        out["bwd"] = compile_for_gpu(_lm_bwd_kernel, types, {**consts, "NEED_W": True, "NEED_GEOM": True}, arch,
-                                     tiles.num_warps, tiles.num_stages)
-    return out
+    geom = {"pos_ptr": fp, "cell_ptr": fp, "cen_ptr": fp, "gi_ptr": "*i64", "mu_ptr": fp, "scal_ptr": fp, "N": "i32",
+            "R": "i32", "K": "i32"}
+    common = {**geom, "xp_ptr": fp, "vec_ptr": fp, "w_ptr": fp, "b_ptr": fp, "H": "i32"}
+    signatures = {
+        "fwd": (_lm_fwd_kernel, {**common, "ds_ptr": fp, "vo_ptr": fp}, {}),
+        "bwd": (_lm_bwd_kernel, {**common, "gds_ptr": fp, "gvo_ptr": fp, "gxp_ptr": fp, "gvec_ptr": fp, "gg_ptr": fp,
+                                 "gdir_ptr": fp, "num_hblocks": "i32"}, {"NEED_GG": True, "NEED_GEOM": True}),
+        "bwd_dist": (_lm_bwd_dist_kernel, {**geom, "w_ptr": fp, "gg_ptr": fp, "gdist_ptr": fp, "H3": "i32"}, {}),
+        "bwd_weight": (_lm_bwd_weight_kernel, {**geom, "gg_ptr": fp, "gw_ptr": fp, "H3": "i32",
+                                               "tiles_per_program": "i32"}, {}),
+    }
+    return {name: compile_for_gpu(fn, types, {**consts, **extra}, arch, tiles.num_warps, tiles.num_stages)
+            for name, (fn, types, extra) in signatures.items() if name in kernels}

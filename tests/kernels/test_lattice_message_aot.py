@@ -1,5 +1,6 @@
 """Ahead-of-time compile of the atom–lattice kernels and the per-crystal mean
-for sm_90 (H100/H200) at H=512, R=128. Needs no GPU; catches compile errors the CPU interpreter cannot see."""
+for sm_90 (H100/H200) at H=512, R=128. Needs no GPU; catches compile errors the CPU interpreter cannot see,
+and reads the compiled code's resources (registers, local memory: spills) with cuobjdump."""
 
 from __future__ import annotations
 
@@ -9,24 +10,72 @@ pytest.importorskip("triton", reason="triton is not installed (pip install 'e3re
 
 from helpers import H100_MAX_SHARED, compile_in_subprocess  # noqa: E402
 
-LATTICE_SCRIPT = r"""
+# Resources of a compiled kernel from its cubin (cuobjdump -res-usage, the tool Triton ships):
+# registers per thread and local memory per thread (stack frame + local arrays). The CUDA driver
+# reports the latter as CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, from which Triton's CompiledKernel.n_spills
+# is local bytes / 4 once the kernel is loaded on a device; without a device it is read here.
+RESOURCES = r"""
+import re, subprocess, tempfile
+from triton import knobs
+
+def resources(kernel):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        text = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    usage = {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text)}
+    local = usage["STACK"] + usage["LOCAL"]
+    return {"n_regs": usage["REG"], "local": local, "n_spills": local // 4, "shared": kernel.metadata.shared,
+            "cubin": len(kernel.asm["cubin"]), "ptx_head": kernel.asm["ptx"][:4000],
+            "wgmma": kernel.asm["ptx"].count("wgmma.mma_async")}
+"""
+
+LATTICE_SCRIPT = RESOURCES + r"""
 import json, sys, torch
 from e3relax_fast.kernels import lattice_message as m, lattice_pool as p
 dtype = getattr(torch, sys.argv[1])
 out = {f"{name}_{form}": k for form, centred in (("centred", True), ("paper", False))
        for name, k in m.aot_compile(dtype, hidden=512, num_rbf=128, arch=90, centred=centred).items()}
 out["pool"] = p.aot_compile(dtype, features=3 * 512, arch=90)["fwd"]
-print(json.dumps({name: {"cubin": len(k.asm["cubin"]), "ptx": k.asm["ptx"][:4000],
-                         "shared": k.metadata.shared} for name, k in out.items()}))
+print(json.dumps({name: resources(k) for name, k in out.items()}))
 """
+
+TF32_SCRIPT = RESOURCES + r"""
+import json, sys, torch
+from e3relax_fast.kernels import lattice_message as m
+config = m.KernelConfig(input_precision=sys.argv[1])
+out = m.aot_compile(torch.float32, hidden=512, num_rbf=128, arch=90, config=config)
+print(json.dumps({name: resources(k) for name, k in out.items()}))
+"""
+
+KERNELS = {"fwd", "bwd", "bwd_dist", "bwd_weight"}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_lattice_kernels_compile_for_sm90(dtype):
-    """The atom–lattice message kernels (both geometry forms) and the per-crystal mean."""
+def test_lattice_kernels_compile_for_sm90_without_spills(dtype):
+    """The atom–lattice message kernels (both geometry forms) and the per-crystal mean compile for
+    sm_90 with the GPU default tiles, within the shared memory of a block, and use no local memory
+    (n_spills == 0: no register spills)."""
     kernels = compile_in_subprocess(LATTICE_SCRIPT, dtype)
-    assert set(kernels) == {"fwd_centred", "bwd_centred", "fwd_paper", "bwd_paper", "pool"}
+    assert set(kernels) == {f"{k}_{form}" for k in KERNELS for form in ("centred", "paper")} | {"pool"}
     for name, info in kernels.items():
         assert info["cubin"] > 0, name
-        assert ".target sm_90" in info["ptx"], name
+        assert ".target sm_90" in info["ptx_head"], name
         assert info["shared"] <= H100_MAX_SHARED, f"{name}: {info['shared']} bytes of shared memory"
+        assert info["n_spills"] == 0, f"{name} ({dtype}): {info['local']} bytes of local memory (spills), " \
+                                      f"{info['n_regs']} registers"
+        assert info["n_regs"] <= 255, name
+
+
+@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
+def test_lattice_tf32_uses_wgmma_without_spills(precision):
+    """With tensor-core precisions the default float32 tiles (block_n = 64, 8 warps) let the gate
+    GEMMs of the forward and backward and the dL/dd GEMM use Hopper's wgmma; still no spills."""
+    kernels = compile_in_subprocess(TF32_SCRIPT, precision)
+    assert set(kernels) == KERNELS
+    for name in ("fwd", "bwd", "bwd_dist"):
+        assert kernels[name]["wgmma"] > 0, f"{name}: no wgmma with {precision}"
+    for name, info in kernels.items():
+        assert info["n_spills"] == 0, f"{name} ({precision}): {info['local']} bytes of local memory (spills)"
+        assert info["shared"] <= H100_MAX_SHARED, name
