@@ -40,16 +40,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Kernel test files whose results the report lists (CPU: compiled launchers, Triton interpreter).
 CORRECTNESS_FILES = {
-    "tests/test_radius_graph.py": "radius graph: reference builder vs golden graphs and a NumPy oracle",
-    "tests/test_radius_graph_cpu.py": "radius graph: C++ `cpu` backend and the CUDA kernel's logic on its CPU launcher",
-    "tests/test_radius_graph_triton.py": "radius graph: Triton kernel (interpreter)",
-    "tests/test_message_passing_triton.py": "atom–atom message op: Triton fwd + bwd (interpreter), model parity",
-    "tests/test_message_passing_cuda.py": "atom–atom message op: CUDA forward's logic on its CPU launcher",
-    "tests/test_message_passing_cueq.py": "atom–atom message op: cuEquivariance backend (naive CPU path)",
-    "tests/test_lattice_message_triton.py": "atom–lattice message op: Triton fwd + bwd (interpreter)",
-    "tests/test_lattice_pool_triton.py": "lattice pooling (segment mean): Triton fwd + bwd (interpreter)",
-    "tests/test_triton_aot.py": "every Triton kernel compiled ahead of time for sm_90",
-    "tests/test_model_capture.py": "model forward: one graph, no host sync; CUDA-graph capture (GPU only)",
+    "tests/ops/test_radius_graph.py": "radius graph: every backend vs the reference, golden graphs and a NumPy oracle",
+    "tests/ops/test_radius_graph_cpu_paths.py": "radius graph: every path of the C++ `cpu` backend vs the reference",
+    "tests/ops/test_message_passing.py": "atom–atom message op: each backend (cpu, cuda logic, triton, cueq) fwd + bwd",
+    "tests/ops/test_lattice_message.py": "atom–lattice message op: cpu and Triton fwd + bwd (interpreter)",
+    "tests/ops/test_lattice_pool.py": "lattice pooling (segment mean): Triton fwd + bwd (interpreter)",
+    "tests/kernels/test_message_passing_aot.py": "message-passing kernels compiled ahead of time for sm_90",
+    "tests/kernels/test_lattice_message_aot.py": "atom–lattice and pool kernels compiled ahead of time for sm_90",
+    "tests/kernels/test_radius_graph_aot.py": "radius-graph kernels compiled ahead of time for sm_90",
+    "tests/model/test_model_capture.py": "model forward: one graph, no host sync; CUDA-graph capture (GPU only)",
 }
 
 
@@ -67,8 +66,10 @@ def kernel_correctness() -> tuple[str, str]:
                                *files], cwd=ROOT, env=env, capture_output=True, text=True)
         per: dict[str, list] = {f: [0, 0, 0, 0.0, set()] for f in files}  # passed, skipped, failed, s, reasons
         for case in ET.parse(xml_path).getroot().iter("testcase"):
-            f = case.get("classname", "").split(".")[-1]
-            row = per.get(f"tests/{f}.py")
+            # classname "tests.ops.test_x" (or "tests.ops.test_x.TestClass"): the file is its longest known prefix
+            parts = case.get("classname", "").split(".")
+            row = next((per[f] for f in ("/".join(parts[:i]) + ".py" for i in range(len(parts), 0, -1)) if f in per),
+                       None)
             if row is None:
                 continue
             row[3] += float(case.get("time", 0))

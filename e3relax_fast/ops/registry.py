@@ -29,12 +29,15 @@ class Impl:
     devices: device types whose tensors it accepts (``"cpu"``, ``"cuda"``); a function of the
         environment for backends such as Triton, whose CPU interpreter is opt-in.
     differentiable: it supports autograd; ``auto`` skips it while gradients are needed.
+    refusal: optional ``device_type -> sentence`` saying why tensors of that device are refused and
+        what to do (e.g. Triton's CPU interpreter being off), appended to the error.
     """
 
     backend: str
     load: Callable[[], Callable]
     devices: Callable[[], frozenset[str]]
     differentiable: bool
+    refusal: Callable[[str], str] | None = None
 
 
 @dataclass
@@ -78,8 +81,10 @@ class Op:
 
         ``auto`` skips backends that cannot take ``device_type`` tensors and, when ``needs_grad``,
         forward-only ones. A backend named explicitly must load and accept the device, else
-        :class:`BackendUnavailableError`; it is returned even when gradients are needed (a
-        forward-only implementation raises its own clear error then).
+        :class:`BackendUnavailableError` (so a GPU-only backend is refused for CPU tensors here,
+        not by its launcher); it is returned even when gradients are needed (a forward-only
+        implementation raises its own clear error then). The device check is made at every call:
+        whether a backend takes a device may change at run time (Triton's interpreter).
         """
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r} for {self.name}; expected one of {BACKENDS}")
@@ -89,10 +94,13 @@ class Op:
                 raise BackendUnavailableError(
                     f"{self.name} has no {backend!r} backend; its backends are {sorted(self.impls)}")
             fn = self.load(name)
-            devices = self.impls[name].devices()
+            impl = self.impls[name]
+            devices = impl.devices()
             if device_type not in devices:
+                why = f" ({impl.refusal(device_type)})" if impl.refusal is not None else ""
                 raise BackendUnavailableError(
-                    f"backend {name!r} of {self.name} takes {sorted(devices)} tensors, not {device_type!r} ones")
+                    f"backend {name!r} of {self.name} takes {sorted(devices)} tensors, not {device_type!r} ones{why}; "
+                    "move the tensors or use backend='auto'")
             return name, fn
         order = [name for name in self.auto.get(device_type, ("reference",))
                  if device_type in self.impls[name].devices()

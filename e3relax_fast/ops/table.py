@@ -81,14 +81,41 @@ def _compiled(name: str, need_cuda: bool, binding: str | None = None):
 
 
 # --- Triton (kernels/) -----------------------------------------------------------------------------
+def _module_interpreted(module) -> bool | None:
+    """Whether the ``@triton.jit`` kernels of an imported module were decorated for Triton's CPU
+    interpreter (True) or for the GPU (False); None when it holds no kernel."""
+    for value in vars(module).values():
+        kind = type(value).__name__
+        if kind == "InterpretedFunction":
+            return True
+        if kind == "JITFunction":
+            return False
+    return None
+
+
 def _triton_interpreted() -> bool:
+    """Whether the Triton kernels run on the CPU interpreter. Triton decides when a kernel is
+    decorated (its module imported), so an imported kernel module answers for all of them; before
+    any is imported, ``TRITON_INTERPRET=1`` does. (Setting the variable after the import changes
+    nothing: the kernels stay GPU kernels, whose launcher rejects CPU tensors.)"""
+    for name, module in list(sys.modules.items()):
+        if name.startswith("e3relax_fast.kernels.") and module is not None:
+            found = _module_interpreted(module)
+            if found is not None:
+                return found
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _triton_devices() -> frozenset[str]:
-    """Triton kernels take CUDA tensors; under the CPU interpreter (``TRITON_INTERPRET=1``, set
-    before the kernels are imported) they take CPU tensors too."""
+    """Triton kernels take CUDA tensors; on the CPU interpreter they take CPU tensors too."""
     return ANY_DEVICE if _triton_interpreted() else CUDA_ONLY
+
+
+def _triton_refusal(device_type: str) -> str:
+    if device_type == "cpu":
+        return ("Triton kernels run on CPU tensors only on Triton's CPU interpreter, which is off: set "
+                "TRITON_INTERPRET=1 before e3relax_fast's Triton kernels are imported")
+    return f"Triton kernels take no {device_type!r} tensors"
 
 
 def _kernel_module(module: str):
@@ -144,7 +171,7 @@ OPS: dict[str, Op] = {
             # The C++ builder copies CUDA inputs to the host and its outputs back.
             "cpu": Impl("cpu", _compiled("radius_graph_cpu", need_cuda=False), _any_device, differentiable=True),
             "cuda": Impl("cuda", _compiled("radius_graph_cuda", need_cuda=True), _cuda_only, differentiable=True),
-            "triton": Impl("triton", _triton("radius_graph", "radius_graph"), _triton_devices, differentiable=True),
+            "triton": Impl("triton", _triton("radius_graph", "radius_graph"), _triton_devices, True, _triton_refusal),
         },
         auto={"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")},
     ),
@@ -156,8 +183,8 @@ OPS: dict[str, Op] = {
                         differentiable=False),
             "cuda": Impl("cuda", _compiled("message_passing_cuda", need_cuda=True), _cuda_only,
                          differentiable=False),
-            "triton": Impl("triton", _triton("message_passing", "message_passing"), _triton_devices,
-                           differentiable=True),
+            "triton": Impl("triton", _triton("message_passing", "message_passing"), _triton_devices, True,
+                           _triton_refusal),
             "cueq": Impl("cueq", _cueq_load, _any_device, differentiable=True),
         },
         auto={"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "cueq", "reference")},
@@ -168,8 +195,8 @@ OPS: dict[str, Op] = {
             "reference": _reference(_reference_lattice_message),
             "cpu": Impl("cpu", _compiled("lattice_message_fused_cpu", False, "lattice_message_fused_cpu"), _cpu_only,
                         differentiable=False),
-            "triton": Impl("triton", _triton("lattice_message", "lattice_message"), _triton_devices,
-                           differentiable=True),
+            "triton": Impl("triton", _triton("lattice_message", "lattice_message"), _triton_devices, True,
+                           _triton_refusal),
         },
         auto={"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")},
         substitutes=_LATTICE_SUBSTITUTES,
@@ -178,7 +205,7 @@ OPS: dict[str, Op] = {
         LATTICE_POOL,
         {
             "reference": _reference(_reference_lattice_pool),
-            "triton": Impl("triton", _triton("lattice_pool", "lattice_pool"), _triton_devices, differentiable=True),
+            "triton": Impl("triton", _triton("lattice_pool", "lattice_pool"), _triton_devices, True, _triton_refusal),
         },
         auto={"cpu": ("reference",), "cuda": ("triton", "reference")},
         substitutes=_POOL_SUBSTITUTES,
