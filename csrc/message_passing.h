@@ -15,13 +15,18 @@
 //
 // Scheduling contract (both launchers): edges are receiver-sorted and rowptr is their receiver
 // CSR; receiver i owns edges [rowptr[i], rowptr[i+1]) and is the only writer of ds[i], dv[i] (one
-// store per element, no atomics). Edges are processed in tiles of kEdgeTile: the geometry and the
-// basis rows f of a tile are computed first, then every channel c evaluates its three gate rows
-// for the whole tile (gate_rows_tile: one pass over r, each W element loaded once per tile) and
-// adds the tile's messages in edge order. Every sum therefore has a fixed order (r ascending for a
-// gate, edges ascending for a channel's outputs): results are deterministic and the CPU launcher
-// performs the same operations in the same order as the CUDA kernel (up to the libm exp, and FMA
-// contraction, which both builds disable: -ffp-contract=off / -fmad=false).
+// store per element, no atomics). Edges are processed in tiles of EdgeTile<T>::value (28 float,
+// 14 double: a receiver's usual 56 edges, 50 kept plus 6 self-images, are exactly 2 or 4 tiles):
+// the geometry and the basis rows f of a tile are computed first (f stored r-major, f[r * tile +
+// q], zero for the slots q >= ne of a partial tile), then every channel c evaluates its three gate
+// rows for the whole tile (gate_rows_tile: one pass over r, each W element loaded once per tile
+// and used for every edge of it) and adds the tile's messages in edge order. The tile size does
+// not change any result: every sum has a fixed order (r ascending for a gate, edges ascending for a
+// channel's outputs), so results are deterministic, and the CPU launcher performs the same
+// operations in the same order as the CUDA kernel, up to the exp of each libm and FMA
+// contraction (the CPU build disables it with -ffp-contract=off; the CUDA build keeps nvcc's
+// default, so the GPU's gate sums are fused multiply-adds: same order, fewer roundings, within the
+// tests' tolerances of the reference).
 //
 // Invalid input (rowptr not a CSR over [0, E], an edge of another receiver inside a receiver's
 // range, a source atom or crystal index out of range) never reads out of bounds: the receiver's
@@ -40,7 +45,18 @@
 
 namespace e3mp {
 
-constexpr int kEdgeTile = 8;          // edges per tile (gate accumulators per channel: 3 * kEdgeTile)
+// Edges per tile (gate accumulators per channel and thread: 3 * value, in registers on the GPU;
+// 84 floats or 42 doubles). A multiple of the vector width of the f loads (float4, double2).
+template <class T>
+struct EdgeTile;
+template <>
+struct EdgeTile<float> {
+  static constexpr int value = 28;
+};
+template <>
+struct EdgeTile<double> {
+  static constexpr int value = 14;
+};
 constexpr double kNormEps = 1e-8;     // clamp of the squared norm (spec §1.3)
 
 // All pointers are host pointers for the CPU launcher, device pointers for the CUDA launcher.
@@ -158,36 +174,81 @@ MP_HD T rbf_value(const Params<T>& p, T x, T env, int64_t r) {
   return env * mexp(p.coeff * (t * t));
 }
 
-// Gate rows c, H + c, 2H + c of the first ne (<= kEdgeTile) edges of a tile: g[q][m] =
-// sum_r W[mH + c, r] f[q * ldf + r] (r ascending) + b[mH + c].
+// Basis row r of the slots of a tile, f[r * tile + q] for q < tile (CUDA: 16-byte shared loads,
+// broadcast to the block; f 16-byte aligned, tile * sizeof(T) a multiple of 16).
 template <class T>
-MP_HD void gate_rows_tile(const Params<T>& p, const T* f, int64_t ldf, int ne, int64_t c, T (*g)[3]) {
+MP_HD void load_f_row(const T* fr, T* v) {
+  constexpr int kTile = EdgeTile<T>::value;
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(T) == 4) {
+#pragma unroll
+    for (int q = 0; q < kTile; q += 4) {
+      const float4 x = *reinterpret_cast<const float4*>(fr + q);
+      v[q] = x.x;
+      v[q + 1] = x.y;
+      v[q + 2] = x.z;
+      v[q + 3] = x.w;
+    }
+  } else {
+#pragma unroll
+    for (int q = 0; q < kTile; q += 2) {
+      const double2 x = *reinterpret_cast<const double2*>(fr + q);
+      v[q] = x.x;
+      v[q + 1] = x.y;
+    }
+  }
+#else
+  for (int q = 0; q < kTile; ++q) v[q] = fr[q];
+#endif
+}
+
+// Gate rows c, H + c, 2H + c of every slot q of a tile: g[q][m] = sum_r W[mH + c, r] f[r * tile + q]
+// (r ascending) + b[mH + c]. Slots q >= ne have f = 0 and are ignored by the caller.
+template <class T>
+MP_HD void gate_rows_tile(const Params<T>& p, const T* f, int64_t c, T (*g)[3]) {
+  constexpr int kTile = EdgeTile<T>::value;
   const int64_t H = p.hidden;
-  for (int q = 0; q < kEdgeTile; ++q) g[q][0] = g[q][1] = g[q][2] = (T)0;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int q = 0; q < kTile; ++q) g[q][0] = g[q][1] = g[q][2] = (T)0;
   const T* w0 = p.weight + c * p.w_stride_c;
   const T* w1 = p.weight + (H + c) * p.w_stride_c;
   const T* w2 = p.weight + (2 * H + c) * p.w_stride_c;
   for (int64_t r = 0; r < p.num_rbf; ++r) {
     const int64_t off = r * p.w_stride_r;
     const T a0 = w0[off], a1 = w1[off], a2 = w2[off];
+    T v[kTile];
+    load_f_row(f + r * kTile, v);
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-    for (int q = 0; q < kEdgeTile; ++q) {
-      if (q < ne) {
-        const T fr = f[q * ldf + r];
-        g[q][0] += a0 * fr;
-        g[q][1] += a1 * fr;
-        g[q][2] += a2 * fr;
-      }
+    for (int q = 0; q < kTile; ++q) {
+      g[q][0] += a0 * v[q];
+      g[q][1] += a1 * v[q];
+      g[q][2] += a2 * v[q];
     }
   }
   const T b0 = p.bias[c], b1 = p.bias[H + c], b2 = p.bias[2 * H + c];
-  for (int q = 0; q < kEdgeTile; ++q) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int q = 0; q < kTile; ++q) {
     g[q][0] += b0;
     g[q][1] += b1;
     g[q][2] += b2;
   }
+}
+
+// Basis entry k = r * tile + q of a tile of ne edges (k < tile * R): f[k] = e_r(d_q) for q < ne,
+// 0 for the empty slots. Consecutive k are consecutive slots of one row r (the CUDA kernel's
+// threads over k store to consecutive shared addresses).
+template <class T>
+MP_HD void tile_basis_entry(const Params<T>& p, const T* x, const T* env, int ne, int64_t k, T* f) {
+  constexpr int kTile = EdgeTile<T>::value;
+  const int64_t r = k / kTile;
+  const int q = (int)(k - r * kTile);
+  f[k] = q < ne ? rbf_value(p, x[q], env[q], r) : (T)0;
 }
 
 // Channel c's running sums over a receiver's edges.
@@ -238,28 +299,28 @@ MP_HD int64_t tile_geometry(const Params<T>& p, int64_t e, int64_t i, T* u, T& x
 }
 
 // --------------------------------------------------------------------------------------------
-// One receiver, sequentially (CPU). acc: H entries, f: kEdgeTile * R entries of scratch.
+// One receiver, sequentially (CPU). acc: H entries, f: EdgeTile<T>::value * R entries of scratch.
 // --------------------------------------------------------------------------------------------
 template <class T>
 inline bool receiver(const Params<T>& p, int64_t i, Acc<T>* acc, T* f) {
+  constexpr int kTile = EdgeTile<T>::value;
   const int64_t H = p.hidden, R = p.num_rbf;
   for (int64_t c = 0; c < H; ++c) acc[c] = Acc<T>{0, 0, 0, 0};
   int64_t beg, end;
   bool ok = edge_range(p, i, beg, end);
-  int64_t js[kEdgeTile];
-  T u[kEdgeTile][3], x[kEdgeTile], env[kEdgeTile];
-  for (int64_t t = beg; ok && t < end; t += kEdgeTile) {
-    const int ne = (int)(end - t < kEdgeTile ? end - t : kEdgeTile);
+  int64_t js[kTile];
+  T u[kTile][3], x[kTile], env[kTile];
+  for (int64_t t = beg; ok && t < end; t += kTile) {
+    const int ne = (int)(end - t < kTile ? end - t : kTile);
     for (int q = 0; q < ne; ++q) {
       js[q] = tile_geometry(p, t + q, i, u[q], x[q], env[q]);
       if (js[q] < 0) ok = false;
     }
     if (!ok) break;
-    for (int q = 0; q < ne; ++q)
-      for (int64_t r = 0; r < R; ++r) f[q * R + r] = rbf_value(p, x[q], env[q], r);
-    T g[kEdgeTile][3];
+    for (int64_t k = 0; k < kTile * R; ++k) tile_basis_entry(p, x, env, ne, k, f);
+    T g[kTile][3];
     for (int64_t c = 0; c < H; ++c) {
-      gate_rows_tile(p, f, R, ne, c, g);
+      gate_rows_tile(p, f, c, g);
       for (int q = 0; q < ne; ++q) add_message(p, js[q], u[q], g[q], c, acc[c]);
     }
   }

@@ -26,7 +26,7 @@ int64_t run(const Params<T>& p, int num_threads) {
   std::atomic<int64_t> next{0}, bad{0};
   auto work = [&]() {
     std::vector<Acc<T>> acc((size_t)std::max<int64_t>(p.hidden, 1));
-    std::vector<T> f((size_t)std::max<int64_t>(kEdgeTile * p.num_rbf, 1));
+    std::vector<T> f((size_t)std::max<int64_t>(EdgeTile<T>::value * p.num_rbf, 1));
     int64_t nbad = 0;
     for (;;) {
       const int64_t s = next.fetch_add(chunk);

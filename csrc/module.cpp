@@ -82,6 +82,44 @@ nb::tuple radius_graph_cpu(CpuPos pos, CpuCells cells, CpuI64 ptr, double radius
                         own(o.dist, {E}), own(o.ncand, {(size_t)N}));
 }
 
+// The CUDA launcher run on the CPU (radius_graph_warp_emulation.cpp): radius_graph_cpu's outputs
+// plus the number of crystals that took the cell list.
+nb::tuple radius_graph_cuda_emulated(CpuPos pos, CpuCells cells, CpuI64 ptr, double radius, int64_t max_neighbors,
+                                     std::optional<CpuI64> reserved, int64_t cell_list_threshold) {
+  const int64_t N = (int64_t)pos.shape(0), G = (int64_t)cells.shape(0);
+  if ((int64_t)ptr.shape(0) != G + 1) throw nb::value_error("radius_graph: ptr must have G + 1 entries");
+  if (reserved && (int64_t)reserved->shape(0) != N)
+    throw nb::value_error("radius_graph: reserved must have one entry per atom");
+  e3rg::CpuArgs a;
+  a.pos = pos.data();
+  a.n_atoms = N;
+  a.cells = cells.data();
+  a.ptr = ptr.data();
+  a.n_graphs = G;
+  a.radius = radius;
+  a.max_neighbors = max_neighbors;
+  a.reserved = reserved ? reserved->data() : nullptr;
+  a.cell_list_threshold = cell_list_threshold;
+  e3rg::CpuOut o;
+  std::string err;
+  int64_t n_binned = 0;
+  int rc;
+  {
+    nb::gil_scoped_release release;
+    rc = e3rg::radius_graph_cuda_emulated(a, o, &n_binned, &err);
+  }
+  if (rc != 0) {
+    if (rc == e3rg::kErrNoMemory) {
+      PyErr_SetString(PyExc_MemoryError, err.c_str());
+      throw nb::python_error();
+    }
+    throw nb::value_error(err.c_str());
+  }
+  const size_t E = (size_t)o.n_edges;
+  return nb::make_tuple(own(o.edge_index, {2, E}), own(o.offsets, {E, 3}), own(o.rowptr, {(size_t)N + 1}),
+                        own(o.dist, {E}), own(o.ncand, {(size_t)N}), n_binned);
+}
+
 #ifdef E3RELAX_WITH_CUDA
 using GpuPos = nb::ndarray<const double, nb::shape<-1, 3>, nb::c_contig, nb::device::cuda>;
 using GpuCells = nb::ndarray<const double, nb::shape<-1, 3, 3>, nb::c_contig, nb::device::cuda>;
@@ -97,7 +135,8 @@ void check_cuda(const std::string& msg) {
 
 void radius_graph_cuda_select(GpuPos pos, GpuCells cells, GpuI64 ptr, double radius, int64_t max_neighbors,
                               std::optional<GpuI64> reserved, GpuF64Out wfrac, GpuI32Out shift, GpuI32Out kept,
-                              GpuI64Out kept_count, GpuI64Out ncand, GpuI64Out status, uintptr_t stream) {
+                              GpuI64Out kept_count, GpuI64Out ncand, GpuI64Out status, uintptr_t stream,
+                              int64_t cell_list_threshold) {
   const int64_t N = (int64_t)pos.shape(0), G = (int64_t)cells.shape(0);
   const int64_t K = max_neighbors;
   if ((int64_t)ptr.shape(0) != G + 1) throw nb::value_error("radius_graph: ptr must have G + 1 entries");
@@ -109,7 +148,7 @@ void radius_graph_cuda_select(GpuPos pos, GpuCells cells, GpuI64 ptr, double rad
   if (N >= (int64_t(1) << 31) - 64) throw nb::value_error("radius_graph: too many atoms");
   e3rg::CudaSelectArgs a{(int)pos.device_id(), pos.data(), N, cells.data(), ptr.data(), G, radius, K,
                          reserved ? reserved->data() : nullptr, wfrac.data(), shift.data(), kept.data(),
-                         kept_count.data(), ncand.data(), status.data()};
+                         kept_count.data(), ncand.data(), status.data(), cell_list_threshold};
   std::string err;
   {
     nb::gil_scoped_release release;
@@ -452,6 +491,13 @@ NB_MODULE(_C, m) {
         "CUDA kernel's warp algorithm, emulated, algo=2 brute force with per-pair bounds, algo=3 the\n"
         "default without its AVX-512 path (tests only).");
   m.attr("CPU_AVX512") = e3rg::cpu_simd_avx512();
+  m.attr("CUDA_CELL_LIST_THRESHOLD") = e3rg::kDefaultCellListThreshold;
+  m.def("radius_graph_cuda_emulated", &radius_graph_cuda_emulated, "positions"_a, "cells"_a, "ptr"_a, "radius"_a,
+        "max_neighbors"_a, "reserved"_a.none(), "cell_list_threshold"_a = -1,
+        "The CUDA radius graph's launcher (select kernels, cell list included, then emit) run on the CPU,\n"
+        "thread after thread, for the tests. Inputs as radius_graph_cpu; cell_list_threshold < 0:\n"
+        "CUDA_CELL_LIST_THRESHOLD. Returns radius_graph_cpu's five arrays and the number of crystals\n"
+        "that took the cell list.");
   m.def("message_passing_cuda_emulated", &message_passing_cuda_emulated<float>, MP_CPU_ARGS, MP_CPU_DOC);
   m.def("message_passing_cuda_emulated", &message_passing_cuda_emulated<double>, MP_CPU_ARGS, MP_CPU_DOC);
   m.def("message_passing_fused_cpu", &message_passing_fused_cpu<float>, MP_CPU_ARGS, "exact"_a = false,
@@ -473,8 +519,9 @@ NB_MODULE(_C, m) {
 #ifdef E3RELAX_WITH_CUDA
   m.def("radius_graph_cuda_select", &radius_graph_cuda_select, "positions"_a, "cells"_a, "ptr"_a, "radius"_a,
         "max_neighbors"_a, "reserved"_a.none(), "wfrac"_a, "shift"_a, "kept"_a, "kept_count"_a, "ncand"_a,
-        "status"_a, "stream"_a,
-        "Phase 1 on the GPU: per-centre candidates and top-K (one warp per centre). No host sync.");
+        "status"_a, "stream"_a, "cell_list_threshold"_a = -1,
+        "Phase 1 on the GPU: per-centre candidates and top-K (one warp per centre). Crystals with more\n"
+        "than cell_list_threshold atoms (< 0: CUDA_CELL_LIST_THRESHOLD) use the cell list. No host sync.");
   m.def("radius_graph_cuda_emit", &radius_graph_cuda_emit, "positions"_a, "cells"_a, "ptr"_a, "max_neighbors"_a,
         "kept"_a, "kept_count"_a, "rowptr"_a, "edge_index"_a, "cell_offsets"_a, "distances"_a, "stream"_a,
         "Phase 2 on the GPU: writes the edges of every centre at rowptr (those below the outputs'\n"

@@ -258,20 +258,27 @@ RG_HD bool atom_frac(const double* p, const Cell& g, double* w, int* s) {
 
 // Bins per axis for a crystal of n atoms: bin side ~ reach_k / 2 in fractional units, at most
 // ~2 n bins in all (a 20 Å vacuum axis gets few bins).
+RG_HD long long bins_along(double reach) {
+  const double want = 2.0 / reach;
+  return want >= 1024.0 ? 1024 : (want < 1.0 ? 1 : (long long)want);
+}
+// (Three scalars rather than an array: no dynamically indexed local array, hence no stack frame,
+// in the CUDA kernels.)
 RG_HD void choose_bins(Cell& g, long long n) {
-  long long nb[3];
-  for (int k = 0; k < 3; ++k) {
-    const double want = 2.0 / g.reach[k];
-    nb[k] = want >= 1024.0 ? 1024 : (want < 1.0 ? 1 : (long long)want);
-  }
+  long long n0 = bins_along(g.reach[0]), n1 = bins_along(g.reach[1]), n2 = bins_along(g.reach[2]);
   const long long limit = 2 * n + 8;
-  while (nb[0] * nb[1] * nb[2] > limit) {
-    int k = 0;
-    if (nb[1] > nb[k]) k = 1;
-    if (nb[2] > nb[k]) k = 2;
-    nb[k] = (nb[k] + 1) / 2;
+  while (n0 * n1 * n2 > limit) {  // halve the axis with the most bins (the first of equals)
+    if (n2 > n0 && n2 > n1) {
+      n2 = (n2 + 1) / 2;
+    } else if (n1 > n0) {
+      n1 = (n1 + 1) / 2;
+    } else {
+      n0 = (n0 + 1) / 2;
+    }
   }
-  for (int k = 0; k < 3; ++k) g.nb[k] = (int)nb[k];
+  g.nb[0] = (int)n0;
+  g.nb[1] = (int)n1;
+  g.nb[2] = (int)n2;
 }
 
 RG_HD int bin_axis(double w, int nb) {
@@ -511,10 +518,13 @@ RG_HD void scan_item(const Cell& g, const Centre& c, const Items& it, long long 
 // --------------------------------------------------------------------------------------------
 // Warp form of the selection. Per-warp scratch (shared memory on the GPU):
 // --------------------------------------------------------------------------------------------
+// Candidate counts are 64-bit (a centre's candidates can pass 2^31 at large radii); the kept and
+// boundary counts are bounded by cap and kBoundaryCap.
 struct WarpScratch {
-  int hist[kHistBins];
-  int part[kWarp];
-  int ncand, nkept, nbound, nsel;
+  unsigned long long hist[kHistBins];
+  unsigned long long part[kWarp];
+  unsigned long long ncand;
+  int nkept, nbound, nsel;
   Cand bound[kBoundaryCap];
   // followed by Cand kept[cap_max]
 };
@@ -539,14 +549,23 @@ inline T rg_host_fetch_add(T* p, T v) {
 #define RG_ATOMIC_ADD(ptr, v) rg_host_fetch_add((ptr), (v))
 #endif
 
+// ORs error bits into status[0] (atomically on the GPU).
+RG_HD void set_status(int64_t* status, int bits) {
+#if defined(__CUDA_ARCH__)
+  atomicOr(reinterpret_cast<unsigned long long*>(status), (unsigned long long)bits);
+#else
+  *status |= bits;
+#endif
+}
+
 // Pass 1 sink: count and histogram.
 struct HistSink {
   WarpScratch* ws;
   double hscale;
-  int count;
+  unsigned long long count;
   RG_HD void operator()(long long q, int, int, int, int, double) {
     ++count;
-    RG_ATOMIC_ADD(&ws->hist[hist_bin(q, hscale)], 1);
+    RG_ATOMIC_ADD(&ws->hist[hist_bin(q, hscale)], 1ull);
   }
 };
 
@@ -575,16 +594,16 @@ struct CollectSink {
 
 // Threshold of the warp form, computed identically by every lane after pass 1.
 struct Threshold {
-  int T;        // bin holding the cap-th key; kHistBins when every candidate is kept
-  int below;    // candidates in bins < T
-  int need;     // how many of bin T are kept
-  int bcount;   // candidates in bin T
+  int T;                // bin holding the cap-th key; kHistBins when every candidate is kept
+  int below;            // candidates in bins < T (< cap, or all of them when they fit)
+  int need;             // how many of bin T are kept
+  long long bcount;     // candidates in bin T
 };
 
 // Step A (lane-parallel): partial sums of 8 bins per lane.
 RG_HD void warp_hist_part(WarpScratch* ws, int lane) {
   constexpr int per = kHistBins / kWarp;
-  int s = 0;
+  unsigned long long s = 0;
   for (int b = lane * per; b < (lane + 1) * per; ++b) s += ws->hist[b];
   ws->part[lane] = s;
 }
@@ -592,22 +611,24 @@ RG_HD void warp_hist_part(WarpScratch* ws, int lane) {
 // Step B (every lane, same result).
 RG_HD Threshold warp_threshold(const WarpScratch* ws, int cap) {
   Threshold th;
-  const int total = ws->ncand;
-  if (total <= cap) {
+  const unsigned long long total = ws->ncand;
+  const unsigned long long ucap = cap < 0 ? 0 : (unsigned long long)cap;
+  if (total <= ucap) {
     th.T = kHistBins;
-    th.below = total;
+    th.below = (int)total;
     th.need = 0;
     th.bcount = 0;
     return th;
   }
   constexpr int per = kHistBins / kWarp;
-  int cum = 0, l = 0;
-  while (l < kWarp - 1 && cum + ws->part[l] < cap) {
+  unsigned long long cum = 0;
+  int l = 0;
+  while (l < kWarp - 1 && cum + ws->part[l] < ucap) {
     cum += ws->part[l];
     ++l;
   }
   int b = l * per;
-  while (b < (l + 1) * per - 1 && cum + ws->hist[b] < cap) {
+  while (b < (l + 1) * per - 1 && cum + ws->hist[b] < ucap) {
     cum += ws->hist[b];
     ++b;
   }
@@ -615,9 +636,9 @@ RG_HD Threshold warp_threshold(const WarpScratch* ws, int cap) {
   // (requires 1 <= cap < total): the cap kept keys are the cum keys of the bins < b and the
   // cap - cum >= 1 smallest keys of bin b.
   th.T = b;
-  th.below = cum;
-  th.need = cap - cum;
-  th.bcount = ws->hist[b];
+  th.below = (int)cum;
+  th.need = cap - (int)cum;
+  th.bcount = (long long)ws->hist[b];
   return th;
 }
 
@@ -640,10 +661,11 @@ RG_HD void warp_finalize(WarpScratch* ws, const Cand* kept, const Threshold& th,
     dst[3] = e.o[2];
   }
   if (lane == 0) RG_ATOMIC_ADD(&ws->nsel, nonself_below);
-  for (int t = lane; t < th.bcount; t += kWarp) {
+  const int bcount = (int)th.bcount;  // <= kBoundaryCap here
+  for (int t = lane; t < bcount; t += kWarp) {
     const Cand e = ws->bound[t];
     int rank = 0, pos = 0;
-    for (int u = 0; u < th.bcount; ++u) {
+    for (int u = 0; u < bcount; ++u) {
       const bool lt = key_less(ws->bound[u], e);
       rank += lt;
       pos += lt && (ws->bound[u].j != i);
@@ -664,7 +686,7 @@ struct TopKSink {
   Cand* buf;
   int n;
   int cap;
-  int count;
+  unsigned long long count;
   RG_HD void operator()(long long q, int j, int o0, int o1, int o2, double) {
     ++count;
     Cand e;
@@ -757,7 +779,7 @@ RG_HD void warp_begin(WarpScratch* ws, int lane) {
 }
 
 RG_HD void warp_pass1(WarpScratch* ws, const Cell& g, const Centre& c, const Items& it, const WarpArgs& a, int lane) {
-  HistSink sink{ws, g.hscale, 0};
+  HistSink sink{ws, g.hscale, 0ull};
   for (long long t = lane; t < it.count; t += kWarp)
     scan_item(g, c, it, t, a.bin_start, a.bin_atoms, a.pos, a.wfrac, a.shift, sink);
   RG_ATOMIC_ADD(&ws->ncand, sink.count);
@@ -774,7 +796,7 @@ RG_HD void warp_pass2(WarpScratch* ws, Cand* kept, const Cell& g, const Centre& 
 // entries, in order, to out.
 RG_HD void warp_fallback(WarpScratch* ws, Cand* kept, int cap, const Cell& g, const Centre& c, const Items& it,
                          const WarpArgs& a, int* out) {
-  TopKSink sink{kept, 0, cap, 0};
+  TopKSink sink{kept, 0, cap, 0ull};
   for (long long t = 0; t < it.count; ++t)
     scan_item(g, c, it, t, a.bin_start, a.bin_atoms, a.pos, a.wfrac, a.shift, sink);
   int m = 0;
@@ -787,6 +809,223 @@ RG_HD void warp_fallback(WarpScratch* ws, Cand* kept, int cap, const Cell& g, co
     ++m;
   }
   ws->nsel = m;
+}
+
+
+// ============================================================================================
+// The CUDA launcher, step by step (radius_graph_cuda.cu). Each kernel's thread (or warp lane)
+// runs one of the functions below; the CPU emulation (radius_graph_warp_emulation.cpp,
+// _C.radius_graph_cuda_emulated) runs the same functions, thread after thread and lane after lane,
+// in the same kernel sequence, so the tests check the GPU's whole select phase (cell list
+// included) exactly against the reference on machines without a GPU.
+//
+//   (zero the cell-list counts)
+//   prep_thread     t < max(N, G): crystal t's checks; atom t's wrapped coordinates and, in a
+//                   binned crystal, its bin and its rank in the bin (atomic count)
+//   scan_job, scan_part | sync, scan_lane     one warp per binned crystal: counts -> bin starts
+//   fill_thread     atom t of a binned crystal -> its slot of bin_atoms
+//   select_setup, then the warp form above    one warp per centre
+//   emit_thread     one thread per (centre, slot)
+//
+// Which crystals use the cell list: those with more than cell_list_threshold atoms, the CPU
+// launcher's rule (radius_graph_cpu.cpp, prepare), with the same bins (choose_bins). Bins are
+// CSR offsets into bin_atoms, absolute as in the CPU launcher, so scan_bin reads both alike.
+//
+// Cell-list scratch: bins has 2 N + 9 G int32 entries, crystal g's at bin_region(ptr, g), 2 n_g + 9
+// of them (choose_bins makes at most 2 n_g + 8 bins, and the CSR needs one more); before the scan
+// entry 1 + b holds bin b's count. Offsets are 64-bit (2 N + 9 G passes 2^31 before N does).
+// Invalid ptr: every step after prep_thread reads status and does nothing (the caller raises).
+// ============================================================================================
+struct SelectArgs {
+  const double* pos = nullptr;         // (N, 3)
+  int64_t n_atoms = 0;
+  const double* cells = nullptr;       // (G, 3, 3)
+  const int64_t* ptr = nullptr;        // (G + 1,)
+  int64_t n_graphs = 0;
+  double radius = 6.0;
+  int64_t max_neighbors = 50;
+  const int64_t* reserved = nullptr;   // (N,) or null
+  int64_t cell_list_threshold = 0;     // crystals with more atoms are binned (resolved, >= 0)
+  double* wfrac = nullptr;             // (N, 3) scratch
+  int32_t* shift = nullptr;            // (N, 3) scratch
+  int32_t* kept = nullptr;             // (N, K, 4) out: (j, o0, o1, o2) of the kept non-self edges
+  int64_t* kept_count = nullptr;       // (N,) out
+  int64_t* ncand = nullptr;            // (N,) out
+  int64_t* status = nullptr;           // (1,) out: error bits, OR-ed in
+  // Cell-list scratch, null when no crystal can have more than cell_list_threshold atoms.
+  int32_t* bins = nullptr;             // (2 N + 9 G,) zeroed before prep
+  int32_t* bin_atoms = nullptr;        // (N,) atoms by bin within each binned crystal
+  int32_t* atom_bin = nullptr;         // (N,) bin of the atom (-1: crystal not binned)
+  int32_t* atom_rank = nullptr;        // (N,) its rank among its bin's atoms (arbitrary order)
+};
+
+struct EmitArgs {
+  const double* pos = nullptr;
+  int64_t n_atoms = 0;
+  const double* cells = nullptr;
+  const int64_t* ptr = nullptr;
+  int64_t n_graphs = 0;
+  int64_t max_neighbors = 50;
+  const int32_t* kept = nullptr;       // from select
+  const int64_t* kept_count = nullptr;
+  const int64_t* rowptr = nullptr;     // (N + 1,) exclusive scan of kept_count + 6
+  int64_t capacity = 0;                // edges allocated in the outputs
+  int64_t* edge_index = nullptr;       // (2, capacity)
+  int64_t* offsets = nullptr;          // (capacity, 3)
+  double* dist = nullptr;              // (capacity,)
+};
+
+RG_HD long long bin_region(const int64_t* ptr, long long g) { return 2 * ptr[g] + 9 * g; }
+RG_HD long long bins_size(long long n_atoms, long long n_graphs) { return 2 * n_atoms + 9 * n_graphs; }
+RG_HD bool ptr_invalid(const SelectArgs& a) { return (a.status[0] & kErrBadPtr) != 0; }
+
+// Thread t of the prep kernel.
+RG_HD void prep_thread(const SelectArgs& a, long long t) {
+  if (t < a.n_graphs) {
+    if (a.ptr[t + 1] < a.ptr[t]) set_status(a.status, kErrBadPtr);
+    if (t == 0 && (a.ptr[0] != 0 || a.ptr[a.n_graphs] != a.n_atoms)) set_status(a.status, kErrBadPtr);
+    Cell g;
+    if (!cell_setup(a.cells + 9 * t, a.radius, g)) set_status(a.status, kErrSingularCell);
+  }
+  if (t >= a.n_atoms) return;
+  double* w = a.wfrac + 3 * t;
+  int* s = a.shift + 3 * t;
+  w[0] = w[1] = w[2] = 0.0;
+  s[0] = s[1] = s[2] = 0;
+  if (a.atom_bin) a.atom_bin[t] = -1;
+  if (a.n_graphs <= 0) {
+    set_status(a.status, kErrBadPtr);
+    return;
+  }
+  const int gi = crystal_of(a.ptr, (int)a.n_graphs, t);
+  Cell g;
+  if (!cell_setup(a.cells + 9 * gi, a.radius, g)) return;
+  if (!atom_frac(a.pos + 3 * t, g, w, s)) set_status(a.status, kErrCoordRange);
+  if (!a.bins) return;
+  const long long start = a.ptr[gi], end = a.ptr[gi + 1];
+  // These bounds keep the count inside the crystal's region even when ptr is invalid.
+  if (!(start >= 0 && start <= t && t < end && end <= a.n_atoms && end - start > a.cell_list_threshold)) return;
+  choose_bins(g, end - start);
+  const int b = bin_of(w, g);
+  a.atom_bin[t] = b;
+  a.atom_rank[t] = RG_ATOMIC_ADD(&a.bins[bin_region(a.ptr, gi) + 1 + b], 1);
+}
+
+// The scan of one crystal's bin counts (one warp).
+struct ScanJob {
+  bool active;       // binned crystal, valid input
+  long long region;  // bin_region of the crystal
+  int nbins;
+  int start;         // ptr[g]: the crystal's first slot of bin_atoms
+};
+
+RG_HD ScanJob scan_job(const SelectArgs& a, long long g) {
+  ScanJob j{false, 0, 0, 0};
+  if (!a.bins || ptr_invalid(a)) return j;
+  const long long start = a.ptr[g], end = a.ptr[g + 1];
+  if (!(end - start > a.cell_list_threshold)) return j;
+  Cell c;
+  if (!cell_setup(a.cells + 9 * g, a.radius, c)) return j;
+  choose_bins(c, end - start);
+  j.active = true;
+  j.region = bin_region(a.ptr, g);
+  j.nbins = c.nb[0] * c.nb[1] * c.nb[2];
+  j.start = (int)start;
+  return j;
+}
+
+// Lane `lane` owns the counts of bins [lane * chunk, (lane + 1) * chunk), i.e. entries 1 + b.
+RG_HD void scan_chunk(const ScanJob& j, int lane, int& lo, int& hi) {
+  const int chunk = (j.nbins + kWarp - 1) / kWarp;
+  lo = 1 + lane * chunk;
+  hi = lo + chunk;
+  if (lo > j.nbins + 1) lo = j.nbins + 1;
+  if (hi > j.nbins + 1) hi = j.nbins + 1;
+}
+
+// Step 1 (lane-parallel): the lane's total count into part[lane].
+RG_HD void scan_part(const SelectArgs& a, const ScanJob& j, int lane, int* part) {
+  int lo, hi, s = 0;
+  scan_chunk(j, lane, lo, hi);
+  const int32_t* r = a.bins + j.region;
+  for (int k = lo; k < hi; ++k) s += r[k];
+  part[lane] = s;
+}
+
+// Step 2 (lane-parallel, after a sync): entry k becomes start + (counts of bins < k), i.e. the
+// start of bin k; entry 0 is the crystal's start and entry nbins its end.
+RG_HD void scan_lane(const SelectArgs& a, const ScanJob& j, int lane, const int* part) {
+  int lo, hi;
+  scan_chunk(j, lane, lo, hi);
+  int run = j.start;
+  for (int l = 0; l < lane; ++l) run += part[l];
+  int32_t* r = a.bins + j.region;
+  for (int k = lo; k < hi; ++k) {
+    run += r[k];
+    r[k] = run;
+  }
+  if (lane == 0) r[0] = j.start;
+}
+
+// Thread t of the fill kernel (after the scan).
+RG_HD void fill_thread(const SelectArgs& a, long long t) {
+  if (t >= a.n_atoms || !a.bins || ptr_invalid(a)) return;
+  const int b = a.atom_bin[t];
+  if (b < 0) return;
+  const int gi = crystal_of(a.ptr, (int)a.n_graphs, t);
+  a.bin_atoms[a.bins[bin_region(a.ptr, gi) + b] + a.atom_rank[t]] = (int)t;
+}
+
+// Warp-uniform set-up of centre i for the warp form.
+struct CentreJob {
+  bool active;       // false: nothing to do (invalid input, reported by prep_thread)
+  bool bad_reserved;
+  int cap;
+  Cell g;
+  Centre c;
+  Items it;
+  WarpArgs wa;
+};
+
+RG_HD void select_setup(const SelectArgs& a, long long i, CentreJob& J) {
+  J.active = false;
+  J.bad_reserved = false;
+  J.cap = 0;
+  if (a.n_graphs <= 0 || ptr_invalid(a)) return;
+  const int gi = crystal_of(a.ptr, (int)a.n_graphs, i);
+  if (!cell_setup(a.cells + 9 * gi, a.radius, J.g)) return;
+  long long start = a.ptr[gi], end = a.ptr[gi + 1];
+  start = start < 0 ? 0 : (start > a.n_atoms ? a.n_atoms : start);
+  end = end < start ? start : (end > a.n_atoms ? a.n_atoms : end);
+  if (i < start || i >= end) return;
+  const bool binned = a.bins != nullptr && end - start > a.cell_list_threshold;
+  if (binned) choose_bins(J.g, end - start);
+  make_centre((int)i, start, end - start, a.pos, a.wfrac, a.shift, J.c);
+  centre_items(J.g, J.c, binned, J.it);
+  J.wa = WarpArgs{a.pos, a.wfrac, a.shift, binned ? a.bins + bin_region(a.ptr, gi) : nullptr, a.bin_atoms};
+  long long res = a.reserved ? a.reserved[i] : 0;
+  if (res < 0) {
+    J.bad_reserved = true;
+    res = 0;
+  }
+  const long long K = a.max_neighbors;
+  const long long capl = K - res;
+  J.cap = (int)(capl < 0 ? 0 : (capl > K ? K : capl));
+  J.active = true;
+}
+
+// Thread idx of the emit kernel: slot t = idx mod (K + 6) of centre i = idx / (K + 6).
+RG_HD void emit_thread(const EmitArgs& a, long long idx) {
+  const long long slots = a.max_neighbors + 6;
+  const long long i = idx / slots;
+  const int t = (int)(idx - i * slots);
+  const int kc = (int)a.kept_count[i];
+  if (t >= kc + 6) return;
+  const long long e = a.rowptr[i] + t;
+  if (e < 0 || e >= a.capacity) return;
+  const int gi = crystal_of(a.ptr, (int)a.n_graphs, i);
+  emit_slot((int)i, t, kc, a.kept + 4 * a.max_neighbors * i, a.pos, a.cells + 9 * gi, e, a.edge_index, a.capacity,
+            a.offsets, a.dist);
 }
 
 }  // namespace e3rg

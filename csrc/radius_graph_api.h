@@ -69,6 +69,14 @@ bool cpu_simd_avx512();
 // MP-like mix, <= 64 atoms, is faster on the image box either way).
 int64_t default_cell_list_threshold(GraphPath path);
 
+// The CUDA launcher's select and emit phases run on the CPU, kernel after kernel, thread after
+// thread (radius_graph_warp_emulation.cpp; the steps of radius_graph.h, "The CUDA launcher, step by
+// step"), for the tests. Uses args' arrays, radius, max_neighbors, reserved and
+// cell_list_threshold (< 0: kDefaultCellListThreshold, the CUDA launcher's default); the outputs
+// as radius_graph_cpu's. *n_binned: how many crystals took the cell list. Returns 0 or the kErr*
+// bits (message in *err, outputs null).
+int radius_graph_cuda_emulated(const CpuArgs& args, CpuOut& out, int64_t* n_binned, std::string* err);
+
 #ifdef E3RELAX_WITH_CUDA
 // CUDA launchers (radius_graph_cuda.cu). All pointers are device pointers; `stream` is a
 // cudaStream_t as an integer. Return "" on success, else the CUDA error string.
@@ -88,6 +96,7 @@ struct CudaSelectArgs {
   int64_t* kept_count;        // (N,) out: kept non-self edges per centre
   int64_t* ncand;             // (N,) out
   int64_t* status;            // (1,) out: error bits (OR-ed in; zero it before the call)
+  int64_t cell_list_threshold;  // crystals with more atoms use the cell list (< 0: kDefaultCellListThreshold)
 };
 struct CudaEmitArgs {
   int device;
