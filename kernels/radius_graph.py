@@ -13,7 +13,8 @@ Twin of :func:`e3relax_fast.reference.radius_graph.radius_graph`: same arguments
 
 2. **Selection** (``_rg_select_kernel``, one program per centre). The program walks the
    flattened (image, atom) tests of its box in blocks of ``BLOCK`` (atom index fastest, so the
-   loads of ``p_j``/``s_j`` are contiguous), forms ``o = o' + s_i - s_j`` and the float64 length
+   loads of ``p_j``/``s_j`` are contiguous; on CUDA ``BLOCK = 32 x num_warps``, one test per lane;
+   test indices in int64), forms ``o = o' + s_i - s_j`` and the float64 length
    in the documented order with explicitly rounded, never fused operations (PTX ``mul.rn.f64``,
    ``add.rn.f64``, ``sub.rn.f64``, ``div.rn.f64``, ``sqrt.rn.f64`` through
    ``tl.inline_asm_elementwise`` when compiled for CUDA; plain numpy arithmetic, which never fuses,
@@ -40,7 +41,8 @@ Twin of :func:`e3relax_fast.reference.radius_graph.radius_graph`: same arguments
 
 No global sort, no atomics: the output is deterministic. Limits (reported as ``ValueError`` after
 the run, never as a hang): every cell finite and non-singular, at most 2048 images per box axis,
-fewer than 2**31 (image, atom) tests per centre, ``radius < 1000`` Å.
+fewer than 2**31 (image, atom) tests per centre (its own message: a cell many times smaller than the
+radius), ``radius < 1000`` Å.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ BOX_MARGIN = 1e-9
 # Largest image box extent per axis (o' is packed into 20-bit fields; this is far below).
 MAX_EXTENT = 2048
 MAX_RADIUS = 1000.0  # q(d) < 2**30 keeps w1 = q << 32 | j below the sentinel 2**62
+# (image, atom) tests per centre must stay below this: the count travels as int32.
+MAX_TESTS = 2**31
 # Poison of the integer outputs under utils.POISON_OUTPUTS (a value no output takes).
 INT_POISON = -7
 
@@ -163,7 +167,8 @@ def _rg_select_kernel(
     lo2 = tl.load(mrow + 5)
     e1 = tl.load(mrow + 7)
     e2 = tl.load(mrow + 8)
-    ntests = tl.load(mrow + 9)
+    # Test counters in int64: t0 + lane passes 2**31 - 1 in the last block when ntests is near it.
+    ntests = tl.load(mrow + 9).to(tl.int64)
     cap = tl.load(mrow + 10)
     radius = tl.load(scal_ptr + 0)
     quantum = tl.load(scal_ptr + 1)
@@ -177,7 +182,7 @@ def _rg_select_kernel(
     cell_base = cell_ptr + g * 9
 
     kidx = tl.arange(0, KB)
-    lane = tl.arange(0, BLOCK)
+    lane = tl.arange(0, BLOCK).to(tl.int64)
     # The sorted top-K buffer lives in this program's scratch row: keys w1 at [0, KB), w2 at
     # [KB, 2 KB), its first nbuf slots filled; [2 KB, 2 KB + 2 BLOCK) stages a block of candidates.
     # Threshold: the cap-th key (INF while the buffer is not full; below every key when cap == 0).
@@ -334,20 +339,27 @@ def _rg_fill_kernel(
 class RadiusGraphConfig(LaunchConfig):
     """Launch parameters; ``None`` fields are chosen from the device.
 
-    block: (image, atom) tests per step of the selection loop (power of two); num_warps: warps
-    per program of the selection kernel.
+    block: (image, atom) tests per step of the selection loop (power of two, >= 16); num_warps:
+    warps per program of the selection kernel, on CUDA by default ``block // 32`` (at least 1) so
+    that each lane does one distance test per step (more warps would hold each test twice).
     """
 
     block: int | None = None
 
 
+# GPU default block of the selection kernel: 32 tests per step on one warp. From sm_90 AOT
+# compiles (Triton 3.6 and 3.9), not timings: 64 tests on 2 warps spilled under 3.9 (the block x
+# block and block x KB comparison matrices of the merge), 128 on 4 warps spilled heavily.
+GPU_BLOCK = 32
+
+
 def _tiles(device: torch.device, cfg: RadiusGraphConfig | None) -> tuple[int, int]:
     cfg = cfg or RadiusGraphConfig()
     if interpreting() or device.type != "cuda":
-        block, warps = 256, 4  # the interpreter pays per op: big blocks
-    else:
-        block, warps = 64, 4
-    return cfg.block or block, cfg.num_warps or warps
+        block = cfg.block or 256  # the interpreter pays per op: big blocks
+        return block, cfg.num_warps or 4
+    block = cfg.block or GPU_BLOCK
+    return block, cfg.num_warps or max(1, block // 32)
 
 
 def _key_slots(max_neighbors: int) -> int:
@@ -397,7 +409,9 @@ def prepare(positions: Tensor, cells: Tensor, ptr: Tensor, radius: float, max_ne
     lo = torch.where(ok_atom[:, None], lo, torch.zeros_like(lo)).to(i64)
     natoms = atoms_per_graph[graph_of_atom]
     ntests = natoms * ext.prod(dim=1)
-    ok_atom &= ntests < 2**31
+    # The count is stored as int32 (the kernel counts in int64, so any count below 2**31 is safe).
+    too_many = ok_atom & (ntests >= MAX_TESTS)
+    ok_atom &= ~too_many
     ntests = torch.where(ok_atom, ntests, torch.zeros_like(ntests))
 
     cap = torch.full((n_atoms,), int(max_neighbors), dtype=i64, device=device)
@@ -409,7 +423,7 @@ def prepare(positions: Tensor, cells: Tensor, ptr: Tensor, radius: float, max_ne
     meta = torch.stack([graph_of_atom, ptr[graph_of_atom], natoms, lo[:, 0], lo[:, 1], lo[:, 2],
                         ext[:, 0], ext[:, 1], ext[:, 2], ntests, cap, torch.zeros_like(cap)], dim=1)
     meta = meta.to(torch.int32).contiguous()
-    error = (~ok_atom).any().to(i64)
+    error = (~ok_atom & ~too_many).any().to(i64) | (too_many.any().to(i64) << 2)
     if reserved is not None:
         error = error | ((res < 0).any().to(i64) << 1)
     scal = torch.tensor([float(radius), DISTANCE_QUANTUM], dtype=f64, device=device)
@@ -458,7 +472,10 @@ def radius_graph(
         parts = []
         if err & 1:
             parts.append("every cell must be finite and non-singular, positions finite, and the radius "
-                         f"may span at most {MAX_EXTENT} cells per axis (< 2**31 image tests per atom)")
+                         f"may span at most {MAX_EXTENT} cells per axis")
+        if err & 4:
+            parts.append("an atom's image box holds 2**31 or more (image, atom) distance tests (cells many "
+                         "times smaller than the radius)")
         if err & 2:
             parts.append("reserved must be >= 0")
         raise ValueError("radius_graph (triton): " + "; ".join(parts))

@@ -738,3 +738,23 @@ def test_triton_exact_tie_shell():
     pos = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
     check(krg.radius_graph, backend_device("triton"), pos, cell, torch.tensor([0, 2]), 4.1, 40, what="cubic ties",
           config=krg.RadiusGraphConfig(block=32))
+
+
+@backend_only(OP, "triton")
+def test_triton_test_count_guard():
+    """The selection kernel's per-centre count of (image, atom) tests travels as int32: a box of
+    1290^3 images of one atom (2,146,689,000 tests) is accepted by the host preparation with its
+    exact count, 1292^3 (2,156,689,088 >= 2**31) is rejected with its own message (the rejected
+    centre gets no tests, so the kernel does not run them)."""
+    krg, dev = triton_module(OP), backend_device("triton")
+    pos = torch.zeros(1, 3, dtype=torch.float64, device=dev)  # wrapped coordinate 0: box [-1 - r, r]
+    cell = torch.eye(3, dtype=torch.float64, device=dev)[None]
+    ptr = torch.tensor([0, 1], device=dev)
+    for radius, extent in ((644.5, 1290), (645.5, 1292)):
+        *_, meta, error = krg.prepare(pos, cell, ptr, radius, 50, None)
+        fits = extent**3 < krg.MAX_TESTS
+        assert int(error) == (0 if fits else 4), radius
+        assert meta[0, 6:9].tolist() == [extent] * 3, radius
+        assert int(meta[0, 9]) == (extent**3 if fits else 0), radius
+    with pytest.raises(ValueError, match=r"2\*\*31 or more \(image, atom\) distance tests"):
+        krg.radius_graph(pos, cell, ptr, 645.5, 50)
