@@ -300,9 +300,11 @@ def gpu_tiles(dtype: torch.dtype, hidden: int) -> dict:
     3.6 and 3.9 (ptxas), not from timings (no GPU was available when they were picked): with
     these, no kernel spills at float32 (ieee, tf32 and tf32x3) or float64, and with tf32/tf32x3
     the forward, backward and dL/dd kernels use wgmma. Larger tiles (block_h 64 at float32, 32 at
-    float64) or 4 warps spilled. :func:`tuning_configs` lists the candidates to sweep on hardware."""
+    float64) or 4 warps spilled, and at float64 2 stages left 8 bytes of local memory in the
+    paper-form W-gradient kernel under 3.6. :func:`tuning_configs` lists the candidates to sweep on
+    hardware."""
     if dtype == torch.float64:
-        tiles = dict(block_n=64, block_h=16, block_k=16, num_warps=8, num_stages=2)
+        tiles = dict(block_n=64, block_h=16, block_k=16, num_warps=8, num_stages=3)
     else:
         tiles = dict(block_n=64, block_h=32, block_k=32, num_warps=8, num_stages=3)
     tiles["block_h"] = min(tiles["block_h"], max(16, triton.next_power_of_2(hidden)))
