@@ -130,6 +130,30 @@ def append_csv(
     return path
 
 
+# Sections of RESULTS.md written by their own commands (python -m bench.static_report, python -m
+# bench.bench_original --write): each between "<!-- name -->" and "<!-- /name -->", kept when
+# bench.run_cpu rewrites the rest of the file.
+KEPT_SECTIONS = ("original-pipeline", "static-report")
+
+
+def splice_section(text: str, name: str, section: str) -> str:
+    """``text`` with the part between ``<!-- name -->`` and ``<!-- /name -->`` replaced by ``section``
+    (appended, with the markers, when they are absent)."""
+    begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    block = f"{begin}\n{section.strip()}\n{end}"
+    start, stop = text.find(begin), text.find(end)
+    if start != -1 and stop > start:
+        return text[:start] + block + text[stop + len(end):]
+    return text.rstrip("\n") + ("\n\n" if text.strip() else "") + block + "\n"
+
+
+def section(text: str, name: str) -> str | None:
+    """The body between ``<!-- name -->`` and ``<!-- /name -->`` in ``text``, or None."""
+    begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    start, stop = text.find(begin), text.find(end)
+    return text[start + len(begin):stop].strip() if start != -1 and stop > start else None
+
+
 def header_md(title: str, command: str, info: dict | None = None) -> str:
     m = info or harness.machine()
     date = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")

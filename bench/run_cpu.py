@@ -1,4 +1,6 @@
-"""Run every CPU benchmark at its default size and write ``bench/RESULTS.md`` from scratch.
+"""Run every CPU benchmark at its default size and write ``bench/RESULTS.md`` anew (the sections
+other commands write — ``report.KEPT_SECTIONS``: the static sm_90 report, the comparison with the
+original pipeline — are carried over from the old file).
 
     cd <repo root> && python -m bench.run_cpu      # ~7 min on 2 cores
     python -m bench.run_cpu --no-scaling           # without the graph scaling series (~4 min)
@@ -148,7 +150,13 @@ def main(argv=None) -> None:
         graph_threads=args.graph_threads, graph=graph, relax=relax, correctness_md=correctness_md,
         graph2=graph2, precision=precision, datagen=datagen, scaling=scaling, message_passing=message_passing,
     )
-    args.out.write_text(report.results_md(run))
+    text = report.results_md(run)
+    old = args.out.read_text() if args.out.exists() else ""
+    for name in report.KEPT_SECTIONS:  # written by their own commands: carried over as they are
+        kept = report.section(old, name)
+        if kept is not None:
+            text = report.splice_section(text, name, kept)
+    args.out.write_text(text)
     print(f"\nwrote {args.out} ({wall / 60:.1f} min); CSV rows in {report.OUT_DIR}/", flush=True)
 
 

@@ -45,11 +45,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import cost_model
+from bench import cost_model, report
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-BEGIN, END = "<!-- static-report -->", "<!-- /static-report -->"
+BEGIN, END = "<!-- static-report -->", "<!-- /static-report -->"  # report.splice_section's markers
 TRITON36 = Path("/work/venvs/triton36/bin/python")
 HIDDEN, NUM_RBF, ARCH = 512, 128, 90
 # Edges per receiver at which the fused cost model's bytes per edge are quoted (spec §14: ~56).
@@ -218,11 +218,7 @@ def flags_for(row: dict, exp_per_edge: float | None = None, targets: dict = TARG
 def splice(text: str, section: str) -> str:
     """``text`` with the part between :data:`BEGIN` and :data:`END` replaced by ``section``
     (appended, with the markers, when they are absent)."""
-    block = f"{BEGIN}\n{section.strip()}\n{END}"
-    start, stop = text.find(BEGIN), text.find(END)
-    if start != -1 and stop > start:
-        return text[:start] + block + text[stop + len(END):]
-    return text.rstrip("\n") + ("\n\n" if text.strip() else "") + block + "\n"
+    return report.splice_section(text, "static-report", section)
 
 
 def cost_per_edge(module: str, dtype: str) -> tuple[float, float] | None:
