@@ -8,33 +8,48 @@ receiver CSR ``rowptr`` (required here). For edge e = (j -> i) of crystal g:
     [b1|b2|b3]_e = x_proj[j] * (W f_e + b) / sqrt(3)                            (3H,)
     ds_i = sum_e b3_e,   dv_i = sum_e (b1_e * vec[j] + u_e (x) b2_e) / sqrt(H)
 
-Forward (``_mp_fwd_kernel``): grid ``(receiver blocks, channel blocks)``. A program owns
-``nodes_per_program`` consecutive receivers and ``block_h`` channels of each of the three chunks.
-It walks each receiver's CSR slice ``rowptr[i]:rowptr[i+1]`` in tiles of ``block_e`` edges and
-recomputes the geometry in registers. For each chunk, a K-loop over the R centres (steps of
-``block_k``) evaluates the basis tile (block_e x block_k) in registers and accumulates the gate
-tile with ``tl.dot`` against W; the gate then multiplies the gathered ``x_proj[j]`` (and
-``vec[j]`` / u) and is summed over the tile's edges. One plain store per receiver and channel
-block, no atomics: the forward is deterministic, and nothing of size E x 3H or E x R touches
-memory. (The basis is recomputed once per chunk and channel block: ~3 R H / block_h exponentials
-per edge, against 6 R H FLOP of gate GEMM.)
+Forward (``_mp_fwd_kernel``): grid ``(receiver blocks,)``; a program owns ``nodes_per_program``
+consecutive receivers (one on a GPU) and all 3H channels. It walks each receiver's CSR slice
+``rowptr[i]:rowptr[i+1]`` in tiles of ``block_e`` edges and per tile:
 
-Backward (``_mp_bwd_kernel``): launched once per chunk c (constexpr), grid ``(source blocks,
-channel blocks)``, walking each *source* atom's outgoing edges (a stable source-sorted permutation
-built in the backward). Per edge tile it recomputes the geometry, the basis, its d-derivative and
-the gate of chunk c (two K-loop GEMMs), reads the upstream gradient of each edge's receiver, and
+* recomputes the geometry in registers and evaluates the radial basis **once**: R exponentials per
+  edge slot, held as ceil(R / block_k) register blocks of (block_e, block_k) (``basis.basis_blocks``,
+  exact: every centre, no window);
+* loops over the channel blocks (``block_h``); per block, one sweep over the basis blocks feeds
+  three ``tl.dot`` against (block_h, block_k) tiles of W, one per chunk (``_gates``), and the gates
+  multiply the gathered ``x_proj[j]`` (and ``vec[j]`` / u) and are summed over the tile's edges.
+  The W tiles are software-pipelined (``num_stages``). The basis blocks are passed through the
+  channel loop as loop values (``_in_loop``) so that the compiler converts one block at a time to
+  the dot-operand layout inside the loop instead of hoisting all of them (4x the registers);
+* stores the receiver's sums for the block: a plain store from the first tile, a read-add-store of
+  the program's own rows from later tiles (receivers with more than ``block_e`` edges).
+
+No atomics: the forward is deterministic, and nothing of size E x 3H or E x R touches memory.
+
+Backward (``_mp_bwd_kernel``): one launch for the three chunks, grid ``(source runs, channel
+blocks)``, walking each *source* atom's outgoing edges in source order (``source_csr``: a stable
+argsort of the sources and its CSR, computed once per graph and kept on ``edge_index``). Per edge
+tile it recomputes the geometry and the Gaussians once (R exponentials per edge and channel block),
+the three gates (one K-sweep each), reads the upstream gradient of each edge's receiver, and
 produces
 
-* d x_proj[j] and (c = 0) d vec[j], summed over j's outgoing edges in registers, one store each;
-* d b and d W for its channel block (a third GEMM, ggate^T f), accumulated over all edges of the
-  program into a slice of a zeroed per-program partial that only this program touches, summed
+* d x_proj[j] (three chunks) and d vec[j], summed over j's outgoing edges in registers, one store
+  each;
+* d b and d W for its channel block: dW[cH + h, :] += gg_c^T f accumulated in registers over all
+  the program's edges and stored once per program into its own slice of a partial, summed
   afterwards in fixed order;
-* per-edge partials of dL/dd (every chunk) and dL/du (c = 1), one column per program.
+* dL/dd per edge as sum_k (gg_c W_c)[e, k] df/dd[e, k] (no d-derivative of the gates), and dL/du:
+  partials per channel block stored contiguous in the source order (coalesced), summed and put
+  back in edge order afterwards.
 
 A short PyTorch epilogue turns dL/dd and dL/du into dL/dr and scatters it onto positions and cells
 with ``index_add_``: that scatter is the only non-deterministic part on CUDA (atomic float adds,
 ulp-level run-to-run differences; deterministic under ``torch.use_deterministic_algorithms``). The
 backward is first-order only (``once_differentiable``).
+
+Launch configuration: :func:`gpu_tiles` (the defaults, from sm_90 AOT compiles: the float32 forward
+at <= 128 registers with ``maxnreg``, no spills) and :func:`tuning_configs` (the table to sweep on
+hardware); the interpreter and the AOT tests use one fixed configuration.
 
 Precision: float32 and float64. In float32 the dots use ``input_precision="ieee"`` by default (no
 TF32; FMA units), so results match the reference to rounding; ``KernelConfig(input_precision=
@@ -57,7 +72,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..geometry import EPS
-from .basis import basis_tile, chunk_biases, envelope, load_scalars, scalars
+from .basis import basis_blocks, basis_derivative, chunk_biases, envelope, gauss_blocks, load_scalars, scalars
 from .utils import GateConfig, alloc, compile_for_gpu, interpreting
 
 
@@ -71,7 +86,7 @@ def _edge_geometry(pos_ptr, cell_ptr, off_ptr, fx, fy, fz, other, g, e, em, eps,
 
     SOURCE_FIXED: the tile shares its source (backward: f* is p_j, ``other`` holds the
     receivers); otherwise it shares its receiver (forward: f* is p_i, ``other`` holds the
-    sources). Returns r (three vectors), |r|^2 and the safe norm d.
+    sources). Returns r (three vectors) and the safe norm d.
     """
     o0 = tl.load(off_ptr + e * 3 + 0, mask=em, other=0.0)
     o1 = tl.load(off_ptr + e * 3 + 1, mask=em, other=0.0)
@@ -94,112 +109,202 @@ def _edge_geometry(pos_ptr, cell_ptr, off_ptr, fx, fy, fz, other, g, e, em, eps,
         rx = (ox + sx) - fx
         ry = (oy + sy) - fy
         rz = (oz + sz) - fz
-    rr = rx * rx + ry * ry + rz * rz
-    d = tl.sqrt(tl.maximum(rr, eps))
-    return rx, ry, rz, rr, d
+    d = tl.sqrt(tl.maximum(rx * rx + ry * ry + rz * rz, eps))
+    return rx, ry, rz, d
 
 
 @triton.jit
-def _gate_tile(x, env, denv, em, w_ptr, mu_ptr, rows, hm, R, coeff, cutoff,
-               WITH_DERIVATIVE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
-               BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """(tile_e, tile_h) gate W[rows] f(d) (no bias) and, optionally, its d-derivative
-    W[rows] df/dd, with a K-loop over the R centres in steps of BLOCK_K."""
+def _gates(blocks, env, SCALED: tl.constexpr, w_ptr, h, hm, H, R: tl.constexpr, BLOCK_E: tl.constexpr,
+           BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """The three chunks' (BLOCK_E, BLOCK_H) gates W[cH + h] f (no bias), in one sweep over the basis
+    blocks: per block of BLOCK_K centres, three ``tl.dot`` against (BLOCK_H, BLOCK_K) tiles of W.
+    ``blocks`` are the basis blocks f (:func:`basis_blocks`) or, with SCALED, the Gaussians
+    (:func:`gauss_blocks`), f being ``env`` times them."""
     dtype = w_ptr.dtype.element_ty
-    gate = tl.zeros([BLOCK_E, BLOCK_H], dtype=dtype)
-    dgate = tl.zeros([BLOCK_E, BLOCK_H], dtype=dtype)
-    for k0 in range(0, R, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        km = k < R
-        f, df = basis_tile(x, env, denv, em, mu_ptr, k, km, coeff, cutoff, WITH_DERIVATIVE)
-        w = tl.load(w_ptr + rows[:, None] * R + k[None, :], mask=hm[:, None] & km[None, :], other=0.0)
-        gate = tl.dot(f, tl.trans(w), gate, input_precision=PRECISION, out_dtype=dtype)
-        if WITH_DERIVATIVE:
-            dgate = tl.dot(df, tl.trans(w), dgate, input_precision=PRECISION, out_dtype=dtype)
-    return gate, dgate
+    gate0 = tl.zeros([BLOCK_E, BLOCK_H], dtype=dtype)
+    gate1 = tl.zeros([BLOCK_E, BLOCK_H], dtype=dtype)
+    gate2 = tl.zeros([BLOCK_E, BLOCK_H], dtype=dtype)
+    for q in tl.static_range(len(blocks)):
+        k = q * BLOCK_K + tl.arange(0, BLOCK_K)
+        wm = hm[:, None] & (k < R)[None, :]
+        w_rows = w_ptr + h[:, None] * R + k[None, :]
+        if SCALED:
+            f = env[:, None] * blocks[q]
+        else:
+            f = blocks[q]
+        gate0 = tl.dot(f, tl.trans(tl.load(w_rows, mask=wm, other=0.0)), gate0, input_precision=PRECISION,
+                       out_dtype=dtype)
+        gate1 = tl.dot(f, tl.trans(tl.load(w_rows + H * R, mask=wm, other=0.0)), gate1,
+                       input_precision=PRECISION, out_dtype=dtype)
+        gate2 = tl.dot(f, tl.trans(tl.load(w_rows + 2 * H * R, mask=wm, other=0.0)), gate2,
+                       input_precision=PRECISION, out_dtype=dtype)
+    return gate0, gate1, gate2
+
+
+@triton.jit
+def _in_loop(blocks, h0):
+    """``blocks`` unchanged, as a value of each iteration of the channel loop (``h0`` >= 0 is its
+    induction variable): the compiler then keeps the basis in its compact register layout and
+    converts one block at a time to the dot-operand layout inside the loop, instead of hoisting
+    every block's conversion out of it (that layout is replicated across the threads sharing a
+    row: ~4x the registers, which spill)."""
+    one = tl.where(h0 >= 0, 1.0, 0.0).to(blocks[0].dtype)
+    out = ()
+    for q in tl.static_range(len(blocks)):
+        out = out + (blocks[q] * one,)
+    return out
+
+
+@triton.jit
+def _add_store(ptr, value, written, added):
+    """Store ``value`` where ``written``, plus what is there already where ``added`` (a receiver's
+    later edge tiles add to the partial sums its first tile stored: this program's own rows)."""
+    tl.store(ptr, value + tl.load(ptr, mask=added, other=0.0), mask=written)
 
 
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _fwd_channel_block(xp_ptr, vec_ptr, w_ptr, b_ptr, fs, j, em, ux, uy, uz, h0, H, inv_sqrt3,
+                       R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """One receiver's edge tile, channels h0 + [0, BLOCK_H): the sums over the tile's edges of the
+    scalar message and of the three vector-message components (before the 1/sqrt(H))."""
+    h = h0 + tl.arange(0, BLOCK_H)
+    hm = h < H
+    m2 = em[:, None] & hm[None, :]
+    xrow = xp_ptr + j[:, None] * (3 * H) + h[None, :]
+    vrow = vec_ptr + j[:, None] * (3 * H) + h[None, :]
+    bias1, bias2, bias3 = chunk_biases(b_ptr, h, hm, H)
+    gate1, gate2, gate3 = _gates(fs, em, False, w_ptr, h, hm, H, R, BLOCK_E, BLOCK_H, BLOCK_K, PRECISION)
+    # chunk 1 gates vec[j]
+    b1 = tl.load(xrow, mask=m2, other=0.0) * (gate1 + bias1[None, :]) * inv_sqrt3
+    acc_x = tl.sum(b1 * tl.load(vrow, mask=m2, other=0.0), axis=0)
+    acc_y = tl.sum(b1 * tl.load(vrow + H, mask=m2, other=0.0), axis=0)
+    acc_z = tl.sum(b1 * tl.load(vrow + 2 * H, mask=m2, other=0.0), axis=0)
+    # chunk 2 gates the unit vector u = -r / d
+    b2 = tl.load(xrow + H, mask=m2, other=0.0) * (gate2 + bias2[None, :]) * inv_sqrt3
+    acc_x += tl.sum(ux[:, None] * b2, axis=0)
+    acc_y += tl.sum(uy[:, None] * b2, axis=0)
+    acc_z += tl.sum(uz[:, None] * b2, axis=0)
+    # chunk 3 is the scalar message
+    b3 = tl.load(xrow + 2 * H, mask=m2, other=0.0) * (gate3 + bias3[None, :]) * inv_sqrt3
+    acc_s = tl.sum(b3, axis=0)
+    return h, acc_s, acc_x, acc_y, acc_z
+
+
+@triton.jit
 def _mp_fwd_kernel(
     xp_ptr, vec_ptr, pos_ptr, cell_ptr, src_ptr, off_ptr, eg_ptr, w_ptr, b_ptr, mu_ptr, scal_ptr,
     rowptr_ptr, ds_ptr, dv_ptr,
-    N, H, R, nodes_per_program,
-    BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    N, H,
+    NODES: tl.constexpr, R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    hm = h < H
+    pid = tl.program_id(0)
     coeff, cutoff, inv_sqrt3, inv_sqrt_h, eps = load_scalars(scal_ptr)
-    H3 = 3 * H
-    bias1, bias2, bias3 = chunk_biases(b_ptr, h, hm, H)
-    zero_h = tl.zeros([BLOCK_H], dtype=xp_ptr.dtype.element_ty)
-
-    for t in range(0, nodes_per_program):
-        i = (pid_n * nodes_per_program + t).to(tl.int64)
+    for t in range(0, NODES):
+        i = (pid * NODES + t).to(tl.int64)
         node_ok = i < N
         start = tl.load(rowptr_ptr + tl.minimum(i, N))
         end = tl.load(rowptr_ptr + tl.minimum(i + 1, N))
         pix = tl.load(pos_ptr + i * 3 + 0, mask=node_ok, other=0.0)
         piy = tl.load(pos_ptr + i * 3 + 1, mask=node_ok, other=0.0)
         piz = tl.load(pos_ptr + i * 3 + 2, mask=node_ok, other=0.0)
-        acc_s = zero_h
-        acc_x = zero_h
-        acc_y = zero_h
-        acc_z = zero_h
-        for e0 in range(start, end, BLOCK_E):
-            e = e0 + tl.arange(0, BLOCK_E)
+        written = tl.where(node_ok, H, 0)  # (a scalar & block mask trips the interpreter)
+        # At least one tile, so that a receiver without edges gets its zeros.
+        for tile in range(0, tl.maximum((end - start + BLOCK_E - 1) // BLOCK_E, 1)):
+            e = start + tile * BLOCK_E + tl.arange(0, BLOCK_E)
             em = e < end
             j = tl.load(src_ptr + e, mask=em, other=0)
             g = tl.load(eg_ptr + e, mask=em, other=0)
-            rx, ry, rz, rr, d = _edge_geometry(pos_ptr, cell_ptr, off_ptr, pix, piy, piz, j, g, e, em,
-                                               eps, False)
+            rx, ry, rz, d = _edge_geometry(pos_ptr, cell_ptr, off_ptr, pix, piy, piz, j, g, e, em, eps, False)
             x, env, _ = envelope(d, cutoff, False)
-            m2 = em[:, None] & hm[None, :]
-            xrow = xp_ptr + j[:, None] * H3 + h[None, :]
-            vrow = vec_ptr + j[:, None] * H3 + h[None, :]
-            # chunk 1 gates vec[j]
-            gate, _ = _gate_tile(x, env, env, em, w_ptr, mu_ptr, h, hm, R, coeff, cutoff, False,
-                                 BLOCK_E, BLOCK_H, BLOCK_K, PRECISION)
-            b1 = tl.load(xrow, mask=m2, other=0.0) * (gate + bias1[None, :]) * inv_sqrt3
-            acc_x += tl.sum(b1 * tl.load(vrow, mask=m2, other=0.0), axis=0)
-            acc_y += tl.sum(b1 * tl.load(vrow + H, mask=m2, other=0.0), axis=0)
-            acc_z += tl.sum(b1 * tl.load(vrow + 2 * H, mask=m2, other=0.0), axis=0)
-            # chunk 2 gates the unit vector u = -r / d
-            gate, _ = _gate_tile(x, env, env, em, w_ptr, mu_ptr, H + h, hm, R, coeff, cutoff, False,
-                                 BLOCK_E, BLOCK_H, BLOCK_K, PRECISION)
-            b2 = tl.load(xrow + H, mask=m2, other=0.0) * (gate + bias2[None, :]) * inv_sqrt3
-            acc_x += tl.sum((-rx / d)[:, None] * b2, axis=0)
-            acc_y += tl.sum((-ry / d)[:, None] * b2, axis=0)
-            acc_z += tl.sum((-rz / d)[:, None] * b2, axis=0)
-            # chunk 3 is the scalar message
-            gate, _ = _gate_tile(x, env, env, em, w_ptr, mu_ptr, 2 * H + h, hm, R, coeff, cutoff, False,
-                                 BLOCK_E, BLOCK_H, BLOCK_K, PRECISION)
-            b3 = tl.load(xrow + 2 * H, mask=m2, other=0.0) * (gate + bias3[None, :]) * inv_sqrt3
-            acc_s += tl.sum(b3, axis=0)
-        om = h < tl.where(node_ok, H, 0)  # (a scalar & block mask trips the interpreter)
-        tl.store(ds_ptr + i * H + h, acc_s, mask=om)
-        tl.store(dv_ptr + i * H3 + h, acc_x * inv_sqrt_h, mask=om)
-        tl.store(dv_ptr + i * H3 + H + h, acc_y * inv_sqrt_h, mask=om)
-        tl.store(dv_ptr + i * H3 + 2 * H + h, acc_z * inv_sqrt_h, mask=om)
+            fs = basis_blocks(x, env, em, mu_ptr, coeff, R, BLOCK_K)  # once per edge
+            ux = -rx / d
+            uy = -ry / d
+            uz = -rz / d
+            added = tl.where(node_ok & (tile > 0), H, 0)
+            for h0 in range(0, H, BLOCK_H):
+                h, acc_s, acc_x, acc_y, acc_z = _fwd_channel_block(
+                    xp_ptr, vec_ptr, w_ptr, b_ptr, _in_loop(fs, h0), j, em, ux, uy, uz, h0, H, inv_sqrt3,
+                    R, BLOCK_E, BLOCK_H, BLOCK_K, PRECISION)
+                out_v = dv_ptr + i * (3 * H) + h
+                _add_store(ds_ptr + i * H + h, acc_s, h < written, h < added)
+                _add_store(out_v, acc_x * inv_sqrt_h, h < written, h < added)
+                _add_store(out_v + H, acc_y * inv_sqrt_h, h < written, h < added)
+                _add_store(out_v + 2 * H, acc_z * inv_sqrt_h, h < written, h < added)
 
 
 # ---------------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _mp_bwd_kernel(
+def _bwd_centre_terms(gs, x, env, denv, gg0, gg1, gg2, dws, dd, w_ptr, mu_ptr, h, hm, H, coeff, cutoff,
+                      R: tl.constexpr, NEED_W: tl.constexpr, NEED_GEOM: tl.constexpr,
+                      BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """The terms of a source's edge tile that contract over the centres, per block of BLOCK_K centres
+    (the basis blocks ``gs`` of :func:`gauss_blocks`) and chunk c, from the gate gradients ``gg_c``:
+
+    * dW[cH + h, k] += gg_c^T f: ``dws``, the chunk-major tuple of (BLOCK_H, BLOCK_K) accumulators;
+    * dL/dd[e] += sum_k (gg_c W_c)[e, k] df/dd[e, k]: ``dd`` (no d-derivative of the gates needed).
+
+    Returns both, updated."""
+    dtype = w_ptr.dtype.element_ty
+    num_k: tl.constexpr = len(gs)
+    new0 = ()
+    new1 = ()
+    new2 = ()
+    for q in tl.static_range(num_k):
+        k = q * BLOCK_K + tl.arange(0, BLOCK_K)
+        km = k < R
+        f, df = basis_derivative(x, env, denv, gs[q], mu_ptr, k, km, coeff, cutoff, NEED_GEOM)
+        if NEED_GEOM:
+            wm = hm[:, None] & km[None, :]
+            w_rows = w_ptr + h[:, None] * R + k[None, :]
+            t = tl.dot(gg0, tl.load(w_rows, mask=wm, other=0.0), input_precision=PRECISION, out_dtype=dtype)
+            t = tl.dot(gg1, tl.load(w_rows + H * R, mask=wm, other=0.0), t, input_precision=PRECISION,
+                       out_dtype=dtype)
+            t = tl.dot(gg2, tl.load(w_rows + 2 * H * R, mask=wm, other=0.0), t, input_precision=PRECISION,
+                       out_dtype=dtype)
+            dd += tl.sum(t * df, axis=1)
+        if NEED_W:
+            new0 = new0 + (tl.dot(tl.trans(gg0), f, dws[q], input_precision=PRECISION, out_dtype=dtype),)
+            new1 = new1 + (tl.dot(tl.trans(gg1), f, dws[num_k + q], input_precision=PRECISION,
+                                  out_dtype=dtype),)
+            new2 = new2 + (tl.dot(tl.trans(gg2), f, dws[2 * num_k + q], input_precision=PRECISION,
+                                  out_dtype=dtype),)
+    if NEED_W:
+        dws = new0 + new1 + new2
+    return dws, dd
+
+
+@triton.jit
+def _store_weight_gradient(gw_ptr, gb_ptr, dws, db0, db1, db2, pid_n, h, hm, H,
+                           R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's dW and db partial: rows cH + h of slice ``pid_n``, one store each."""
+    num_k: tl.constexpr = len(dws) // 3
+    base = gw_ptr + pid_n.to(tl.int64) * (3 * H * R)
+    for c in tl.static_range(3):
+        for q in tl.static_range(num_k):
+            k = q * BLOCK_K + tl.arange(0, BLOCK_K)
+            tl.store(base + (c * H + h)[:, None] * R + k[None, :], dws[c * num_k + q],
+                     mask=hm[:, None] & (k < R)[None, :])
+    gb_row = gb_ptr + pid_n.to(tl.int64) * (3 * H) + h
+    tl.store(gb_row, db0, mask=hm)
+    tl.store(gb_row + H, db1, mask=hm)
+    tl.store(gb_row + 2 * H, db2, mask=hm)
+
+
+@triton.jit
+def _mp_bwd_kernel(  # Long on purpose: one source's edge tiles, every chunk, in one pass
     xp_ptr, vec_ptr, pos_ptr, cell_ptr, dst_ptr, off_ptr, eg_ptr, w_ptr, b_ptr, mu_ptr, scal_ptr,
     colptr_ptr, perm_ptr, gds_ptr, gdv_ptr,
     gxp_ptr, gvec_ptr, gw_ptr, gb_ptr, gd_ptr, gu_ptr,
-    N, H, R, nodes_per_program, num_hblocks,
-    CHUNK: tl.constexpr, NEED_W: tl.constexpr, NEED_GEOM: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    N, H, E, nodes_per_program,
+    R: tl.constexpr, NEED_W: tl.constexpr, NEED_GEOM: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -207,14 +312,16 @@ def _mp_bwd_kernel(
     hm = h < H
     coeff, cutoff, inv_sqrt3, inv_sqrt_h, eps = load_scalars(scal_ptr)
     H3 = 3 * H
-    hc = CHUNK * H + h  # row of W, column of x_proj
-    bias = tl.load(b_ptr + hc, mask=hm, other=0.0)
-    zero_h = tl.zeros([BLOCK_H], dtype=xp_ptr.dtype.element_ty)
-    acc_gb = zero_h
-    gd_col = CHUNK * num_hblocks + pid_h
-    gd_stride = 3 * num_hblocks
-    gw_rows = gw_ptr + (pid_n.to(tl.int64) * H3 + hc) * R  # this program's slice of the W-gradient partials
-
+    dtype = xp_ptr.dtype.element_ty
+    bias0, bias1, bias2 = chunk_biases(b_ptr, h, hm, H)
+    zero_h = tl.zeros([BLOCK_H], dtype=dtype)
+    db0 = zero_h
+    db1 = zero_h
+    db2 = zero_h
+    dws = ()
+    if NEED_W:
+        for _ in tl.static_range(3 * ((R + BLOCK_K - 1) // BLOCK_K)):
+            dws = dws + (tl.zeros([BLOCK_H, BLOCK_K], dtype=dtype),)
     for t in range(0, nodes_per_program):
         n = (pid_n * nodes_per_program + t).to(tl.int64)
         node_ok = n < N
@@ -223,75 +330,80 @@ def _mp_bwd_kernel(
         pjx = tl.load(pos_ptr + n * 3 + 0, mask=node_ok, other=0.0)
         pjy = tl.load(pos_ptr + n * 3 + 1, mask=node_ok, other=0.0)
         pjz = tl.load(pos_ptr + n * 3 + 2, mask=node_ok, other=0.0)
-        nm = h < tl.where(node_ok, H, 0)
-        xn = tl.load(xp_ptr + n * H3 + hc, mask=nm, other=0.0)
-        if CHUNK == 0:
-            vnx = tl.load(vec_ptr + n * H3 + h, mask=nm, other=0.0)
-            vny = tl.load(vec_ptr + n * H3 + H + h, mask=nm, other=0.0)
-            vnz = tl.load(vec_ptr + n * H3 + 2 * H + h, mask=nm, other=0.0)
-        acc_gx = zero_h
+        nm = h < tl.where(node_ok, H, 0)  # (a scalar & block mask trips the interpreter)
+        xn0 = tl.load(xp_ptr + n * H3 + h, mask=nm, other=0.0)
+        xn1 = tl.load(xp_ptr + n * H3 + H + h, mask=nm, other=0.0)
+        xn2 = tl.load(xp_ptr + n * H3 + 2 * H + h, mask=nm, other=0.0)
+        vnx = tl.load(vec_ptr + n * H3 + h, mask=nm, other=0.0)
+        vny = tl.load(vec_ptr + n * H3 + H + h, mask=nm, other=0.0)
+        vnz = tl.load(vec_ptr + n * H3 + 2 * H + h, mask=nm, other=0.0)
+        acc_g0 = zero_h
+        acc_g1 = zero_h
+        acc_g2 = zero_h
         acc_vx = zero_h
         acc_vy = zero_h
         acc_vz = zero_h
         for p0 in range(start, end, BLOCK_E):
-            p = p0 + tl.arange(0, BLOCK_E)
+            p = p0 + tl.arange(0, BLOCK_E)  # position in the source-sorted order
             pm = p < end
             e = tl.load(perm_ptr + p, mask=pm, other=0)
             i = tl.load(dst_ptr + e, mask=pm, other=0)
             g = tl.load(eg_ptr + e, mask=pm, other=0)
-            rx, ry, rz, rr, d = _edge_geometry(pos_ptr, cell_ptr, off_ptr, pjx, pjy, pjz, i, g, e, pm,
-                                               eps, True)
+            rx, ry, rz, d = _edge_geometry(pos_ptr, cell_ptr, off_ptr, pjx, pjy, pjz, i, g, e, pm, eps, True)
             x, env, denv = envelope(d, cutoff, NEED_GEOM)
-            gate, dgate = _gate_tile(x, env, denv, pm, w_ptr, mu_ptr, hc, hm, R, coeff, cutoff, NEED_GEOM,
-                                     BLOCK_E, BLOCK_H, BLOCK_K, PRECISION)
-            gate = gate + bias[None, :]
+            gs = gauss_blocks(x, pm, mu_ptr, coeff, R, BLOCK_K)  # once per edge and channel block
             m2 = pm[:, None] & hm[None, :]
-            if CHUNK == 2:
-                gbeta = tl.load(gds_ptr + i[:, None] * H + h[None, :], mask=m2, other=0.0)
-            else:
-                grow = gdv_ptr + i[:, None] * H3 + h[None, :]
-                gvx = tl.load(grow, mask=m2, other=0.0)
-                gvy = tl.load(grow + H, mask=m2, other=0.0)
-                gvz = tl.load(grow + 2 * H, mask=m2, other=0.0)
-                if CHUNK == 0:
-                    gbeta = (gvx * vnx[None, :] + gvy * vny[None, :] + gvz * vnz[None, :]) * inv_sqrt_h
-                    beta = xn[None, :] * gate * inv_sqrt3
-                    acc_vx += tl.sum(beta * gvx, axis=0)
-                    acc_vy += tl.sum(beta * gvy, axis=0)
-                    acc_vz += tl.sum(beta * gvz, axis=0)
-                else:
-                    ux = -rx / d
-                    uy = -ry / d
-                    uz = -rz / d
-                    gbeta = (gvx * ux[:, None] + gvy * uy[:, None] + gvz * uz[:, None]) * inv_sqrt_h
-                    if NEED_GEOM:
-                        beta = xn[None, :] * gate * inv_sqrt3
-                        gu_row = gu_ptr + (e * num_hblocks + pid_h) * 3
-                        tl.store(gu_row + 0, tl.sum(gvx * beta, axis=1) * inv_sqrt_h, mask=pm)
-                        tl.store(gu_row + 1, tl.sum(gvy * beta, axis=1) * inv_sqrt_h, mask=pm)
-                        tl.store(gu_row + 2, tl.sum(gvz * beta, axis=1) * inv_sqrt_h, mask=pm)
-            acc_gx += tl.sum(gbeta * gate * inv_sqrt3, axis=0)
-            ggate = tl.where(m2, gbeta * xn[None, :] * inv_sqrt3, 0.0)
+            grow = gdv_ptr + i[:, None] * H3 + h[None, :]
+            gvx = tl.load(grow, mask=m2, other=0.0)
+            gvy = tl.load(grow + H, mask=m2, other=0.0)
+            gvz = tl.load(grow + 2 * H, mask=m2, other=0.0)
+            gate0, gate1, gate2 = _gates(gs, env, True, w_ptr, h, hm, H, R, BLOCK_E, BLOCK_H, BLOCK_K, PRECISION)
+            # chunk 1 gated vec[j]
+            gate = gate0 + bias0[None, :]
+            beta = xn0[None, :] * gate * inv_sqrt3
+            acc_vx += tl.sum(beta * gvx, axis=0)
+            acc_vy += tl.sum(beta * gvy, axis=0)
+            acc_vz += tl.sum(beta * gvz, axis=0)
+            gbeta = (gvx * vnx[None, :] + gvy * vny[None, :] + gvz * vnz[None, :]) * inv_sqrt_h
+            acc_g0 += tl.sum(gbeta * gate * inv_sqrt3, axis=0)
+            gg0 = tl.where(m2, gbeta * xn0[None, :] * inv_sqrt3, 0.0)
+            # chunk 2 gated u = -r / d
+            gate = gate1 + bias1[None, :]
+            ux = -rx / d
+            uy = -ry / d
+            uz = -rz / d
+            gbeta = (gvx * ux[:, None] + gvy * uy[:, None] + gvz * uz[:, None]) * inv_sqrt_h
+            acc_g1 += tl.sum(gbeta * gate * inv_sqrt3, axis=0)
+            gg1 = tl.where(m2, gbeta * xn1[None, :] * inv_sqrt3, 0.0)
             if NEED_GEOM:
-                tl.store(gd_ptr + e * gd_stride + gd_col, tl.sum(ggate * dgate, axis=1), mask=pm)
+                # dL/du partials of this channel block: rows (block, component), contiguous in p.
+                beta = xn1[None, :] * gate * (inv_sqrt3 * inv_sqrt_h)
+                gu_row = gu_ptr + (pid_h * 3) * E + p
+                tl.store(gu_row, tl.sum(gvx * beta, axis=1), mask=pm)
+                tl.store(gu_row + E, tl.sum(gvy * beta, axis=1), mask=pm)
+                tl.store(gu_row + 2 * E, tl.sum(gvz * beta, axis=1), mask=pm)
+            # chunk 3 was the scalar message
+            gate = gate2 + bias2[None, :]
+            gbeta = tl.load(gds_ptr + i[:, None] * H + h[None, :], mask=m2, other=0.0)
+            acc_g2 += tl.sum(gbeta * gate * inv_sqrt3, axis=0)
+            gg2 = tl.where(m2, gbeta * xn2[None, :] * inv_sqrt3, 0.0)
             if NEED_W:
-                acc_gb += tl.sum(ggate, axis=0)
-                # dW[rows, k] += ggate^T f: read-modify-write of this program's own partial slice.
-                for k0 in range(0, R, BLOCK_K):
-                    k = k0 + tl.arange(0, BLOCK_K)
-                    km = k < R
-                    f, _ = basis_tile(x, env, env, pm, mu_ptr, k, km, coeff, cutoff, False)
-                    wm = hm[:, None] & km[None, :]
-                    gw = tl.load(gw_rows[:, None] + k[None, :], mask=wm, other=0.0)
-                    gw = tl.dot(tl.trans(ggate), f, gw, input_precision=PRECISION, out_dtype=gw.dtype)
-                    tl.store(gw_rows[:, None] + k[None, :], gw, mask=wm)
-        tl.store(gxp_ptr + n * H3 + hc, acc_gx, mask=nm)
-        if CHUNK == 0:
-            tl.store(gvec_ptr + n * H3 + h, acc_vx * inv_sqrt_h, mask=nm)
-            tl.store(gvec_ptr + n * H3 + H + h, acc_vy * inv_sqrt_h, mask=nm)
-            tl.store(gvec_ptr + n * H3 + 2 * H + h, acc_vz * inv_sqrt_h, mask=nm)
+                db0 += tl.sum(gg0, axis=0)
+                db1 += tl.sum(gg1, axis=0)
+                db2 += tl.sum(gg2, axis=0)
+            dd = tl.zeros([BLOCK_E], dtype=dtype)
+            dws, dd = _bwd_centre_terms(gs, x, env, denv, gg0, gg1, gg2, dws, dd, w_ptr, mu_ptr, h, hm, H,
+                                        coeff, cutoff, R, NEED_W, NEED_GEOM, BLOCK_K, PRECISION)
+            if NEED_GEOM:
+                tl.store(gd_ptr + pid_h * E + p, dd, mask=pm)
+        tl.store(gxp_ptr + n * H3 + h, acc_g0, mask=nm)
+        tl.store(gxp_ptr + n * H3 + H + h, acc_g1, mask=nm)
+        tl.store(gxp_ptr + n * H3 + 2 * H + h, acc_g2, mask=nm)
+        tl.store(gvec_ptr + n * H3 + h, acc_vx * inv_sqrt_h, mask=nm)
+        tl.store(gvec_ptr + n * H3 + H + h, acc_vy * inv_sqrt_h, mask=nm)
+        tl.store(gvec_ptr + n * H3 + 2 * H + h, acc_vz * inv_sqrt_h, mask=nm)
     if NEED_W:
-        tl.store(gb_ptr + pid_n * H3 + hc, acc_gb, mask=hm)
+        _store_weight_gradient(gw_ptr, gb_ptr, dws, db0, db1, db2, pid_n, h, hm, H, R, BLOCK_K)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,26 +413,53 @@ def _mp_bwd_kernel(
 class KernelConfig(GateConfig):
     """Tile sizes and launch parameters; ``None`` fields are chosen from the problem and device.
 
-    block_e: edges per tile (>= 16). fwd_nodes_per_program / bwd_nodes_per_program: receivers
+    block_e: edges per forward tile, a receiver's edges (>= 16). bwd_block_e: edges per backward
+    tile, a source's edges (>= 16). fwd_nodes_per_program / bwd_nodes_per_program: receivers
     (forward) or sources (backward) handled in turn by one program; the backward keeps one
-    W-gradient partial per program. block_h, block_k, num_warps, num_stages, input_precision: see
-    :class:`~e3relax_fast.kernels.utils.GateConfig`.
+    W-gradient partial per program row. block_h, block_k, num_warps, num_stages, input_precision:
+    see :class:`~e3relax_fast.kernels.utils.GateConfig`; the basis of a tile is held as
+    ceil(R / block_k) register blocks.
     """
 
     block_e: int | None = None
+    bwd_block_e: int | None = None
+    fwd_maxnreg: int | None = None
     fwd_nodes_per_program: int | None = None
     bwd_nodes_per_program: int | None = None
 
 
 def gpu_tiles(dtype: torch.dtype, hidden: int) -> dict:
-    """Default GPU tiles. Chosen from sm_90 ahead-of-time compiles (ptxas: no or few spills at
-    H=512, R=128), not from timings: no GPU was available when they were picked."""
+    """Default GPU tiles. Chosen from sm_90 ahead-of-time compiles (ptxas at H=512, R=128: no
+    spills, the float32 forward within 128 registers so two CTAs fit per SM), not from timings: no
+    GPU was available when they were picked. :func:`tuning_configs` lists the ones to sweep."""
     if dtype == torch.float64:
-        tiles = dict(block_e=16, block_h=32, block_k=16, num_warps=8, num_stages=1)
+        tiles = dict(block_e=32, bwd_block_e=16, block_h=16, block_k=32, num_warps=8, num_stages=2,
+                     fwd_maxnreg=None)
     else:
-        tiles = dict(block_e=64, block_h=32, block_k=16, num_warps=8, num_stages=1)
+        tiles = dict(block_e=32, bwd_block_e=16, block_h=16, block_k=32, num_warps=8, num_stages=2,
+                     fwd_maxnreg=128)
     tiles["block_h"] = min(tiles["block_h"], max(16, triton.next_power_of_2(hidden)))
     return tiles
+
+
+def tuning_configs(dtype: torch.dtype = torch.float32) -> list[KernelConfig]:
+    """Candidate configurations to sweep on hardware (``message_passing(..., config=c)`` for each;
+    the defaults of :func:`gpu_tiles` are the first). The interpreter and the AOT tests use one
+    fixed configuration; no entry here has been timed yet."""
+    fp32 = dtype == torch.float32
+    edges = (64, 32) if fp32 else (32, 16)
+    out = [KernelConfig(**gpu_tiles(dtype, 512))]
+    for block_e in edges:
+        for block_h in (32, 64):
+            for num_stages in (2, 3):
+                for num_warps in (4, 8):
+                    cfg = KernelConfig(block_e=block_e, bwd_block_e=32 if fp32 else 16, block_h=block_h, block_k=32,
+                                       num_warps=num_warps, num_stages=num_stages)
+                    if cfg not in out:
+                        out.append(cfg)
+    if fp32:
+        out += [KernelConfig(**{**gpu_tiles(dtype, 512), "input_precision": p}) for p in ("tf32x3", "tf32")]
+    return out
 
 
 def _resolve_config(cfg: KernelConfig | None, n: int, h: int, r: int, dtype: torch.dtype,
@@ -328,18 +467,45 @@ def _resolve_config(cfg: KernelConfig | None, n: int, h: int, r: int, dtype: tor
     cfg = cfg or KernelConfig()
     if interpreting() or device.type != "cuda":
         # The interpreter pays ~1 ms per program and per interpreted op: few programs, big tiles.
-        defaults = dict(block_e=64, block_h=min(128, max(16, triton.next_power_of_2(h))),
+        defaults = dict(block_e=64, bwd_block_e=64, block_h=min(128, max(16, triton.next_power_of_2(h))),
                         block_k=max(16, triton.next_power_of_2(r)), fwd_nodes_per_program=max(1, n),
                         bwd_nodes_per_program=max(1, n), num_warps=4, num_stages=1)
     else:
         defaults = gpu_tiles(dtype, h)
         n_hb = triton.cdiv(h, cfg.block_h or defaults["block_h"])
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        # Backward: about four programs per SM per chunk launch, each over a run of sources, so
-        # the W-gradient partials (one (3H, R) slice per source block) stay small.
-        blocks = max(1, (4 * sms) // n_hb)
-        defaults.update(fwd_nodes_per_program=1, bwd_nodes_per_program=max(1, triton.cdiv(n, blocks)))
+        # Backward: about four programs per SM, each over a run of sources, so the W-gradient
+        # partials (one (3H, R) slice per run) stay few.
+        runs = max(1, (4 * sms) // n_hb)
+        defaults.update(fwd_nodes_per_program=1, bwd_nodes_per_program=max(1, triton.cdiv(n, runs)))
     return cfg.with_defaults(defaults)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------
+_CSR_ATTRIBUTE = "_e3relax_source_csr"
+
+
+def source_csr(edge_index: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """``(perm, colptr)``: the edges in source order (stable argsort of ``edge_index[0]``) and the
+    ``(n+1,)`` source CSR over that order, which the backward walks.
+
+    Computed once per graph: kept on ``edge_index`` itself (the model passes the same tensor to every
+    layer) and reused while that tensor is unchanged (same version counter and atom count).
+    """
+    key = (edge_index._version, int(n), edge_index.data_ptr(), tuple(edge_index.shape))
+    cached = getattr(edge_index, _CSR_ATTRIBUTE, None)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    src = edge_index[0].to(torch.int64)
+    perm = torch.argsort(src, stable=True)
+    colptr = torch.searchsorted(src[perm], torch.arange(n + 1, device=src.device, dtype=torch.int64))
+    try:
+        setattr(edge_index, _CSR_ATTRIBUTE, (key, perm, colptr))
+    except (AttributeError, RuntimeError):  # a tensor that takes no attributes: recomputed per call
+        pass
+    return perm, colptr
 
 
 def _forward(x_proj, vec, positions, cells, src, offsets, edge_graph, edge_weight, edge_bias, centres,
@@ -350,76 +516,82 @@ def _forward(x_proj, vec, positions, cells, src, offsets, edge_graph, edge_weigh
     dv = alloc((n, 3, h), x_proj)
     if n == 0:
         return ds, dv
-    grid = (triton.cdiv(n, cfg.fwd_nodes_per_program), triton.cdiv(h, cfg.block_h))
-    _mp_fwd_kernel[grid](
+    _mp_fwd_kernel[(triton.cdiv(n, cfg.fwd_nodes_per_program),)](
         x_proj, vec, positions, cells, src, offsets, edge_graph, edge_weight, edge_bias, centres, scal,
-        rowptr, ds, dv, n, h, r, cfg.fwd_nodes_per_program,
-        BLOCK_E=cfg.block_e, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
+        rowptr, ds, dv, n, h,
+        NODES=cfg.fwd_nodes_per_program, R=r, BLOCK_E=cfg.block_e, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
         PRECISION=cfg.input_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({} if cfg.fwd_maxnreg is None else {"maxnreg": cfg.fwd_maxnreg}),
     )
     return ds, dv
 
 
+def _geometry_gradient(gd_part, gu_part, perm, positions, cells, src, dst, offsets, edge_graph, need_pos,
+                       need_cell):
+    """dL/dd and dL/du (per-channel-block partials in source order) -> dL/dr -> positions, cells."""
+    gd = torch.empty_like(gd_part[0])
+    gd[perm] = gd_part.sum(0)
+    gu = torch.empty_like(gu_part[0].t())
+    gu[perm] = gu_part.sum(0).t()
+    # d = sqrt(max(|r|^2, eps)), u = -r/d
+    rvec = positions[src] + torch.einsum("ep,epq->eq", offsets, cells[edge_graph]) - positions[dst]
+    rr = (rvec * rvec).sum(-1)
+    d = torch.sqrt(torch.clamp(rr, min=EPS))
+    gd = gd + (gu * rvec).sum(-1) / (d * d)
+    gr = -gu / d.unsqueeze(-1) + (torch.where(rr >= EPS, gd / d, 0.0)).unsqueeze(-1) * rvec
+    g_pos = torch.zeros_like(positions).index_add_(0, src, gr).index_add_(0, dst, -gr) if need_pos else None
+    g_cell = (torch.zeros_like(cells).index_add_(0, edge_graph, offsets.unsqueeze(-1) * gr.unsqueeze(1))
+              if need_cell else None)
+    return g_pos, g_cell
+
+
 def _backward(gds, gdv, saved, need, cfg: KernelConfig):
     (x_proj, vec, positions, cells, src, dst, offsets, edge_graph, edge_weight, edge_bias, centres,
-     scal) = saved
+     scal, perm, colptr) = saved
     need_xp, need_vec, need_pos, need_cell, need_w, need_b = need
     n, h = vec.shape[0], vec.shape[2]
     r = centres.shape[0]
     e_count = src.shape[0]
     need_geom = need_pos or need_cell
     need_wb = need_w or need_b
-    gxp = alloc((n, 3 * h), x_proj)
-    gvec = alloc((n, 3, h), x_proj)
     if n == 0:
         return (x_proj.new_zeros(x_proj.shape), vec.new_zeros(vec.shape), torch.zeros_like(positions),
                 torch.zeros_like(cells), torch.zeros_like(edge_weight), torch.zeros_like(edge_bias))
-    # Outgoing edges of every source, in a fixed (stable) order: deterministic per-source sums.
-    perm = torch.argsort(src, stable=True)
-    colptr = torch.searchsorted(src[perm], torch.arange(n + 1, device=src.device, dtype=src.dtype))
+    gxp = alloc((n, 3 * h), x_proj)
+    gvec = alloc((n, 3, h), x_proj)
     n_hb = triton.cdiv(h, cfg.block_h)
     npp = cfg.bwd_nodes_per_program
     n_prog = triton.cdiv(n, npp)
-    # Accumulated in place by the kernels (each program owns one slice): must start at zero.
-    gw_part = x_proj.new_zeros((n_prog, 3 * h, r)) if need_wb else x_proj.new_empty(0)
+    # One slice per program row, each written once (no zeroing needed); summed in fixed order.
+    gw_part = alloc((n_prog, 3 * h, r), x_proj) if need_wb else x_proj.new_empty(0)
     gb_part = alloc((n_prog, 3 * h), x_proj) if need_wb else x_proj.new_empty(0)
-    gd_part = alloc((e_count, 3 * n_hb), x_proj) if need_geom else x_proj.new_empty(0)
-    gu_part = alloc((e_count, n_hb, 3), x_proj) if need_geom else x_proj.new_empty(0)
-    for chunk in range(3):
-        _mp_bwd_kernel[(n_prog, n_hb)](
-            x_proj, vec, positions, cells, dst, offsets, edge_graph, edge_weight, edge_bias, centres,
-            scal, colptr, perm, gds, gdv, gxp, gvec, gw_part, gb_part, gd_part, gu_part,
-            n, h, r, npp, n_hb,
-            CHUNK=chunk, NEED_W=need_wb, NEED_GEOM=need_geom,
-            BLOCK_E=cfg.block_e, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
-            PRECISION=cfg.input_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+    gd_part = alloc((n_hb, e_count), x_proj) if need_geom else x_proj.new_empty(0)
+    gu_part = alloc((n_hb, 3, e_count), x_proj) if need_geom else x_proj.new_empty(0)
+    _mp_bwd_kernel[(n_prog, n_hb)](
+        x_proj, vec, positions, cells, dst, offsets, edge_graph, edge_weight, edge_bias, centres,
+        scal, colptr, perm, gds, gdv, gxp, gvec, gw_part, gb_part, gd_part, gu_part,
+        n, h, e_count, npp,
+        R=r, NEED_W=need_wb, NEED_GEOM=need_geom,
+        BLOCK_E=cfg.bwd_block_e, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
+        PRECISION=cfg.input_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
     g_w = gw_part.sum(0) if need_wb else None
     g_b = gb_part.sum(0) if need_wb else None
     g_pos = g_cell = None
     if need_geom:
-        # dL/dd and dL/du per edge -> dL/dr (d = sqrt(max(|r|^2, eps)), u = -r/d), then scatter.
-        rvec = positions[src] + torch.einsum("ep,epq->eq", offsets, cells[edge_graph]) - positions[dst]
-        rr = (rvec * rvec).sum(-1)
-        d = torch.sqrt(torch.clamp(rr, min=EPS))
-        gu = gu_part.sum(1)
-        gd = gd_part.sum(1) + (gu * rvec).sum(-1) / (d * d)
-        gr = -gu / d.unsqueeze(-1) + (torch.where(rr >= EPS, gd / d, 0.0)).unsqueeze(-1) * rvec
-        if need_pos:
-            g_pos = torch.zeros_like(positions).index_add_(0, src, gr).index_add_(0, dst, -gr)
-        if need_cell:
-            g_cell = torch.zeros_like(cells).index_add_(0, edge_graph, offsets.unsqueeze(-1) * gr.unsqueeze(1))
+        g_pos, g_cell = _geometry_gradient(gd_part, gu_part, perm, positions, cells, src, dst, offsets,
+                                           edge_graph, need_pos, need_cell)
     return (gxp if need_xp else None), (gvec if need_vec else None), g_pos, g_cell, g_w, g_b
 
 
 class _FusedMessagePassing(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_proj, vec, positions, cells, edge_weight, edge_bias, src, dst, offsets, edge_graph,
-                centres, scal, rowptr, cfg):
+                centres, scal, rowptr, perm, colptr, cfg):
         ds, dv = _forward(x_proj, vec, positions, cells, src, offsets, edge_graph, edge_weight, edge_bias,
                           centres, scal, rowptr, cfg)
         ctx.save_for_backward(x_proj, vec, positions, cells, src, dst, offsets, edge_graph, edge_weight,
-                              edge_bias, centres, scal)
+                              edge_bias, centres, scal, perm, colptr)
         ctx.cfg = cfg
         return ds, dv
 
@@ -428,7 +600,7 @@ class _FusedMessagePassing(torch.autograd.Function):
     def backward(ctx, gds, gdv):
         need = ctx.needs_input_grad[:6]
         grads = _backward(gds.contiguous(), gdv.contiguous(), ctx.saved_tensors, need, ctx.cfg)
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, *([None] * 10))
 
 
 def message_passing(
@@ -486,45 +658,58 @@ def message_passing(
                          f"got {tuple(edge_weight.shape)}")
     cfg = _resolve_config(config, n, h, rbf_centres.shape[0], dtype, x_proj.device)
     cfg.check(dtype, "block_e")
+    cfg.check(dtype, "bwd_block_e")
     src = edge_index[0].to(torch.int64).contiguous()
     dst = edge_index[1].to(torch.int64).contiguous()
+    inputs = (x_proj, vec, positions, cells, edge_weight, edge_bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        perm, colptr = source_csr(edge_index, n)
+    else:
+        perm = colptr = src.new_empty(0)
     return _FusedMessagePassing.apply(
         x_proj.contiguous(), vec.contiguous(), positions.contiguous(), cells.contiguous(),
         edge_weight.contiguous(), edge_bias.contiguous(), src, dst,
         cell_offsets.to(dtype).contiguous(), edge_graph.to(torch.int64).contiguous(),
         rbf_centres.to(dtype).contiguous(), scalars(rbf_coeff, cutoff, h, x_proj),
-        rowptr.to(torch.int64).contiguous(), cfg,
+        rowptr.to(torch.int64).contiguous(), perm, colptr, cfg,
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time compilation (no GPU needed): catches errors the interpreter hides.
 # ---------------------------------------------------------------------------------------------
+def _aligned(types: dict) -> tuple[str, ...]:
+    """The parameters Triton's launcher would see as multiples of 16 at H = 512: every pointer
+    (fresh tensors are 16-byte aligned) and H."""
+    return tuple(name for name, t in types.items() if t.startswith("*") or name == "H")
+
+
 def aot_compile(dtype: torch.dtype = torch.float32, hidden: int = 512, num_rbf: int = 128,
                 arch: int = 90, config: KernelConfig | None = None,
-                kernels: tuple[str, ...] = ("fwd", "bwd0", "bwd1", "bwd2")) -> dict:
-    """Compile the forward (``"fwd"``) and the per-chunk backward kernels (``"bwd0"``..``"bwd2"``)
-    for ``sm_{arch}`` without a device, with the tiles the GPU defaults would use.
+                kernels: tuple[str, ...] = ("fwd", "bwd")) -> dict:
+    """Compile the forward (``"fwd"``) and the backward (``"bwd"``, every gradient term: all three
+    chunks in one kernel) for ``sm_{arch}`` without a device, with the tiles the GPU defaults would
+    use (or ``config``'s).
 
     Returns ``{kernel name: compiled kernel}`` (``.asm`` holds ``ttgir``/``ptx``/``cubin``).
     """
     tiles = (config or KernelConfig()).with_defaults(gpu_tiles(dtype, hidden))
     fp = "*fp32" if dtype == torch.float32 else "*fp64"
-    gate_tiles = {"BLOCK_E": tiles.block_e, "BLOCK_H": tiles.block_h, "BLOCK_K": tiles.block_k,
+    gate_tiles = {"R": num_rbf, "BLOCK_H": tiles.block_h, "BLOCK_K": tiles.block_k,
                   "PRECISION": tiles.input_precision}
     common = {"xp_ptr": fp, "vec_ptr": fp, "pos_ptr": fp, "cell_ptr": fp, "off_ptr": fp, "eg_ptr": "*i64",
-              "w_ptr": fp, "b_ptr": fp, "mu_ptr": fp, "scal_ptr": fp, "N": "i32", "H": "i32", "R": "i32",
-              "nodes_per_program": "i32"}
+              "w_ptr": fp, "b_ptr": fp, "mu_ptr": fp, "scal_ptr": fp, "N": "i32", "H": "i32"}
     out = {}
     if "fwd" in kernels:
         types = {**common, "src_ptr": "*i64", "rowptr_ptr": "*i64", "ds_ptr": fp, "dv_ptr": fp}
-        out["fwd"] = compile_for_gpu(_mp_fwd_kernel, types, gate_tiles, arch, tiles.num_warps, tiles.num_stages)
-    types = {**common, "dst_ptr": "*i64", "colptr_ptr": "*i64", "perm_ptr": "*i64", "gds_ptr": fp, "gdv_ptr": fp,
-             "gxp_ptr": fp, "gvec_ptr": fp, "gw_ptr": fp, "gb_ptr": fp, "gd_ptr": fp, "gu_ptr": fp,
-             "num_hblocks": "i32"}
-    for chunk in range(3):
-        if f"bwd{chunk}" in kernels:
-            consts = {"CHUNK": chunk, "NEED_W": True, "NEED_GEOM": True, **gate_tiles}
-            out[f"bwd{chunk}"] = compile_for_gpu(_mp_bwd_kernel, types, consts, arch, tiles.num_warps,
-                                                 tiles.num_stages)
+        consts = {**gate_tiles, "BLOCK_E": tiles.block_e, "NODES": tiles.fwd_nodes_per_program or 1}
+        out["fwd"] = compile_for_gpu(_mp_fwd_kernel, types, consts, arch, tiles.num_warps, tiles.num_stages,
+                                     tiles.fwd_maxnreg, _aligned(types))
+    if "bwd" in kernels:
+        types = {**common, "dst_ptr": "*i64", "colptr_ptr": "*i64", "perm_ptr": "*i64", "gds_ptr": fp,
+                 "gdv_ptr": fp, "gxp_ptr": fp, "gvec_ptr": fp, "gw_ptr": fp, "gb_ptr": fp, "gd_ptr": fp,
+                 "gu_ptr": fp, "E": "i32", "nodes_per_program": "i32"}
+        consts = {**gate_tiles, "BLOCK_E": tiles.bwd_block_e, "NEED_W": True, "NEED_GEOM": True}
+        out["bwd"] = compile_for_gpu(_mp_bwd_kernel, types, consts, arch, tiles.num_warps, tiles.num_stages,
+                                     None, _aligned(types))
     return out

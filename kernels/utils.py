@@ -74,11 +74,16 @@ class GateConfig(LaunchConfig):
             raise ValueError(f"{row_tile}, block_h and block_k must be >= 16 (tl.dot tile minimum)")
 
 
-def compile_for_gpu(kernel, types: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int = 1):
+def compile_for_gpu(kernel, types: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int = 1,
+                    maxnreg: int | None = None, aligned: tuple[str, ...] = ()):
     """Compile the ``@triton.jit`` ``kernel`` for CUDA ``sm_{arch}`` without a device.
 
     ``types`` gives every runtime parameter's Triton type (``"*fp32"``, ``"*i64"``, ``"i32"``, ...),
-    ``constexprs`` every constexpr parameter's value. Returns the compiled kernel (``.asm`` holds
+    ``constexprs`` every constexpr parameter's value; ``maxnreg`` caps the registers per thread
+    (ptxas ``.maxnreg``), as the launch option of the same name. ``aligned`` names the parameters
+    to compile as multiples of 16 (pointers: 16-byte aligned), the specialization Triton's launcher
+    makes at run time for such values (fresh torch tensors, H = 512), so the code compiled here
+    is the code that would run. Returns the compiled kernel (``.asm`` holds
     ``ttgir``/``ptx``/``cubin``, ``.metadata.shared`` its shared memory).
     """
     from triton.backends.compiler import GPUTarget
@@ -88,5 +93,7 @@ def compile_for_gpu(kernel, types: dict, constexprs: dict, arch: int, num_warps:
         raise RuntimeError("compiling for a GPU needs the kernels defined without TRITON_INTERPRET=1 "
                            "(import the kernel module in a process where it is unset)")
     signature = {name: "constexpr" if name in constexprs else types[name] for name in kernel.arg_names}
-    return triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages,
+                                   **({} if maxnreg is None else {"maxnreg": maxnreg})})

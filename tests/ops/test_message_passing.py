@@ -582,6 +582,43 @@ def test_triton_many_tiles_and_programs_float64():
 
 
 @backend_only(OP, "triton")
+def test_triton_source_order_cached_per_graph():
+    """The backward's source-sorted permutation is built once per graph (kept on edge_index) and
+    rebuilt when the graph changes in place; every layer of a model reuses it."""
+    km = triton_module(OP)
+    args, rowptr = make_case(torch.float64, backend_device("triton"), hidden=8, num_rbf=16, seed=7, sizes=(1, 3))
+    n, edge_index = args["vec"].shape[0], args["edge_index"]
+    x_proj = args["x_proj"].clone().requires_grad_(True)
+    for _ in range(2):
+        ds, dv = km.message_passing(**dict(args, x_proj=x_proj), rowptr=rowptr)
+        (ds.sum() + dv.sum()).backward()
+    cached = getattr(edge_index, km._CSR_ATTRIBUTE)  # kept by the forward that needed a backward
+    perm, colptr = km.source_csr(edge_index, n)
+    assert perm is cached[1]
+    assert km.source_csr(edge_index, n)[0] is perm  # cached, not recomputed
+    src = edge_index[0].cpu()
+    assert torch.equal(src[perm.cpu()], torch.sort(src, stable=True).values)
+    assert torch.equal(colptr.cpu(), torch.searchsorted(src[perm.cpu()], torch.arange(n + 1)))
+    with torch.no_grad():
+        edge_index[0].copy_(edge_index[0].flip(0))  # in place: a new version of the graph
+    perm2, _ = km.source_csr(edge_index, n)
+    assert perm2 is not perm and torch.equal(edge_index[0].cpu()[perm2.cpu()],
+                                             torch.sort(edge_index[0].cpu(), stable=True).values)
+
+
+@backend_only(OP, "triton")
+def test_triton_tuning_configs_are_valid():
+    """The autotune table's configurations (swept on hardware) all pass the config checks."""
+    km = triton_module(OP)
+    for dtype in (torch.float32, torch.float64):
+        configs = km.tuning_configs(dtype)
+        assert configs[0] == km.KernelConfig(**km.gpu_tiles(dtype, 512)) and len(set(configs)) == len(configs) > 4
+        for cfg in configs:
+            cfg.check(dtype, "block_e")
+            cfg.check(dtype, "bwd_block_e")
+
+
+@backend_only(OP, "triton")
 def test_triton_rowptr_required():
     args, _ = make_case(torch.float64, backend_device("triton"), sizes=(2,))
     with pytest.raises(ValueError, match="rowptr"):
