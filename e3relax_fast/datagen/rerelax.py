@@ -5,9 +5,9 @@ symmetric input, CHGNet's free relaxation often breaks the symmetry once float32
 octahedron: a target that no one-shot model can predict from the symmetric input (and that the
 canonical frame's symmetry projection cannot reach). Each such pair — its relaxed structure does not
 keep every symmetry operation of its unrelaxed one (within ``tolerance`` Å) — is relaxed again from
-its unrelaxed structure with ASE's ``FixSymmetry`` (found at ``symprec`` Å). Every other pair is
-copied unchanged: P1 inputs, strained + rattled pairs (relaxed freely on purpose), and pairs whose
-free relaxation kept the symmetry anyway.
+its unrelaxed structure with ASE's ``FixSymmetry`` (found at ``symprec`` Å); one whose re-relaxation
+fails or does not converge is left out. Every other pair is copied unchanged: P1 inputs, strained +
+rattled pairs (relaxed freely on purpose), and pairs whose free relaxation kept the symmetry anyway.
 
 The output is an extxyz pair folder (:func:`~e3relax_fast.io.write_extxyz_pairs`) with the input's
 ids and splits, and an ``index.csv`` whose ``rerelaxed`` column says which targets changed.
@@ -99,8 +99,8 @@ def rerelax(sources: list[str | Path], out: str | Path, calculator: str = "chgne
             device: str = "cpu") -> dict:
     """Copy the pairs of ``sources`` to ``out``, re-relaxing the symmetry-broken ones (see the module
     docstring). A re-relaxation that fails or does not converge keeps the pair's old target and is
-    counted as failed. A killed run resumes from ``out/rerelaxed.jsonl``. Returns the counts and the
-    time taken."""
+    counted as failed, and the pair is left out (its old target broke the symmetry). A killed run
+    resumes from ``out/rerelaxed.jsonl``. Returns the counts and the time taken (of this call)."""
     out = Path(out)
     start = time.perf_counter()
     pairs = {split: [pair for source in sources for pair in _split_or_nothing(source, split)] for split in SPLITS}
@@ -118,6 +118,9 @@ def rerelax(sources: list[str | Path], out: str | Path, calculator: str = "chgne
             changed.add(pair.id)
         else:
             failed.add(pair.id)
+    read = sum(len(v) for v in pairs.values())
+    # A failed re-relaxation leaves a symmetry-broken target: dropped, listed in provenance.json.
+    pairs = {split: [p for p in pairs[split] if p.id not in failed] for split in SPLITS}
     for split in SPLITS:
         if pairs[split]:  # an empty extxyz file is unreadable
             write_extxyz_pairs(pairs[split], out, split)
@@ -127,8 +130,9 @@ def rerelax(sources: list[str | Path], out: str | Path, calculator: str = "chgne
         for split in SPLITS:
             for p in pairs[split]:
                 writer.writerow([p.id, split, p.family, p.protocol, int(p.id in changed)])
-    summary = {"sources": [str(s) for s in sources], "pairs": sum(len(v) for v in pairs.values()),
+    summary = {"sources": [str(s) for s in sources], "pairs": read,
                "symmetry_broken": len(broken), "rerelaxed": len(changed), "failed": len(failed),
+               "dropped": sorted(failed), "written": sum(len(v) for v in pairs.values()),
                "symprec": symprec, "tolerance": tolerance, "calculator": calculator, "fmax": fmax,
                "max_steps": max_steps, "seconds": round(time.perf_counter() - start, 1)}
     (out / "provenance.json").write_text(json.dumps(summary, indent=1) + "\n")
