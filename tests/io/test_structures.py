@@ -238,6 +238,29 @@ def test_overlap_through_unwrapped_positions_and_skewed_cells_matches_brute_forc
         checked += 1
 
 
+@pytest.mark.parametrize("threshold", [0.1, 0.5])
+def test_all_pairs_and_binned_closest_pair_agree(threshold):
+    """Structures of up to 64 atoms measure every pair; larger ones bin: both give the same pair."""
+    from e3relax_fast.io.validate import _closest_pair_all, _closest_pair_binned
+
+    rng = np.random.default_rng(3)
+    found = 0
+    for _ in range(60):
+        n = int(rng.integers(2, 65))
+        cell = np.diag(rng.uniform(3.0, 9.0, 3)) + rng.normal(0, 0.4, (3, 3))
+        if np.linalg.det(cell) <= 0 or plane_spacings(cell).min() < 2.5 * threshold:
+            continue
+        frac = rng.uniform(0, 1, (n, 3))
+        k = int(rng.integers(1, n))  # atom k planted near atom 0, possibly through a face
+        frac[k] = (frac[0] + rng.normal(0, 0.6 * threshold, 3) @ np.linalg.inv(cell)) % 1.0
+        a, b = _closest_pair_all(frac, cell, threshold), _closest_pair_binned(frac, cell, threshold)
+        assert (a is None) == (b is None)
+        if a is not None:
+            found += 1
+            assert a[2] == pytest.approx(b[2], abs=1e-12) and {a[0], a[1]} == {b[0], b[1]}
+    assert found > 10
+
+
 def test_close_but_not_overlapping_across_the_boundary_is_valid():
     pos = np.array([[0.05, 0.0, 0.0], [4.9, 0.0, 0.0]])  # 0.15 Å apart through the boundary
     validate(*to_arrays(([1, 1], pos, CUBE)))
