@@ -193,16 +193,19 @@ def canonical_frame(atomic_numbers, positions, cell, symprec: float = SYMPREC) -
     return _canonical_frame(moyopy, z, pos, lattice, symprec)
 
 
-class _OmittedOperations(logging.Filter):
-    """moyopy logs a warning for every supercell input ("Omitted ... symmetry operations ... in the
-    input-cell basis"): true, expected here (the primitive cell's operations are used), and noise
-    for a user screening thousands of crystals. This filter drops that message and nothing else."""
+class _ExpectedMoyoWarnings(logging.Filter):
+    """moyopy logs two warnings that are expected here and noise for a user screening thousands of
+    crystals: "Omitted ... symmetry operations ... in the input-cell basis" for every supercell input
+    (the primitive cell's operations are used), and "Large displacement during symmetrization" when an
+    atom is moved to its exact Wyckoff position (what the frame does on purpose, by at most symprec).
+    This filter drops those two messages and nothing else."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Omitted")
+        message = record.getMessage()
+        return not (message.startswith("Omitted") or message.startswith("Large displacement during symmetrization"))
 
 
-_MOYO_FILTER = _OmittedOperations()
+_MOYO_FILTER = _ExpectedMoyoWarnings()
 
 
 def _canonical_frame(moyopy, z, pos, lattice, symprec) -> CanonicalFrame:

@@ -226,3 +226,17 @@ def test_paper_compat_keeps_the_raw_behaviour():
     np.testing.assert_allclose(out.cell.array, direct.cells[-1][0].numpy(), atol=1e-12)
     with pytest.raises(ValueError, match="symmetry='keep' needs frame='canonical'"):
         relax_batch([atoms], model, symmetry="keep")
+
+
+def test_only_moyopys_expected_warnings_are_dropped():
+    """The frame's filter on moyopy's logger drops its two expected warnings and nothing else."""
+    import logging
+
+    from e3relax_fast.frame import _MOYO_FILTER
+
+    def record(message):
+        return logging.LogRecord("moyo", logging.WARNING, __file__, 1, message, None, None)
+
+    assert not _MOYO_FILTER.filter(record("Omitted 24 symmetry operations in the input-cell basis"))
+    assert not _MOYO_FILTER.filter(record("Large displacement during symmetrization: [[0.0002, 0, 0]] for site 3"))
+    assert _MOYO_FILTER.filter(record("Symmetry search failed"))
