@@ -130,6 +130,8 @@ def test_report_says_n_a_for_a_zero_dummy_metric(tmp_path):
     text = write_report(result, pairs, tmp_path, "zero dummy").read_text()
     assert "| volume error (Å³) | 0.0000 | 0.0000 | n/a |" in text
     assert "| perov | 1 |" in text and "| oqmd | 3 |" in text  # the per-family table
+    perov = next(line for line in text.splitlines() if line.startswith("| perov | 1 |"))
+    assert perov.endswith("| n/a | 100 % | 100 % |")  # volume error / Dummy, then volume within 3 %
     assert "| volume within 3 % of the target's (share of structures) | 100.0% | 100.0% |" in text
     for pair in pairs:
         pair.cell_relaxed = pair.cell_unrelaxed * 1.02  # +6 % volume: outside the 3 %
