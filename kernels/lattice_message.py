@@ -10,27 +10,37 @@ i of crystal g and lattice node k:
     [a1|a2|a3]_i = x_proj_i * (W f_i + b) / sqrt(3)                                      (3H,)
     ds_i = a3,  v_out_i = (a1 * vec_i + w_i (x) a2) / sqrt(H)
 
+Radial basis (``_lm_basis_kernel``), grid ``(atom tiles of 16,)``: evaluates f (N, R) once per
+atom (one exponential per atom and centre) into a scratch buffer in the working dtype, and in the
+backward, when the geometry needs a gradient, also its slope cutoff * df/dd (N, R) from the same
+exponential. R = 128 values per atom (512 B at float32, a third of a row of x_proj at H = 128):
+small next to the 3H-wide rows the other kernels read. The kernels below read tiles of it; none
+evaluates an exponential, so the basis costs R exponentials per atom whatever the number of
+channel blocks, atom tiles or W blocks (when the gate kernels evaluated it themselves, each
+channel block did: 16 times per atom at H = 512, float32). The forward's buffer is not kept for the backward (no
+N x R tensor lives until the backward): the backward evaluates it once more.
+
 Forward (``_lm_fwd_kernel``): grid ``(atom tiles, channel blocks)``. A program owns ``block_n``
 consecutive atoms and ``block_h`` channels of each of the three chunks. It computes the atoms'
-geometry in registers, then one K-loop over the R centres (steps of ``block_k``) evaluates the
-basis tile (block_n x block_k) once and feeds three ``tl.dot`` with the rows of W of the three
-chunks. Gates, ``ds`` and ``v_out`` follow in registers: one plain store per output element, no
-atomics, nothing of size N x R in memory.
+geometry in registers, then one K-loop over the R centres (steps of ``block_k``) reads the basis
+tile (block_n x block_k) once and feeds three ``tl.dot`` with the rows of W of the three chunks
+(both tiles software-pipelined, ``num_stages``). Gates, ``ds`` and ``v_out`` follow in registers:
+one plain store per output element, no atomics.
 
-Backward: three kernels, so that none holds more than three (block_n, block_h) tiles at once (the
-single backward kernel this replaced held six accumulators plus the W-gradient operands, and
-spilled at float64):
+Backward: the basis kernel, then three kernels, so that none holds more than three
+(block_n, block_h) tiles at once (the single backward kernel this replaced held six accumulators
+plus the W-gradient operands, and spilled at float64):
 
-* ``_lm_bwd_kernel``, grid ``(atom tiles, channel blocks)``: recomputes geometry, basis and the
-  three gates as the forward does, reads the upstream gradients and stores d x_proj and d vec
-  (one store each), the gate gradients ``gg`` ((N, 3H), laid out as x_proj; only when W, b or the
-  geometry need a gradient) and per-(atom, channel block) partials of dL/dw;
+* ``_lm_bwd_kernel``, grid ``(atom tiles, channel blocks)``: recomputes geometry and the three
+  gates from the stored basis as the forward does, reads the upstream gradients and stores
+  d x_proj and d vec (one store each), the gate gradients ``gg`` ((N, 3H), laid out as x_proj;
+  only when W, b or the geometry need a gradient) and per-(atom, channel block) partials of dL/dw;
 * ``_lm_bwd_dist_kernel``, grid ``(atom tiles,)``: dL/dd = sum_k df/dd[n, k] (gg W)[n, k], the
-  GEMM gg W over all 3H rows inside a K-loop over the centres, so the gates' d-derivatives are
-  never formed;
+  GEMM gg W over all 3H rows inside a K-loop over the centres, times the stored slope, so the
+  gates' d-derivatives are never formed;
 * ``_lm_bwd_weight_kernel``, grid ``(row blocks of W, centre blocks, runs of atom tiles)``:
-  dL/dW = gg^T f accumulated in registers over the run's atom tiles (basis recomputed), one store
-  per run into a partial summed afterwards in fixed order; dL/db = column sums of gg (torch).
+  dL/dW = gg^T f accumulated in registers over the run's atom tiles (f read from the buffer), one
+  store per run into a partial summed afterwards in fixed order; dL/db = column sums of gg (torch).
 
 A short PyTorch epilogue turns dL/dd and dL/dw into dL/dq. Each atom has exactly one q, so
 dL/dp = -dL/dq needs no scatter; dL/dC_g[k] and dL/dc_g are ``index_add_`` over the atoms of each
@@ -39,7 +49,8 @@ differences; deterministic under ``torch.use_deterministic_algorithms``). The ba
 first-order only (``once_differentiable``).
 
 Tiles: :func:`gpu_tiles` (one fixed configuration, used by the AOT tests) and
-:func:`tuning_configs` (candidates for a hardware sweep).
+:func:`tuning_configs` (candidates for a hardware sweep) for the gate, dL/dd and dL/dW kernels;
+the basis kernel has fixed tiles (``BASIS_BLOCK_N`` x ``BASIS_BLOCK_K``, ``BASIS_NUM_WARPS``).
 
 Precision: float32 and float64, with the conventions of ``kernels/message_passing.py``:
 ``input_precision="ieee"`` by default (``"tf32"``/``"tf32x3"`` opt in, untested here), and float
@@ -87,10 +98,41 @@ def _lattice_geometry(pos_ptr, cell_ptr, cen_ptr, gi_ptr, n, nm, K, eps, CENTRED
 
 
 @triton.jit
-def _three_gates(x, env, nm, w_ptr, mu_ptr, h, hm, H, R, coeff, cutoff,
+def _lm_basis_kernel(
+    pos_ptr, cell_ptr, cen_ptr, gi_ptr, mu_ptr, scal_ptr, f_ptr, slope_ptr,
+    N, R, K,
+    CENTRED: tl.constexpr, WITH_SLOPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The radial basis of ``BLOCK_N`` atoms, evaluated once: f[n, :] (N, R) and, with WITH_SLOPE,
+    its slope cutoff * df/dd[n, :] (the basis derivative taken with cutoff 1), one exponential per
+    (atom, centre). Rows past N are not stored."""
+    pid = tl.program_id(0)
+    n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    nm = n < N
+    coeff, cutoff, _, _, eps = load_scalars(scal_ptr)
+    _, _, _, _, d = _lattice_geometry(pos_ptr, cell_ptr, cen_ptr, gi_ptr, n, nm, K, eps, CENTRED)
+    x, env, denv = envelope(d, cutoff, WITH_SLOPE)
+    for k0 in range(0, R, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        km = k < R
+        f, slope = basis_tile(x, env, denv, nm, mu_ptr, k, km, coeff, 1.0, WITH_SLOPE)
+        m2 = nm[:, None] & km[None, :]
+        tl.store(f_ptr + n[:, None] * R + k[None, :], f, mask=m2)
+        if WITH_SLOPE:
+            tl.store(slope_ptr + n[:, None] * R + k[None, :], slope, mask=m2)
+
+
+@triton.jit
+def _basis_block(f_ptr, n, nm, k, km, R):
+    """The (tile_n, tile_k) block of the stored basis (zero outside ``nm`` x ``km``)."""
+    return tl.load(f_ptr + n[:, None] * R + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+
+
+@triton.jit
+def _three_gates(f_ptr, n, nm, w_ptr, h, hm, H, R,
                  BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """(tile_n, tile_h) gates W[c H + h] f(d) (no bias) of the three chunks c. One K-loop: each
-    basis tile is computed once and used by all chunks."""
+    block of the stored basis is read once and used by all chunks."""
     dtype = w_ptr.dtype.element_ty
     g1 = tl.zeros([BLOCK_N, BLOCK_H], dtype=dtype)
     g2 = tl.zeros([BLOCK_N, BLOCK_H], dtype=dtype)
@@ -98,7 +140,7 @@ def _three_gates(x, env, nm, w_ptr, mu_ptr, h, hm, H, R, coeff, cutoff,
     for k0 in range(0, R, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         km = k < R
-        f, _ = basis_tile(x, env, env, nm, mu_ptr, k, km, coeff, cutoff, False)
+        f = _basis_block(f_ptr, n, nm, k, km, R)
         wm = hm[:, None] & km[None, :]
         wrow = w_ptr + h[:, None] * R + k[None, :]
         g1 = tl.dot(f, tl.trans(tl.load(wrow, mask=wm, other=0.0)), g1, input_precision=PRECISION, out_dtype=dtype)
@@ -114,7 +156,7 @@ def _three_gates(x, env, nm, w_ptr, mu_ptr, h, hm, H, R, coeff, cutoff,
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _lm_fwd_kernel(
-    xp_ptr, vec_ptr, pos_ptr, cell_ptr, cen_ptr, gi_ptr, w_ptr, b_ptr, mu_ptr, scal_ptr,
+    xp_ptr, vec_ptr, pos_ptr, cell_ptr, cen_ptr, gi_ptr, w_ptr, b_ptr, f_ptr, scal_ptr,
     ds_ptr, vo_ptr,
     N, H, R, K,
     CENTRED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -126,13 +168,11 @@ def _lm_fwd_kernel(
     nm = n < N
     h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
-    coeff, cutoff, inv_sqrt3, inv_sqrt_h, eps = load_scalars(scal_ptr)
+    _, _, inv_sqrt3, inv_sqrt_h, eps = load_scalars(scal_ptr)
     H3 = 3 * H
 
     qx, qy, qz, _, d = _lattice_geometry(pos_ptr, cell_ptr, cen_ptr, gi_ptr, n, nm, K, eps, CENTRED)
-    x, env, _ = envelope(d, cutoff, False)
-    g1, g2, g3 = _three_gates(x, env, nm, w_ptr, mu_ptr, h, hm, H, R, coeff, cutoff, BLOCK_N, BLOCK_H, BLOCK_K,
-                              PRECISION)
+    g1, g2, g3 = _three_gates(f_ptr, n, nm, w_ptr, h, hm, H, R, BLOCK_N, BLOCK_H, BLOCK_K, PRECISION)
     m2 = nm[:, None] & hm[None, :]
     xrow = xp_ptr + n[:, None] * H3 + h[None, :]
     a1 = tl.load(xrow, mask=m2, other=0.0) * (g1 + tl.load(b_ptr + h, mask=hm, other=0.0)[None, :]) * inv_sqrt3
@@ -155,7 +195,7 @@ def _lm_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _lm_bwd_kernel(
-    xp_ptr, vec_ptr, pos_ptr, cell_ptr, cen_ptr, gi_ptr, w_ptr, b_ptr, mu_ptr, scal_ptr,
+    xp_ptr, vec_ptr, pos_ptr, cell_ptr, cen_ptr, gi_ptr, w_ptr, b_ptr, f_ptr, scal_ptr,
     gds_ptr, gvo_ptr,
     gxp_ptr, gvec_ptr, gg_ptr, gdir_ptr,
     N, H, R, K, num_hblocks,
@@ -171,12 +211,10 @@ def _lm_bwd_kernel(
     h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
     m2 = nm[:, None] & hm[None, :]
-    coeff, cutoff, inv_sqrt3, inv_sqrt_h, eps = load_scalars(scal_ptr)
+    _, _, inv_sqrt3, inv_sqrt_h, eps = load_scalars(scal_ptr)
     H3 = 3 * H
     qx, qy, qz, _, d = _lattice_geometry(pos_ptr, cell_ptr, cen_ptr, gi_ptr, n, nm, K, eps, CENTRED)
-    x, env, _ = envelope(d, cutoff, False)
-    g1, g2, g3 = _three_gates(x, env, nm, w_ptr, mu_ptr, h, hm, H, R, coeff, cutoff, BLOCK_N, BLOCK_H, BLOCK_K,
-                              PRECISION)
+    g1, g2, g3 = _three_gates(f_ptr, n, nm, w_ptr, h, hm, H, R, BLOCK_N, BLOCK_H, BLOCK_K, PRECISION)
     bias1, bias2, bias3 = chunk_biases(b_ptr, h, hm, H)
     g1 = g1 + bias1[None, :]
     g2 = g2 + bias2[None, :]
@@ -215,21 +253,19 @@ def _lm_bwd_kernel(
 
 @triton.jit
 def _lm_bwd_dist_kernel(
-    pos_ptr, cell_ptr, cen_ptr, gi_ptr, w_ptr, mu_ptr, scal_ptr, gg_ptr, gdist_ptr,
-    N, H3, R, K,
-    CENTRED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    w_ptr, slope_ptr, scal_ptr, gg_ptr, gdist_ptr,
+    N, H3, R,
+    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dL/dd of a tile of atoms: sum_k df/dd[n, k] G[n, k] with G = gg W (a GEMM over all 3H rows of
     W, in blocks of BLOCK_H), one K-loop over the centres; the gates' d-derivatives are never formed.
-    The basis slope is taken with cutoff 1 (cutoff * df/dd), divided by the cutoff once per atom."""
+    The basis slope (cutoff * df/dd, stored by ``_lm_basis_kernel``) is divided by the cutoff once
+    per atom."""
     pid_n = tl.program_id(0)
     n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     nm = n < N
-    coeff, cutoff, _, _, eps = load_scalars(scal_ptr)
+    cutoff = tl.load(scal_ptr + 1)
     dtype = w_ptr.dtype.element_ty
-    _, _, _, _, d = _lattice_geometry(pos_ptr, cell_ptr, cen_ptr, gi_ptr, n, nm, K, eps, CENTRED)
-    x, env, denv = envelope(d, cutoff, True)
     gdist = tl.zeros([BLOCK_N], dtype=dtype)
     for k0 in range(0, R, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -241,17 +277,15 @@ def _lm_bwd_dist_kernel(
             gg = tl.load(gg_ptr + n[:, None] * H3 + r[None, :], mask=nm[:, None] & rm[None, :], other=0.0)
             wt = tl.load(w_ptr + r[:, None] * R + k[None, :], mask=rm[:, None] & km[None, :], other=0.0)
             big_g = tl.dot(gg, wt, big_g, input_precision=PRECISION, out_dtype=dtype)
-        f_unused, slope = basis_tile(x, env, denv, nm, mu_ptr, k, km, coeff, 1.0, True)
-        gdist += tl.sum(slope * big_g, axis=1)
+        gdist += tl.sum(_basis_block(slope_ptr, n, nm, k, km, R) * big_g, axis=1)
     tl.store(gdist_ptr + n, gdist / cutoff, mask=nm)
 
 
 @triton.jit
 def _lm_bwd_weight_kernel(
-    pos_ptr, cell_ptr, cen_ptr, gi_ptr, mu_ptr, scal_ptr, gg_ptr, gw_ptr,
-    N, H3, R, K, tiles_per_program,
-    CENTRED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    f_ptr, gg_ptr, gw_ptr,
+    N, H3, R, tiles_per_program,
+    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dL/dW partial: rows ``BLOCK_H`` of W (over all three chunks), centres ``BLOCK_K``, summed
     over a run of ``tiles_per_program`` atom tiles as gg^T f in a register accumulator; one store
@@ -263,14 +297,11 @@ def _lm_bwd_weight_kernel(
     rm = r < H3
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     km = k < R
-    coeff, cutoff, _, _, eps = load_scalars(scal_ptr)
     acc = tl.zeros([BLOCK_H, BLOCK_K], dtype=gg_ptr.dtype.element_ty)
     for t in range(0, tiles_per_program):
         n = ((pid_s * tiles_per_program + t) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         nm = n < N
-        qx, qy, qz, qq, d = _lattice_geometry(pos_ptr, cell_ptr, cen_ptr, gi_ptr, n, nm, K, eps, CENTRED)
-        x, env, denv = envelope(d, cutoff, False)
-        f, df = basis_tile(x, env, env, nm, mu_ptr, k, km, coeff, cutoff, False)
+        f = _basis_block(f_ptr, n, nm, k, km, R)
         gg = tl.load(gg_ptr + n[:, None] * H3 + r[None, :], mask=nm[:, None] & rm[None, :], other=0.0)
         acc = tl.dot(tl.trans(gg), f, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     tl.store(gw_ptr + (pid_s.to(tl.int64) * H3 + r)[:, None] * R + k[None, :], acc, mask=rm[:, None] & km[None, :])
@@ -288,7 +319,7 @@ class KernelConfig(GateConfig):
     W-gradient kernel (each run of tiles writes one (3H, R) partial). block_h (channels per
     program; rows of W per program of the W-gradient kernel), block_k, num_warps, num_stages,
     input_precision: see :class:`~e3relax_fast.kernels.utils.GateConfig`. One configuration serves
-    all four kernels.
+    the forward and the three backward kernels (the basis kernel has tiles of its own).
     """
 
     block_n: int | None = None
@@ -301,8 +332,9 @@ def gpu_tiles(dtype: torch.dtype, hidden: int) -> dict:
     these, no kernel spills at float32 (ieee, tf32 and tf32x3) or float64, and with tf32/tf32x3
     the forward, backward and dL/dd kernels use wgmma. Larger tiles (block_h 64 at float32, 32 at
     float64) or 4 warps spilled, and at float64 2 stages left 8 bytes of local memory in the
-    paper-form W-gradient kernel under 3.6. :func:`tuning_configs` lists the candidates to sweep on
-    hardware."""
+    paper-form W-gradient kernel under 3.6 (measured while the kernels still evaluated the basis
+    themselves; reading it from the basis buffer, none spills with these tiles at 2 or 3 stages).
+    :func:`tuning_configs` lists the candidates to sweep on hardware."""
     if dtype == torch.float64:
         tiles = dict(block_n=64, block_h=16, block_k=16, num_warps=8, num_stages=3)
     else:
@@ -354,6 +386,27 @@ def _resolve_config(cfg: KernelConfig | None, n: int, h: int, r: int, dtype: tor
     return cfg.with_defaults(defaults)
 
 
+# Tiles of the basis kernel (rows of atoms, centres per step): small row tiles, so that a part-filled
+# last tile evaluates few masked exponentials.
+BASIS_BLOCK_N = 16
+BASIS_BLOCK_K = 64
+BASIS_NUM_WARPS = 4
+
+
+def _basis(positions, cells, centres, graph_index, k: int, mu, scal, with_slope: bool):
+    """The basis f (N, R) of every atom for lattice node ``k`` and, ``with_slope``, its slope
+    cutoff * df/dd (N, R), else None: one launch of ``_lm_basis_kernel``."""
+    n, r = positions.shape[0], mu.shape[0]
+    f = alloc((n, r), positions)
+    slope = alloc((n, r), positions) if with_slope else None
+    _lm_basis_kernel[(triton.cdiv(n, BASIS_BLOCK_N),)](
+        positions, cells, positions if centres is None else centres, graph_index, mu, scal, f,
+        f if slope is None else slope, n, r, k, CENTRED=centres is not None, WITH_SLOPE=with_slope,
+        BLOCK_N=BASIS_BLOCK_N, BLOCK_K=min(BASIS_BLOCK_K, max(16, triton.next_power_of_2(r))),
+        num_warps=BASIS_NUM_WARPS, num_stages=1)
+    return f, slope
+
+
 def _forward(x_proj, vec, positions, cells, centres, graph_index, k, edge_weight, edge_bias, mu, scal,
              cfg: KernelConfig):
     n, h = vec.shape[0], vec.shape[2]
@@ -361,10 +414,11 @@ def _forward(x_proj, vec, positions, cells, centres, graph_index, k, edge_weight
     v_out = alloc((n, 3, h), x_proj)
     if n == 0:
         return ds, v_out
+    f, _ = _basis(positions, cells, centres, graph_index, k, mu, scal, False)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(h, cfg.block_h))
     _lm_fwd_kernel[grid](
         x_proj, vec, positions, cells, positions if centres is None else centres, graph_index, edge_weight,
-        edge_bias, mu, scal, ds, v_out, n, h, mu.shape[0], k,
+        edge_bias, f, scal, ds, v_out, n, h, mu.shape[0], k,
         CENTRED=centres is not None, BLOCK_N=cfg.block_n, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
         PRECISION=cfg.input_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -382,27 +436,27 @@ def _backward_kernels(gds, gvo, saved, centres, k: int, need_gg: bool, need_w: b
     n_hb = triton.cdiv(h, cfg.block_h)
     tiles = triton.cdiv(n, cfg.block_n)
     cen = positions if centres is None else centres
-    geometry = dict(CENTRED=centres is not None, BLOCK_N=cfg.block_n, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
-                    PRECISION=cfg.input_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    f, slope = _basis(positions, cells, centres, graph_index, k, mu, scal, need_geom)
+    tiling = dict(BLOCK_N=cfg.block_n, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, PRECISION=cfg.input_precision,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     gxp = alloc((n, 3 * h), x_proj)
     gvec = alloc((n, 3, h), x_proj)
     gg = alloc((n, 3 * h), x_proj) if need_gg else x_proj.new_empty(0)
     gdir = alloc((n, n_hb, 3), x_proj) if need_geom else x_proj.new_empty(0)
     _lm_bwd_kernel[(tiles, n_hb)](
-        x_proj, vec, positions, cells, cen, graph_index, edge_weight, edge_bias, mu, scal, gds, gvo,
-        gxp, gvec, gg, gdir, n, h, r, k, n_hb, NEED_GG=need_gg, NEED_GEOM=need_geom, **geometry)
+        x_proj, vec, positions, cells, cen, graph_index, edge_weight, edge_bias, f, scal, gds, gvo,
+        gxp, gvec, gg, gdir, n, h, r, k, n_hb, CENTRED=centres is not None, NEED_GG=need_gg, NEED_GEOM=need_geom,
+        **tiling)
     gdist = gw = None
     if need_geom:
         gdist = alloc((n,), x_proj)
-        _lm_bwd_dist_kernel[(tiles,)](positions, cells, cen, graph_index, edge_weight, mu, scal, gg, gdist,
-                                      n, 3 * h, r, k, **geometry)
+        _lm_bwd_dist_kernel[(tiles,)](edge_weight, slope, scal, gg, gdist, n, 3 * h, r, **tiling)
     if need_w:
         tpp = cfg.bwd_tiles_per_program
         runs = triton.cdiv(tiles, tpp)
         gw = alloc((runs, 3 * h, r), x_proj)
         grid = (triton.cdiv(3 * h, cfg.block_h), triton.cdiv(r, cfg.block_k), runs)
-        _lm_bwd_weight_kernel[grid](positions, cells, cen, graph_index, mu, scal, gg, gw, n, 3 * h, r, k, tpp,
-                                    **geometry)
+        _lm_bwd_weight_kernel[grid](f, gg, gw, n, 3 * h, r, tpp, **tiling)
     return gxp, gvec, (gg if need_gg else None), gw, gdist, (gdir if need_geom else None)
 
 
@@ -530,28 +584,38 @@ def lattice_message(
 # ---------------------------------------------------------------------------------------------
 def aot_compile(dtype: torch.dtype = torch.float32, hidden: int = 512, num_rbf: int = 128,
                 arch: int = 90, config: KernelConfig | None = None, centred: bool = True,
-                kernels: tuple[str, ...] = ("fwd", "bwd", "bwd_dist", "bwd_weight")) -> dict:
-    """Compile the forward (``"fwd"``) and backward kernels (``"bwd"`` with every gradient term,
-    ``"bwd_dist"``, ``"bwd_weight"``) for ``sm_{arch}`` without a device, with the tiles the GPU
-    defaults would use (or ``config``'s); ``centred`` selects the default-mode (True) or paper
-    form of the geometry.
+                kernels: tuple[str, ...] = ("basis", "basis_slope", "fwd", "bwd", "bwd_dist", "bwd_weight")) -> dict:
+    """Compile the basis kernel (``"basis"``: f only, as the forward launches it; ``"basis_slope"``:
+    f and its slope, as the backward does), the forward (``"fwd"``) and backward kernels (``"bwd"``
+    with every gradient term, ``"bwd_dist"``, ``"bwd_weight"``) for ``sm_{arch}`` without a device,
+    with the tiles the GPU defaults would use (or ``config``'s); ``centred`` selects the
+    default-mode (True) or paper form of the geometry.
 
     Returns ``{kernel name: compiled kernel}`` (``.asm`` holds ``ttgir``/``ptx``/``cubin``).
     """
     tiles = (config or KernelConfig()).with_defaults(gpu_tiles(dtype, hidden))
     fp = "*fp32" if dtype == torch.float32 else "*fp64"
-    consts = {"CENTRED": centred, "BLOCK_N": tiles.block_n, "BLOCK_H": tiles.block_h, "BLOCK_K": tiles.block_k,
+    tiling = {"BLOCK_N": tiles.block_n, "BLOCK_H": tiles.block_h, "BLOCK_K": tiles.block_k,
               "PRECISION": tiles.input_precision}
-    geom = {"pos_ptr": fp, "cell_ptr": fp, "cen_ptr": fp, "gi_ptr": "*i64", "mu_ptr": fp, "scal_ptr": fp, "N": "i32",
-            "R": "i32", "K": "i32"}
-    common = {**geom, "xp_ptr": fp, "vec_ptr": fp, "w_ptr": fp, "b_ptr": fp, "H": "i32"}
+    geom = {"pos_ptr": fp, "cell_ptr": fp, "cen_ptr": fp, "gi_ptr": "*i64", "scal_ptr": fp, "N": "i32", "R": "i32",
+            "K": "i32"}
+    common = {**geom, "xp_ptr": fp, "vec_ptr": fp, "w_ptr": fp, "b_ptr": fp, "f_ptr": fp, "H": "i32"}
+    reduce = {"scal_ptr": fp, "gg_ptr": fp, "N": "i32", "H3": "i32", "R": "i32"}
+    basis = {**geom, "mu_ptr": fp, "f_ptr": fp, "slope_ptr": fp}
+    basis_tiles = {"CENTRED": centred, "BLOCK_N": BASIS_BLOCK_N, "BLOCK_K": min(BASIS_BLOCK_K, max(16, num_rbf))}
+    # (kernel, runtime types, constexprs, warps, stages)
     signatures = {
-        "fwd": (_lm_fwd_kernel, {**common, "ds_ptr": fp, "vo_ptr": fp}, {}),
+        "basis": (_lm_basis_kernel, basis, {**basis_tiles, "WITH_SLOPE": False}, BASIS_NUM_WARPS, 1),
+        "basis_slope": (_lm_basis_kernel, basis, {**basis_tiles, "WITH_SLOPE": True}, BASIS_NUM_WARPS, 1),
+        "fwd": (_lm_fwd_kernel, {**common, "ds_ptr": fp, "vo_ptr": fp}, {**tiling, "CENTRED": centred},
+                tiles.num_warps, tiles.num_stages),
         "bwd": (_lm_bwd_kernel, {**common, "gds_ptr": fp, "gvo_ptr": fp, "gxp_ptr": fp, "gvec_ptr": fp, "gg_ptr": fp,
-                                 "gdir_ptr": fp, "num_hblocks": "i32"}, {"NEED_GG": True, "NEED_GEOM": True}),
-        "bwd_dist": (_lm_bwd_dist_kernel, {**geom, "w_ptr": fp, "gg_ptr": fp, "gdist_ptr": fp, "H3": "i32"}, {}),
-        "bwd_weight": (_lm_bwd_weight_kernel, {**geom, "gg_ptr": fp, "gw_ptr": fp, "H3": "i32",
-                                               "tiles_per_program": "i32"}, {}),
+                                 "gdir_ptr": fp, "num_hblocks": "i32"},
+                {**tiling, "CENTRED": centred, "NEED_GG": True, "NEED_GEOM": True}, tiles.num_warps, tiles.num_stages),
+        "bwd_dist": (_lm_bwd_dist_kernel, {**reduce, "w_ptr": fp, "slope_ptr": fp, "gdist_ptr": fp}, tiling,
+                     tiles.num_warps, tiles.num_stages),
+        "bwd_weight": (_lm_bwd_weight_kernel, {**reduce, "f_ptr": fp, "gw_ptr": fp, "tiles_per_program": "i32"},
+                       tiling, tiles.num_warps, tiles.num_stages),
     }
-    return {name: compile_for_gpu(fn, types, {**consts, **extra}, arch, tiles.num_warps, tiles.num_stages)
-            for name, (fn, types, extra) in signatures.items() if name in kernels}
+    return {name: compile_for_gpu(fn, types, consts, arch, warps, stages)
+            for name, (fn, types, consts, warps, stages) in signatures.items() if name in kernels}

@@ -28,7 +28,7 @@ def resources(kernel):
     local = usage["STACK"] + usage["LOCAL"]
     return {"n_regs": usage["REG"], "local": local, "n_spills": local // 4, "shared": kernel.metadata.shared,
             "cubin": len(kernel.asm["cubin"]), "ptx_head": kernel.asm["ptx"][:4000],
-            "wgmma": kernel.asm["ptx"].count("wgmma.mma_async")}
+            "wgmma": kernel.asm["ptx"].count("wgmma.mma_async"), "ex2": kernel.asm["ptx"].count("ex2.approx")}
 """
 
 LATTICE_SCRIPT = RESOURCES + r"""
@@ -49,14 +49,17 @@ out = m.aot_compile(torch.float32, hidden=512, num_rbf=128, arch=90, config=conf
 print(json.dumps({name: resources(k) for name, k in out.items()}))
 """
 
-KERNELS = {"fwd", "bwd", "bwd_dist", "bwd_weight"}
+BASIS_KERNELS = {"basis", "basis_slope"}
+KERNELS = BASIS_KERNELS | {"fwd", "bwd", "bwd_dist", "bwd_weight"}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_lattice_kernels_compile_for_sm90_without_spills(dtype):
     """The atom–lattice message kernels (both geometry forms) and the per-crystal mean compile for
     sm_90 with the GPU default tiles, within the shared memory of a block, and use no local memory
-    (n_spills == 0: no register spills)."""
+    (n_spills == 0: no register spills). The radial basis is evaluated once, by the basis kernels: at
+    float32 (where ``tl.exp`` lowers to ``ex2.approx``) the gate, dL/dd and dL/dW kernels read it
+    and evaluate no exponential (no channel block or W block re-evaluates it)."""
     kernels = compile_in_subprocess(LATTICE_SCRIPT, dtype)
     assert set(kernels) == {f"{k}_{form}" for k in KERNELS for form in ("centred", "paper")} | {"pool"}
     for name, info in kernels.items():
@@ -66,6 +69,9 @@ def test_lattice_kernels_compile_for_sm90_without_spills(dtype):
         assert info["n_spills"] == 0, f"{name} ({dtype}): {info['local']} bytes of local memory (spills), " \
                                       f"{info['n_regs']} registers"
         assert info["n_regs"] <= 255, name
+        if dtype == "float32":
+            basis = name.rsplit("_", 1)[0] in BASIS_KERNELS
+            assert (info["ex2"] > 0) == basis, f"{name}: {info['ex2']} ex2.approx"
 
 
 @pytest.mark.parametrize("precision", ["tf32", "tf32x3"])

@@ -353,3 +353,72 @@ def test_triton_rejects_bad_arguments():
         km.lattice_message(**args, k=3)
     with pytest.raises(TypeError, match="positions"):
         km.lattice_message(**dict(args, positions=args["positions"].float()), k=0)
+
+
+@backend_only(OP, "triton")
+def test_triton_basis_evaluated_once_per_atom():
+    """The radial basis is evaluated once per atom in the forward and once in the backward, by one
+    launch of the basis kernel, whatever the number of channel blocks, atom tiles or W blocks.
+    Counted on the interpreter (every lane of every exp, masked lanes included, as a GPU issues
+    them): each phase evaluates at most 2 R exponentials per atom, all in ``_lm_basis_kernel``. Here
+    (3 atom tiles, 3 channel blocks, 9 row blocks of W, 4 K steps) kernels that re-evaluated the
+    basis per channel block and per W block would evaluate about 3.8 R per atom in the forward and
+    16 R in the backward."""
+    import triton.runtime.interpreter as interp
+    from e3relax_fast.kernels.utils import interpreting
+
+    if not interpreting():
+        pytest.skip("counts exponentials on Triton's CPU interpreter")
+    km = triton_module(OP)
+    lanes: dict = {}
+    launches: dict = {}
+    current = [None]
+    builder, executor = interp.InterpreterBuilder, interp.GridExecutor
+
+    def counting(name):
+        orig = getattr(builder, name)
+
+        def counted(b, arg):
+            lanes[current[-1]] = lanes.get(current[-1], 0) + int(getattr(arg.data, "size", 1))
+            return orig(b, arg)
+        return counted
+
+    orig_call = executor.__call__
+
+    def call(self, *args, **kwargs):
+        name = getattr(self.fn, "__name__", "?")
+        launches[name] = launches.get(name, 0) + 1
+        current.append(name)
+        try:
+            return orig_call(self, *args, **kwargs)
+        finally:
+            current.pop()
+
+    def take():
+        out = (dict(lanes), dict(launches))
+        lanes.clear()
+        launches.clear()
+        return out
+
+    config = km.KernelConfig(block_n=16, block_h=16, block_k=16, bwd_tiles_per_program=1)
+    for centred in (True, False):
+        args = random_case(torch.float32, centred, backend_device("triton"), hidden=48, num_rbf=64, seed=5,
+                           sizes=(3, 9, 20, 6))
+        n, r = args["vec"].shape[0], args["rbf_centres"].shape[0]
+        args = {name: (v.detach().clone().requires_grad_(True) if name in INPUTS and v is not None else v)
+                for name, v in args.items()}
+        with mock.patch.object(builder, "create_exp", counting("create_exp")), \
+                mock.patch.object(builder, "create_exp2", counting("create_exp2")), \
+                mock.patch.object(executor, "__call__", call):
+            ds, v_out = km.lattice_message(**args, k=1, config=config)
+            forward = take()
+            (ds.sum() + v_out.square().sum()).backward()
+            backward = take()
+        assert set(forward[1]) == {"_lm_basis_kernel", "_lm_fwd_kernel"}, forward
+        assert set(backward[1]) == {"_lm_basis_kernel", "_lm_bwd_kernel", "_lm_bwd_dist_kernel",
+                                    "_lm_bwd_weight_kernel"}, backward
+        for phase, (exps, calls) in (("forward", forward), ("backward", backward)):
+            assert calls["_lm_basis_kernel"] == 1, (phase, calls)
+            assert {name for name, count in exps.items() if count} == {"_lm_basis_kernel"}, (phase, exps)
+            assert n * r <= exps["_lm_basis_kernel"] <= 2 * n * r, (phase, exps, n, r)
+        assert all(args[name].grad.isfinite().all() for name in INPUTS if args[name] is not None)
