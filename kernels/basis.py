@@ -2,10 +2,9 @@
 device functions, the edge-projection biases of the three chunks, and the kernels' float constants.
 
 Used by ``message_passing`` (atom–atom) and ``lattice_message`` (atom–lattice). ``basis_tile``
-evaluates one (tile, block_k) block inside a K-loop; ``gauss_blocks`` / ``basis_blocks`` evaluate
-a tile's whole basis once, as a tuple of register blocks that the caller reuses across chunks and
-channel blocks, and ``basis_derivative`` derives f and df/dd from such a block without another
-exponential. The float constants
+evaluates one (tile, block_k) block inside a K-loop (optionally with df/dd); ``basis_blocks``
+evaluates a tile's whole basis once, as a tuple of register blocks that the caller reuses across
+chunks and channel blocks. The float constants
 (coeff, cutoff, 1/sqrt(3), 1/sqrt(H), eps) reach the kernels through a small tensor in the working
 dtype (:func:`scalars` builds it, :func:`load_scalars` reads it), because a Python float literal
 would be rounded to float32 inside a kernel.
@@ -82,24 +81,11 @@ def basis_tile(x, env, denv, em, mu_ptr, k, km, coeff, cutoff, WITH_DERIVATIVE: 
 
 
 @triton.jit
-def gauss_blocks(x, em, mu_ptr, coeff, R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The Gaussians exp(coeff (x - mu_k)^2) of a tile of scaled distances ``x`` (mask ``em``) for
-    all R centres, as a tuple of ceil(R / BLOCK_K) (tile, BLOCK_K) blocks: the basis of a tile
-    evaluated once (R exponentials per edge) and kept in registers while it is used. Rows outside
-    ``em`` and columns past R are zero."""
-    blocks = ()
-    for q in tl.static_range((R + BLOCK_K - 1) // BLOCK_K):
-        k = q * BLOCK_K + tl.arange(0, BLOCK_K)
-        km = k < R
-        mu = tl.load(mu_ptr + k, mask=km, other=0.0)
-        diff = x[:, None] - mu[None, :]
-        blocks = blocks + (tl.where(em[:, None] & km[None, :], tl.exp(coeff * (diff * diff)), 0.0),)
-    return blocks
-
-
-@triton.jit
 def basis_blocks(x, env, em, mu_ptr, coeff, R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """:func:`gauss_blocks` times the envelope: the basis f = u(x) exp(coeff (x - mu_k)^2) in blocks."""
+    """The basis f = u(x) exp(coeff (x - mu_k)^2) of a tile of scaled distances ``x`` (envelope
+    ``env``, mask ``em``) for all R centres, as a tuple of ceil(R / BLOCK_K) (tile, BLOCK_K) blocks:
+    R exponentials per edge, kept in registers while they are used. Rows outside ``em`` and columns
+    past R are zero."""
     blocks = ()
     for q in tl.static_range((R + BLOCK_K - 1) // BLOCK_K):
         k = q * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -108,18 +94,3 @@ def basis_blocks(x, env, em, mu_ptr, coeff, R: tl.constexpr, BLOCK_K: tl.constex
         diff = x[:, None] - mu[None, :]
         blocks = blocks + (tl.where(em[:, None] & km[None, :], env[:, None] * tl.exp(coeff * (diff * diff)), 0.0),)
     return blocks
-
-
-@triton.jit
-def basis_derivative(x, env, denv, gauss, mu_ptr, k, km, coeff, cutoff, WITH_DERIVATIVE: tl.constexpr):
-    """From one block ``gauss`` of :func:`gauss_blocks` (centres ``k``, mask ``km``): the basis
-    f = u(x) gauss and, optionally, df/dd = (u'(x) + u(x) 2 coeff (x - mu_k)) gauss / cutoff, with no
-    further exponential. Zero where ``gauss`` is (masked rows and columns)."""
-    f = env[:, None] * gauss
-    if WITH_DERIVATIVE:
-        mu = tl.load(mu_ptr + k, mask=km, other=0.0)
-        diff = x[:, None] - mu[None, :]
-        df = (denv[:, None] + env[:, None] * (2.0 * coeff) * diff) * gauss / cutoff
-    else:
-        df = f
-    return f, df

@@ -26,30 +26,43 @@ consecutive receivers (one on a GPU) and all 3H channels. It walks each receiver
 
 No atomics: the forward is deterministic, and nothing of size E x 3H or E x R touches memory.
 
-Backward (``_mp_bwd_kernel``): one launch for the three chunks, grid ``(source runs, channel
-blocks)``, walking each *source* atom's outgoing edges in source order (``source_csr``: a stable
-argsort of the sources and its CSR, computed once per graph and kept on ``edge_index``). Per edge
-tile it recomputes the geometry and the Gaussians once (R exponentials per edge and channel block),
-the three gates (one K-sweep each), reads the upstream gradient of each edge's receiver, and
-produces
+Backward (training only): two launches.
 
-* d x_proj[j] (three chunks) and d vec[j], summed over j's outgoing edges in registers, one store
-  each;
-* d b and d W for its channel block: dW[cH + h, :] += gg_c^T f accumulated in registers over all
-  the program's edges and stored once per program into its own slice of a partial, summed
-  afterwards in fixed order;
-* dL/dd per edge as sum_k (gg_c W_c)[e, k] df/dd[e, k] (no d-derivative of the gates), and dL/du:
-  partials per channel block stored contiguous in the source order (coalesced), summed and put
-  back in edge order afterwards.
+1. ``_mp_basis_kernel``, grid ``(edge blocks of basis_block_e,)`` over the edges in *source* order
+   (``source_csr``: a stable argsort of the sources and its CSR, computed once per graph and kept on
+   ``edge_index``): per edge the geometry and the basis **once** (R exponentials), written to
+   scratch buffers in the working dtype, rows in source order: f (E x R), df/dd (E x R, only when
+   positions or cells need a gradient) and u = -r/d (3 x E). At float32, H = 512 and a training
+   batch of 13k edges that is ~13 MB per E x R buffer, read back from L2 by every channel block.
+2. ``_mp_bwd_kernel``, grid ``(source runs, channel blocks, 3 chunks)``: a program owns one chunk c
+   of one channel block and walks its run of source atoms' outgoing edges in tiles of
+   ``bwd_block_e``. No geometry and no exponential: per tile it reads the receivers' upstream
+   gradients and f tiles (``bwd_block_k`` centres at a time) for its gate, W[cH + h] f + b, and
+   produces
+
+   * d x_proj[j] (chunk c) and, in chunk 0's programs, d vec[j], summed over j's outgoing edges in
+     registers, one store each;
+   * d b and d W of its rows cH + h: dW += gg^T f accumulated in registers over all the program's
+     edges (ceil(R / bwd_block_k) (block_h, bwd_block_k) accumulators) and stored once per program
+     into its own slice of a partial, summed afterwards in fixed order;
+   * dL/dd per edge as sum_k (gg W_c)[e, k] df/dd[e, k] (no d-derivative of the gates), a partial
+     per channel block and chunk, and in chunk 1's programs dL/du, partials per channel block; both
+     stored contiguous in the source order (coalesced), summed and put back in edge order afterwards.
+
+   One chunk per program (rather than all three) keeps one gate, one gate gradient and a third of
+   the dW accumulators live: with all three the gate gradients' dot-operand copies (replicated over
+   the threads sharing a row) spilled at float64. The chunks' programs share nothing but the reads
+   of f and of the upstream gradients.
 
 A short PyTorch epilogue turns dL/dd and dL/du into dL/dr and scatters it onto positions and cells
 with ``index_add_``: that scatter is the only non-deterministic part on CUDA (atomic float adds,
 ulp-level run-to-run differences; deterministic under ``torch.use_deterministic_algorithms``). The
 backward is first-order only (``once_differentiable``).
 
-Launch configuration: :func:`gpu_tiles` (the defaults, from sm_90 AOT compiles: the float32 forward
-at <= 128 registers with ``maxnreg``, no spills) and :func:`tuning_configs` (the table to sweep on
-hardware); the interpreter and the AOT tests use one fixed configuration.
+Launch configuration: :func:`gpu_tiles` (the defaults, from sm_90 AOT compiles under Triton 3.6 and
+3.9: no spills in any kernel at float32 or float64, the float32 forward at <= 128 registers with
+``maxnreg``) and :func:`tuning_configs` (the table to sweep on hardware); the interpreter and the AOT
+tests use one fixed configuration.
 
 Precision: float32 and float64. In float32 the dots use ``input_precision="ieee"`` by default (no
 TF32; FMA units), so results match the reference to rounding; ``KernelConfig(input_precision=
@@ -72,7 +85,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..geometry import EPS
-from .basis import basis_blocks, basis_derivative, chunk_biases, envelope, gauss_blocks, load_scalars, scalars
+from .basis import basis_blocks, basis_tile, chunk_biases, envelope, load_scalars, scalars
 from .utils import GateConfig, alloc, compile_for_gpu, interpreting
 
 
@@ -114,12 +127,11 @@ def _edge_geometry(pos_ptr, cell_ptr, off_ptr, fx, fy, fz, other, g, e, em, eps,
 
 
 @triton.jit
-def _gates(blocks, env, SCALED: tl.constexpr, w_ptr, h, hm, H, R: tl.constexpr, BLOCK_E: tl.constexpr,
-           BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def _gates(blocks, w_ptr, h, hm, H, R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
+           BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """The three chunks' (BLOCK_E, BLOCK_H) gates W[cH + h] f (no bias), in one sweep over the basis
-    blocks: per block of BLOCK_K centres, three ``tl.dot`` against (BLOCK_H, BLOCK_K) tiles of W.
-    ``blocks`` are the basis blocks f (:func:`basis_blocks`) or, with SCALED, the Gaussians
-    (:func:`gauss_blocks`), f being ``env`` times them."""
+    blocks f (:func:`basis_blocks`): per block of BLOCK_K centres, three ``tl.dot`` against
+    (BLOCK_H, BLOCK_K) tiles of W."""
     dtype = w_ptr.dtype.element_ty
     gate0 = tl.zeros([BLOCK_E, BLOCK_H], dtype=dtype)
     gate1 = tl.zeros([BLOCK_E, BLOCK_H], dtype=dtype)
@@ -128,10 +140,7 @@ def _gates(blocks, env, SCALED: tl.constexpr, w_ptr, h, hm, H, R: tl.constexpr, 
         k = q * BLOCK_K + tl.arange(0, BLOCK_K)
         wm = hm[:, None] & (k < R)[None, :]
         w_rows = w_ptr + h[:, None] * R + k[None, :]
-        if SCALED:
-            f = env[:, None] * blocks[q]
-        else:
-            f = blocks[q]
+        f = blocks[q]
         gate0 = tl.dot(f, tl.trans(tl.load(w_rows, mask=wm, other=0.0)), gate0, input_precision=PRECISION,
                        out_dtype=dtype)
         gate1 = tl.dot(f, tl.trans(tl.load(w_rows + H * R, mask=wm, other=0.0)), gate1,
@@ -177,7 +186,7 @@ def _fwd_channel_block(xp_ptr, vec_ptr, w_ptr, b_ptr, fs, j, em, ux, uy, uz, h0,
     xrow = xp_ptr + j[:, None] * (3 * H) + h[None, :]
     vrow = vec_ptr + j[:, None] * (3 * H) + h[None, :]
     bias1, bias2, bias3 = chunk_biases(b_ptr, h, hm, H)
-    gate1, gate2, gate3 = _gates(fs, em, False, w_ptr, h, hm, H, R, BLOCK_E, BLOCK_H, BLOCK_K, PRECISION)
+    gate1, gate2, gate3 = _gates(fs, w_ptr, h, hm, H, R, BLOCK_E, BLOCK_H, BLOCK_K, PRECISION)
     # chunk 1 gates vec[j]
     b1 = tl.load(xrow, mask=m2, other=0.0) * (gate1 + bias1[None, :]) * inv_sqrt3
     acc_x = tl.sum(b1 * tl.load(vrow, mask=m2, other=0.0), axis=0)
@@ -241,169 +250,183 @@ def _mp_fwd_kernel(
 # Backward
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_centre_terms(gs, x, env, denv, gg0, gg1, gg2, dws, dd, w_ptr, mu_ptr, h, hm, H, coeff, cutoff,
-                      R: tl.constexpr, NEED_W: tl.constexpr, NEED_GEOM: tl.constexpr,
-                      BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """The terms of a source's edge tile that contract over the centres, per block of BLOCK_K centres
-    (the basis blocks ``gs`` of :func:`gauss_blocks`) and chunk c, from the gate gradients ``gg_c``:
+def _edge_tile(ptr, p, pm, k, km, R: tl.constexpr):
+    """(BLOCK_E, BLOCK_K) tile of an (E, R) per-edge buffer of the basis kernel (rows in source
+    order ``p``, mask ``pm``; centres ``k``, mask ``km``); zero outside the masks."""
+    return tl.load(ptr + p[:, None] * R + k[None, :], mask=pm[:, None] & km[None, :], other=0.0)
 
-    * dW[cH + h, k] += gg_c^T f: ``dws``, the chunk-major tuple of (BLOCK_H, BLOCK_K) accumulators;
-    * dL/dd[e] += sum_k (gg_c W_c)[e, k] df/dd[e, k]: ``dd`` (no d-derivative of the gates needed).
+
+@triton.jit
+def _bwd_gate(f_ptr, p, pm, w_rows, hm, R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
+              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """One chunk's gates of a source's edge tile, (BLOCK_E, BLOCK_H): ``w_rows`` (the chunk's rows
+    of W, one per channel) times the basis f, read tile by tile from the basis kernel's buffer."""
+    dtype = w_rows.dtype.element_ty
+    gate = tl.zeros([BLOCK_E, BLOCK_H], dtype=dtype)
+    for k0 in tl.static_range(0, R, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        km = k < R
+        w = tl.load(w_rows[:, None] + k[None, :], mask=hm[:, None] & km[None, :], other=0.0)
+        gate = tl.dot(_edge_tile(f_ptr, p, pm, k, km, R), tl.trans(w), gate, input_precision=PRECISION,
+                      out_dtype=dtype)
+    return gate
+
+
+@triton.jit
+def _bwd_centre_terms(f_ptr, df_ptr, p, pm, gg, dws, dd, w_rows, hm, R: tl.constexpr, NEED_W: tl.constexpr,
+                      NEED_GEOM: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """The terms of a source's edge tile (one chunk, rows ``w_rows`` of W) that contract over the
+    centres, per block of BLOCK_K centres (f and df/dd tiles read from the basis kernel's buffers),
+    from the chunk's gate gradient ``gg``:
+
+    * dW[rows, k] += gg^T f: ``dws``, the tuple of (BLOCK_H, BLOCK_K) accumulators;
+    * dL/dd[e] += sum_k (gg W)[e, k] df/dd[e, k]: ``dd`` (no d-derivative of the gates needed).
 
     Returns both, updated."""
-    dtype = w_ptr.dtype.element_ty
-    num_k: tl.constexpr = len(gs)
-    new0 = ()
-    new1 = ()
-    new2 = ()
-    for q in tl.static_range(num_k):
+    dtype = w_rows.dtype.element_ty
+    new = ()
+    for q in tl.static_range((R + BLOCK_K - 1) // BLOCK_K):
         k = q * BLOCK_K + tl.arange(0, BLOCK_K)
         km = k < R
-        f, df = basis_derivative(x, env, denv, gs[q], mu_ptr, k, km, coeff, cutoff, NEED_GEOM)
         if NEED_GEOM:
-            wm = hm[:, None] & km[None, :]
-            w_rows = w_ptr + h[:, None] * R + k[None, :]
-            t = tl.dot(gg0, tl.load(w_rows, mask=wm, other=0.0), input_precision=PRECISION, out_dtype=dtype)
-            t = tl.dot(gg1, tl.load(w_rows + H * R, mask=wm, other=0.0), t, input_precision=PRECISION,
-                       out_dtype=dtype)
-            t = tl.dot(gg2, tl.load(w_rows + 2 * H * R, mask=wm, other=0.0), t, input_precision=PRECISION,
-                       out_dtype=dtype)
-            dd += tl.sum(t * df, axis=1)
+            w = tl.load(w_rows[:, None] + k[None, :], mask=hm[:, None] & km[None, :], other=0.0)
+            t = tl.dot(gg, w, input_precision=PRECISION, out_dtype=dtype)
+            dd += tl.sum(t * _edge_tile(df_ptr, p, pm, k, km, R), axis=1)
         if NEED_W:
-            new0 = new0 + (tl.dot(tl.trans(gg0), f, dws[q], input_precision=PRECISION, out_dtype=dtype),)
-            new1 = new1 + (tl.dot(tl.trans(gg1), f, dws[num_k + q], input_precision=PRECISION,
-                                  out_dtype=dtype),)
-            new2 = new2 + (tl.dot(tl.trans(gg2), f, dws[2 * num_k + q], input_precision=PRECISION,
-                                  out_dtype=dtype),)
+            new = new + (tl.dot(tl.trans(gg), _edge_tile(f_ptr, p, pm, k, km, R), dws[q],
+                                input_precision=PRECISION, out_dtype=dtype),)
     if NEED_W:
-        dws = new0 + new1 + new2
+        dws = new
     return dws, dd
 
 
 @triton.jit
-def _store_weight_gradient(gw_ptr, gb_ptr, dws, db0, db1, db2, pid_n, h, hm, H,
-                           R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """This program's dW and db partial: rows cH + h of slice ``pid_n``, one store each."""
-    num_k: tl.constexpr = len(dws) // 3
-    base = gw_ptr + pid_n.to(tl.int64) * (3 * H * R)
-    for c in tl.static_range(3):
-        for q in tl.static_range(num_k):
-            k = q * BLOCK_K + tl.arange(0, BLOCK_K)
-            tl.store(base + (c * H + h)[:, None] * R + k[None, :], dws[c * num_k + q],
-                     mask=hm[:, None] & (k < R)[None, :])
-    gb_row = gb_ptr + pid_n.to(tl.int64) * (3 * H) + h
-    tl.store(gb_row, db0, mask=hm)
-    tl.store(gb_row + H, db1, mask=hm)
-    tl.store(gb_row + 2 * H, db2, mask=hm)
+def _mp_basis_kernel(pos_ptr, cell_ptr, src_ptr, dst_ptr, off_ptr, eg_ptr, perm_ptr, mu_ptr, scal_ptr,
+                     f_ptr, df_ptr, u_ptr, E,
+                     R: tl.constexpr, NEED_GEOM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per edge, in source order (row p is edge perm[p]): the basis f (E, R), the unit vector
+    u = -r/d (3, E) and, with NEED_GEOM, df/dd (E, R). R exponentials per edge, once: the backward
+    reads these instead of recomputing geometry and basis in every channel block."""
+    pid = tl.program_id(0)
+    coeff, cutoff, inv_sqrt3, inv_sqrt_h, eps = load_scalars(scal_ptr)
+    p = pid.to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
+    pm = p < E
+    e = tl.load(perm_ptr + p, mask=pm, other=0)
+    j = tl.load(src_ptr + e, mask=pm, other=0)
+    i = tl.load(dst_ptr + e, mask=pm, other=0)
+    g = tl.load(eg_ptr + e, mask=pm, other=0)
+    pjx = tl.load(pos_ptr + j * 3 + 0, mask=pm, other=0.0)
+    pjy = tl.load(pos_ptr + j * 3 + 1, mask=pm, other=0.0)
+    pjz = tl.load(pos_ptr + j * 3 + 2, mask=pm, other=0.0)
+    rx, ry, rz, d = _edge_geometry(pos_ptr, cell_ptr, off_ptr, pjx, pjy, pjz, i, g, e, pm, eps, True)
+    x, env, denv = envelope(d, cutoff, NEED_GEOM)
+    for k0 in tl.static_range(0, R, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        km = k < R
+        f, df = basis_tile(x, env, denv, pm, mu_ptr, k, km, coeff, cutoff, NEED_GEOM)
+        rows = p[:, None] * R + k[None, :]
+        m2 = pm[:, None] & km[None, :]
+        tl.store(f_ptr + rows, f, mask=m2)
+        if NEED_GEOM:
+            tl.store(df_ptr + rows, df, mask=m2)
+    tl.store(u_ptr + p, -rx / d, mask=pm)
+    tl.store(u_ptr + E + p, -ry / d, mask=pm)
+    tl.store(u_ptr + 2 * E + p, -rz / d, mask=pm)
 
 
 @triton.jit
-def _mp_bwd_kernel(  # Long on purpose: one source's edge tiles, every chunk, in one pass
-    xp_ptr, vec_ptr, pos_ptr, cell_ptr, dst_ptr, off_ptr, eg_ptr, w_ptr, b_ptr, mu_ptr, scal_ptr,
-    colptr_ptr, perm_ptr, gds_ptr, gdv_ptr,
-    gxp_ptr, gvec_ptr, gw_ptr, gb_ptr, gd_ptr, gu_ptr,
+def _mp_bwd_kernel(  # Long on purpose: one source's edge tiles, one chunk, in one pass
+    xp_ptr, vec_ptr, dst_ptr, w_ptr, b_ptr, scal_ptr, colptr_ptr, perm_ptr, f_ptr, df_ptr, u_ptr,
+    gds_ptr, gdv_ptr, gxp_ptr, gvec_ptr, gw_ptr, gb_ptr, gd_ptr, gu_ptr,
     N, H, E, nodes_per_program,
     R: tl.constexpr, NEED_W: tl.constexpr, NEED_GEOM: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_h = tl.program_id(1)
+    c = tl.program_id(2)  # the chunk: 0 gated vec[j], 1 gated u = -r/d, 2 was the scalar message
     h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
     coeff, cutoff, inv_sqrt3, inv_sqrt_h, eps = load_scalars(scal_ptr)
     H3 = 3 * H
+    ch = c * H + h  # this program's rows of W and b, and columns of x_proj
     dtype = xp_ptr.dtype.element_ty
-    bias0, bias1, bias2 = chunk_biases(b_ptr, h, hm, H)
+    w_rows = w_ptr + ch * R
+    bias = tl.load(b_ptr + ch, mask=hm, other=0.0)
     zero_h = tl.zeros([BLOCK_H], dtype=dtype)
-    db0 = zero_h
-    db1 = zero_h
-    db2 = zero_h
+    db = zero_h
     dws = ()
     if NEED_W:
-        for _ in tl.static_range(3 * ((R + BLOCK_K - 1) // BLOCK_K)):
+        for _ in tl.static_range((R + BLOCK_K - 1) // BLOCK_K):
             dws = dws + (tl.zeros([BLOCK_H, BLOCK_K], dtype=dtype),)
+    vec_out = h < tl.where(c == 0, H, 0)  # d vec comes from chunk 0's programs
+    u_out = tl.where(c == 1, E, 0)  # dL/du from chunk 1's
     for t in range(0, nodes_per_program):
         n = (pid_n * nodes_per_program + t).to(tl.int64)
         node_ok = n < N
         start = tl.load(colptr_ptr + tl.minimum(n, N))
         end = tl.load(colptr_ptr + tl.minimum(n + 1, N))
-        pjx = tl.load(pos_ptr + n * 3 + 0, mask=node_ok, other=0.0)
-        pjy = tl.load(pos_ptr + n * 3 + 1, mask=node_ok, other=0.0)
-        pjz = tl.load(pos_ptr + n * 3 + 2, mask=node_ok, other=0.0)
         nm = h < tl.where(node_ok, H, 0)  # (a scalar & block mask trips the interpreter)
-        xn0 = tl.load(xp_ptr + n * H3 + h, mask=nm, other=0.0)
-        xn1 = tl.load(xp_ptr + n * H3 + H + h, mask=nm, other=0.0)
-        xn2 = tl.load(xp_ptr + n * H3 + 2 * H + h, mask=nm, other=0.0)
+        xn = tl.load(xp_ptr + n * H3 + ch, mask=nm, other=0.0)
         vnx = tl.load(vec_ptr + n * H3 + h, mask=nm, other=0.0)
         vny = tl.load(vec_ptr + n * H3 + H + h, mask=nm, other=0.0)
         vnz = tl.load(vec_ptr + n * H3 + 2 * H + h, mask=nm, other=0.0)
-        acc_g0 = zero_h
-        acc_g1 = zero_h
-        acc_g2 = zero_h
+        acc_g = zero_h
         acc_vx = zero_h
         acc_vy = zero_h
         acc_vz = zero_h
         for p0 in range(start, end, BLOCK_E):
             p = p0 + tl.arange(0, BLOCK_E)  # position in the source-sorted order
             pm = p < end
-            e = tl.load(perm_ptr + p, mask=pm, other=0)
-            i = tl.load(dst_ptr + e, mask=pm, other=0)
-            g = tl.load(eg_ptr + e, mask=pm, other=0)
-            rx, ry, rz, d = _edge_geometry(pos_ptr, cell_ptr, off_ptr, pjx, pjy, pjz, i, g, e, pm, eps, True)
-            x, env, denv = envelope(d, cutoff, NEED_GEOM)
-            gs = gauss_blocks(x, pm, mu_ptr, coeff, R, BLOCK_K)  # once per edge and channel block
+            i = tl.load(dst_ptr + tl.load(perm_ptr + p, mask=pm, other=0), mask=pm, other=0)
             m2 = pm[:, None] & hm[None, :]
-            grow = gdv_ptr + i[:, None] * H3 + h[None, :]
-            gvx = tl.load(grow, mask=m2, other=0.0)
-            gvy = tl.load(grow + H, mask=m2, other=0.0)
-            gvz = tl.load(grow + 2 * H, mask=m2, other=0.0)
-            gate0, gate1, gate2 = _gates(gs, env, True, w_ptr, h, hm, H, R, BLOCK_E, BLOCK_H, BLOCK_K, PRECISION)
-            # chunk 1 gated vec[j]
-            gate = gate0 + bias0[None, :]
-            beta = xn0[None, :] * gate * inv_sqrt3
-            acc_vx += tl.sum(beta * gvx, axis=0)
-            acc_vy += tl.sum(beta * gvy, axis=0)
-            acc_vz += tl.sum(beta * gvz, axis=0)
-            gbeta = (gvx * vnx[None, :] + gvy * vny[None, :] + gvz * vnz[None, :]) * inv_sqrt_h
-            acc_g0 += tl.sum(gbeta * gate * inv_sqrt3, axis=0)
-            gg0 = tl.where(m2, gbeta * xn0[None, :] * inv_sqrt3, 0.0)
-            # chunk 2 gated u = -r / d
-            gate = gate1 + bias1[None, :]
-            ux = -rx / d
-            uy = -ry / d
-            uz = -rz / d
-            gbeta = (gvx * ux[:, None] + gvy * uy[:, None] + gvz * uz[:, None]) * inv_sqrt_h
-            acc_g1 += tl.sum(gbeta * gate * inv_sqrt3, axis=0)
-            gg1 = tl.where(m2, gbeta * xn1[None, :] * inv_sqrt3, 0.0)
-            if NEED_GEOM:
-                # dL/du partials of this channel block: rows (block, component), contiguous in p.
-                beta = xn1[None, :] * gate * (inv_sqrt3 * inv_sqrt_h)
-                gu_row = gu_ptr + (pid_h * 3) * E + p
-                tl.store(gu_row, tl.sum(gvx * beta, axis=1), mask=pm)
-                tl.store(gu_row + E, tl.sum(gvy * beta, axis=1), mask=pm)
-                tl.store(gu_row + 2 * E, tl.sum(gvz * beta, axis=1), mask=pm)
-            # chunk 3 was the scalar message
-            gate = gate2 + bias2[None, :]
-            gbeta = tl.load(gds_ptr + i[:, None] * H + h[None, :], mask=m2, other=0.0)
-            acc_g2 += tl.sum(gbeta * gate * inv_sqrt3, axis=0)
-            gg2 = tl.where(m2, gbeta * xn2[None, :] * inv_sqrt3, 0.0)
+            gate = _bwd_gate(f_ptr, p, pm, w_rows, hm, R, BLOCK_E, BLOCK_H, BLOCK_K, PRECISION) + bias[None, :]
+            if c == 2:
+                gbeta = tl.load(gds_ptr + i[:, None] * H + h[None, :], mask=m2, other=0.0)
+            else:
+                grow = gdv_ptr + i[:, None] * H3 + h[None, :]
+                gvx = tl.load(grow, mask=m2, other=0.0)
+                gvy = tl.load(grow + H, mask=m2, other=0.0)
+                gvz = tl.load(grow + 2 * H, mask=m2, other=0.0)
+                if c == 0:
+                    beta = xn[None, :] * gate * inv_sqrt3
+                    acc_vx += tl.sum(beta * gvx, axis=0)
+                    acc_vy += tl.sum(beta * gvy, axis=0)
+                    acc_vz += tl.sum(beta * gvz, axis=0)
+                    gbeta = (gvx * vnx[None, :] + gvy * vny[None, :] + gvz * vnz[None, :]) * inv_sqrt_h
+                else:
+                    ux = tl.load(u_ptr + p, mask=pm, other=0.0)
+                    uy = tl.load(u_ptr + E + p, mask=pm, other=0.0)
+                    uz = tl.load(u_ptr + 2 * E + p, mask=pm, other=0.0)
+                    gbeta = (gvx * ux[:, None] + gvy * uy[:, None] + gvz * uz[:, None]) * inv_sqrt_h
+                    if NEED_GEOM:
+                        # dL/du partials of this channel block: rows (block, component), contiguous in p.
+                        beta = xn[None, :] * gate * (inv_sqrt3 * inv_sqrt_h)
+                        gu_row = gu_ptr + (pid_h * 3).to(tl.int64) * E + p
+                        tl.store(gu_row, tl.sum(gvx * beta, axis=1), mask=p < u_out)
+                        tl.store(gu_row + E, tl.sum(gvy * beta, axis=1), mask=p < u_out)
+                        tl.store(gu_row + 2 * E, tl.sum(gvz * beta, axis=1), mask=p < u_out)
+            acc_g += tl.sum(gbeta * gate * inv_sqrt3, axis=0)
+            gg = tl.where(m2, gbeta * xn[None, :] * inv_sqrt3, 0.0)
             if NEED_W:
-                db0 += tl.sum(gg0, axis=0)
-                db1 += tl.sum(gg1, axis=0)
-                db2 += tl.sum(gg2, axis=0)
+                db += tl.sum(gg, axis=0)
             dd = tl.zeros([BLOCK_E], dtype=dtype)
-            dws, dd = _bwd_centre_terms(gs, x, env, denv, gg0, gg1, gg2, dws, dd, w_ptr, mu_ptr, h, hm, H,
-                                        coeff, cutoff, R, NEED_W, NEED_GEOM, BLOCK_K, PRECISION)
+            dws, dd = _bwd_centre_terms(f_ptr, df_ptr, p, pm, gg, dws, dd, w_rows, hm, R, NEED_W, NEED_GEOM,
+                                        BLOCK_K, PRECISION)
             if NEED_GEOM:
-                tl.store(gd_ptr + pid_h * E + p, dd, mask=pm)
-        tl.store(gxp_ptr + n * H3 + h, acc_g0, mask=nm)
-        tl.store(gxp_ptr + n * H3 + H + h, acc_g1, mask=nm)
-        tl.store(gxp_ptr + n * H3 + 2 * H + h, acc_g2, mask=nm)
-        tl.store(gvec_ptr + n * H3 + h, acc_vx * inv_sqrt_h, mask=nm)
-        tl.store(gvec_ptr + n * H3 + H + h, acc_vy * inv_sqrt_h, mask=nm)
-        tl.store(gvec_ptr + n * H3 + 2 * H + h, acc_vz * inv_sqrt_h, mask=nm)
+                tl.store(gd_ptr + (pid_h * 3 + c).to(tl.int64) * E + p, dd, mask=pm)
+        tl.store(gxp_ptr + n * H3 + ch, acc_g, mask=nm)
+        gv_row = gvec_ptr + n * H3 + h
+        tl.store(gv_row, acc_vx * inv_sqrt_h, mask=nm & vec_out)
+        tl.store(gv_row + H, acc_vy * inv_sqrt_h, mask=nm & vec_out)
+        tl.store(gv_row + 2 * H, acc_vz * inv_sqrt_h, mask=nm & vec_out)
     if NEED_W:
-        _store_weight_gradient(gw_ptr, gb_ptr, dws, db0, db1, db2, pid_n, h, hm, H, R, BLOCK_K)
+        # This program's dW and db partial: rows cH + h of slice pid_n, one store each.
+        base = gw_ptr + pid_n.to(tl.int64) * (3 * H * R) + ch[:, None] * R
+        for q in tl.static_range(len(dws)):
+            k = q * BLOCK_K + tl.arange(0, BLOCK_K)
+            tl.store(base + k[None, :], dws[q], mask=hm[:, None] & (k < R)[None, :])
+        tl.store(gb_ptr + pid_n.to(tl.int64) * (3 * H) + ch, db, mask=hm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,30 +437,41 @@ class KernelConfig(GateConfig):
     """Tile sizes and launch parameters; ``None`` fields are chosen from the problem and device.
 
     block_e: edges per forward tile, a receiver's edges (>= 16). bwd_block_e: edges per backward
-    tile, a source's edges (>= 16). fwd_nodes_per_program / bwd_nodes_per_program: receivers
-    (forward) or sources (backward) handled in turn by one program; the backward keeps one
-    W-gradient partial per program row. block_h, block_k, num_warps, num_stages, input_precision:
-    see :class:`~e3relax_fast.kernels.utils.GateConfig`; the basis of a tile is held as
+    tile, a source's edges (>= 16). bwd_block_k: centres per step of the backward's K-loops (>= 16;
+    also the number of dW accumulators: ceil(R / bwd_block_k)). bwd_num_stages: pipelining stages
+    of the backward (``num_stages`` is the forward's). basis_block_e / basis_num_warps: edges and
+    warps per program of the backward's basis kernel (its K step is ``block_k``).
+    fwd_nodes_per_program / bwd_nodes_per_program: receivers (forward) or sources (backward)
+    handled in turn by one program; the backward keeps one W-gradient partial per program row.
+    block_h, block_k, num_warps, num_stages, input_precision: see
+    :class:`~e3relax_fast.kernels.utils.GateConfig`; the forward holds the basis of a tile as
     ceil(R / block_k) register blocks.
     """
 
     block_e: int | None = None
     bwd_block_e: int | None = None
+    bwd_block_k: int | None = None
+    bwd_num_stages: int | None = None
+    basis_block_e: int | None = None
+    basis_num_warps: int | None = None
     fwd_maxnreg: int | None = None
     fwd_nodes_per_program: int | None = None
     bwd_nodes_per_program: int | None = None
 
 
 def gpu_tiles(dtype: torch.dtype, hidden: int) -> dict:
-    """Default GPU tiles. Chosen from sm_90 ahead-of-time compiles (ptxas at H=512, R=128: no
-    spills, the float32 forward within 128 registers so two CTAs fit per SM), not from timings: no
-    GPU was available when they were picked. :func:`tuning_configs` lists the ones to sweep."""
+    """Default GPU tiles. Chosen from sm_90 ahead-of-time compiles under Triton 3.6 and 3.9 (ptxas at
+    H=512, R=128: no spills in any kernel, the float32 forward within 128 registers so two CTAs fit
+    per SM), not from timings: no GPU was available when they were picked. Margins are thin: the
+    float64 forward (block_e 32 spilled under 3.6), the float32 forward (2 stages spilled 4 B under
+    3.6) and both backwards (smaller bwd_block_k spilled) sit at 238-255 registers or the 128 cap.
+    :func:`tuning_configs` lists the ones to sweep."""
     if dtype == torch.float64:
-        tiles = dict(block_e=32, bwd_block_e=16, block_h=16, block_k=32, num_warps=8, num_stages=2,
-                     fwd_maxnreg=None)
+        tiles = dict(block_e=16, bwd_block_e=16, block_h=16, block_k=32, num_warps=8, num_stages=2,
+                     fwd_maxnreg=None, bwd_block_k=64, bwd_num_stages=2, basis_block_e=32, basis_num_warps=4)
     else:
-        tiles = dict(block_e=32, bwd_block_e=16, block_h=16, block_k=32, num_warps=8, num_stages=2,
-                     fwd_maxnreg=128)
+        tiles = dict(block_e=32, bwd_block_e=16, block_h=16, block_k=32, num_warps=8, num_stages=3,
+                     fwd_maxnreg=128, bwd_block_k=128, bwd_num_stages=1, basis_block_e=64, basis_num_warps=4)
     tiles["block_h"] = min(tiles["block_h"], max(16, triton.next_power_of_2(hidden)))
     return tiles
 
@@ -467,15 +501,17 @@ def _resolve_config(cfg: KernelConfig | None, n: int, h: int, r: int, dtype: tor
     cfg = cfg or KernelConfig()
     if interpreting() or device.type != "cuda":
         # The interpreter pays ~1 ms per program and per interpreted op: few programs, big tiles.
-        defaults = dict(block_e=64, bwd_block_e=64, block_h=min(128, max(16, triton.next_power_of_2(h))),
-                        block_k=max(16, triton.next_power_of_2(r)), fwd_nodes_per_program=max(1, n),
+        defaults = dict(block_e=64, bwd_block_e=64, basis_block_e=256, basis_num_warps=4,
+                        block_h=min(128, max(16, triton.next_power_of_2(h))),
+                        block_k=max(16, triton.next_power_of_2(r)), bwd_block_k=max(16, triton.next_power_of_2(r)),
+                        bwd_num_stages=1, fwd_nodes_per_program=max(1, n),
                         bwd_nodes_per_program=max(1, n), num_warps=4, num_stages=1)
     else:
         defaults = gpu_tiles(dtype, h)
         n_hb = triton.cdiv(h, cfg.block_h or defaults["block_h"])
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        # Backward: about four programs per SM, each over a run of sources, so the W-gradient
-        # partials (one (3H, R) slice per run) stay few.
+        # Backward: about four programs per SM and chunk (twelve in all), each over a run of
+        # sources, so the W-gradient partials (one (3H, R) slice per run) stay few.
         runs = max(1, (4 * sms) // n_hb)
         defaults.update(fwd_nodes_per_program=1, bwd_nodes_per_program=max(1, triton.cdiv(n, runs)))
     return cfg.with_defaults(defaults)
@@ -565,15 +601,26 @@ def _backward(gds, gdv, saved, need, cfg: KernelConfig):
     # One slice per program row, each written once (no zeroing needed); summed in fixed order.
     gw_part = alloc((n_prog, 3 * h, r), x_proj) if need_wb else x_proj.new_empty(0)
     gb_part = alloc((n_prog, 3 * h), x_proj) if need_wb else x_proj.new_empty(0)
-    gd_part = alloc((n_hb, e_count), x_proj) if need_geom else x_proj.new_empty(0)
+    gd_part = alloc((3 * n_hb, e_count), x_proj) if need_geom else x_proj.new_empty(0)
     gu_part = alloc((n_hb, 3, e_count), x_proj) if need_geom else x_proj.new_empty(0)
-    _mp_bwd_kernel[(n_prog, n_hb)](
-        x_proj, vec, positions, cells, dst, offsets, edge_graph, edge_weight, edge_bias, centres,
-        scal, colptr, perm, gds, gdv, gxp, gvec, gw_part, gb_part, gd_part, gu_part,
+    # Basis, its d-derivative and u of every edge, in source order: evaluated once here, read by
+    # every channel block of the backward.
+    f_buf = alloc((e_count, r), x_proj)
+    df_buf = alloc((e_count, r), x_proj) if need_geom else x_proj.new_empty(0)
+    u_buf = alloc((3, e_count), x_proj)
+    if e_count:
+        _mp_basis_kernel[(triton.cdiv(e_count, cfg.basis_block_e),)](
+            positions, cells, src, dst, offsets, edge_graph, perm, centres, scal, f_buf, df_buf, u_buf, e_count,
+            R=r, NEED_GEOM=need_geom, BLOCK_E=cfg.basis_block_e, BLOCK_K=cfg.block_k,
+            num_warps=cfg.basis_num_warps,
+        )
+    _mp_bwd_kernel[(n_prog, n_hb, 3)](
+        x_proj, vec, dst, edge_weight, edge_bias, scal, colptr, perm, f_buf, df_buf, u_buf,
+        gds, gdv, gxp, gvec, gw_part, gb_part, gd_part, gu_part,
         n, h, e_count, npp,
         R=r, NEED_W=need_wb, NEED_GEOM=need_geom,
-        BLOCK_E=cfg.bwd_block_e, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
-        PRECISION=cfg.input_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_E=cfg.bwd_block_e, BLOCK_H=cfg.block_h, BLOCK_K=cfg.bwd_block_k,
+        PRECISION=cfg.input_precision, num_warps=cfg.num_warps, num_stages=cfg.bwd_num_stages,
     )
     g_w = gw_part.sum(0) if need_wb else None
     g_b = gb_part.sum(0) if need_wb else None
@@ -659,6 +706,8 @@ def message_passing(
     cfg = _resolve_config(config, n, h, rbf_centres.shape[0], dtype, x_proj.device)
     cfg.check(dtype, "block_e")
     cfg.check(dtype, "bwd_block_e")
+    if cfg.bwd_block_k < 16:
+        raise ValueError("bwd_block_k must be >= 16 (tl.dot tile minimum)")
     src = edge_index[0].to(torch.int64).contiguous()
     dst = edge_index[1].to(torch.int64).contiguous()
     inputs = (x_proj, vec, positions, cells, edge_weight, edge_bias)
@@ -686,7 +735,7 @@ def _aligned(types: dict) -> tuple[str, ...]:
 
 def aot_compile(dtype: torch.dtype = torch.float32, hidden: int = 512, num_rbf: int = 128,
                 arch: int = 90, config: KernelConfig | None = None,
-                kernels: tuple[str, ...] = ("fwd", "bwd")) -> dict:
+                kernels: tuple[str, ...] = ("fwd", "bwd", "bwd_basis")) -> dict:
     """Compile the forward (``"fwd"``) and the backward (``"bwd"``, every gradient term: all three
     chunks in one kernel) for ``sm_{arch}`` without a device, with the tiles the GPU defaults would
     use (or ``config``'s).
@@ -706,10 +755,19 @@ def aot_compile(dtype: torch.dtype = torch.float32, hidden: int = 512, num_rbf: 
         out["fwd"] = compile_for_gpu(_mp_fwd_kernel, types, consts, arch, tiles.num_warps, tiles.num_stages,
                                      tiles.fwd_maxnreg, _aligned(types))
     if "bwd" in kernels:
-        types = {**common, "dst_ptr": "*i64", "colptr_ptr": "*i64", "perm_ptr": "*i64", "gds_ptr": fp,
+        types = {"xp_ptr": fp, "vec_ptr": fp, "dst_ptr": "*i64", "w_ptr": fp, "b_ptr": fp, "scal_ptr": fp,
+                 "colptr_ptr": "*i64", "perm_ptr": "*i64", "f_ptr": fp, "df_ptr": fp, "u_ptr": fp, "gds_ptr": fp,
                  "gdv_ptr": fp, "gxp_ptr": fp, "gvec_ptr": fp, "gw_ptr": fp, "gb_ptr": fp, "gd_ptr": fp,
-                 "gu_ptr": fp, "E": "i32", "nodes_per_program": "i32"}
-        consts = {**gate_tiles, "BLOCK_E": tiles.bwd_block_e, "NEED_W": True, "NEED_GEOM": True}
-        out["bwd"] = compile_for_gpu(_mp_bwd_kernel, types, consts, arch, tiles.num_warps, tiles.num_stages,
+                 "gu_ptr": fp, "N": "i32", "H": "i32", "E": "i32", "nodes_per_program": "i32"}
+        consts = {**gate_tiles, "BLOCK_K": tiles.bwd_block_k, "BLOCK_E": tiles.bwd_block_e, "NEED_W": True,
+                  "NEED_GEOM": True}
+        out["bwd"] = compile_for_gpu(_mp_bwd_kernel, types, consts, arch, tiles.num_warps, tiles.bwd_num_stages,
                                      None, _aligned(types))
+    if "bwd_basis" in kernels:
+        types = {"pos_ptr": fp, "cell_ptr": fp, "src_ptr": "*i64", "dst_ptr": "*i64", "off_ptr": fp,
+                 "eg_ptr": "*i64", "perm_ptr": "*i64", "mu_ptr": fp, "scal_ptr": fp, "f_ptr": fp, "df_ptr": fp,
+                 "u_ptr": fp, "E": "i32"}
+        consts = {"R": num_rbf, "NEED_GEOM": True, "BLOCK_E": tiles.basis_block_e, "BLOCK_K": tiles.block_k}
+        out["bwd_basis"] = compile_for_gpu(_mp_basis_kernel, types, consts, arch, tiles.basis_num_warps, 1, None,
+                                           _aligned(types))
     return out

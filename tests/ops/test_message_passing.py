@@ -567,10 +567,11 @@ def test_cpu_model_refuses_autograd(golden_model):
 @backend_only(OP, "triton")
 def test_triton_many_tiles_and_programs_float64():
     """Small tiles: several channel blocks (H=48, with a partial one), edge tiles per receiver, K
-    steps (R=40, with a partial one) and receiver/source blocks, the last one partial."""
+    steps (R=40, with a partial one) in the forward and the backward, receiver/source blocks and
+    basis-kernel edge blocks, the last one of each partial."""
     km = triton_module(OP)
-    config = km.KernelConfig(block_e=16, block_h=32, block_k=16, fwd_nodes_per_program=4,
-                             bwd_nodes_per_program=6)
+    config = km.KernelConfig(block_e=16, block_h=32, block_k=16, bwd_block_k=16, basis_block_e=16,
+                             fwd_nodes_per_program=4, bwd_nodes_per_program=6)
     args, rowptr = make_case(torch.float64, backend_device("triton"), hidden=48, num_rbf=40, seed=3,
                              sizes=(1, 4, 1, 7, 2))
     ds0, dv0, g0 = run(reference_op, on_cpu(args))
