@@ -32,8 +32,9 @@ Backward (training only): two launches.
    (``source_csr``: a stable argsort of the sources and its CSR, computed once per graph and kept on
    ``edge_index``): per edge the geometry and the basis **once** (R exponentials), written to
    scratch buffers in the working dtype, rows in source order: f (E x R), df/dd (E x R, only when
-   positions or cells need a gradient) and u = -r/d (3 x E). At float32, H = 512 and a training
-   batch of 13k edges that is ~13 MB per E x R buffer, read back from L2 by every channel block.
+   positions or cells need a gradient) and u = -r/d (3 x E). At float32, R = 128 and a training
+   batch of 13k edges that is ~6.7 MB per E x R buffer (13 MB for both), read back (from L2) by
+   every channel block and chunk.
 2. ``_mp_bwd_kernel``, grid ``(source runs, channel blocks, 3 chunks)``: a program owns one chunk c
    of one channel block and walks its run of source atoms' outgoing edges in tiles of
    ``bwd_block_e``. No geometry and no exponential: per tile it reads the receivers' upstream
@@ -50,9 +51,9 @@ Backward (training only): two launches.
      stored contiguous in the source order (coalesced), summed and put back in edge order afterwards.
 
    One chunk per program (rather than all three) keeps one gate, one gate gradient and a third of
-   the dW accumulators live: with all three the gate gradients' dot-operand copies (replicated over
-   the threads sharing a row) spilled at float64. The chunks' programs share nothing but the reads
-   of f and of the upstream gradients.
+   the dW accumulators live: with all three, the gate gradients' dot-operand copies (replicated
+   over the threads sharing a row) spilled (~1 KB at float64, ~50-100 B at float32). The chunks'
+   programs share nothing but the reads of f and of the upstream gradients.
 
 A short PyTorch epilogue turns dL/dd and dL/du into dL/dr and scatters it onto positions and cells
 with ``index_add_``: that scatter is the only non-deterministic part on CUDA (atomic float adds,
@@ -464,7 +465,8 @@ def gpu_tiles(dtype: torch.dtype, hidden: int) -> dict:
     H=512, R=128: no spills in any kernel, the float32 forward within 128 registers so two CTAs fit
     per SM), not from timings: no GPU was available when they were picked. Margins are thin: the
     float64 forward (block_e 32 spilled under 3.6), the float32 forward (2 stages spilled 4 B under
-    3.6) and both backwards (smaller bwd_block_k spilled) sit at 238-255 registers or the 128 cap.
+    3.6) and both backwards (the other bwd_block_k / bwd_num_stages tried spilled) sit at 238-255
+    registers or the 128 cap.
     :func:`tuning_configs` lists the ones to sweep."""
     if dtype == torch.float64:
         tiles = dict(block_e=16, bwd_block_e=16, block_h=16, block_k=32, num_warps=8, num_stages=2,
