@@ -272,7 +272,10 @@ def test_infer_config_at_paper_size_shapes():
         "num_layers": 4,
         "num_rbf": 128,
         "num_elements": 118,
+        "cell_transport": False,
     }
+    state["cell_transport_marker"] = torch.ones(())
+    assert infer_config(state)["cell_transport"] is True
 
 
 def test_inference_precisions():

@@ -28,6 +28,9 @@ from .layers import (
     StructureUpdateLayer,
 )
 
+#: State-dict key of the buffer that marks a ``cell_transport`` model (see ``E3Relax.__init__``).
+TRANSPORT_MARKER = "cell_transport_marker"
+
 
 @dataclass
 class E3RelaxOutput:
@@ -97,6 +100,10 @@ class E3Relax(nn.Module):
         self.lattice_l1_layers = nn.ModuleList(LatticeNodeLayer(h, num_rbf) for _ in range(num_layers))
         self.lattice_l2_layers = nn.ModuleList(LatticeNodeLayer(h, num_rbf) for _ in range(num_layers))
         self.lattice_l3_layers = nn.ModuleList(LatticeNodeLayer(h, num_rbf) for _ in range(num_layers))
+        if cell_transport:
+            # The option has no weights: this marker makes a bare state dict (torch.save(model.
+            # state_dict())) carry it, so that loading one cannot silently drop the transport.
+            self.register_buffer(TRANSPORT_MARKER, torch.ones(()))
 
     @property
     def config(self) -> dict:
@@ -118,12 +125,15 @@ class E3Relax(nn.Module):
         """Load weights under the original's parameter names.
 
         Also accepts the authors' published format: names with a ``module.`` prefix (from
-        DistributedDataParallel) and no ``radial_basis.rbf.offset`` buffer, which is regenerated.
+        DistributedDataParallel) and no ``radial_basis.rbf.offset`` buffer, which is regenerated;
+        and, for a ``cell_transport`` model, a state dict without its marker buffer (made before it).
         """
         state = {k.removeprefix("module."): v for k, v in state_dict.items()}
         key = "radial_basis.rbf.offset"
         if key not in state:
             state[key] = rbf_centres(self.num_rbf).to(self.radial_basis.rbf.offset)
+        if self.cell_transport and TRANSPORT_MARKER not in state:  # saved before the marker existed
+            state[TRANSPORT_MARKER] = torch.ones(()).to(self.radial_basis.rbf.offset)
         return super().load_state_dict(state, strict=strict, assign=assign)
 
     # ------------------------------------------------------------------------------------------

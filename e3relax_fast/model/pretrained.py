@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .e3relax import E3Relax
+from .e3relax import TRANSPORT_MARKER, E3Relax
 from .predict import check_device
 
 #: Names of the models that can ship as package data under ``e3relax_fast/weights/<name>.pt``.
@@ -45,9 +45,10 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
     """Architecture of a state dict in the original's naming (``module.`` prefix already removed).
 
     Returns:
-        ``{"hidden_channels", "num_layers", "num_rbf", "num_elements"}`` read from the shapes of
-        ``atom_emb.embeddings.weight`` ``(num_elements, H)``, the ``message_passing_layers.{n}``
-        indices and ``message_passing_layers.0.edge_proj.weight`` ``(3H, R)``.
+        ``{"hidden_channels", "num_layers", "num_rbf", "num_elements", "cell_transport"}`` read from
+        the shapes of ``atom_emb.embeddings.weight`` ``(num_elements, H)``, the
+        ``message_passing_layers.{n}`` indices, ``message_passing_layers.0.edge_proj.weight``
+        ``(3H, R)`` and the presence of the transport marker buffer.
     """
     try:
         num_elements, hidden = state_dict["atom_emb.embeddings.weight"].shape
@@ -60,6 +61,7 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
         "num_layers": max(layers) + 1,
         "num_rbf": int(num_rbf),
         "num_elements": int(num_elements),
+        "cell_transport": TRANSPORT_MARKER in state_dict,
     }
 
 
@@ -145,7 +147,10 @@ def load_pretrained(
             f"'state_dict'; found keys {sorted(map(str, checkpoint))[:8]})"
         )
 
-    model = E3Relax(**config)
+    try:
+        model = E3Relax(**config)
+    except ValueError as err:  # e.g. a cell_transport state dict asked for in paper_compat mode
+        raise ValueError(f"{path}: {err}") from err
     try:
         # E3Relax.load_state_dict regenerates the RBF buffer when the checkpoint lacks it.
         model.load_state_dict(state)

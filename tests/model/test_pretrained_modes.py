@@ -18,18 +18,39 @@ ROCKSALT = (np.array([11, 17, 11, 17]), np.array([[0, 0, 0], [2.9, 0, 0], [0, 2.
 def test_a_bare_state_dict_needs_its_mode(tmp_path):
     """Before: torch.save(load_pretrained("default").state_dict(), p); load_pretrained(p) came back in
     paper_compat mode and moved atoms by tenths of an Å. Now: refused unless the mode is given."""
-    shipped = load_pretrained("default")
+    torch.manual_seed(0)
+    model = E3Relax(hidden_channels=16, num_layers=2).eval()
     path = tmp_path / "weights.pt"
-    torch.save(shipped.state_dict(), path)
+    torch.save(model.state_dict(), path)
     with pytest.raises(ValueError, match=r"weights.pt is a bare state dict .* paper_compat=False"):
         load_pretrained(path)
     same = load_pretrained(path, paper_compat=False)
-    expected = relax_batch([ROCKSALT], shipped)[0][1]
+    expected = relax_batch([ROCKSALT], model)[0][1]
     np.testing.assert_array_equal(relax_batch([ROCKSALT], same)[0][1], expected)
-    # What the old loader silently did: another model altogether.
+    # What the old loader silently did: another model altogether (here untrained, so it moves the
+    # atoms by hundredths of an Å where the default mode keeps the symmetric rock salt).
     other = load_pretrained(path, paper_compat=True)
     assert other.paper_compat
-    assert np.abs(relax_batch([ROCKSALT], other)[0][1] - expected).max() > 0.05
+    assert np.abs(relax_batch([ROCKSALT], other)[0][1] - expected).max() > 5e-3
+
+
+def test_a_bare_state_dict_keeps_the_cell_transport(tmp_path):
+    """The shipped model carries its atoms along with each cell update (cell_transport), an option
+    without weights: its bare state dict still records it (a marker buffer), so loading it gives the
+    same model, and asking for the original's arithmetic is refused by name."""
+    shipped = load_pretrained("default")
+    assert shipped.cell_transport
+    path = tmp_path / "weights.pt"
+    torch.save(shipped.state_dict(), path)
+    same = load_pretrained(path, paper_compat=False)
+    assert same.cell_transport
+    np.testing.assert_array_equal(relax_batch([ROCKSALT], same)[0][1], relax_batch([ROCKSALT], shipped)[0][1])
+    with pytest.raises(ValueError, match=r"weights.pt: cell_transport is a default-mode option"):
+        load_pretrained(path, paper_compat=True)
+    without = {k: v for k, v in shipped.state_dict().items() if k != "cell_transport_marker"}
+    with pytest.raises(RuntimeError, match="cell_transport_marker"):  # strict: a model without it refuses
+        E3Relax(hidden_channels=64, num_layers=4).load_state_dict(shipped.state_dict())
+    E3Relax(hidden_channels=64, num_layers=4, cell_transport=True).load_state_dict(without)  # older files
 
 
 def test_recorded_modes_and_the_authors_format(tmp_path):
