@@ -8,7 +8,8 @@
   conftest's ``backend`` fixture; a backend that cannot run here is skipped with the reason),
   :func:`backend_only` (a test of one backend alone), :func:`backend_device` (the device a backend's
   tests put their tensors on), :func:`triton_module`, :func:`nvcc_present`;
-* ahead-of-time compiles for sm_90: :func:`compile_in_subprocess`, :data:`H100_MAX_SHARED`.
+* ahead-of-time compiles for sm_90: :func:`compile_in_subprocess`, :data:`H100_MAX_SHARED`,
+  :data:`CUBIN_RESOURCES` (a compiled kernel's registers and local memory, for the subprocess scripts).
 
 Fixtures live in conftest.py (which also switches Triton to its CPU interpreter when there is no GPU,
 before anything imports this module).
@@ -371,3 +372,25 @@ def compile_in_subprocess(script: str, *args: str) -> dict:
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# Resources of a compiled kernel from its cubin (cuobjdump -res-usage, the tool Triton ships):
+# registers per thread and local memory per thread (stack frame + local arrays). The CUDA driver
+# reports the latter as CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, from which Triton's CompiledKernel.n_spills
+# is local bytes / 4 once the kernel is loaded on a device; without a device it is read here.
+CUBIN_RESOURCES = r"""
+import re, subprocess, tempfile
+from triton import knobs
+
+def resources(kernel):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        text = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    usage = {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text)}
+    local = usage["STACK"] + usage["LOCAL"]
+    return {"n_regs": usage["REG"], "local": local, "n_spills": local // 4, "shared": kernel.metadata.shared,
+            "cubin": len(kernel.asm["cubin"]), "ptx_head": kernel.asm["ptx"][:4000],
+            "wgmma": kernel.asm["ptx"].count("wgmma.mma_async"), "ex2": kernel.asm["ptx"].count("ex2.approx")}
+"""

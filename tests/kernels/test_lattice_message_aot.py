@@ -8,30 +8,9 @@ import pytest
 
 pytest.importorskip("triton", reason="triton is not installed (pip install 'e3relax-fast[triton]')")
 
-from helpers import H100_MAX_SHARED, compile_in_subprocess  # noqa: E402
+from helpers import CUBIN_RESOURCES, H100_MAX_SHARED, compile_in_subprocess  # noqa: E402
 
-# Resources of a compiled kernel from its cubin (cuobjdump -res-usage, the tool Triton ships):
-# registers per thread and local memory per thread (stack frame + local arrays). The CUDA driver
-# reports the latter as CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, from which Triton's CompiledKernel.n_spills
-# is local bytes / 4 once the kernel is loaded on a device; without a device it is read here.
-RESOURCES = r"""
-import re, subprocess, tempfile
-from triton import knobs
-
-def resources(kernel):
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        text = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True, text=True,
-                              check=True).stdout
-    usage = {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text)}
-    local = usage["STACK"] + usage["LOCAL"]
-    return {"n_regs": usage["REG"], "local": local, "n_spills": local // 4, "shared": kernel.metadata.shared,
-            "cubin": len(kernel.asm["cubin"]), "ptx_head": kernel.asm["ptx"][:4000],
-            "wgmma": kernel.asm["ptx"].count("wgmma.mma_async"), "ex2": kernel.asm["ptx"].count("ex2.approx")}
-"""
-
-LATTICE_SCRIPT = RESOURCES + r"""
+LATTICE_SCRIPT = CUBIN_RESOURCES + r"""
 import json, sys, torch
 from e3relax_fast.kernels import lattice_message as m, lattice_pool as p
 dtype = getattr(torch, sys.argv[1])
@@ -41,7 +20,7 @@ out["pool"] = p.aot_compile(dtype, features=3 * 512, arch=90)["fwd"]
 print(json.dumps({name: resources(k) for name, k in out.items()}))
 """
 
-TF32_SCRIPT = RESOURCES + r"""
+TF32_SCRIPT = CUBIN_RESOURCES + r"""
 import json, sys, torch
 from e3relax_fast.kernels import lattice_message as m
 config = m.KernelConfig(input_precision=sys.argv[1])

@@ -7,22 +7,11 @@ import pytest
 
 pytest.importorskip("triton", reason="triton is not installed (pip install 'e3relax-fast[triton]')")
 
-from helpers import H100_MAX_SHARED, compile_in_subprocess  # noqa: E402
+from helpers import CUBIN_RESOURCES, H100_MAX_SHARED, compile_in_subprocess  # noqa: E402
 
-RADIUS_SCRIPT = r"""
-import json, re, subprocess, tempfile, torch
-from triton import knobs
+RADIUS_SCRIPT = CUBIN_RESOURCES + r"""
+import json, torch
 from e3relax_fast.kernels import radius_graph as m
-
-def resources(kernel):
-    # registers and local memory per thread from the cubin (Triton's n_spills = local bytes / 4)
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        text = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True, text=True,
-                              check=True).stdout
-    usage = {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text)}
-    return {"n_regs": usage["REG"], "local": usage["STACK"] + usage["LOCAL"]}
 
 out = m.aot_compile(arch=90, max_neighbors=50)
 block, warps = m._tiles(torch.device("cuda"), None)
