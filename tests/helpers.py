@@ -8,6 +8,7 @@
   conftest's ``backend`` fixture; a backend that cannot run here is skipped with the reason),
   :func:`backend_only` (a test of one backend alone), :func:`backend_device` (the device a backend's
   tests put their tensors on), :func:`triton_module`, :func:`nvcc_present`;
+* radius-graph oracles: :func:`oracle_lengths`, :func:`fcc_supercell`;
 * ahead-of-time compiles for sm_90: :func:`compile_in_subprocess`, :data:`H100_MAX_SHARED`,
   :data:`CUBIN_RESOURCES` (a compiled kernel's registers and local memory, for the subprocess scripts).
 
@@ -394,3 +395,25 @@ def resources(kernel):
             "cubin": len(kernel.asm["cubin"]), "ptx_head": kernel.asm["ptx"][:4000],
             "wgmma": kernel.asm["ptx"].count("wgmma.mma_async"), "ex2": kernel.asm["ptx"].count("ex2.approx")}
 """
+
+
+def oracle_lengths(dp: np.ndarray, o: np.ndarray, cell: np.ndarray) -> np.ndarray:
+    """|dp + o @ cell| in spec §3's float64 operation order, ((o0 a + o1 b) + o2 c) then
+    sqrt((x*x + y*y) + z*z) (the order decides ties bit for bit). dp (..., 3), o (..., 3) int,
+    cell (3, 3) rows. The NumPy oracle of the radius-graph tests."""
+    of = o.astype(np.float64)
+    shift = of[..., 0:1] * cell[0]
+    shift = shift + of[..., 1:2] * cell[1]
+    shift = shift + of[..., 2:3] * cell[2]
+    r = dp + shift
+    return np.sqrt(r[..., 0] * r[..., 0] + r[..., 1] * r[..., 1] + r[..., 2] * r[..., 2])
+
+
+def fcc_supercell(a: float, reps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A perfect fcc crystal of lattice constant ``a`` Å repeated ``reps`` times along each axis, as
+    ``(positions (4 reps^3, 3), cells (1, 3, 3), ptr)`` float64 tensors: many exactly tied distances."""
+    import itertools
+
+    basis = np.array([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+    fcc = np.array([(np.array(c) + b) * a for c in itertools.product(range(reps), repeat=3) for b in basis])
+    return torch.tensor(fcc), torch.tensor(np.eye(3) * reps * a)[None], torch.tensor([0, len(fcc)])

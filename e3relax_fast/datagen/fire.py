@@ -375,9 +375,6 @@ class BatchedFIRE:
         deform, cell_factor = deform[go], cell_factor[go]
         energies, fmax = energies[go], fmax[go]
         state.keep(go)
-        seg = state.segment()
-        b = len(state)
-
         dr, dr_cell = self._fire_step(state, g_atoms, g_cell)
         yield from self._move(state, deform, cell_factor, dr, dr_cell, energies, fmax)
 
@@ -478,13 +475,14 @@ def steps_saved(pairs: Sequence, predictions: Sequence, calculator, fmax: float 
     return result
 
 
-def energies_above_minimum(pairs: Sequence, predictions: Sequence, calculator, batch_size: int = 64) -> dict:
+def energies_above_minimum(pairs: Sequence, predictions: Sequence, calculator) -> dict:
     """Single-point energies (no relaxation) of each pair's unrelaxed input and of the model's
     prediction, above the pair's relaxed structure's energy (the potential's minimum), eV/atom.
 
     Args:
         pairs: :class:`~e3relax_fast.io.Pair` records; predictions: one per pair, as for
-            :func:`steps_saved`; calculator: batched or ASE calculator.
+            :func:`steps_saved`; calculator: batched (it batches the forward passes itself) or ASE
+            calculator.
 
     Returns:
         ``ids``, ``input_above`` and ``prediction_above`` (per-pair lists, eV/atom; NaN where the
@@ -498,8 +496,7 @@ def energies_above_minimum(pairs: Sequence, predictions: Sequence, calculator, b
     inputs = [_to_atoms((p.atomic_numbers, p.pos_unrelaxed, p.cell_unrelaxed)) for p in pairs]
     relaxed = [_to_atoms((p.atomic_numbers, p.pos_relaxed, p.cell_relaxed)) for p in pairs]
     pred = [_to_atoms(s, p.atomic_numbers) for s, p in zip(predictions, pairs, strict=True)]
-    structures = inputs + relaxed + pred
-    energies = np.concatenate([calc(structures[k:k + batch_size])[0] for k in range(0, len(structures), batch_size)])
+    energies = calc(inputs + relaxed + pred)[0]
     n = np.array([len(p.atomic_numbers) for p in pairs], dtype=np.float64)
     e_input, e_min, e_pred = (energies[k * len(pairs):(k + 1) * len(pairs)] / n for k in range(3))
     above_input, above_pred = e_input - e_min, e_pred - e_min

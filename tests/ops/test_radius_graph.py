@@ -33,6 +33,7 @@ from helpers import (
     backend_params,
     graph_case,
     graph_case_params,
+    oracle_lengths,
     random_batch,
     triton_module,
 )
@@ -89,17 +90,6 @@ def _tie_d50(meta, k):
 # --------------------------------------------------------------------------------------------------
 # independent brute-force oracle (NumPy)
 # --------------------------------------------------------------------------------------------------
-def _lengths_np(dp, o, cell):
-    """|dp + o @ cell| in the documented float64 order: ((o0 a + o1 b) + o2 c), then
-    sqrt((x*x + y*y) + z*z). dp (..., 3), o (..., 3) int, cell (3, 3)."""
-    of = o.astype(np.float64)
-    shift = of[..., 0:1] * cell[0]
-    shift = shift + of[..., 1:2] * cell[1]
-    shift = shift + of[..., 2:3] * cell[2]
-    r = dp + shift
-    return np.sqrt(r[..., 0] * r[..., 0] + r[..., 1] * r[..., 1] + r[..., 2] * r[..., 2])
-
-
 def brute_force(pos, cells, ptr, radius=6.0, max_neighbors=50, reserved=None, centres=None):
     """Every image in a generous box around the nearest image, for every centre separately.
 
@@ -135,7 +125,7 @@ def brute_force(pos, cells, ptr, radius=6.0, max_neighbors=50, reserved=None, ce
         for i in todo:
             near = np.rint(frac[i - lo] - frac).astype(np.int64)  # (n, 3) nearest-image offset of j
             o = near[None, :, :] + box[:, None, :]  # (B, n, 3)
-            d = _lengths_np(pos[lo:hi] - pos[i], o, C)  # (B, n)
+            d = oracle_lengths(pos[lo:hi] - pos[i], o, C)  # (B, n)
             j = np.broadcast_to(js, d.shape)
             ok = (d <= radius) & ~((j == i) & (o == 0).all(-1))
             cj, co, cd = j[ok], o[ok], d[ok]
@@ -146,7 +136,7 @@ def brute_force(pos, cells, ptr, radius=6.0, max_neighbors=50, reserved=None, ce
             cap = max(max_neighbors - int(reserved[i]), 0)
             kj, ko, kd = cj[:cap], co[:cap], cd[:cap]
             keep = kj != i
-            sd = _lengths_np(np.zeros(3), SELF_OFFSETS, C)
+            sd = oracle_lengths(np.zeros(3), SELF_OFFSETS, C)
             per_centre[i] = {
                 "j": np.concatenate([kj[keep], np.full(6, i)]),
                 "o": np.concatenate([ko[keep], SELF_OFFSETS]),

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import GRAPH_CASES, graph_case, nvcc_present, random_batch
+from helpers import GRAPH_CASES, fcc_supercell, graph_case, nvcc_present, random_batch
 
 from e3relax_fast import build_graph, ops
 from e3relax_fast.ops import compiled as _ext
@@ -118,10 +118,7 @@ def test_random_suite(case):
 
 def test_symmetric_lattice_ties():
     """Perfect fcc: many exactly tied keys at the cut (the (j, o) tie-break decides)."""
-    a = 3.6
-    basis = np.array([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
-    fcc = np.array([(np.array(c) + b) * a for c in itertools.product(range(2), repeat=3) for b in basis])
-    pos, cells, ptr = torch.tensor(fcc), torch.tensor(np.eye(3) * 2 * a)[None], torch.tensor([0, len(fcc)])
+    pos, cells, ptr = fcc_supercell(3.6, 2)
     for k in (12, 50, 80):
         ref = reference(pos, cells, ptr, 6.0, k)
         for path, thr in PATHS:

@@ -16,12 +16,10 @@ The last test runs the real kernels against the reference when a CUDA device is 
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 import torch
-from helpers import GRAPH_CASES, graph_case, random_batch
+from helpers import GRAPH_CASES, fcc_supercell, graph_case, random_batch
 
 from e3relax_fast.ops import compiled as _ext
 from e3relax_fast.reference.radius_graph import radius_graph as reference
@@ -118,10 +116,7 @@ def test_random_suite_small_crystals(case):
 
 def test_exact_ties_on_a_perfect_lattice():
     """A 4x4x4 fcc supercell (256 atoms): many exactly tied keys at the cut, binned and not."""
-    a = 3.6
-    basis = np.array([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
-    fcc = np.array([(np.array(c) + b) * a for c in itertools.product(range(4), repeat=3) for b in basis])
-    pos, cells, ptr = torch.tensor(fcc), torch.tensor(np.eye(3) * 4 * a)[None], torch.tensor([0, len(fcc)])
+    pos, cells, ptr = fcc_supercell(3.6, 4)
     for k in (12, 50, 80):
         ref = reference(pos, cells, ptr, 6.0, k)
         for threshold, want in ((0, 1), (BIG, 0)):

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import backend_params
+from helpers import backend_params, oracle_lengths
 
 from e3relax_fast import build_graph, ops
 from e3relax_fast.geometry import SELF_IMAGE_OFFSETS
@@ -30,16 +30,6 @@ WORK = 400_000
 CENTRES = 6
 
 
-def lengths(dp: np.ndarray, o: np.ndarray, cell: np.ndarray) -> np.ndarray:
-    """|dp + o @ cell| in spec §3's float64 operation order (the order decides ties bit for bit)."""
-    of = o.astype(np.float64)
-    shift = of[..., 0:1] * cell[0]
-    shift = shift + of[..., 1:2] * cell[1]
-    shift = shift + of[..., 2:3] * cell[2]
-    r = dp + shift
-    return np.sqrt(r[..., 0] * r[..., 0] + r[..., 1] * r[..., 1] + r[..., 2] * r[..., 2])
-
-
 def box_half_widths(cell: np.ndarray, radius: float) -> list[int]:
     volume = abs(np.linalg.det(cell))
     return [math.ceil(radius / (volume / np.linalg.norm(np.cross(cell[(k + 1) % 3], cell[(k + 2) % 3])))) + 1
@@ -53,14 +43,14 @@ def brute_force_centre(pos: np.ndarray, cell: np.ndarray, i: int, radius: float,
     frac = np.linalg.solve(cell.T, pos.T).T
     near = np.rint(frac[i] - frac).astype(np.int64)  # the image of each j nearest centre i
     o = near[None] + box[:, None]
-    d = lengths(pos[None] - pos[i], o, cell)
+    d = oracle_lengths(pos[None] - pos[i], o, cell)
     j = np.broadcast_to(np.arange(len(pos)), d.shape)
     ok = (d <= radius) & ~((j == i) & (o == 0).all(-1))
     j, o, d = j[ok], o[ok], d[ok]
     order = np.lexsort((o[:, 2], o[:, 1], o[:, 0], j, np.round(d / 1e-6).astype(np.int64)))
     j, o, d = j[order][:k], o[order][:k], d[order][:k]
     keep = j != i
-    self_d = lengths(np.zeros(3), SELF, cell)
+    self_d = oracle_lengths(np.zeros(3), SELF, cell)
     return (np.concatenate([j[keep], np.full(6, i)]), np.concatenate([o[keep], SELF]),
             np.concatenate([d[keep], self_d]), int(ok.sum()))
 
