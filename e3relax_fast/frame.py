@@ -187,9 +187,12 @@ def canonical_frame(atomic_numbers, positions, cell, symprec: float = SYMPREC) -
     z = np.asarray(atomic_numbers, dtype=np.int64)
     pos = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
     lattice = np.asarray(cell, dtype=np.float64).reshape(3, 3)
-    log = logging.getLogger("moyo")
-    if _MOYO_FILTER not in log.filters:
-        log.addFilter(_MOYO_FILTER)
+    # A logger's filters only see the records logged to it, not those its children propagate: the
+    # filter sits on each logger that emits one of the two messages.
+    for name in _MOYO_LOGGERS:
+        log = logging.getLogger(name)
+        if _MOYO_FILTER not in log.filters:
+            log.addFilter(_MOYO_FILTER)
     return _canonical_frame(moyopy, z, pos, lattice, symprec)
 
 
@@ -206,6 +209,9 @@ class _ExpectedMoyoWarnings(logging.Filter):
 
 
 _MOYO_FILTER = _ExpectedMoyoWarnings()
+#: The loggers moyopy emits those two messages on ("Omitted": ``moyo``; the displacement:
+#: ``moyo.symmetrize.symmetrization``, moyo's Rust module path).
+_MOYO_LOGGERS = ("moyo", "moyo.symmetrize.symmetrization")
 
 
 def _canonical_frame(moyopy, z, pos, lattice, symprec) -> CanonicalFrame:

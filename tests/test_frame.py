@@ -240,3 +240,29 @@ def test_only_moyopys_expected_warnings_are_dropped():
     assert not _MOYO_FILTER.filter(record("Omitted 24 symmetry operations in the input-cell basis"))
     assert not _MOYO_FILTER.filter(record("Large displacement during symmetrization: [[0.0002, 0, 0]] for site 3"))
     assert _MOYO_FILTER.filter(record("Symmetry search failed"))
+
+
+def test_moyopys_expected_warnings_do_not_reach_the_user():
+    """Through canonical_frame, neither expected warning reaches a handler on the root logger: the
+    "Omitted" one (a supercell whose primitive operations are not integer in its basis) and the
+    displacement one (a CHGNet minimum whose atoms moyopy moves onto exact Wyckoff positions), which
+    moyopy logs on a child logger that a filter on ``moyo`` alone does not see."""
+    import logging
+
+    pairs = read_pairs(ROOT / "data" / "chgnet_v13sym", "val")
+    minimum = pairs[62]  # a 24-atom minimum that moyopy symmetrizes with a 1.6e-4 Å move
+    wurtzite = read(ROOT / "examples" / "ZnO_wurtzite.cif").repeat((2, 1, 1))
+    seen = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            seen.append((record.name, record.getMessage()))
+
+    handler = Catch(logging.WARNING)
+    logging.getLogger().addHandler(handler)
+    try:
+        canonical_frame(minimum.atomic_numbers, minimum.pos_relaxed, minimum.cell_relaxed)
+        canonical_frame(wurtzite.numbers, wurtzite.positions, wurtzite.cell.array)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert seen == []
