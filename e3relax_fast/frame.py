@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -94,7 +95,30 @@ class CanonicalFrame:
     @property
     def frac(self) -> np.ndarray:
         """``(m, 3)`` canonical fractional coordinates."""
-        return self.positions @ np.linalg.inv(self.cell)
+        return self.positions @ self._cell_inverse
+
+    # The maps below are used once or twice per crystal; computed once (a screening run spends its
+    # frame time in small NumPy calls, not in arithmetic).
+    @cached_property
+    def _cell_inverse(self) -> np.ndarray:
+        return np.linalg.inv(self.cell)
+
+    @cached_property
+    def _linear_inverse(self) -> np.ndarray:
+        """``choice_linear^-1``, exact: the inverse of a unimodular integer matrix (a lattice isometry)."""
+        return np.rint(np.linalg.inv(self.choice_linear))
+
+    @cached_property
+    def _std_rotation(self) -> np.ndarray:
+        """``Q = B^-1 P^T B``: the rotation (row action) the lattice isometry ``choice_linear`` amounts to."""
+        return self._cell_inverse @ self.choice_linear.T @ self.cell
+
+    @cached_property
+    def _cartesian_operations(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(Q (k, 3, 3), inverse permutations (k, m))``: each operation as a Cartesian row action
+        ``r -> r Q``, and the atom each atom's image comes from."""
+        q_ops = self._cell_inverse @ np.swapaxes(self.rotations, 1, 2) @ self.cell
+        return q_ops, np.argsort(self.permutations, axis=1)
 
     def to_user(self, positions: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A prediction for the canonical cell (``positions (m, 3)``, ``cell (3, 3)``, Å, standard
@@ -107,10 +131,9 @@ class CanonicalFrame:
         # in a relaxation (fractional coordinates kept). The cell follows the isometry P of the
         # lattice: in moyopy's basis it is P^T cell Q^T, Q = B^-1 P^T B the rotation P amounts to.
         linear = self.choice_linear
-        frac = (positions @ np.linalg.inv(cell) - self.choice_shift - self.choice_images) @ np.linalg.inv(linear).T
-        rotation_q = np.linalg.solve(self.cell, linear.T @ self.cell)
-        std_cell = linear.T @ cell @ rotation_q.T
-        offset = self.offset @ np.linalg.inv(self.cell)
+        frac = (positions @ np.linalg.inv(cell) - self.choice_shift - self.choice_images) @ self._linear_inverse.T
+        std_cell = linear.T @ cell @ self._std_rotation.T
+        offset = self.offset @ self._cell_inverse
         user_positions = (frac[self.atom_map] + self.images + offset) @ std_cell
         return user_positions @ self.rotation, (self.user_cell @ std_cell) @ self.rotation
 
@@ -121,14 +144,13 @@ class CanonicalFrame:
         of one canonical atom in a supercell are averaged (a target that breaks the supercell's
         translations is projected onto them)."""
         linear = self.choice_linear
-        rotation_q = np.linalg.solve(self.cell, linear.T @ self.cell)
         std_cell = np.linalg.solve(self.user_cell.astype(np.float64), cell @ self.rotation.T)
         per_atom = (positions @ self.rotation.T) @ np.linalg.inv(std_cell) - self.images \
-            - self.offset @ np.linalg.inv(self.cell)
+            - self.offset @ self._cell_inverse
         frac = np.zeros((len(self.numbers), 3))
         np.add.at(frac, self.atom_map, per_atom)
         frac /= np.bincount(self.atom_map, minlength=len(self.numbers))[:, None]
-        canonical_cell = np.linalg.solve(linear.T, std_cell) @ rotation_q
+        canonical_cell = np.linalg.solve(linear.T, std_cell) @ self._std_rotation
         canonical = frac @ linear.T + self.choice_shift + self.choice_images
         return canonical @ canonical_cell, canonical_cell
 
@@ -136,7 +158,8 @@ class CanonicalFrame:
         """``positions`` translated so that their centroid has the canonical input's fractional
         coordinates in ``cell``: the translation a relaxation gives (forces sum to zero, so atoms
         move with the cell about the origin) and which a translation-equivariant model cannot know."""
-        return align_fractional_centroid(positions, cell, self.positions, self.cell)
+        target = self.positions.mean(axis=0) @ self._cell_inverse @ cell
+        return positions + (target - positions.mean(axis=0))
 
     def symmetrize(self, positions: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Project a prediction for the canonical cell onto the input's space group.
@@ -148,19 +171,17 @@ class CanonicalFrame:
         every symmetry of the input.
         """
         base = self.cell
-        deformation = np.linalg.solve(base, cell)  # cell = base @ F
+        deformation = self._cell_inverse @ cell  # cell = base @ F
         displacement = positions - self.positions @ deformation
         # Images: the prediction may have moved an atom across the cell; measure displacements from
         # the atom's own input position, not another image of it.
         frac_u = displacement @ np.linalg.inv(cell)
         displacement = (frac_u - np.round(frac_u)) @ cell
-        q_ops = np.linalg.inv(base) @ np.swapaxes(self.rotations, 1, 2) @ base  # row action r -> r Q
-        q_inv = np.linalg.inv(q_ops)
-        f_sym = np.mean(q_inv @ deformation @ q_ops, axis=0)
-        u_sym = np.zeros_like(displacement)
-        for q, perm in zip(q_ops, self.permutations, strict=True):
-            u_sym[perm] += displacement @ q
-        u_sym /= len(q_ops)
+        q_ops, sources = self._cartesian_operations
+        # Q^-1 = Q^T: the operations are isometries of the (refined) canonical cell.
+        f_sym = np.mean(np.swapaxes(q_ops, 1, 2) @ deformation @ q_ops, axis=0)
+        # u_sym[perm[g, j]] = mean_g u[j] Q_g, gathered: atom i receives from atom sources[g, i].
+        u_sym = np.take_along_axis(displacement @ q_ops, sources[..., None], axis=1).mean(axis=0)
         return self.positions @ f_sym + u_sym, base @ f_sym
 
 
@@ -223,10 +244,12 @@ def _canonical_frame(moyopy, z, pos, lattice, symprec) -> CanonicalFrame:
         raise FrameError(f"symmetry search failed (symprec {symprec} Å): {err}") from err
     prim = data.prim_std_cell
     basis = np.array(prim.basis, dtype=np.float64)
+    basis_inverse = np.linalg.inv(basis)
     numbers = np.array(prim.numbers, dtype=np.int64)
     x_std = np.array(prim.positions, dtype=np.float64)
-    rotations, translations = _operations(int(data.number), int(data.hall_number))
-    linear, shifts = _choose_description(data, basis, x_std, numbers, rotations)
+    group = _group(int(data.number), int(data.hall_number))
+    rotations, translations = group.rotations, group.translations
+    linear, shifts = _choose_description(data, basis, basis_inverse, x_std, numbers, group.polar)
     frac = x_std @ linear.T + shifts
     # The atoms in table order too: the graph's top-K cut breaks exact distance ties by atom index,
     # so the same crystal must also come with the same atom order.
@@ -237,9 +260,10 @@ def _canonical_frame(moyopy, z, pos, lattice, symprec) -> CanonicalFrame:
     mapping = np.argsort(order)[np.asarray(data.mapping_std_prim, dtype=np.int64)]
     # The group is the same for the chosen description (a normalizer element maps it onto itself);
     # only the permutations of the atoms are recomputed.
-    permutations = _permutations(rotations, translations, frac, numbers, basis, symprec)
+    permutations = _permutations(group, frac, numbers, basis, symprec)
     rotation = np.array(data.std_rotation_matrix, dtype=np.float64)
-    user_cell, atom_map, images, offset = _user_bookkeeping(lattice, pos, rotation, basis, x_std, mapping, symprec)
+    user_cell, atom_map, images, offset = _user_bookkeeping(lattice, pos, rotation, basis, basis_inverse, x_std,
+                                                            mapping, symprec)
     return CanonicalFrame(numbers, basis, frac @ basis, int(data.number), rotations, translations, permutations,
                           user_cell, atom_map, images, offset, rotation, linear, shifts[0], images_choice)
 
@@ -300,21 +324,23 @@ def _closure(generators: tuple) -> tuple[np.ndarray, np.ndarray]:
     return np.array([p for p, _ in ops]), np.array([s for _, s in ops])
 
 
-def _choose_description(data, basis, frac, numbers, rotations) -> tuple[np.ndarray, np.ndarray]:
+def _choose_description(data, basis, basis_inverse, frac, numbers, polar) -> tuple[np.ndarray, np.ndarray]:
     """The smallest-table description among the equivalent ones: ``(P (3, 3), shifts (m, 3))`` with
-    canonical fractions ``P @ x[k] + shifts[k]`` (wrapped) for moyopy's standard fractions ``x``."""
+    canonical fractions ``P @ x[k] + shifts[k]`` (wrapped) for moyopy's standard fractions ``x``;
+    ``polar`` is the group's free origin directions (:attr:`_Group.polar`)."""
     linears, shifts = _normalizer(data)
-    moved = np.einsum("cij,mj->cmi", linears, frac) + shifts[:, None, :]  # (c, m, 3)
-    polar = _polar_directions(rotations, basis)
-    if polar is not None:
+    moved = frac @ np.swapaxes(linears, 1, 2) + shifts[:, None, :]  # (c, m, 3)
+    if len(polar):
         # Pin the continuous origin: each atom of the rarest species in turn at zero along the polar
-        # directions (orthogonal projection in Cartesian space, mapped back to fractions).
-        counts = {int(zz): int(np.sum(numbers == zz)) for zz in np.unique(numbers)}
-        rarest = min(counts, key=lambda zz: (counts[zz], -zz))
+        # directions (orthogonal projection in Cartesian space, as a map of fractions).
+        counts = np.bincount(numbers).astype(np.float64)
+        counts[counts == 0] = np.inf
+        rarest = len(counts) - 1 - np.argmin(counts[::-1])  # ties: the heaviest species
         atoms = np.flatnonzero(numbers == rarest)
-        cart = moved @ basis  # (c, m, 3)
-        pinned = cart[:, atoms, :] @ polar  # (c, a, 3): the chosen atoms' projections
-        moved = ((cart[:, None, :, :] - pinned[:, :, None, :]) @ np.linalg.inv(basis)).reshape(-1, *frac.shape)
+        pinned = moved[:, atoms, :]  # (c, a, 3); all directions free (P1): the projector is the identity
+        if len(polar) < 3:
+            pinned = pinned @ (basis @ _projector(polar @ basis) @ basis_inverse)
+        moved = (moved[:, None, :, :] - pinned[:, :, None, :]).reshape(-1, *frac.shape)
         linears = np.repeat(linears, len(atoms), axis=0)
     wrapped, _ = _wrap(moved)
     keys = _table_keys(wrapped, numbers)
@@ -322,54 +348,78 @@ def _choose_description(data, basis, frac, numbers, rotations) -> tuple[np.ndarr
     return linears[best].copy(), wrapped[best] - frac @ linears[best].T
 
 
-def _polar_directions(rotations: np.ndarray, basis: np.ndarray) -> np.ndarray | None:
-    """Cartesian orthogonal projector ``(3, 3)`` (row action) onto the directions every operation
-    leaves fixed (a polar group's free origin), or ``None`` when there are none."""
-    cart = np.linalg.inv(basis) @ np.swapaxes(rotations, 1, 2) @ basis  # row action r -> r Q
-    stacked = (cart - np.eye(3)).transpose(0, 2, 1).reshape(-1, 3)  # rows span the moved directions
-    _, sigma, vt = np.linalg.svd(stacked)
-    free = vt[np.sum(sigma > 1e-6):]
-    if len(free) == 0:
-        return None
-    return free.T @ free
+def _projector(rows: np.ndarray) -> np.ndarray:
+    """``(3, 3)`` orthogonal projector (row action) onto the span of the independent ``rows (d, 3)``."""
+    return rows.T @ np.linalg.solve(rows @ rows.T, rows)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """A space group's operations on the primitive standard cell's fractional coordinates, in the
+    setting moyopy standardizes to (column action ``x' = R x + t``).
+
+    Attributes:
+        rotations: ``(k, 3, 3)`` int64.  translations: ``(k, 3)`` float64.
+        moving: ``(k,)`` bool, False for the identity (which needs no permutation search).
+        polar: ``(d, 3)`` fractional directions (rows) every rotation leaves fixed, ``d = 0`` for a
+            non-polar group: the continuous freedom of the origin.
+    """
+
+    rotations: np.ndarray
+    translations: np.ndarray
+    moving: np.ndarray
+    polar: np.ndarray
 
 
 @functools.lru_cache(maxsize=1024)
-def _operations(number: int, hall_number: int) -> tuple[np.ndarray, np.ndarray]:
-    """The space group's operations on the primitive standard cell's fractional coordinates: those
-    of its standard setting (``hall_number``), in the primitive basis moyopy standardizes to. Cached
-    per setting; :func:`_permutations` checks that they map the refined cell onto itself."""
+def _group(number: int, hall_number: int) -> _Group:
+    """The operations of space group ``number`` in the standard setting ``hall_number``, in the
+    primitive basis moyopy standardizes to. Cached per setting (screening meets the same groups over
+    and over); :func:`_permutations` checks that they map the refined cell onto itself."""
     import moyopy
 
     ops = moyopy.operations_from_number(number, setting=moyopy.Setting.hall_number(hall_number), primitive=True)
-    return np.array(ops.rotations, dtype=np.int64), np.array(ops.translations, dtype=np.float64)
+    rotations = np.array(ops.rotations, dtype=np.int64)
+    translations = np.array(ops.translations, dtype=np.float64)
+    identity = (rotations == np.eye(3, dtype=np.int64)).all(axis=(1, 2)) & (np.abs(translations) < 1e-12).all(axis=1)
+    # Fixed directions: the null space of the stacked (R - 1); integer rotations, so the singular
+    # values are either 0 or of order 1.
+    _, sigma, vt = np.linalg.svd((rotations - np.eye(3, dtype=np.int64)).reshape(-1, 3).astype(np.float64))
+    polar = vt[np.sum(sigma > 1e-6):]
+    return _Group(rotations, translations, ~identity, polar)
 
 
-def _permutations(rotations, translations, frac, numbers, basis, symprec) -> np.ndarray:
+def _permutations(group: _Group, frac, numbers, basis, symprec) -> np.ndarray:
     """``(k, m)``: operation g moves atom j onto atom ``perm[g, j]`` (same species, within symprec)."""
-    moved = np.einsum("gij,mj->gmi", rotations.astype(np.float64), frac) + translations[:, None, :]
-    diff = moved[:, :, None, :] - frac[None, None, :, :]  # (k, m, m, 3)
+    perm = np.tile(np.arange(len(frac)), (len(group.rotations), 1))
+    moving = group.moving
+    if not moving.any():
+        return perm
+    moved = frac @ np.swapaxes(group.rotations[moving], 1, 2).astype(np.float64) + group.translations[moving, None, :]
+    diff = moved[:, :, None, :] - frac[None, None, :, :]  # (k', m, m, 3)
     diff -= np.round(diff)
     dist = np.linalg.norm(diff @ basis, axis=-1)
     dist[:, numbers[:, None] != numbers[None, :]] = np.inf
-    perm = np.argmin(dist, axis=2)
-    worst = np.take_along_axis(dist, perm[..., None], axis=2).max() if dist.size else 0.0
-    if not worst <= 4 * symprec or any(len(set(p.tolist())) != len(p) for p in perm):
+    found = np.argmin(dist, axis=2)
+    worst = np.take_along_axis(dist, found[..., None], axis=2).max() if dist.size else 0.0
+    # A permutation: sorted, each row is 0 .. m-1.
+    if not worst <= 4 * symprec or (np.sort(found, axis=1) != perm[:1]).any():
         raise FrameError(f"the symmetry operations do not map the refined cell onto itself (off by {worst:.2g} Å)")
+    perm[moving] = found
     return perm
 
 
-def _user_bookkeeping(lattice, pos, rotation, basis, x_std, mapping, symprec):
+def _user_bookkeeping(lattice, pos, rotation, basis, basis_inverse, x_std, mapping, symprec):
     """``(T, atom_map, images, offset)`` linking the user's description to moyopy's standard one."""
     rotated_cell = lattice @ rotation.T
-    t_float = rotated_cell @ np.linalg.inv(basis)
+    t_float = rotated_cell @ basis_inverse
     user_cell = np.rint(t_float).astype(np.int64)
     if np.abs(t_float - user_cell).max() > 1e-3 or round(abs(np.linalg.det(user_cell))) * len(x_std) != len(pos):
         raise FrameError("the input cell is not an integer combination of the primitive cell found")
     atom_map = np.asarray(mapping, dtype=np.int64)
     rotated = pos @ rotation.T
     reference = rotated[0] - x_std[atom_map[0]] @ basis
-    images = np.rint((rotated - reference) @ np.linalg.inv(basis) - x_std[atom_map]).astype(np.int64)
+    images = np.rint((rotated - reference) @ basis_inverse - x_std[atom_map]).astype(np.int64)
     residual = rotated - (x_std[atom_map] + images) @ basis
     offset = residual.mean(axis=0)
     if np.abs(residual - offset).max() > 4 * symprec:
