@@ -277,6 +277,67 @@ def add_eval_parser(subparsers) -> None:
     p.set_defaults(func=run_eval)
 
 
+def run_lofo(args: argparse.Namespace) -> int:
+    """``e3relax-fast lofo``: train without each family in turn and score on it (see training/lofo.py)."""
+    import json
+    import shlex
+
+    from .io import read_pairs
+    from .model import load_pretrained
+    from .training import evaluate as evaluate_model
+    from .training.lofo import heldout_summary, lofo_table
+
+    pairs = {split: read_pairs(args.data, split) for split in ("train", "val", "test")}
+    present = sorted({p.family for split in pairs.values() for p in split if p.family})
+    families = args.family or present
+    missing = [f for f in families if f not in present]
+    if missing:
+        return _die(f"no pairs of famil{'y' if len(missing) == 1 else 'ies'} {', '.join(missing)} in "
+                    f"{', '.join(args.data)} (families there: {', '.join(present) or 'none recorded'})")
+    train_options = shlex.split(args.train_options)
+    data_options = [option for source in args.data for option in ("--data", source)]
+    out = Path(args.out)
+    summaries = {}
+    for family in families:
+        run, scored = out / family, out / family / "heldout.json"
+        if scored.exists():  # a finished fold (rerun to resume the others)
+            summaries[family] = json.loads(scored.read_text())
+            continue
+        train_args = build_parser().parse_args(
+            ["train", *data_options, "--out", str(run), "--exclude-family", family, *train_options])
+        status = run_train(train_args)
+        if status:
+            return status
+        model = load_pretrained(run / "best.pt", map_location=args.device)
+        heldout = [p for split in pairs.values() for p in split if p.family == family]
+        result = evaluate_model(model, heldout, device=args.device, match=False)
+        summaries[family] = heldout_summary(result)
+        scored.write_text(json.dumps(summaries[family], indent=1))
+    table = lofo_table(summaries)
+    command = " ".join(shlex.quote(a) for a in ["e3relax-fast", *args.argv])
+    (out / "lofo.md").write_text(f"# Leave one family out\n\n`{command}`\n\n{table}")
+    print(table, end="")
+    return 0
+
+
+def add_lofo_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "lofo", help="leave one seed family out: train without it, score on all of its pairs",
+        description="For each seed family, `train --exclude-family F` into OUT/F, then score its best "
+        "checkpoint on every pair of F (all splits) beside Dummy and the isotropic rescale to the "
+        "predicted volume; writes OUT/F/heldout.json and the table OUT/lofo.md. A finished fold is "
+        "kept; rerun to resume.",
+    )
+    _add_data_argument(p)
+    p.add_argument("--out", required=True, help="folder of the folds")
+    p.add_argument("--family", action="append", metavar="FAMILY",
+                   help="hold out this family (repeatable; default: every family in the data)")
+    p.add_argument("--train-options", default="", metavar="'OPTIONS'",
+                   help="options for each fold's `train` (one quoted string, e.g. '--hidden 64 --cell-transport')")
+    p.add_argument("--device", default="cpu", help="device of the scoring (training takes --device in --train-options)")
+    p.set_defaults(func=run_lofo)
+
+
 def run_datagen(args: argparse.Namespace) -> int:
     from .datagen import generate, write_snapshot
 
@@ -372,12 +433,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(subparsers)
     add_eval_parser(subparsers)
     add_datagen_parser(subparsers)
+    add_lofo_parser(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``e3relax-fast`` console script; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command as given, for the records a command writes
     return args.func(args)
 
 

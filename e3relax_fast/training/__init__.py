@@ -1,6 +1,7 @@
 """Training and evaluation: pair datasets with targets and graphs (:mod:`.dataset`), the one loss
 (:mod:`.loss`), the training loop with EMA and DDP (:mod:`.train`), the field's metrics
-(:mod:`.metrics`) and evaluation against the Dummy baseline (:mod:`.evaluate`)."""
+(:mod:`.metrics`), evaluation against the Dummy baseline (:mod:`.evaluate`) and the leave-one-family-out
+table (:mod:`.lofo`)."""
 
 from .dataset import PairDataset
 from .evaluate import evaluate, write_report

@@ -1,0 +1,79 @@
+"""Leave one family out (``e3relax-fast lofo``): each fold trains without its family, is scored on
+all of that family's pairs, and the table says whether the recipe beats Dummy there."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from helpers import denoising_pairs
+
+from e3relax_fast.cli import main
+from e3relax_fast.training.lofo import beats_dummy, heldout_summary, lofo_table
+
+pytest.importorskip("ase")
+
+
+def _dataset(root):
+    """Two families, 'perov' (ids a*) and 'oqmd' (ids b*), in all three splits."""
+    from e3relax_fast.io import write_extxyz_pairs
+
+    rows = []
+    for split, n, seed in (("train", 12, 0), ("val", 4, 1), ("test", 4, 2)):
+        pairs = denoising_pairs(n, seed)
+        for k, pair in enumerate(pairs):
+            family = "perov" if k % 2 == 0 else "oqmd"
+            pair.id = f"{split}-{family}-{k}"
+            rows.append({"atoms_id": pair.id, "protocol": "rattle", "seed_id": f"{family}-{k}", "family": family})
+        write_extxyz_pairs(pairs, root, split)
+    with (root / "index.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_lofo_trains_without_each_family_and_scores_on_it(tmp_path, capsys):
+    data, out = tmp_path / "pairs", tmp_path / "lofo"
+    _dataset(data)
+    options = "--hidden 8 --layers 2 --batch-size 4 --steps-per-epoch 2 --max-steps 2 --quiet"
+    assert main(["lofo", "--data", str(data), "--out", str(out), "--train-options", options]) == 0
+    table = (out / "lofo.md").read_text()
+    assert f"--train-options '{options}'" in table  # the command that made it
+    for family in ("perov", "oqmd"):
+        summary = json.loads((out / family / "heldout.json").read_text())
+        assert summary["n"] == 10  # all splits of the held-out family: 6 + 2 + 2
+        assert f"| {family} | 10 |" in table
+        # The fold never saw its family: its training and validation sets hold the other family's
+        # pairs only (6 of the 12 training pairs, 2 of the 4 validation pairs).
+        for split, n in (("train", 6), ("val", 2)):
+            assert len(torch.load(out / family / "graphs" / f"{split}.pt", weights_only=True)["items"]) == n
+    # A finished fold is kept: a rerun reads the scores instead of training again.
+    (out / "perov" / "best.pt").unlink()
+    assert main(["lofo", "--data", str(data), "--out", str(out), "--family", "perov",
+                 "--train-options", options]) == 0
+    assert not (out / "perov" / "best.pt").exists()
+
+
+def test_lofo_names_a_family_that_is_not_in_the_data(tmp_path, capsys):
+    data = tmp_path / "pairs"
+    _dataset(data)
+    assert main(["lofo", "--data", str(data), "--out", str(tmp_path / "o"), "--family", "carbon"]) == 2
+    err = capsys.readouterr().err
+    assert "no pairs of family carbon" in err and "families there: oqmd, perov" in err
+
+
+def test_heldout_summary_and_table_say_which_family_is_not_beaten():
+    def result(model_coord, model_volume):
+        means = {"model": {"coord_mae": model_coord, "volume_error": model_volume, "volume_within": 0.5},
+                 "dummy": {"coord_mae": 0.2, "volume_error": 4.0, "volume_within": 0.25},
+                 "rescale": {"coord_mae": 0.15, "volume_error": 2.0, "volume_within": 0.5}}
+        return {**means, "ratio_ci": {"coord_mae": (0.4, 0.6), "volume_error": (0.3, 0.7)},
+                "per_structure": {"model": {"coord_mae": [0.1] * 7}}}
+
+    good, bad = heldout_summary(result(0.1, 2.0)), heldout_summary(result(0.1, 5.0))
+    assert good["n"] == 7 and beats_dummy(good) and not beats_dummy(bad)
+    table = lofo_table({"mp": good, "nomad": bad})
+    assert "| mp | 7 | 0.500 (0.40–0.60) | 0.750 | 0.500 (0.30–0.70) | 0.500 | 50 % | 25 % | yes |" in table
+    assert table.rstrip().endswith("| **no** |")
