@@ -6,6 +6,8 @@ rows, in Å.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ..geometry import IMAGES_27
@@ -61,10 +63,11 @@ def plane_spacings(cell: np.ndarray) -> np.ndarray:
 
     ``cell`` is ``(3, 3)`` in Å with lattice vectors as rows; a singular cell gives zeros.
     """
-    cross = np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]])
-    areas = np.linalg.norm(cross, axis=1)
-    volume = abs(np.linalg.det(cell))
-    return np.divide(volume, areas, out=np.zeros(3), where=areas > 0)
+    if np.linalg.det(cell) == 0:
+        return np.zeros(3)
+    # The spacing of the planes spanned by (b, c) is 1 / |a*|, a* the reciprocal vector: the first
+    # column of cell^-1 (and so on); cheaper than volume / |b x c| with np.cross.
+    return 1.0 / np.linalg.norm(np.linalg.inv(cell), axis=0)
 
 
 _PLANE_NAMES = ("b and c", "c and a", "a and b")
@@ -76,11 +79,19 @@ _OFFSETS = IMAGES_27.numpy()
 _ALL_PAIRS_UP_TO = 64
 
 
+@functools.lru_cache(maxsize=_ALL_PAIRS_UP_TO + 1)
+def _pair_indices(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(i, j)``, every pair ``i < j`` of ``n`` atoms (cached: ``np.triu_indices`` costs more than
+    the distances it indexes; read-only, as the cache shares them)."""
+    i, j = np.triu_indices(n, k=1)
+    i.flags.writeable = j.flags.writeable = False
+    return i, j
+
+
 def _closest_pair_all(frac: np.ndarray, cell: np.ndarray, threshold: float) -> tuple[int, int, float] | None:
     """:func:`_closest_pair` by measuring every pair's minimum image (``frac``: ``(n, 3)`` wrapped
     fractional coordinates)."""
-    n = len(frac)
-    i, j = np.triu_indices(n, k=1)
+    i, j = _pair_indices(len(frac))
     if len(i) == 0:
         return None
     delta = frac[j] - frac[i]
