@@ -149,7 +149,7 @@ def run_train(args: argparse.Namespace) -> int:
     import os
 
     from .io import read_pairs
-    from .training import PairDataset, TrainConfig, init_distributed, train
+    from .training import PairDataset, TrainConfig, init_distributed, train, with_minima
 
     init_distributed()
     device = args.device
@@ -163,13 +163,18 @@ def run_train(args: argparse.Namespace) -> int:
     )
     cache = Path(args.out) / "graphs"
     datasets = {}
-    for split in (args.train_split, args.val_split):
-        # Every --data source contributes its split. Graphs are built once and cached beside the
-        # run (keyed by content), so reruns and resumes reuse them.
-        pairs = [p for p in read_pairs(args.data, split) if p.family not in (args.exclude_family or ())]
-        datasets[split] = PairDataset(pairs, cache=cache / f"{split}.pt", frame=args.frame)
-    summary = train(config, datasets[args.train_split], datasets[args.val_split], args.out, device=device,
-                    max_steps=args.max_steps, progress=not args.quiet)
+    try:
+        for split in (args.train_split, args.val_split):
+            # Every --data source contributes its split. Graphs are built once and cached beside the
+            # run (keyed by content), so reruns and resumes reuse them.
+            pairs = [p for p in read_pairs(args.data, split) if p.family not in (args.exclude_family or ())]
+            if split == args.train_split and args.minima:
+                pairs = with_minima(pairs, args.minima, seed=args.seed)
+            datasets[split] = PairDataset(pairs, cache=cache / f"{split}.pt", frame=args.frame)
+        summary = train(config, datasets[args.train_split], datasets[args.val_split], args.out, device=device,
+                        max_steps=args.max_steps, progress=not args.quiet)
+    except ValueError as err:  # a bad pair (named), an empty split, a bad option value
+        return _die(str(err))
     print(f"trained {summary['step']} steps, {summary['epoch']} pseudo-epochs; "
           f"best validation |dp| {summary['best_val_mae']:.4f} A; checkpoints in {args.out}")
     return 0
@@ -193,6 +198,9 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--layers", type=int, default=4, help="layers L (paper: 4)")
     p.add_argument("--exclude-family", action="append", metavar="FAMILY",
                    help="leave this seed family out of training and validation (repeatable; leave-one-family-out)")
+    p.add_argument("--minima", type=float, default=0.0, metavar="FRACTION",
+                   help="add already-relaxed pairs to the training split: for this fraction of its pairs (chosen "
+                   "with --seed), the relaxed structure as input and target (default 0: none)")
     p.add_argument("--cell-transport", action="store_true",
                    help="carry the atoms along with each layer's cell update (E3Relax(cell_transport=True))")
     p.add_argument("--batch-size", type=int, default=32, help="crystals per step, all processes together")

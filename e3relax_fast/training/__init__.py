@@ -3,10 +3,10 @@
 (:mod:`.metrics`), evaluation against the Dummy baseline (:mod:`.evaluate`) and the leave-one-family-out
 table (:mod:`.lofo`)."""
 
-from .dataset import PairDataset
+from .dataset import PairDataset, with_minima
 from .evaluate import evaluate, write_report
 from .loss import LOSSES, LossTerms, layerwise_loss, unwrap_targets
 from .train import TrainConfig, init_distributed, train
 
 __all__ = ["LOSSES", "LossTerms", "PairDataset", "TrainConfig", "evaluate", "init_distributed", "layerwise_loss",
-           "train", "unwrap_targets", "write_report"]
+           "train", "unwrap_targets", "with_minima", "write_report"]

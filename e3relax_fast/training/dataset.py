@@ -123,3 +123,21 @@ class PairDataset(torch.utils.data.Dataset):
                  for it in items]
         return (Batch.collate(parts), torch.cat([it["pos_target"] for it in items]),
                 torch.stack([it["cell_target"] for it in items]))
+
+
+def with_minima(pairs: list[Pair], fraction: float, seed: int = 0) -> list[Pair]:
+    """``pairs`` followed by already-relaxed pairs: for a ``fraction`` of them (chosen with ``seed``),
+    the relaxed structure as both input and target (id ``<id>:min``, protocol ``"minimum"``).
+
+    Every target is a minimum of the potential, so these pairs cost no calculation; they teach the
+    model that a relaxed crystal stays where it is (a model trained on unrelaxed inputs alone learns
+    to expand whatever it is given, as most of them expand). Use it on a training split only: the
+    pairs share their seeds with the originals.
+    """
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"the fraction of already-relaxed pairs must be in [0, 1], got {fraction}")
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.permutation(len(pairs))[: round(fraction * len(pairs))])
+    minima = [Pair(f"{p.id}:min", p.atomic_numbers, p.pos_relaxed, p.cell_relaxed, p.pos_relaxed, p.cell_relaxed,
+                   family=p.family, protocol="minimum") for p in (pairs[k] for k in chosen)]
+    return pairs + minima

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from helpers import denoising_pairs
@@ -47,3 +48,38 @@ def test_elements_outside_a_smaller_models_table_are_named(tmp_path, train_set):
     with pytest.raises(ValueError, match=r"the training set's pair p\d+ has element Z=\d+, outside the model's "
                                          r"table \(num_elements=12\)"):
         train(config, train_set, train_set, tmp_path, max_steps=1, progress=False)
+
+
+def test_with_minima_adds_already_relaxed_pairs_of_the_chosen_fraction():
+    from e3relax_fast.training import with_minima
+
+    pairs = denoising_pairs(10, 0)
+    grown = with_minima(pairs, 0.3, seed=1)
+    assert grown[:10] == pairs and len(grown) == 13
+    originals = {p.id: p for p in pairs}
+    for pair in grown[10:]:
+        source = originals[pair.id.removesuffix(":min")]
+        assert pair.protocol == "minimum"
+        for got, want in ((pair.pos_unrelaxed, source.pos_relaxed), (pair.pos_relaxed, source.pos_relaxed),
+                          (pair.cell_unrelaxed, source.cell_relaxed), (pair.cell_relaxed, source.cell_relaxed)):
+            assert np.array_equal(got, want)
+    assert [p.id for p in with_minima(pairs, 0.3, seed=1)] == [p.id for p in grown]  # the seed decides
+    assert len(with_minima(pairs, 1.0)) == 20 and with_minima(pairs, 0.0) == pairs
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\], got 1.5"):
+        with_minima(pairs, 1.5)
+
+
+def test_train_cli_minima_and_a_bad_value_is_one_line(tmp_path, capsys):
+    from e3relax_fast.cli import main
+    from e3relax_fast.io import write_extxyz_pairs
+
+    write_extxyz_pairs(denoising_pairs(8, 0), tmp_path / "d", "train")
+    write_extxyz_pairs(denoising_pairs(2, 1), tmp_path / "d", "val")
+    common = ["train", "--data", str(tmp_path / "d"), "--hidden", "8", "--layers", "2", "--batch-size", "4",
+              "--steps-per-epoch", "1", "--max-steps", "1", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "r"), "--minima", "0.5"]) == 0
+    assert len(torch.load(tmp_path / "r" / "graphs" / "train.pt", weights_only=True)["items"]) == 12
+    assert len(torch.load(tmp_path / "r" / "graphs" / "val.pt", weights_only=True)["items"]) == 2  # val untouched
+    assert main([*common, "--out", str(tmp_path / "bad"), "--minima", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "got 2.0" in err and "Traceback" not in err
