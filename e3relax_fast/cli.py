@@ -224,6 +224,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from .model import load_pretrained
     from .training import evaluate as evaluate_model
     from .training import write_report
+    from .training.dataset import minimum_pair
 
     try:
         model = load_pretrained(args.checkpoint, map_location=args.device, paper_compat=args.paper_compat)
@@ -231,6 +232,8 @@ def run_eval(args: argparse.Namespace) -> int:
         return _die(str(err))
     pairs = [p for p in read_pairs(args.data, args.split) if (not args.family or p.family in args.family)
              and (not args.protocol or p.protocol in args.protocol)]
+    if args.minima:
+        pairs = [minimum_pair(p) for p in pairs]
     if not pairs:
         print(f"error: no pairs in split {args.split!r} of {', '.join(args.data)}"
               + (f" for families {args.family}" if args.family else "")
@@ -273,6 +276,9 @@ def add_eval_parser(subparsers) -> None:
                    help="evaluate only pairs of this seed family (repeatable; e.g. the family left out of training)")
     p.add_argument("--protocol", action="append", metavar="PROTOCOL",
                    help="evaluate only pairs made by this protocol (repeatable; e.g. minimum: already relaxed inputs)")
+    p.add_argument("--minima", action="store_true",
+                   help="score the pairs' relaxed structures as inputs, each its own target: does an already relaxed "
+                   "crystal stay relaxed? (the volume-within-3 %% share is the number to read)")
     _add_frame_arguments(p)
     p.add_argument("--steps-saved", metavar="CALC",
                    help="also relax each structure with this potential (chgnet, emt, module:factory) from the "

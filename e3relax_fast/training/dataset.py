@@ -138,6 +138,11 @@ def with_minima(pairs: list[Pair], fraction: float, seed: int = 0) -> list[Pair]
         raise ValueError(f"the fraction of already-relaxed pairs must be in [0, 1], got {fraction}")
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.permutation(len(pairs))[: round(fraction * len(pairs))])
-    minima = [Pair(f"{p.id}:min", p.atomic_numbers, p.pos_relaxed, p.cell_relaxed, p.pos_relaxed, p.cell_relaxed,
-                   family=p.family, protocol="minimum") for p in (pairs[k] for k in chosen)]
-    return pairs + minima
+    return pairs + [minimum_pair(pairs[k]) for k in chosen]
+
+
+def minimum_pair(pair: Pair) -> Pair:
+    """The already-relaxed pair of ``pair``: its relaxed structure as input and target (id
+    ``<id>:min``, protocol ``"minimum"``, same family)."""
+    return Pair(f"{pair.id}:min", pair.atomic_numbers, pair.pos_relaxed, pair.cell_relaxed, pair.pos_relaxed,
+                pair.cell_relaxed, family=pair.family, protocol="minimum")

@@ -47,7 +47,10 @@ def _match_rate(pairs: list[Pair], predictions) -> float | None:
 def ratio_interval(model_err: np.ndarray, dummy_err: np.ndarray, resamples: int = 2000, seed: int = 0
                    ) -> tuple[float, float]:
     """95 % bootstrap interval of ``mean(model_err) / mean(dummy_err)``: structures resampled with
-    replacement, the two errors of a structure kept together (paired), fixed seed."""
+    replacement, the two errors of a structure kept together (paired), fixed seed. ``(nan, nan)``
+    when Dummy's error is zero on every structure (e.g. already-relaxed inputs): no ratio exists."""
+    if not np.any(dummy_err > 0):
+        return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(model_err), (resamples, len(model_err)))
     ratios = model_err[idx].mean(1) / np.maximum(dummy_err[idx].mean(1), 1e-300)
@@ -148,7 +151,8 @@ def write_report(result: dict, pairs: list[Pair], out_dir: str | Path, title: st
     for key, (label, unit) in METRICS.items():
         m, d = result["model"][key], result["dummy"][key]
         lo, hi = result["ratio_ci"][key]
-        lines.append(f"| {label} ({unit}) | {m:.4f} | {d:.4f} | {_ratio(m, d)} | {lo:.3f}–{hi:.3f} | "
+        interval = f"{lo:.3f}–{hi:.3f}" if np.isfinite(lo) else "n/a"
+        lines.append(f"| {label} ({unit}) | {m:.4f} | {d:.4f} | {_ratio(m, d)} | {interval} | "
                      f"{100 * result['better'][key]:.0f} % |")
     if "match_rate" in result["model"]:
         lines.append(f"| match rate (StructureMatcher defaults) | {100 * result['model']['match_rate']:.1f}% | "

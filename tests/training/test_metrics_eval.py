@@ -136,3 +136,22 @@ def test_report_says_n_a_for_a_zero_dummy_metric(tmp_path):
     for pair in pairs:
         pair.cell_relaxed = pair.cell_unrelaxed * 1.02  # +6 % volume: outside the 3 %
     assert evaluate(_Identity(), pairs, match=False, frame="input")["dummy"]["volume_within"] == 0.0
+
+
+def test_eval_cli_minima_scores_relaxed_structures_as_their_own_targets(tmp_path):
+    """`eval --minima`: each pair's relaxed structure is the input and the target, so Dummy is exact
+    (zero error, every volume within 3 %) and the model's share within 3 % is what is left to read."""
+    from e3relax_fast import E3Relax
+    from e3relax_fast.cli import main
+    from e3relax_fast.io import write_extxyz_pairs
+
+    write_extxyz_pairs(denoising_pairs(5, 0), tmp_path / "data", "test")
+    torch.manual_seed(0)
+    model = E3Relax(hidden_channels=8, num_layers=2)
+    torch.save({"state_dict": model.state_dict(), "config": model.config}, tmp_path / "model.pt")
+    assert main(["eval", "--data", str(tmp_path / "data"), "--split", "test", "--checkpoint",
+                 str(tmp_path / "model.pt"), "--out", str(tmp_path / "report"), "--no-match", "--minima"]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert text.count("| 0.0000 | n/a | n/a |") == 4  # Dummy exact on every metric: no ratio, no interval
+    assert "| volume within 3 % of the target's (share of structures) |" in text
+    assert "| 100.0% |" in text.split("volume within 3 % of the target's (share of structures)")[1].split("\n")[0]
