@@ -41,6 +41,10 @@ import numpy as np
 
 #: Default tolerance of the symmetry search, Å (spglib/moyopy ``symprec``).
 SYMPREC = 1e-3
+#: A crystal just outside a higher symmetry can make moyopy's search or its normalizer fail at one
+#: tolerance ("Too large tolerance") and pass at a smaller one: the frame retries at symprec / 2,
+#: / 4, ... this many times before it gives up on the crystal.
+SYMPREC_RETRIES = 4
 #: Fractional coordinates within this of 1 wrap to 0: half the ranking resolution, so that a
 #: coordinate the ranking reads as 0 is also wrapped to 0 (TABLE_DECIMALS = 5).
 WRAP_EPS = 0.5 * 10.0**-5
@@ -60,7 +64,7 @@ class CanonicalFrame:
         numbers: ``(m,)`` int64 Z of the canonical (primitive) cell's atoms.
         cell: ``(3, 3)`` float64 canonical cell in Å (rows), standard orientation.
         positions: ``(m, 3)`` float64 canonical Cartesian positions in Å, wrapped into the cell.
-        spacegroup: ITA number found at ``symprec``.
+        spacegroup: ITA number found at :attr:`symprec`.
         rotations, translations: ``(k, 3, 3)`` int64 and ``(k, 3)`` float64, the space group's
             operations on canonical fractional coordinates (column action ``x' = R x + t``).
         permutations: ``(k, m)`` int64; operation ``g`` moves atom ``j`` onto atom ``permutations[g, j]``.
@@ -74,6 +78,8 @@ class CanonicalFrame:
             description among the equivalent ones, ``frac[k] = choice_linear @ x[k] + choice_shift +
             choice_images[k]`` with ``x`` moyopy's standard coordinates (the frame of ``atom_map``,
             ``images`` and ``offset``): an isometry of the lattice, a translation, and each atom's image.
+        symprec: the tolerance (Å) the frame was built with: the one asked for, or a smaller one
+            where the search failed at it (:data:`SYMPREC_RETRIES`).
     """
 
     numbers: np.ndarray
@@ -91,6 +97,7 @@ class CanonicalFrame:
     choice_linear: np.ndarray
     choice_shift: np.ndarray
     choice_images: np.ndarray
+    symprec: float
 
     @property
     def frac(self) -> np.ndarray:
@@ -201,7 +208,8 @@ def canonical_frame(atomic_numbers, positions, cell, symprec: float = SYMPREC) -
         symprec: symmetry tolerance in Å; symmetry found within it is made exact.
 
     Raises:
-        FrameError: the symmetry search fails or its bookkeeping is inconsistent.
+        FrameError: the symmetry search fails, or its bookkeeping is inconsistent, at ``symprec`` and
+            at each of the SYMPREC_RETRIES smaller tolerances.
     """
     import moyopy
 
@@ -214,7 +222,12 @@ def canonical_frame(atomic_numbers, positions, cell, symprec: float = SYMPREC) -
         log = logging.getLogger(name)
         if _MOYO_FILTER not in log.filters:
             log.addFilter(_MOYO_FILTER)
-    return _canonical_frame(moyopy, z, pos, lattice, symprec)
+    for attempt in range(SYMPREC_RETRIES + 1):
+        try:
+            return _canonical_frame(moyopy, z, pos, lattice, symprec / 2**attempt)
+        except FrameError as err:
+            failure = err
+    raise FrameError(f"{failure} (tried symprec {symprec:.3g} Å down to {symprec / 2**SYMPREC_RETRIES:.3g} Å)")
 
 
 class _ExpectedMoyoWarnings(logging.Filter):
@@ -265,7 +278,7 @@ def _canonical_frame(moyopy, z, pos, lattice, symprec) -> CanonicalFrame:
     user_cell, atom_map, images, offset = _user_bookkeeping(lattice, pos, rotation, basis, basis_inverse, x_std,
                                                             mapping, symprec)
     return CanonicalFrame(numbers, basis, frac @ basis, int(data.number), rotations, translations, permutations,
-                          user_cell, atom_map, images, offset, rotation, linear, shifts[0], images_choice)
+                          user_cell, atom_map, images, offset, rotation, linear, shifts[0], images_choice, symprec)
 
 
 # --- the candidates and the choice ----------------------------------------------------------------
@@ -293,7 +306,10 @@ def _normalizer(data) -> tuple[np.ndarray, np.ndarray]:
     moyopy's coset representatives and stabilizer under composition (translations mod 1)."""
     # Also for P1: the normalizer holds the isometries of a special lattice (a triclinic crystal in
     # a monoclinic-like cell has two reduced bases related by a 2-fold rotation).
-    found = data.normalizer_wyckoff_positions(preserve_chirality=True, primitive=True)
+    try:
+        found = data.normalizer_wyckoff_positions(preserve_chirality=True, primitive=True)
+    except Exception as err:  # moyopy's own exceptions (e.g. "Too large tolerance"): this symprec fails
+        raise FrameError(f"the normalizer of the space group failed: {err}") from err
     generators = tuple((tuple(np.array(op.linear, dtype=np.int64).ravel()), tuple(op.origin_shift))
                        for op in [rep for rep, _ in found.coset_representatives] + list(found.stabilizer))
     return _closure(generators)

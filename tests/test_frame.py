@@ -266,3 +266,24 @@ def test_moyopys_expected_warnings_do_not_reach_the_user():
     finally:
         logging.getLogger().removeHandler(handler)
     assert seen == []
+
+
+def test_a_crystal_whose_search_fails_at_symprec_gets_a_smaller_one_and_never_sinks_the_batch():
+    """A CHGNet minimum just outside a higher symmetry (tests/data/frame_tolerance_edge.extxyz, the
+    relaxed structure of pair g000718 of chgnet_v13sym): moyopy's normalizer raises "Too large
+    tolerance" at 1e-3 and at 5e-4 Å, which escaped as a plain ValueError and sank the whole
+    relax_batch call. The frame retries at smaller tolerances and records the one it used; the batch
+    goes on."""
+    from e3relax_fast.frame import SYMPREC_RETRIES
+
+    edge = read(ROOT / "tests" / "data" / "frame_tolerance_edge.extxyz")
+    edge_triple = (edge.numbers, edge.positions, edge.cell.array)
+    frame = canonical_frame(*edge_triple)
+    assert frame.symprec < SYMPREC and frame.symprec >= SYMPREC / 2**SYMPREC_RETRIES
+    nacl = bulk("NaCl", "rocksalt", a=5.64)
+    nacl_triple = (nacl.numbers, nacl.positions, nacl.cell.array)
+    assert canonical_frame(*nacl_triple).symprec == SYMPREC  # an ordinary crystal: the tolerance asked for
+    torch.manual_seed(0)
+    model = E3Relax(hidden_channels=8, num_layers=2)
+    out = relax_batch([edge_triple, nacl_triple], model)
+    assert all(structure is not None for structure in out)
