@@ -35,7 +35,6 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 
@@ -106,21 +105,21 @@ class CanonicalFrame:
 
     # The maps below are used once or twice per crystal; computed once (a screening run spends its
     # frame time in small NumPy calls, not in arithmetic).
-    @cached_property
+    @functools.cached_property
     def _cell_inverse(self) -> np.ndarray:
         return np.linalg.inv(self.cell)
 
-    @cached_property
+    @functools.cached_property
     def _linear_inverse(self) -> np.ndarray:
         """``choice_linear^-1``, exact: the inverse of a unimodular integer matrix (a lattice isometry)."""
         return np.rint(np.linalg.inv(self.choice_linear))
 
-    @cached_property
+    @functools.cached_property
     def _std_rotation(self) -> np.ndarray:
         """``Q = B^-1 P^T B``: the rotation (row action) the lattice isometry ``choice_linear`` amounts to."""
         return self._cell_inverse @ self.choice_linear.T @ self.cell
 
-    @cached_property
+    @functools.cached_property
     def _cartesian_operations(self) -> tuple[np.ndarray, np.ndarray]:
         """``(Q (k, 3, 3), inverse permutations (k, m))``: each operation as a Cartesian row action
         ``r -> r Q``, and the atom each atom's image comes from."""
