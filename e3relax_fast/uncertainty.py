@@ -22,11 +22,12 @@ between them, in Å. Description ``k`` (1..K) takes:
 A one-atom cell has zero spread: its only position is the translation, which the fractional-centroid
 gauge fixes.
 
-On the test split with the shipped model the spread over K = 2 ranks the coordinate error with
-Spearman ρ ≈ 0.70 (K = 4: 0.73). Signals of the one forward pass (the size of the last layers'
-updates: ρ ≈ 0.69) cost nothing, but they depend on how a model was trained: with an early
-checkpoint of a model trained in the canonical frame, which barely moves the atoms, they fall to
-ρ ≈ 0.13 where the spread keeps 0.36. ``python -m bench.bench_uncertainty`` prints the table of
+On the test split of chgnet_v1..v3 the spread over K = 2 ranks the coordinate error with Spearman
+ρ ≈ 0.44 for the shipped model and 0.70 for its predecessor (trained without already-relaxed
+twins, it moves the atoms more; K = 4: 0.73). Signals of the one forward pass (the size of the last
+layers' updates: ρ ≈ 0.47 and 0.69) cost nothing, but they depend on how a model was trained: with
+an early checkpoint of a model trained in the canonical frame, which barely moves the atoms, they
+fall to ρ ≈ 0.13 where the spread keeps 0.36. ``python -m bench.bench_uncertainty`` prints the table of
 candidates (coordinate and volume error) and the cost.
 
 Units: Å; cells ``(3, 3)`` with the lattice vectors as rows; fractional coordinates are rows ``x``
@@ -176,10 +177,11 @@ def frame_spread(
     descriptions of the crystal (the canonical one and ``K`` others: lattice vectors permuted, atoms
     re-imaged; see the module docstring), each mapped back into the canonical description and put in
     the fractional-centroid gauge. It measures how much the answer depends on how the crystal is
-    written, which is larger where the model is wrong (Spearman ρ ≈ 0.7 with the coordinate error on
-    the test split). It ranks; it is not a calibrated error (on the test split it is about half the
-    coordinate MAE, with a wide scatter). The same crystal written any other way has the same
-    canonical frame, hence the same value. NaN where a prediction is not finite.
+    written, which is larger where the model is wrong (Spearman ρ 0.44–0.70 with the coordinate error
+    on the test split, depending on the model; see the module docstring). It ranks; it is not a
+    calibrated error (with the previous shipped model, about half the coordinate MAE, widely spread). The
+    same crystal written any other way has the same canonical frame, hence the same value. NaN where
+    a prediction is not finite.
 
     Costs ``K`` forward passes of the model (``K + 1`` without ``predictions``): with the default
     K = 2 and the predictions reused, about 1.4 times the time of the ``relax_batch`` call itself
