@@ -164,8 +164,7 @@ class CanonicalFrame:
         """``positions`` translated so that their centroid has the canonical input's fractional
         coordinates in ``cell``: the translation a relaxation gives (forces sum to zero, so atoms
         move with the cell about the origin) and which a translation-equivariant model cannot know."""
-        target = self.positions.mean(axis=0) @ self._cell_inverse @ cell
-        return positions + (target - positions.mean(axis=0))
+        return align_fractional_centroid(positions, cell, self.positions, self.cell)
 
     def symmetrize(self, positions: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Project a prediction for the canonical cell onto the input's space group.

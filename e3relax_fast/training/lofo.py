@@ -10,6 +10,8 @@ table that goes into the model card.
 
 from __future__ import annotations
 
+from .evaluate import _ratio
+
 #: The metrics of the table: coordinate MAE (Å) and volume error (Å³), each model / Dummy.
 LOFO_METRICS = ("coord_mae", "volume_error")
 
@@ -36,7 +38,7 @@ def lofo_table(summaries: dict[str, dict]) -> str:
     """Markdown table, one row per held-out family (``{family: heldout_summary(...)}``)."""
 
     def ratio(entry: dict, who: str) -> str:
-        return f"{entry[who] / entry['dummy']:.3f}" if entry["dummy"] > 0 else "n/a"
+        return _ratio(entry[who], entry["dummy"])
 
     lines = ["| held-out family | pairs | coordinate MAE model / Dummy (95 % CI) | rescale / Dummy | "
              "volume error model / Dummy (95 % CI) | rescale / Dummy | volume within 3 %: model | Dummy | "
