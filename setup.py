@@ -35,7 +35,8 @@ OUR_SOURCES = [os.path.join(CSRC, f) for f in ("module.cpp", "radius_graph_cpu.c
                                                 "radius_graph_warp_emulation.cpp", "thread_pool.cpp",
                                                 "output_cache.cpp", "message_passing_cuda_emulation.cpp",
                                                 "message_passing_cpu.cpp", "message_passing_cpu_avx512.cpp",
-                                                "lattice_message_cpu.cpp", "lattice_message_cpu_avx512.cpp")]
+                                                "lattice_message_cpu.cpp", "lattice_message_cpu_avx512.cpp",
+                                                "frame_cpu.cpp")]
 # nvcc flags per CUDA source. -fmad=false (no FMA contraction) only where bit-exactness needs it:
 # the radius graph, whose float64 distances are an exact contract (csrc/radius_graph.h; its
 # contract operations are also explicit __d*_rn intrinsics, the flag keeps the bounds and the
@@ -49,7 +50,7 @@ CUDA_SOURCES = list(CUDA_SOURCE_FLAGS)
 HEADERS = [os.path.join(CSRC, h) for h in ("radius_graph.h", "radius_graph_api.h", "radius_graph_cpu_internal.h",
                                            "thread_pool.h", "output_cache.h", "message_passing.h",
                                            "message_passing_api.h", "radial_window.h", "fused_cpu.h",
-                                           "fused_cpu_avx512.h")]
+                                           "fused_cpu_avx512.h", "frame_cpu.h")]
 # nanobind's core as one translation unit (its documented non-CMake route; the file list of the
 # unity source follows the installed nanobind version).
 NB_CORE = ["nb_combined.cpp"]

@@ -18,7 +18,9 @@ H=512, L=4 and a small H=64, L=4) on the first ``--n`` crystals of the MP-like m
   model's auto choice is ``cpu``; ``--no-backends`` leaves these out).
 * ``frame`` — the canonical frame and the symmetry work of ``relax_batch`` alone: every input's
   canonical frame (symmetry search, choice, bookkeeping) and, on the frame's own cell as the
-  "prediction", the projection, the translation gauge and the map back (part of ``batched``).
+  "prediction", the projection, the translation gauge and the map back (part of ``batched``);
+  ``batched, no frame`` — ``relax_batch`` with ``frame="input", symmetry="free"``: the difference
+  to ``batched`` is the frame's cost as ``relax_batch`` pays it (a note under the table).
 * ``batched max_atoms=B`` — with ``--budgets B ...``: ``relax_batch`` end to end under other atom
   budgets, to see where batching stops paying (each against ``one_at_a_time``).
 
@@ -55,6 +57,7 @@ PARTS = {
     "model forward, `reference` ops": ("model, reference", "model, reference (1 by 1)"),
     "model forward, `cpu` exact radial": ("model, cpu exact", "model, cpu exact (1 by 1)"),
     "canonical frame + symmetry": ("frame", "frame"),
+    "`relax_batch` without them (`frame=\"input\"`)": ("batched, no frame", "batched, no frame"),
 }
 PAIRS = {b: o for b, o in PARTS.values()}
 
@@ -99,8 +102,7 @@ def _time_model_size(hidden, layers, *, triples, atoms, singles, device, max_ato
     def frame_work():
         for triple in triples:
             frame = canonical_frame(*triple)
-            positions, cell = frame.symmetrize(frame.positions, frame.cell)
-            frame.to_user(frame.align(positions, cell), cell)
+            frame.map_back(frame.positions, frame.cell, symmetrize=True)
 
     results = []
     with torch.inference_mode():
@@ -116,9 +118,12 @@ def _time_model_size(hidden, layers, *, triples, atoms, singles, device, max_ato
             "graph (1 by 1)": lambda: graphs(singles),
             "model (1 by 1)": lambda: [model(b) for b in single_graph],
             "frame": frame_work,
+            "batched, no frame": lambda: relax_batch(triples, model=model, device=device, max_atoms=max_atoms,
+                                                     frame="input", symmetry="free"),
         }
         backend_of = {"batched": both, "one_at_a_time": both, "graph": graph_backend, "graph (1 by 1)": graph_backend,
-                      "model": mp_backend, "model (1 by 1)": mp_backend, "frame": "moyopy"}
+                      "model": mp_backend, "model (1 by 1)": mp_backend, "frame": "moyopy + frame ops",
+                      "batched, no frame": both}
         variants = {}
         if backends:
             reference = copy.copy(model)  # shares the parameters; only the backend differs
@@ -236,6 +241,13 @@ def run(n: int = 48, sizes=((512, 4), (64, 4)), max_atoms: int | None = None, de
         rows_md,
     )
     notes = "".join(f"\n- {s}" for s in backend_notes)
+    for case in dict.fromkeys(r.case for r in results):
+        if (case, "batched, no frame") in by:  # the frame's cost as relax_batch pays it: the difference
+            with_frame, without = by[(case, "batched")].median_s, by[(case, "batched, no frame")].median_s
+            notes += (f"\n- {case.split(' n=')[0]}: the canonical frame + symmetry add "
+                      f"{report.fmt_time(with_frame - without)} to `relax_batch` "
+                      f"({report.fmt_pct(with_frame - without, with_frame)} of it; medians, `frame=\"input\", "
+                      f"symmetry=\"free\"` against the default)")
     if roofline:
         peak = (f"measured float32 matmul peak {measured['fp32_GFLOPs']:,.0f} GFLOP/s ({measured['fp32_desc']}, "
                 f"{torch.get_num_threads()} thread(s))" if measured else "peaks not measured")

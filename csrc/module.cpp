@@ -10,17 +10,21 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <initializer_list>
+#include <limits>
 #include <optional>
 #include <string>
+#include <type_traits>
 
 #include "radius_graph.h"
 #include "radius_graph_api.h"
 #include "message_passing.h"
 #include "message_passing_api.h"
 #include "fused_cpu.h"
+#include "frame_cpu.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -443,6 +447,88 @@ std::string cuda_status() {
 #endif
 }
 
+// --- the canonical frame's host ops (csrc/frame_cpu.h) ------------------------------------------------
+
+template <class T, class... Shape>
+using HostIn = nb::ndarray<const T, nb::c_contig, nb::device::cpu, Shape...>;
+
+// A fresh numpy array of `shape` (freed with it), poisoned (NaN, -7) so that an element the op
+// fails to write shows in the tests against the reference.
+template <class T>
+nb::ndarray<nb::numpy, T> fresh(std::initializer_list<size_t> shape) {
+  size_t size = 1;
+  for (size_t s : shape) size *= s;
+  T* p = new T[size > 0 ? size : 1];
+  if constexpr (std::is_floating_point_v<T>)
+    std::fill(p, p + size, std::numeric_limits<T>::quiet_NaN());
+  else
+    std::fill(p, p + size, T(-7));
+  nb::capsule owner(p, [](void* q) noexcept { delete[] static_cast<T*>(q); });
+  return nb::ndarray<nb::numpy, T>(p, shape, owner);
+}
+
+// Returns (message, outputs): message "" and the reference's ten arrays, or the FrameError reason and None.
+nb::tuple frame_bookkeeping(HostIn<double, nb::shape<3, 3>> basis, HostIn<int64_t, nb::ndim<1>> numbers,
+                            HostIn<double, nb::shape<-1, 3>> x_std, HostIn<double, nb::shape<-1, 3, 3>> norm_linear,
+                            HostIn<double, nb::shape<-1, 3>> norm_shift, HostIn<double, nb::shape<-1, 3>> polar,
+                            HostIn<int64_t, nb::shape<-1, 3, 3>> rotations,
+                            HostIn<double, nb::shape<-1, 3>> translations, HostIn<bool, nb::ndim<1>> moving,
+                            HostIn<int64_t, nb::ndim<1>> mapping, HostIn<double, nb::shape<3, 3>> rotation,
+                            HostIn<double, nb::shape<3, 3>> lattice, HostIn<double, nb::shape<-1, 3>> positions,
+                            double symprec) {
+  const size_t m = numbers.shape(0), c = norm_linear.shape(0), k = rotations.shape(0), n = mapping.shape(0);
+  if (x_std.shape(0) != m || norm_shift.shape(0) != c || translations.shape(0) != k || moving.shape(0) != k ||
+      positions.shape(0) != n)
+    throw nb::value_error("frame_bookkeeping: inconsistent shapes (m atoms, c normalizer elements, k operations, "
+                          "n user atoms)");
+  if (polar.shape(0) > 3) throw nb::value_error("frame_bookkeeping: at most 3 polar directions");
+  auto out_numbers = fresh<int64_t>({m});
+  auto out_positions = fresh<double>({m, 3});
+  auto out_linear = fresh<int64_t>({3, 3});
+  auto out_shift = fresh<double>({3});
+  auto out_choice_images = fresh<int64_t>({m, 3});
+  auto out_permutations = fresh<int64_t>({k, m});
+  auto out_user_cell = fresh<int64_t>({3, 3});
+  auto out_atom_map = fresh<int64_t>({n});
+  auto out_images = fresh<int64_t>({n, 3});
+  auto out_offset = fresh<double>({3});
+  e3frame::BookkeepingIn in{basis.data(), numbers.data(), x_std.data(), (int64_t)m, norm_linear.data(),
+                            norm_shift.data(), (int64_t)c, polar.data(), (int64_t)polar.shape(0), rotations.data(),
+                            translations.data(), moving.data(), (int64_t)k, mapping.data(), (int64_t)n,
+                            rotation.data(), lattice.data(), positions.data(), symprec};
+  e3frame::BookkeepingOut out{out_numbers.data(), out_positions.data(), out_linear.data(), out_shift.data(),
+                              out_choice_images.data(), out_permutations.data(), out_user_cell.data(),
+                              out_atom_map.data(), out_images.data(), out_offset.data()};
+  const std::string message = e3frame::frame_bookkeeping(in, out);
+  if (!message.empty()) return nb::make_tuple(message, nb::none());
+  return nb::make_tuple(message, nb::make_tuple(out_numbers, out_positions, out_linear, out_shift, out_choice_images,
+                                                out_permutations, out_user_cell, out_atom_map, out_images,
+                                                out_offset));
+}
+
+nb::tuple frame_map_back(HostIn<double, nb::shape<-1, 3>> positions, HostIn<double, nb::shape<3, 3>> cell,
+                         HostIn<double, nb::shape<-1, 3>> frame_positions, HostIn<double, nb::shape<3, 3>> frame_cell,
+                         HostIn<int64_t, nb::shape<-1, 3, 3>> rotations, HostIn<int64_t, nb::ndim<2>> permutations,
+                         HostIn<int64_t, nb::shape<3, 3>> choice_linear, HostIn<double, nb::shape<3>> choice_shift,
+                         HostIn<int64_t, nb::shape<-1, 3>> choice_images, HostIn<int64_t, nb::ndim<1>> atom_map,
+                         HostIn<int64_t, nb::shape<-1, 3>> images, HostIn<double, nb::shape<3>> offset,
+                         HostIn<int64_t, nb::shape<3, 3>> user_cell, HostIn<double, nb::shape<3, 3>> rotation,
+                         bool symmetrize) {
+  const size_t m = positions.shape(0), k = rotations.shape(0), n = atom_map.shape(0);
+  if (frame_positions.shape(0) != m || permutations.shape(0) != k || permutations.shape(1) != m ||
+      choice_images.shape(0) != m || images.shape(0) != n)
+    throw nb::value_error("frame_map_back: inconsistent shapes (m canonical atoms, k operations, n user atoms)");
+  auto out_positions = fresh<double>({n, 3});
+  auto out_cell = fresh<double>({3, 3});
+  e3frame::MapBackIn in{positions.data(), cell.data(), frame_positions.data(), frame_cell.data(), (int64_t)m,
+                        rotations.data(), permutations.data(), (int64_t)k, choice_linear.data(), choice_shift.data(),
+                        choice_images.data(), atom_map.data(), images.data(), (int64_t)n, offset.data(),
+                        user_cell.data(), rotation.data(), symmetrize};
+  const std::string message = e3frame::frame_map_back(in, out_positions.data(), out_cell.data());
+  if (!message.empty()) throw nb::value_error(message.c_str());
+  return nb::make_tuple(out_positions, out_cell);
+}
+
 }  // namespace
 
 #define MP_ARGS_COMMON                                                                                  \
@@ -491,6 +577,17 @@ NB_MODULE(_C, m) {
         "CUDA kernel's warp algorithm, emulated, algo=2 brute force with per-pair bounds, algo=3 the\n"
         "default without its AVX-512 path (tests only).");
   m.attr("CPU_AVX512") = e3rg::cpu_simd_avx512();
+  m.def("frame_bookkeeping", &frame_bookkeeping, "basis"_a, "numbers"_a, "x_std"_a, "normalizer_linear"_a,
+        "normalizer_shift"_a, "polar"_a, "rotations"_a, "translations"_a, "moving"_a, "mapping"_a, "rotation"_a,
+        "lattice"_a, "positions"_a, "symprec"_a,
+        "The canonical frame's bookkeeping after the symmetry search, for one crystal (arguments and\n"
+        "results of e3relax_fast.reference.frame_bookkeeping). Returns (message, arrays): message '' and\n"
+        "the ten arrays, or the reason the frame cannot be built and None.");
+  m.def("frame_map_back", &frame_map_back, "positions"_a, "cell"_a, "frame_positions"_a, "frame_cell"_a,
+        "rotations"_a, "permutations"_a, "choice_linear"_a, "choice_shift"_a, "choice_images"_a, "atom_map"_a,
+        "images"_a, "offset"_a, "user_cell"_a, "rotation"_a, "symmetrize"_a,
+        "A prediction for the canonical cell in the user's description (arguments and results of\n"
+        "e3relax_fast.reference.frame_map_back): (positions (n, 3), cell (3, 3)).");
   m.attr("CUDA_CELL_LIST_THRESHOLD") = e3rg::kDefaultCellListThreshold;
   m.def("radius_graph_cuda_emulated", &radius_graph_cuda_emulated, "positions"_a, "cells"_a, "ptr"_a, "radius"_a,
         "max_neighbors"_a, "reserved"_a.none(), "cell_list_threshold"_a = -1,

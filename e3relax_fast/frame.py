@@ -26,6 +26,11 @@ prediction back to the user's description:
 displacement field and the cell's deformation averaged over the group, as ASE's ``FixSymmetry``
 does for a relaxation step): Wyckoff-fixed atoms stay put and a cubic cell stays cubic.
 
+Steps 2 and 3 are the op ``frame_bookkeeping`` and the way back (projection, translation gauge,
+step 3 in reverse) the op ``frame_map_back`` (:meth:`CanonicalFrame.map_back`): NumPy reference
+twins in :mod:`e3relax_fast.reference`, C++ in ``csrc/frame_cpu.cpp`` (backend ``cpu``, taken by
+``auto``): a screening run spends the frame's time in per-call overheads, not in arithmetic.
+
 Units: Å; cells are ``(3, 3)`` with the lattice vectors as rows; fractional coordinates are rows
 ``x`` with Cartesian ``r = x @ cell``.
 """
@@ -33,10 +38,15 @@ Units: Å; cells are ``(3, 3)`` with the lattice vectors as rows; fractional coo
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from dataclasses import dataclass
 
 import numpy as np
+
+from . import ops
+from .reference.frame_bookkeeping import FrameError
+from .reference.frame_map_back import align_fractional_centroid, symmetrize_prediction, to_user
 
 #: Default tolerance of the symmetry search, Å (spglib/moyopy ``symprec``).
 SYMPREC = 1e-3
@@ -44,15 +54,9 @@ SYMPREC = 1e-3
 #: tolerance ("Too large tolerance") and pass at a smaller one: the frame retries at symprec / 2,
 #: / 4, ... this many times before it gives up on the crystal.
 SYMPREC_RETRIES = 4
-#: Fractional coordinates within this of 1 wrap to 0: half the ranking resolution, so that a
-#: coordinate the ranking reads as 0 is also wrapped to 0 (TABLE_DECIMALS = 5).
-WRAP_EPS = 0.5 * 10.0**-5
-#: Resolution of the fractional coordinates that rank equivalent descriptions.
-TABLE_DECIMALS = 5
 
-
-class FrameError(ValueError):
-    """The crystal's canonical frame cannot be built (the reason says why)."""
+__all__ = ["SYMPREC", "SYMPREC_RETRIES", "CanonicalFrame", "FrameError", "SlabFrame", "align_fractional_centroid",
+           "canonical_frame", "slab_frame"]
 
 
 @dataclass
@@ -73,10 +77,11 @@ class CanonicalFrame:
             sits at ``(x[atom_map[i]] + images[i]) @ cell + offset``, ``x`` moyopy's standard
             fractions (below).
         rotation: ``(3, 3)`` orthogonal matrix of the standard orientation: ``r_std = r_user @ rotation.T``.
-        choice_linear, choice_shift, choice_images: ``(3, 3)``, ``(3,)`` and ``(m, 3)`` int64: the chosen
-            description among the equivalent ones, ``frac[k] = choice_linear @ x[k] + choice_shift +
-            choice_images[k]`` with ``x`` moyopy's standard coordinates (the frame of ``atom_map``,
-            ``images`` and ``offset``): an isometry of the lattice, a translation, and each atom's image.
+        choice_linear, choice_shift, choice_images: ``(3, 3)`` int64, ``(3,)`` float64 and ``(m, 3)``
+            int64: the chosen description among the equivalent ones, ``frac[k] = choice_linear @ x[k] +
+            choice_shift + choice_images[k]`` with ``x`` moyopy's standard coordinates (the frame of
+            ``atom_map``, ``images`` and ``offset``): an isometry of the lattice, a translation, and
+            each atom's image.
         symprec: the tolerance (Å) the frame was built with: the one asked for, or a smaller one
             where the search failed at it (:data:`SYMPREC_RETRIES`).
     """
@@ -101,47 +106,25 @@ class CanonicalFrame:
     @property
     def frac(self) -> np.ndarray:
         """``(m, 3)`` canonical fractional coordinates."""
-        return self.positions @ self._cell_inverse
+        return self.positions @ np.linalg.inv(self.cell)
 
-    # The maps below are used once or twice per crystal; computed once (a screening run spends its
-    # frame time in small NumPy calls, not in arithmetic).
-    @functools.cached_property
-    def _cell_inverse(self) -> np.ndarray:
-        return np.linalg.inv(self.cell)
-
-    @functools.cached_property
-    def _linear_inverse(self) -> np.ndarray:
-        """``choice_linear^-1``, exact: the inverse of a unimodular integer matrix (a lattice isometry)."""
-        return np.rint(np.linalg.inv(self.choice_linear))
-
-    @functools.cached_property
-    def _std_rotation(self) -> np.ndarray:
-        """``Q = B^-1 P^T B``: the rotation (row action) the lattice isometry ``choice_linear`` amounts to."""
-        return self._cell_inverse @ self.choice_linear.T @ self.cell
-
-    @functools.cached_property
-    def _cartesian_operations(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(Q (k, 3, 3), inverse permutations (k, m))``: each operation as a Cartesian row action
-        ``r -> r Q``, and the atom each atom's image comes from."""
-        q_ops = self._cell_inverse @ np.swapaxes(self.rotations, 1, 2) @ self.cell
-        return q_ops, np.argsort(self.permutations, axis=1)
+    def map_back(self, positions: np.ndarray, cell: np.ndarray, symmetrize: bool,
+                 backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+        """A prediction for the canonical cell (``positions (m, 3)``, ``cell (3, 3)``, Å, standard
+        orientation) in the user's description: :meth:`symmetrize` when ``symmetrize``, then
+        :meth:`align`, then :meth:`to_user`, in one call of the op ``frame_map_back`` (``backend``:
+        ``"auto"``, ``"reference"`` or ``"cpu"``). Returns ``(positions (n, 3), cell (3, 3))`` float64."""
+        return _implementation(ops.FRAME_MAP_BACK, backend)(
+            positions, cell, self.positions, self.cell, self.rotations, self.permutations, self.choice_linear,
+            self.choice_shift, self.choice_images, self.atom_map, self.images, self.offset, self.user_cell,
+            self.rotation, symmetrize)
 
     def to_user(self, positions: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A prediction for the canonical cell (``positions (m, 3)``, ``cell (3, 3)``, Å, standard
         orientation) in the user's description: ``(positions (n, 3), cell (3, 3))`` in the user's
         orientation, basis, supercell and atom order, each atom at the image nearest its input."""
-        # The map between the descriptions is affine in fractional coordinates: canonical fractions
-        # x_c = P x + shift + choice image, moyopy's x, and each user atom x[atom_map] + images +
-        # offset (fractions of moyopy's cell). Read through it, a homogeneous deformation of the
-        # canonical cell is the same deformation of the user's cell about the user's own origin, as
-        # in a relaxation (fractional coordinates kept). The cell follows the isometry P of the
-        # lattice: in moyopy's basis it is P^T cell Q^T, Q = B^-1 P^T B the rotation P amounts to.
-        linear = self.choice_linear
-        frac = (positions @ np.linalg.inv(cell) - self.choice_shift - self.choice_images) @ self._linear_inverse.T
-        std_cell = linear.T @ cell @ self._std_rotation.T
-        offset = self.offset @ self._cell_inverse
-        user_positions = (frac[self.atom_map] + self.images + offset) @ std_cell
-        return user_positions @ self.rotation, (self.user_cell @ std_cell) @ self.rotation
+        return to_user(positions, cell, self.cell, self.choice_linear, self.choice_shift, self.choice_images,
+                       self.atom_map, self.images, self.offset, self.user_cell, self.rotation)
 
     def from_user(self, positions: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The inverse of :meth:`to_user`: a structure in the user's description (``positions (n, 3)``
@@ -150,13 +133,14 @@ class CanonicalFrame:
         of one canonical atom in a supercell are averaged (a target that breaks the supercell's
         translations is projected onto them)."""
         linear = self.choice_linear
+        cell_inverse = np.linalg.inv(self.cell)
         std_cell = np.linalg.solve(self.user_cell.astype(np.float64), cell @ self.rotation.T)
-        per_atom = (positions @ self.rotation.T) @ np.linalg.inv(std_cell) - self.images \
-            - self.offset @ self._cell_inverse
+        per_atom = (positions @ self.rotation.T) @ np.linalg.inv(std_cell) - self.images - self.offset @ cell_inverse
         frac = np.zeros((len(self.numbers), 3))
         np.add.at(frac, self.atom_map, per_atom)
         frac /= np.bincount(self.atom_map, minlength=len(self.numbers))[:, None]
-        canonical_cell = np.linalg.solve(linear.T, std_cell) @ self._std_rotation
+        std_rotation = cell_inverse @ linear.T @ self.cell  # the rotation the lattice isometry amounts to
+        canonical_cell = np.linalg.solve(linear.T, std_cell) @ std_rotation
         canonical = frac @ linear.T + self.choice_shift + self.choice_images
         return canonical @ canonical_cell, canonical_cell
 
@@ -167,43 +151,21 @@ class CanonicalFrame:
         return align_fractional_centroid(positions, cell, self.positions, self.cell)
 
     def symmetrize(self, positions: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Project a prediction for the canonical cell onto the input's space group.
-
-        The prediction is split into a homogeneous deformation ``F`` of the input cell
-        (``cell = self.cell @ F``) and per-atom displacements ``u`` on top of it; ``F`` and ``u`` are
-        each averaged over the group's operations (in Cartesian form ``Q``: ``F -> mean Q^-1 F Q``,
-        ``u[perm[j]] <- mean u[j] Q``). Returns ``(positions (m, 3), cell (3, 3))``; the result has
-        every symmetry of the input.
-        """
-        base = self.cell
-        deformation = self._cell_inverse @ cell  # cell = base @ F
-        displacement = positions - self.positions @ deformation
-        # Images: the prediction may have moved an atom across the cell; measure displacements from
-        # the atom's own input position, not another image of it.
-        frac_u = displacement @ np.linalg.inv(cell)
-        displacement = (frac_u - np.round(frac_u)) @ cell
-        q_ops, sources = self._cartesian_operations
-        # Q^-1 = Q^T: the operations are isometries of the (refined) canonical cell.
-        f_sym = np.mean(np.swapaxes(q_ops, 1, 2) @ deformation @ q_ops, axis=0)
-        # u_sym[perm[g, j]] = mean_g u[j] Q_g, gathered: atom i receives from atom sources[g, i].
-        u_sym = np.take_along_axis(displacement @ q_ops, sources[..., None], axis=1).mean(axis=0)
-        return self.positions @ f_sym + u_sym, base @ f_sym
+        """Project a prediction for the canonical cell onto the input's space group (``F`` and ``u``
+        averaged over the group, as ASE's ``FixSymmetry`` does for a relaxation step; see
+        :func:`~e3relax_fast.reference.frame_map_back.symmetrize_prediction`). Returns
+        ``(positions (m, 3), cell (3, 3))``; the result has every symmetry of the input."""
+        return symmetrize_prediction(positions, cell, self.positions, self.cell, self.rotations, self.permutations)
 
 
-def align_fractional_centroid(positions: np.ndarray, cell: np.ndarray, reference: np.ndarray,
-                              reference_cell: np.ndarray) -> np.ndarray:
-    """``(n, 3)`` positions translated so that their centroid, in fractions of ``cell``, equals the
-    centroid of ``reference`` in fractions of ``reference_cell`` (Å, rows)."""
-    target = np.linalg.solve(reference_cell.T, reference.mean(axis=0)) @ cell
-    return positions + (target - positions.mean(axis=0))
-
-
-def canonical_frame(atomic_numbers, positions, cell, symprec: float = SYMPREC) -> CanonicalFrame:
+def canonical_frame(atomic_numbers, positions, cell, symprec: float = SYMPREC, backend: str = "auto") -> CanonicalFrame:
     """The canonical description of one crystal (see the module docstring).
 
     Args:
         atomic_numbers: ``(n,)`` Z.  positions: ``(n, 3)`` Cartesian Å.  cell: ``(3, 3)`` Å, rows.
         symprec: symmetry tolerance in Å; symmetry found within it is made exact.
+        backend: the op ``frame_bookkeeping``'s backend, ``"auto"``, ``"reference"`` or ``"cpu"``
+            (the same frame either way).
 
     Raises:
         FrameError: the symmetry search fails, or its bookkeeping is inconsistent, at ``symprec`` and
@@ -211,18 +173,15 @@ def canonical_frame(atomic_numbers, positions, cell, symprec: float = SYMPREC) -
     """
     import moyopy
 
-    z = np.asarray(atomic_numbers, dtype=np.int64)
-    pos = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
-    lattice = np.asarray(cell, dtype=np.float64).reshape(3, 3)
-    # A logger's filters only see the records logged to it, not those its children propagate: the
-    # filter sits on each logger that emits one of the two messages.
-    for name in _MOYO_LOGGERS:
-        log = logging.getLogger(name)
-        if _MOYO_FILTER not in log.filters:
-            log.addFilter(_MOYO_FILTER)
+    z = np.ascontiguousarray(atomic_numbers, dtype=np.int64)
+    pos = np.ascontiguousarray(positions, dtype=np.float64).reshape(-1, 3)
+    lattice = np.ascontiguousarray(cell, dtype=np.float64).reshape(3, 3)
+    bookkeeping = _implementation(ops.FRAME_BOOKKEEPING, backend)
+    _filter_moyo_warnings()
+    frac = pos @ _inverse(lattice)
     for attempt in range(SYMPREC_RETRIES + 1):
         try:
-            return _canonical_frame(moyopy, z, pos, lattice, symprec / 2**attempt)
+            return _canonical_frame(moyopy, bookkeeping, z, frac, pos, lattice, symprec / 2**attempt)
         except FrameError as err:
             failure = err
     raise FrameError(f"{failure} (tried symprec {symprec:.3g} Å down to {symprec / 2**SYMPREC_RETRIES:.3g} Å)")
@@ -246,56 +205,72 @@ _MOYO_FILTER = _ExpectedMoyoWarnings()
 _MOYO_LOGGERS = ("moyo", "moyo.symmetrize.symmetrization")
 
 
-def _canonical_frame(moyopy, z, pos, lattice, symprec) -> CanonicalFrame:
-    frac_in = pos @ np.linalg.inv(lattice)
+def _filter_moyo_warnings() -> None:
+    """Put the filter on each logger that emits one of the two messages (a logger's filters only see
+    the records logged to it, not those its children propagate); again if it was removed."""
+    for log in _moyo_loggers():
+        if _MOYO_FILTER not in log.filters:
+            log.addFilter(_MOYO_FILTER)
+
+
+@functools.lru_cache(maxsize=1)
+def _moyo_loggers() -> tuple[logging.Logger, ...]:
+    return tuple(logging.getLogger(name) for name in _MOYO_LOGGERS)  # loggers live as long as the process
+
+
+# A screening run builds thousands of frames, each in a few tens of microseconds outside moyopy:
+# the two helpers below keep per-crystal overhead out of that budget.
+
+
+@functools.cache
+def _implementation(op: str, backend: str):
+    """The op's implementation for ``backend`` on host arrays (resolved once per name)."""
+    return ops.resolve(op, backend, "cpu")[1]
+
+
+def _inverse(m: np.ndarray) -> np.ndarray:
+    """``(3, 3)`` inverse of a non-singular (validated) cell by the adjugate, in plain Python floats
+    (np.linalg.inv costs ten times more on a 3 x 3 matrix, per call)."""
+    (a, b, c), (d, e, f), (g, h, i) = m.tolist()
+    cof = ((e * i - f * h, c * h - b * i, b * f - c * e),
+           (f * g - d * i, a * i - c * g, c * d - a * f),
+           (d * h - e * g, b * g - a * h, a * e - b * d))
+    det = a * cof[0][0] + b * cof[1][0] + c * cof[2][0]
+    return np.array(cof) / det
+
+
+def _canonical_frame(moyopy, bookkeeping, z, frac, pos, lattice, symprec) -> CanonicalFrame:
+    """The search (moyopy), then the op ``frame_bookkeeping`` on what it found; ``frac``: the
+    user's fractional coordinates."""
+    number, inputs = search(moyopy, z, frac, pos, lattice, symprec)
+    basis, rotations, translations, rotation = inputs[0], inputs[6], inputs[7], inputs[10]
+    (numbers, positions, linear, shift, choice_images, permutations, user_cell, atom_map, images,
+     offset) = bookkeeping(*inputs)
+    return CanonicalFrame(numbers, basis, positions, number, rotations, translations, permutations, user_cell,
+                          atom_map, images, offset, rotation, linear, shift, choice_images, symprec)
+
+
+def search(moyopy, z, frac, pos, lattice, symprec) -> tuple[int, tuple]:
+    """moyopy's symmetry search on one crystal: ``(space group number, the arguments of the op
+    frame_bookkeeping)``; ``z (n,)`` int64, ``frac``, ``pos (n, 3)`` the user's fractional and
+    Cartesian (Å) coordinates, ``lattice (3, 3)`` Å.
+
+    Raises:
+        FrameError: the search or the normalizer fails at ``symprec``.
+    """
     try:
-        data = moyopy.MoyoDataset(moyopy.Cell(lattice.tolist(), frac_in.tolist(), z.tolist()), symprec=symprec,
+        data = moyopy.MoyoDataset(moyopy.Cell(lattice.tolist(), frac.tolist(), z.tolist()), symprec=symprec,
                                   rotate_basis=True)
     except Exception as err:  # moyopy raises plain exceptions of several kinds; all mean "no symmetry found"
         raise FrameError(f"symmetry search failed (symprec {symprec} Å): {err}") from err
     prim = data.prim_std_cell
-    basis = np.array(prim.basis, dtype=np.float64)
-    basis_inverse = np.linalg.inv(basis)
-    numbers = np.array(prim.numbers, dtype=np.int64)
-    x_std = np.array(prim.positions, dtype=np.float64)
     group = _group(int(data.number), int(data.hall_number))
-    rotations, translations = group.rotations, group.translations
-    linear, shifts = _choose_description(data, basis, basis_inverse, x_std, numbers, group.polar)
-    frac = x_std @ linear.T + shifts
-    # The atoms in table order too: the graph's top-K cut breaks exact distance ties by atom index,
-    # so the same crystal must also come with the same atom order.
-    order = np.argsort(_table_keys(frac[None], numbers, sort=False)[0], kind="stable")
-    numbers, frac, shifts, x_std = numbers[order], frac[order], shifts[order], x_std[order]
-    # Every atom's shift is the same translation up to its image (an integer vector).
-    images_choice = np.rint(shifts - shifts[0]).astype(np.int64)
-    mapping = np.argsort(order)[np.asarray(data.mapping_std_prim, dtype=np.int64)]
-    # The group is the same for the chosen description (a normalizer element maps it onto itself);
-    # only the permutations of the atoms are recomputed.
-    permutations = _permutations(group, frac, numbers, basis, symprec)
-    rotation = np.array(data.std_rotation_matrix, dtype=np.float64)
-    user_cell, atom_map, images, offset = _user_bookkeeping(lattice, pos, rotation, basis, basis_inverse, x_std,
-                                                            mapping, symprec)
-    return CanonicalFrame(numbers, basis, frac @ basis, int(data.number), rotations, translations, permutations,
-                          user_cell, atom_map, images, offset, rotation, linear, shifts[0], images_choice, symprec)
-
-
-# --- the candidates and the choice ----------------------------------------------------------------
-
-
-def _wrap(frac: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(wrapped, shift)``: ``frac - shift`` in [0, 1) with values within WRAP_EPS of 1 sent to 0."""
-    shift = np.floor(frac + WRAP_EPS)
-    return frac - shift, shift
-
-
-def _table_keys(frac: np.ndarray, numbers: np.ndarray, sort: bool = True) -> np.ndarray:
-    """``(c, m)`` int64 keys of ``c`` candidate descriptions ``frac (c, m, 3)`` (wrapped), sorted per
-    candidate unless ``sort`` is false: Z and the fractional coordinates rounded to TABLE_DECIMALS,
-    packed into one integer per atom."""
-    scale = 10**TABLE_DECIMALS
-    q = np.rint(frac * scale).astype(np.int64) % scale  # a coordinate that rounds to 1 is 0
-    keys = ((numbers[None, :] * scale + q[..., 0]) * scale + q[..., 1]) * scale + q[..., 2]
-    return np.sort(keys, axis=1) if sort else keys
+    linears, shifts = _normalizer(data)
+    return int(data.number), (
+        np.array(prim.basis, dtype=np.float64), np.array(prim.numbers, dtype=np.int64),
+        np.array(prim.positions, dtype=np.float64), linears, shifts, group.polar, group.rotations, group.translations,
+        group.moving, np.array(data.mapping_std_prim, dtype=np.int64),
+        np.array(data.std_rotation_matrix, dtype=np.float64), lattice, pos, symprec)
 
 
 def _normalizer(data) -> tuple[np.ndarray, np.ndarray]:
@@ -308,7 +283,7 @@ def _normalizer(data) -> tuple[np.ndarray, np.ndarray]:
         found = data.normalizer_wyckoff_positions(preserve_chirality=True, primitive=True)
     except Exception as err:  # moyopy's own exceptions (e.g. "Too large tolerance"): this symprec fails
         raise FrameError(f"the normalizer of the space group failed: {err}") from err
-    generators = tuple((tuple(np.array(op.linear, dtype=np.int64).ravel()), tuple(op.origin_shift))
+    generators = tuple((tuple(itertools.chain.from_iterable(op.linear)), tuple(op.origin_shift))
                        for op in [rep for rep, _ in found.coset_representatives] + list(found.stabilizer))
     return _closure(generators)
 
@@ -334,37 +309,8 @@ def _closure(generators: tuple) -> tuple[np.ndarray, np.ndarray]:
                     group[key(op)] = op
                     grown.append(op)
         frontier = grown
-    ops = list(group.values())
-    return np.array([p for p, _ in ops]), np.array([s for _, s in ops])
-
-
-def _choose_description(data, basis, basis_inverse, frac, numbers, polar) -> tuple[np.ndarray, np.ndarray]:
-    """The smallest-table description among the equivalent ones: ``(P (3, 3), shifts (m, 3))`` with
-    canonical fractions ``P @ x[k] + shifts[k]`` (wrapped) for moyopy's standard fractions ``x``;
-    ``polar`` is the group's free origin directions (:attr:`_Group.polar`)."""
-    linears, shifts = _normalizer(data)
-    moved = frac @ np.swapaxes(linears, 1, 2) + shifts[:, None, :]  # (c, m, 3)
-    if len(polar):
-        # Pin the continuous origin: each atom of the rarest species in turn at zero along the polar
-        # directions (orthogonal projection in Cartesian space, as a map of fractions).
-        counts = np.bincount(numbers).astype(np.float64)
-        counts[counts == 0] = np.inf
-        rarest = len(counts) - 1 - np.argmin(counts[::-1])  # ties: the heaviest species
-        atoms = np.flatnonzero(numbers == rarest)
-        pinned = moved[:, atoms, :]  # (c, a, 3); all directions free (P1): the projector is the identity
-        if len(polar) < 3:
-            pinned = pinned @ (basis @ _projector(polar @ basis) @ basis_inverse)
-        moved = (moved[:, None, :, :] - pinned[:, :, None, :]).reshape(-1, *frac.shape)
-        linears = np.repeat(linears, len(atoms), axis=0)
-    wrapped, _ = _wrap(moved)
-    keys = _table_keys(wrapped, numbers)
-    best = np.lexsort(keys.T[::-1])[0]
-    return linears[best].copy(), wrapped[best] - frac @ linears[best].T
-
-
-def _projector(rows: np.ndarray) -> np.ndarray:
-    """``(3, 3)`` orthogonal projector (row action) onto the span of the independent ``rows (d, 3)``."""
-    return rows.T @ np.linalg.solve(rows @ rows.T, rows)
+    ops_ = list(group.values())
+    return np.array([p for p, _ in ops_]), np.array([s for _, s in ops_])
 
 
 @dataclass(frozen=True)
@@ -389,56 +335,18 @@ class _Group:
 def _group(number: int, hall_number: int) -> _Group:
     """The operations of space group ``number`` in the standard setting ``hall_number``, in the
     primitive basis moyopy standardizes to. Cached per setting (screening meets the same groups over
-    and over); :func:`_permutations` checks that they map the refined cell onto itself."""
+    and over); the op ``frame_bookkeeping`` checks that they map the refined cell onto itself."""
     import moyopy
 
-    ops = moyopy.operations_from_number(number, setting=moyopy.Setting.hall_number(hall_number), primitive=True)
-    rotations = np.array(ops.rotations, dtype=np.int64)
-    translations = np.array(ops.translations, dtype=np.float64)
+    ops_ = moyopy.operations_from_number(number, setting=moyopy.Setting.hall_number(hall_number), primitive=True)
+    rotations = np.array(ops_.rotations, dtype=np.int64)
+    translations = np.array(ops_.translations, dtype=np.float64)
     identity = (rotations == np.eye(3, dtype=np.int64)).all(axis=(1, 2)) & (np.abs(translations) < 1e-12).all(axis=1)
     # Fixed directions: the null space of the stacked (R - 1); integer rotations, so the singular
     # values are either 0 or of order 1.
     _, sigma, vt = np.linalg.svd((rotations - np.eye(3, dtype=np.int64)).reshape(-1, 3).astype(np.float64))
-    polar = vt[np.sum(sigma > 1e-6):]
+    polar = np.ascontiguousarray(vt[np.sum(sigma > 1e-6):])
     return _Group(rotations, translations, ~identity, polar)
-
-
-def _permutations(group: _Group, frac, numbers, basis, symprec) -> np.ndarray:
-    """``(k, m)``: operation g moves atom j onto atom ``perm[g, j]`` (same species, within symprec)."""
-    perm = np.tile(np.arange(len(frac)), (len(group.rotations), 1))
-    moving = group.moving
-    if not moving.any():
-        return perm
-    moved = frac @ np.swapaxes(group.rotations[moving], 1, 2).astype(np.float64) + group.translations[moving, None, :]
-    diff = moved[:, :, None, :] - frac[None, None, :, :]  # (k', m, m, 3)
-    diff -= np.round(diff)
-    dist = np.linalg.norm(diff @ basis, axis=-1)
-    dist[:, numbers[:, None] != numbers[None, :]] = np.inf
-    found = np.argmin(dist, axis=2)
-    worst = np.take_along_axis(dist, found[..., None], axis=2).max() if dist.size else 0.0
-    # A permutation: sorted, each row is 0 .. m-1.
-    if not worst <= 4 * symprec or (np.sort(found, axis=1) != perm[:1]).any():
-        raise FrameError(f"the symmetry operations do not map the refined cell onto itself (off by {worst:.2g} Å)")
-    perm[moving] = found
-    return perm
-
-
-def _user_bookkeeping(lattice, pos, rotation, basis, basis_inverse, x_std, mapping, symprec):
-    """``(T, atom_map, images, offset)`` linking the user's description to moyopy's standard one."""
-    rotated_cell = lattice @ rotation.T
-    t_float = rotated_cell @ basis_inverse
-    user_cell = np.rint(t_float).astype(np.int64)
-    if np.abs(t_float - user_cell).max() > 1e-3 or round(abs(np.linalg.det(user_cell))) * len(x_std) != len(pos):
-        raise FrameError("the input cell is not an integer combination of the primitive cell found")
-    atom_map = np.asarray(mapping, dtype=np.int64)
-    rotated = pos @ rotation.T
-    reference = rotated[0] - x_std[atom_map[0]] @ basis
-    images = np.rint((rotated - reference) @ basis_inverse - x_std[atom_map]).astype(np.int64)
-    residual = rotated - (x_std[atom_map] + images) @ basis
-    offset = residual.mean(axis=0)
-    if np.abs(residual - offset).max() > 4 * symprec:
-        raise FrameError("the input atoms do not map onto the refined primitive cell within symprec")
-    return user_cell, atom_map, images, offset
 
 
 # --- slabs ----------------------------------------------------------------------------------------
@@ -476,6 +384,11 @@ class SlabFrame:
 
     def symmetrize(self, positions: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return positions, cell
+
+    def map_back(self, positions: np.ndarray, cell: np.ndarray, symmetrize: bool) -> tuple[np.ndarray, np.ndarray]:
+        """A prediction (``positions (n, 3)``, ``cell (3, 3)``, Å) in the user's description: :meth:`align`,
+        then :meth:`to_user` (no symmetry projection for slabs: ``symmetrize`` is ignored)."""
+        return self.to_user(self.align(positions, cell), cell)
 
     def align(self, positions: np.ndarray, cell: np.ndarray) -> np.ndarray:
         """Positions translated so that the centroid keeps its fractional in-plane coordinates and its

@@ -230,9 +230,7 @@ def relax_batch(
             view = views[index]
             if isinstance(view, CanonicalFrame):
                 canonical_predictions[index] = (pos, cell)
-            if keep_symmetry or fixed[index].symmetry:
-                pos, cell = view.symmetrize(pos, cell)
-            pos, cell = view.to_user(view.align(pos, cell), cell)
+            pos, cell = view.map_back(pos, cell, keep_symmetry or fixed[index].symmetry)
             pos = _honour_constraints(fixed[index], arrays[index], pos, cell)
             results[index] = from_arrays_like(items[index], pos, cell)
             predicted[index] = (pos, cell)
@@ -283,13 +281,7 @@ class _AsGiven:
     positions: np.ndarray
     cell: np.ndarray
 
-    def symmetrize(self, positions, cell):
-        return positions, cell
-
-    def align(self, positions, cell):
-        return positions
-
-    def to_user(self, positions, cell):
+    def map_back(self, positions, cell, symmetrize: bool):
         return positions, cell
 
 

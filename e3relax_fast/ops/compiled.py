@@ -8,7 +8,9 @@
   its per-receiver logic on CPU threads, for the tests;
 * :func:`message_passing_fused_cpu`, :func:`lattice_message_fused_cpu` — backend ``cpu`` of the two
   gated message ops (inference): fused per receiver / atom, the radial projection on a window of
-  the basis (:func:`radial_window`), AVX-512 where the CPU has it.
+  the basis (:func:`radial_window`), AVX-512 where the CPU has it;
+* :func:`frame_bookkeeping`, :func:`frame_map_back` — backend ``cpu`` of the canonical frame's two
+  host ops (NumPy arrays, one crystal per call).
 
 Every wrapper has its reference twin's signature and returns exactly the reference's result (graph:
 integers equal, distances equal to the bit). Whether a backend can run here is decided once, at
@@ -22,6 +24,7 @@ import importlib
 import torch
 from torch import Tensor
 
+from ..reference.frame_bookkeeping import FrameError
 from .registry import BackendUnavailableError
 
 IMPORT_ERROR: str | None = None
@@ -480,3 +483,36 @@ def cuda_reason() -> str | None:
 
 
 CUDA_UNAVAILABLE_REASON = cuda_reason()
+
+
+# --- the canonical frame's host ops (csrc/frame_cpu.h) -----------------------------------------------
+
+
+def frame_bookkeeping(basis, numbers, x_std, normalizer_linear, normalizer_shift, polar, rotations, translations,
+                      moving, mapping, rotation, lattice, positions, symprec):
+    """Backend ``cpu`` of op ``frame_bookkeeping``: same arguments and results as
+    :func:`e3relax_fast.reference.frame_bookkeeping.frame_bookkeeping` (NumPy arrays, one crystal).
+
+    Raises:
+        FrameError: as the reference, with its messages.
+    """
+    if _C is None:
+        raise BackendUnavailableError(IMPORT_ERROR or "e3relax_fast._C missing")
+    # nanobind converts arrays of another dtype or layout (a copy); the frame's own are passed as they are.
+    message, arrays = _C.frame_bookkeeping(basis, numbers, x_std, normalizer_linear, normalizer_shift, polar,
+                                           rotations, translations, moving, mapping, rotation, lattice, positions,
+                                           float(symprec))
+    if message:
+        raise FrameError(message)
+    return arrays
+
+
+def frame_map_back(positions, cell, frame_positions, frame_cell, rotations, permutations, choice_linear, choice_shift,
+                   choice_images, atom_map, images, offset, user_cell, rotation, symmetrize: bool):
+    """Backend ``cpu`` of op ``frame_map_back``: same arguments and results as
+    :func:`e3relax_fast.reference.frame_map_back.frame_map_back` (NumPy arrays, one crystal)."""
+    if _C is None:
+        raise BackendUnavailableError(IMPORT_ERROR or "e3relax_fast._C missing")
+    return _C.frame_map_back(positions, cell, frame_positions, frame_cell, rotations, permutations, choice_linear,
+                             choice_shift, choice_images, atom_map, images, offset, user_cell, rotation,
+                             bool(symmetrize))

@@ -7,6 +7,8 @@ on each device type, and what each backend can do. This is the only place that k
 | message_passing | ✓ auto on CPU with grad | forward only, auto on CPU | forward only | ✓ auto on CUDA | ✓ |
 | lattice_message | ✓ auto on CPU with grad | forward only, auto on CPU | (reference) | ✓ auto on CUDA | (reference) |
 | lattice_pool | ✓ auto on CPU | (reference) | (reference) | ✓ auto on CUDA | (reference) |
+| frame_bookkeeping | ✓ (NumPy) | ✓ auto | — | — | — |
+| frame_map_back | ✓ (NumPy) | ✓ auto | — | — | — |
 
 "(reference)": a model run with ``backend="cpu"``, ``"cuda"`` or ``"cueq"`` takes that op from the
 reference, since those backends do not implement it.
@@ -16,6 +18,11 @@ per receiver, with the radial projection evaluated on the 15 centres of the basi
 distance (``reference/radial_window.py``: the other 113 add at most 6.1e-13 of the largest weight
 of each channel); ``auto`` takes it on CPU when no gradient is needed, the reference otherwise
 (training, golden parity).
+
+The two frame ops (:mod:`e3relax_fast.frame`: the canonical frame's bookkeeping after moyopy's
+symmetry search, and a prediction's way back to the user's description) work on NumPy arrays on
+the host, one crystal per call; their C++ backend (``csrc/frame_cpu.h``) removes the per-call cost
+of many small NumPy operations, which dominates there.
 
 Each backend's implementation has its reference twin's signature (``e3relax_fast/reference/``).
 Compiled and Triton backends are imported on first use; a missing one says why.
@@ -31,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from ..reference.frame_bookkeeping import frame_bookkeeping as _reference_frame_bookkeeping
+from ..reference.frame_map_back import frame_map_back as _reference_frame_map_back
 from ..reference.lattice_message import lattice_message as _reference_lattice_message
 from ..reference.lattice_pool import lattice_pool as _reference_lattice_pool
 from ..reference.message_passing import message_passing as _reference_message_passing
@@ -41,6 +50,8 @@ RADIUS_GRAPH = "radius_graph"
 MESSAGE_PASSING = "message_passing"
 LATTICE_MESSAGE = "lattice_message"
 LATTICE_POOL = "lattice_pool"
+FRAME_BOOKKEEPING = "frame_bookkeeping"
+FRAME_MAP_BACK = "frame_map_back"
 
 ANY_DEVICE = frozenset({"cpu", "cuda"})
 CUDA_ONLY = frozenset({"cuda"})
@@ -209,5 +220,23 @@ OPS: dict[str, Op] = {
         },
         auto={"cpu": ("reference",), "cuda": ("triton", "reference")},
         substitutes=_POOL_SUBSTITUTES,
+    ),
+    # NumPy arrays on the host: "cpu" is their device whatever the model's.
+    FRAME_BOOKKEEPING: Op(
+        FRAME_BOOKKEEPING,
+        {
+            "reference": Impl("reference", lambda: _reference_frame_bookkeeping, _cpu_only, differentiable=False),
+            "cpu": Impl("cpu", _compiled("frame_bookkeeping", False, "frame_bookkeeping"), _cpu_only,
+                        differentiable=False),
+        },
+        auto={"cpu": ("cpu", "reference")},
+    ),
+    FRAME_MAP_BACK: Op(
+        FRAME_MAP_BACK,
+        {
+            "reference": Impl("reference", lambda: _reference_frame_map_back, _cpu_only, differentiable=False),
+            "cpu": Impl("cpu", _compiled("frame_map_back", False, "frame_map_back"), _cpu_only, differentiable=False),
+        },
+        auto={"cpu": ("cpu", "reference")},
     ),
 }

@@ -61,11 +61,16 @@ def test_devices_and_substitutes():
 
 
 def test_table_ops_and_reference_everywhere():
-    assert set(ops.OPS) == {"radius_graph", "message_passing", "lattice_message", "lattice_pool"}
+    tensor_ops = {"radius_graph", "message_passing", "lattice_message", "lattice_pool"}
+    host_ops = {"frame_bookkeeping", "frame_map_back"}  # NumPy arrays: "cpu" whatever the model's device
+    assert set(ops.OPS) == tensor_ops | host_ops
     for name in ops.OPS:
         assert "reference" in ops.available(name)
-        for device in ("cpu", "cuda"):
+        for device in ("cpu", "cuda") if name in tensor_ops else ("cpu",):
             assert ops.resolve(name, "reference", device)[0] == "reference"
+    for name in host_ops:
+        with pytest.raises(BackendUnavailableError, match="takes \\['cpu'\\] tensors"):
+            ops.resolve(name, "reference", "cuda")
     # The atom-lattice ops have no CUDA or cuEquivariance kernels: a model run on those takes the reference.
     assert ops.resolve("lattice_pool", "cuda", "cuda")[0] == "reference"
     with pytest.raises(ValueError, match="unknown op"):
