@@ -308,7 +308,7 @@ def run_lofo(args: argparse.Namespace) -> int:
     if missing:
         return _die(f"no pairs of famil{'y' if len(missing) == 1 else 'ies'} {', '.join(missing)} in "
                     f"{', '.join(args.data)} (families there: {', '.join(present) or 'none recorded'})")
-    train_options = shlex.split(args.train_options)
+    train_options, first_options = shlex.split(args.train_options), shlex.split(args.first_step)
     data_options = [option for source in args.data for option in ("--data", source)]
     out = Path(args.out)
     summaries = {}
@@ -317,8 +317,15 @@ def run_lofo(args: argparse.Namespace) -> int:
         if scored.exists():  # a finished fold (rerun to resume the others)
             summaries[family] = json.loads(scored.read_text())
             continue
+        init = []
+        if first_options:  # the fold's own first step, without the family either; the second starts from it
+            status = run_train(build_parser().parse_args(
+                ["train", "--out", str(run / "first"), "--exclude-family", family, *first_options]))
+            if status:
+                return status
+            init = ["--init", str(run / "first" / "best.pt")]  # the last --init given wins
         train_args = build_parser().parse_args(
-            ["train", *data_options, "--out", str(run), "--exclude-family", family, *train_options])
+            ["train", *data_options, "--out", str(run), "--exclude-family", family, *train_options, *init])
         status = run_train(train_args)
         if status:
             return status
@@ -340,7 +347,7 @@ def add_lofo_parser(subparsers) -> None:
         description="For each seed family, `train --exclude-family F` into OUT/F, then score its best "
         "checkpoint on every pair of F (all splits) beside Dummy and the isotropic rescale to the "
         "predicted volume; writes OUT/F/heldout.json and the table OUT/lofo.md. A finished fold is "
-        "kept; rerun to resume.",
+        "kept; rerun to resume. A two-step recipe (--first-step) retrains its first step without F too.",
     )
     _add_data_argument(p)
     p.add_argument("--out", required=True, help="folder of the folds")
@@ -348,6 +355,10 @@ def add_lofo_parser(subparsers) -> None:
                    help="hold out this family (repeatable; default: every family in the data)")
     p.add_argument("--train-options", default="", metavar="'OPTIONS'",
                    help="options for each fold's `train` (one quoted string, e.g. '--hidden 64 --cell-transport')")
+    p.add_argument("--first-step", default="", metavar="'OPTIONS'",
+                   help="a recipe in two steps: each fold first runs `train` with these options (its own --data "
+                   "included) and --exclude-family F into OUT/F/first, then the step above with --init "
+                   "OUT/F/first/best.pt")
     p.add_argument("--device", default="cpu", help="device of the scoring (training takes --device in --train-options)")
     p.set_defaults(func=run_lofo)
 
