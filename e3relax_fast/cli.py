@@ -149,7 +149,7 @@ def run_train(args: argparse.Namespace) -> int:
     import os
 
     from .io import read_pairs
-    from .training import PairDataset, TrainConfig, init_distributed, train, with_minima
+    from .training import PairDataset, TrainConfig, TrainingSetupError, init_distributed, train, with_minima
 
     init_distributed()
     device = args.device
@@ -171,10 +171,13 @@ def run_train(args: argparse.Namespace) -> int:
             if split == args.train_split and args.minima:
                 pairs = with_minima(pairs, args.minima, seed=args.seed)
             datasets[split] = PairDataset(pairs, cache=cache / f"{split}.pt", frame=args.frame)
+    except (ValueError, FileNotFoundError) as err:  # a missing split file, a bad pair (named), a bad option value
+        return _die(str(err))
+    try:
         summary = train(config, datasets[args.train_split], datasets[args.val_split], args.out, device=device,
                         max_steps=args.max_steps, progress=not args.quiet)
-    except ValueError as err:  # a bad pair (named), an empty split, a bad option value
-        return _die(str(err))
+    except TrainingSetupError as err:  # the run cannot start (empty or incompatible set, --init); mid-run
+        return _die(str(err))           # errors are bugs and keep their traceback
     print(f"trained {summary['step']} steps, {summary['epoch']} pseudo-epochs; "
           f"best validation |dp| {summary['best_val_mae']:.4f} A; checkpoints in {args.out}")
     return 0
@@ -230,8 +233,11 @@ def run_eval(args: argparse.Namespace) -> int:
         model = load_pretrained(args.checkpoint, map_location=args.device, paper_compat=args.paper_compat)
     except (ValueError, FileNotFoundError) as err:  # they name the file (or the device)
         return _die(str(err))
-    pairs = [p for p in read_pairs(args.data, args.split) if (not args.family or p.family in args.family)
-             and (not args.protocol or p.protocol in args.protocol)]
+    try:
+        pairs = [p for p in read_pairs(args.data, args.split) if (not args.family or p.family in args.family)
+                 and (not args.protocol or p.protocol in args.protocol)]
+    except (ValueError, FileNotFoundError) as err:  # a missing split file, a bad pair: they name it
+        return _die(str(err))
     if args.minima:
         pairs = [minimum_pair(p) for p in pairs]
     if not pairs:
@@ -301,7 +307,10 @@ def run_lofo(args: argparse.Namespace) -> int:
     from .training import evaluate as evaluate_model
     from .training.lofo import heldout_summary, lofo_table
 
-    pairs = {split: read_pairs(args.data, split) for split in ("train", "val", "test")}
+    try:
+        pairs = {split: read_pairs(args.data, split) for split in ("train", "val", "test")}
+    except (ValueError, FileNotFoundError) as err:
+        return _die(str(err))
     present = sorted({p.family for split in pairs.values() for p in split if p.family})
     families = args.family or present
     missing = [f for f in families if f not in present]

@@ -140,31 +140,39 @@ def _save(out_dir: Path, config: TrainConfig, model, ema, optimizer, scheduler, 
                 "scheduler": scheduler.state_dict(), "state": state}, out_dir / "last.pt")
 
 
+class TrainingSetupError(ValueError):
+    """A run that cannot start, for the reason the message names (an empty or incompatible set, a batch
+    size, an --init checkpoint): a user error. Errors raised once training runs are not of this kind."""
+
+
 def _load_init(model: E3Relax, ema: torch.nn.Module, path: str) -> None:
     """Copy the weights of checkpoint ``path`` (read by ``load_pretrained``: e.g. an earlier run's
-    best.pt, its EMA weights) into ``model`` and ``ema``; ``ValueError`` naming the first difference
+    best.pt, its EMA weights) into ``model`` and ``ema``; :class:`TrainingSetupError` naming the first difference
     when its architecture is not the configured one."""
     from ..model import load_pretrained
 
-    source = load_pretrained(path, paper_compat=model.paper_compat)
+    try:
+        source = load_pretrained(path, paper_compat=model.paper_compat)
+    except (ValueError, FileNotFoundError) as err:  # a missing or unreadable checkpoint: it names the file
+        raise TrainingSetupError(f"--init: {err}") from err
     differences = {k: (source.config[k], v) for k, v in model.config.items() if source.config.get(k) != v}
     if differences:
         key, (theirs, ours) = next(iter(differences.items()))
-        raise ValueError(f"--init {path}: its {key} is {theirs!r}, this run's is {ours!r} "
+        raise TrainingSetupError(f"--init {path}: its {key} is {theirs!r}, this run's is {ours!r} "
                          f"(train with the same architecture to start from it)")
     model.load_state_dict(source.state_dict())
     ema.load_state_dict(source.state_dict())
 
 
 def _check_elements(model: E3Relax, datasets: dict[str, PairDataset]) -> None:
-    """``ValueError`` naming the first pair with an element outside the model's table (an IndexError
+    """:class:`TrainingSetupError` naming the first pair with an element outside the model's table (an IndexError
     deep inside the embedding otherwise, mid-training)."""
     for split, data in datasets.items():
         for k, item in enumerate(data.items):
             z = int(item["atomic_numbers"].max())
             if z >= model.num_elements:
-                raise ValueError(f"the {split} set's pair {data.pairs[k].id} has element Z={z}, outside the model's "
-                                 f"table (num_elements={model.num_elements})")
+                raise TrainingSetupError(f"the {split} set's pair {data.pairs[k].id} has element Z={z}, outside the "
+                                         f"model's table (num_elements={model.num_elements})")
 
 
 def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out_dir: str | Path,
@@ -179,9 +187,10 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
     rank, world = _world()
     for split, data in (("training", train_set), ("validation", val_set)):
         if data.frame != config.frame:
-            raise ValueError(f"the {split} set is in the {data.frame!r} frame but config.frame is {config.frame!r}")
+            raise TrainingSetupError(f"the {split} set is in the {data.frame!r} frame but config.frame is "
+                                     f"{config.frame!r}")
         if len(data) == 0:
-            raise ValueError(f"the {split} set is empty")
+            raise TrainingSetupError(f"the {split} set is empty")
     out_dir = Path(out_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -209,7 +218,7 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)
     if config.batch_size % world:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
+        raise TrainingSetupError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
     start_time = time.time()
     while state["epoch"] < config.max_epochs:
         epoch_loss, epoch_steps = 0.0, 0

@@ -83,3 +83,28 @@ def test_train_cli_minima_and_a_bad_value_is_one_line(tmp_path, capsys):
     assert main([*common, "--out", str(tmp_path / "bad"), "--minima", "2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "got 2.0" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "lofo", "train --init"])
+def test_missing_data_or_checkpoint_is_one_line(tmp_path, capsys, command):
+    """A folder without the split's files, or an --init checkpoint that does not exist: one error line
+    naming it, exit status 2 (before: a FileNotFoundError traceback)."""
+    from e3relax_fast.cli import main
+    from e3relax_fast.io import write_extxyz_pairs
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    options = {"train": ["train", "--data", str(empty), "--out", str(tmp_path / "r")],
+               "eval": ["eval", "--data", str(empty), "--out", str(tmp_path / "e")],
+               "lofo": ["lofo", "--data", str(empty), "--out", str(tmp_path / "l")]}
+    if command == "train --init":
+        write_extxyz_pairs(denoising_pairs(4, 0), tmp_path / "d", "train")
+        write_extxyz_pairs(denoising_pairs(2, 1), tmp_path / "d", "val")
+        argv = ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "r"), "--hidden", "8", "--layers",
+                "1", "--max-steps", "1", "--quiet", "--init", str(tmp_path / "missing.pt")]
+        named = "missing.pt"
+    else:
+        argv, named = options[command], str(empty)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and named in err and "Traceback" not in err and err.count("\n") == 1
