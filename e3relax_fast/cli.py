@@ -318,6 +318,8 @@ def run_lofo(args: argparse.Namespace) -> int:
         return _die(f"no pairs of famil{'y' if len(missing) == 1 else 'ies'} {', '.join(missing)} in "
                     f"{', '.join(args.data)} (families there: {', '.join(present) or 'none recorded'})")
     train_options, first_options = shlex.split(args.train_options), shlex.split(args.first_step)
+    if args.trained_without and (train_options or first_options):
+        return _die("--trained-without scores a model trained already: no --train-options or --first-step with it")
     data_options = [option for source in args.data for option in ("--data", source)]
     out = Path(args.out)
     summaries = {}
@@ -326,28 +328,43 @@ def run_lofo(args: argparse.Namespace) -> int:
         if scored.exists():  # a finished fold (rerun to resume the others)
             summaries[family] = json.loads(scored.read_text())
             continue
-        init = []
-        if first_options:  # the fold's own first step, without the family either; the second starts from it
-            status = run_train(build_parser().parse_args(
-                ["train", "--out", str(run / "first"), "--exclude-family", family, *first_options]))
+        if args.trained_without:  # a model whose training data never held the family is its own fold
+            model_path = args.trained_without
+        else:
+            status = _train_fold(family, run, data_options, train_options, first_options)
             if status:
                 return status
-            init = ["--init", str(run / "first" / "best.pt")]  # the last --init given wins
-        train_args = build_parser().parse_args(
-            ["train", *data_options, "--out", str(run), "--exclude-family", family, *train_options, *init])
-        status = run_train(train_args)
-        if status:
-            return status
-        model = load_pretrained(run / "best.pt", map_location=args.device)
+            model_path = run / "best.pt"
+        try:
+            model = load_pretrained(model_path, map_location=args.device)
+        except (ValueError, FileNotFoundError) as err:
+            return _die(str(err))
         heldout = [p for split in pairs.values() for p in split if p.family == family]
         result = evaluate_model(model, heldout, device=args.device, match=False)
-        summaries[family] = heldout_summary(result)
+        summaries[family] = {**heldout_summary(result), "model": str(model_path)}
+        run.mkdir(parents=True, exist_ok=True)
         scored.write_text(json.dumps(summaries[family], indent=1))
     table = lofo_table(summaries)
     command = " ".join(shlex.quote(a) for a in ["e3relax-fast", *args.argv])
     (out / "lofo.md").write_text(f"# Leave one family out\n\n`{command}`\n\n{table}")
     print(table, end="")
     return 0
+
+
+def _train_fold(family: str, run: Path, data_options: list[str], train_options: list[str],
+                first_options: list[str]) -> int:
+    """Train one fold of ``e3relax-fast lofo`` into ``run`` (both steps of a two-step recipe without
+    ``family``); returns train's exit status."""
+    init = []
+    if first_options:  # the fold's own first step, without the family either; the second starts from it
+        status = run_train(build_parser().parse_args(
+            ["train", "--out", str(run / "first"), "--exclude-family", family, *first_options]))
+        if status:
+            return status
+        init = ["--init", str(run / "first" / "best.pt")]  # the last --init given wins
+    train_args = build_parser().parse_args(
+        ["train", *data_options, "--out", str(run), "--exclude-family", family, *train_options, *init])
+    return run_train(train_args)
 
 
 def add_lofo_parser(subparsers) -> None:
@@ -368,6 +385,9 @@ def add_lofo_parser(subparsers) -> None:
                    help="a recipe in two steps: each fold first runs `train` with these options (its own --data "
                    "included) and --exclude-family F into OUT/F/first, then the step above with --init "
                    "OUT/F/first/best.pt")
+    p.add_argument("--trained-without", metavar="CHECKPOINT",
+                   help="score this model on each held-out family instead of training a fold: for families its "
+                   "training data never held (e.g. seed families added after it was trained)")
     p.add_argument("--device", default="cpu", help="device of the scoring (training takes --device in --train-options)")
     p.set_defaults(func=run_lofo)
 

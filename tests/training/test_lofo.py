@@ -72,6 +72,27 @@ def test_a_two_step_recipe_retrains_its_first_step_without_the_family(tmp_path, 
     assert "--first-step" in (out / "lofo.md").read_text()
 
 
+def test_a_model_trained_without_the_family_is_scored_as_its_fold(tmp_path, capsys):
+    """--trained-without: e.g. the shipped model on a seed family added after it was trained."""
+    data, out = tmp_path / "pairs", tmp_path / "lofo"
+    _dataset(data)
+    options = ["--hidden", "8", "--layers", "2", "--batch-size", "4", "--steps-per-epoch", "2", "--max-steps", "2",
+               "--quiet"]
+    assert main(["train", "--data", str(data), "--exclude-family", "oqmd", "--out", str(tmp_path / "m"),
+                 *options]) == 0
+    checkpoint = str(tmp_path / "m" / "best.pt")
+    assert main(["lofo", "--data", str(data), "--out", str(out), "--family", "oqmd",
+                 "--trained-without", checkpoint]) == 0
+    summary = json.loads((out / "oqmd" / "heldout.json").read_text())
+    assert summary["n"] == 10 and summary["model"] == checkpoint
+    assert not (out / "oqmd" / "graphs").exists()  # no fold was trained
+    assert f"--trained-without {checkpoint}" in (out / "lofo.md").read_text()
+    # With training options it is refused (the model is trained already).
+    assert main(["lofo", "--data", str(data), "--out", str(tmp_path / "o2"), "--trained-without", checkpoint,
+                 "--train-options", "--hidden 8"]) == 2
+    assert "no --train-options or --first-step" in capsys.readouterr().err
+
+
 def test_lofo_names_a_family_that_is_not_in_the_data(tmp_path, capsys):
     data = tmp_path / "pairs"
     _dataset(data)
