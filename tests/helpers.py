@@ -73,6 +73,22 @@ def golden_model_instance(golden: dict, paper_compat: bool = True, dtype=torch.f
 # --------------------------------------------------------------------------------------------------
 # random inputs
 # --------------------------------------------------------------------------------------------------
+def random_rotation(rng) -> np.ndarray:
+    """A random proper rotation matrix (3, 3) drawn with ``rng``."""
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+def random_unimodular(rng) -> np.ndarray:
+    """A random integer (3, 3) matrix with determinant +1 and entries in {-1, 0, 1}: another basis
+    of the same lattice."""
+    while True:
+        m = rng.integers(-1, 2, (3, 3))
+        if round(np.linalg.det(m)) == 1:
+            return m
+
+
 def random_cell(rng, kind: str, lengths: dict | None = None):
     """A random (3, 3) cell (rows = lattice vectors, Å) of a kind used by the neighbour-list suites:
     "tiny" (much smaller than the 6 Å radius), "vacuum" (20 Å extra along c), "skewed" (angles down

@@ -22,6 +22,7 @@ pytest.importorskip("pymatgen")
 spglib = pytest.importorskip("spglib")
 from ase.build import bulk, make_supercell  # noqa: E402
 from ase.io import read  # noqa: E402
+from helpers import random_rotation, random_unimodular  # noqa: E402
 from pymatgen.analysis.structure_matcher import StructureMatcher  # noqa: E402
 from pymatgen.io.ase import AseAtomsAdaptor  # noqa: E402
 
@@ -54,19 +55,6 @@ def keeps_symmetry(before, after, tol: float = SYMPREC) -> bool:
         if dist.min(axis=1).max() > tol:
             return False
     return True
-
-
-def random_rotation(rng) -> np.ndarray:
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q = q * np.sign(np.diag(r))
-    return q if np.linalg.det(q) > 0 else -q
-
-
-def random_unimodular(rng) -> np.ndarray:
-    while True:
-        m = rng.integers(-1, 2, (3, 3))
-        if round(np.linalg.det(m)) == 1:
-            return m
 
 
 def conventional(atoms):

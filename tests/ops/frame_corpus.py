@@ -9,21 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from helpers import random_rotation, random_unimodular
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _rotation(rng) -> np.ndarray:
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q = q * np.sign(np.diag(r))
-    return q if np.linalg.det(q) > 0 else -q
-
-
-def _unimodular(rng) -> np.ndarray:
-    while True:
-        m = rng.integers(-1, 2, (3, 3))
-        if round(np.linalg.det(m)) == 1:
-            return m
 
 
 def _supercell(z, pos, cell, matrix):
@@ -71,8 +59,8 @@ def crystals(max_test_pairs: int = 40) -> dict[str, tuple[np.ndarray, np.ndarray
     rng = np.random.default_rng(7)
     rewritten = {}
     for name, (z, pos, cell) in found.items():
-        z2, pos2, cell2 = _supercell(z, pos, cell, _unimodular(rng) @ np.diag([1, 1, 2]))
+        z2, pos2, cell2 = _supercell(z, pos, cell, random_unimodular(rng) @ np.diag([1, 1, 2]))
         pos2 = pos2 + rng.integers(-2, 3, pos2.shape) @ cell2 + rng.normal(0.0, 2.0, 3)
-        rotation = _rotation(rng)
+        rotation = random_rotation(rng)
         rewritten[f"{name}, rewritten"] = (z2, pos2 @ rotation.T, cell2 @ rotation.T)
     return found | rewritten
