@@ -20,7 +20,8 @@ H=512, L=4 and a small H=64, L=4) on the first ``--n`` crystals of the MP-like m
   canonical frame (symmetry search, choice, bookkeeping) and, on the frame's own cell as the
   "prediction", the projection, the translation gauge and the map back (part of ``batched``);
   ``batched, no frame`` — ``relax_batch`` with ``frame="input", symmetry="free"``: the difference
-  to ``batched`` is the frame's cost as ``relax_batch`` pays it (a note under the table).
+  to ``batched`` is the frame's cost as ``relax_batch`` pays it (a note under the table);
+  ``frame, reference ops`` — ``frame`` with the NumPy reference twins of the two frame ops.
 * ``batched max_atoms=B`` — with ``--budgets B ...``: ``relax_batch`` end to end under other atom
   budgets, to see where batching stops paying (each against ``one_at_a_time``).
 
@@ -57,6 +58,7 @@ PARTS = {
     "model forward, `reference` ops": ("model, reference", "model, reference (1 by 1)"),
     "model forward, `cpu` exact radial": ("model, cpu exact", "model, cpu exact (1 by 1)"),
     "canonical frame + symmetry": ("frame", "frame"),
+    "canonical frame + symmetry, NumPy reference ops": ("frame, reference ops", "frame, reference ops"),
     "`relax_batch` without them (`frame=\"input\"`)": ("batched, no frame", "batched, no frame"),
 }
 PAIRS = {b: o for b, o in PARTS.values()}
@@ -99,10 +101,10 @@ def _time_model_size(hidden, layers, *, triples, atoms, singles, device, max_ato
         # As relax_batch does: graph from float64 inputs, then cast to the model's dtype.
         return [b.with_graph(backend="auto").to(dtype=torch.float32) for b in bs]
 
-    def frame_work():
+    def frame_work(backend="auto"):
         for triple in triples:
-            frame = canonical_frame(*triple)
-            frame.map_back(frame.positions, frame.cell, symmetrize=True)
+            frame = canonical_frame(*triple, backend=backend)
+            frame.map_back(frame.positions, frame.cell, symmetrize=True, backend=backend)
 
     results = []
     with torch.inference_mode():
@@ -118,11 +120,13 @@ def _time_model_size(hidden, layers, *, triples, atoms, singles, device, max_ato
             "graph (1 by 1)": lambda: graphs(singles),
             "model (1 by 1)": lambda: [model(b) for b in single_graph],
             "frame": frame_work,
+            "frame, reference ops": lambda: frame_work("reference"),
             "batched, no frame": lambda: relax_batch(triples, model=model, device=device, max_atoms=max_atoms,
                                                      frame="input", symmetry="free"),
         }
         backend_of = {"batched": both, "one_at_a_time": both, "graph": graph_backend, "graph (1 by 1)": graph_backend,
                       "model": mp_backend, "model (1 by 1)": mp_backend, "frame": "moyopy + frame ops",
+                      "frame, reference ops": "moyopy + reference",
                       "batched, no frame": both}
         variants = {}
         if backends:
