@@ -20,7 +20,6 @@ from .graph import build_graph, drop_images
 from .io import (
     Constraints,
     InvalidStructureError,
-    close_atoms,
     constraints,
     from_arrays_like,
     original_reserved_slots,
@@ -199,8 +198,8 @@ def relax_batch(
             raise InvalidStructureError(index, reason)
         errors[index] = reason
 
-    arrays = _valid_arrays(items, getattr(model, "num_elements", None), fail)
-    _warn_close_atoms(arrays)
+    arrays, close = _valid_arrays(items, getattr(model, "num_elements", None), fail)
+    _warn_close_atoms(close)
     fixed = _constraints(items, arrays, fail)
     paper_compat = getattr(model, "paper_compat", False)
     # The original's checkpoints see every structure as given and periodic in 3D, as the original did.
@@ -421,14 +420,15 @@ def _honour_constraints(fixed: Constraints, given: tuple, positions: np.ndarray,
     return np.where(fixed.cartesian, input_positions, positions)
 
 
-def _valid_arrays(items: list, num_elements: int | None, fail) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """``{input index: (z, positions, cell)}`` of the inputs that are valid model inputs; ``fail(index,
-    reason)`` is called for each of the others."""
-    arrays = {}
+def _valid_arrays(items: list, num_elements: int | None, fail) -> tuple[dict, dict]:
+    """``({input index: (z, positions, cell)}, {input index: (i, j, distance)})``: the inputs that are
+    valid model inputs, and those of them with implausibly close atoms (:func:`~e3relax_fast.io.close_atoms`);
+    ``fail(index, reason)`` is called for each of the others."""
+    arrays, close = {}, {}
     for index, structure in enumerate(items):
         try:
             z, positions, cell = to_arrays(structure, index=index)
-            validate(z, positions, cell, index=index)
+            pair = validate(z, positions, cell, index=index)
         except InvalidStructureError as err:
             fail(index, err.reason)
             continue
@@ -436,16 +436,15 @@ def _valid_arrays(items: list, num_elements: int | None, fail) -> dict[int, tupl
             fail(index, f"element Z={int(z.max())} is outside the model's table (num_elements={num_elements})")
             continue
         arrays[index] = (z, positions, cell)
-    return arrays
-
-
-def _warn_close_atoms(arrays: dict) -> None:
-    """One :class:`CloseAtomsWarning` naming every structure with atoms closer than 0.5 Å."""
-    close = {}
-    for index, (_, positions, cell) in arrays.items():
-        pair = close_atoms(positions, cell)
         if pair is not None:
-            close[index] = f"atoms {pair[0]} and {pair[1]} are {pair[2]:.3g} Å apart"
+            close[index] = pair
+    return arrays, close
+
+
+def _warn_close_atoms(pairs: dict[int, tuple[int, int, float]]) -> None:
+    """One :class:`CloseAtomsWarning` naming every structure with atoms closer than 0.5 Å (``pairs``:
+    input index -> its closest pair)."""
+    close = {index: f"atoms {i} and {j} are {dist:.3g} Å apart" for index, (i, j, dist) in pairs.items()}
     if close:
         listing = "; ".join(f"[{index}] {what}" for index, what in close.items())
         warnings.warn(CloseAtomsWarning(f"relax_batch: implausibly close atoms (< 0.5 Å) in {len(close)} "

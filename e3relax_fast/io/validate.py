@@ -165,7 +165,7 @@ def _closest_pair_binned(frac: np.ndarray, cell: np.ndarray, threshold: float) -
     return best
 
 
-def validate(z, positions, cell, index: int | None = None) -> None:
+def validate(z, positions, cell, index: int | None = None) -> tuple[int, int, float] | None:
     """Check that one structure is a valid model input; raise on the first problem found.
 
     Args:
@@ -173,6 +173,10 @@ def validate(z, positions, cell, index: int | None = None) -> None:
         positions: ``(n, 3)`` Cartesian positions in Å.
         cell: ``(3, 3)`` cell in Å, rows = lattice vectors.
         index: position of the structure in the caller's input, used in error messages.
+
+    Returns:
+        What :func:`close_atoms` returns for it (found in the same search as the overlap check):
+        ``(i, j, distance)`` of the closest pair nearer than ``PLAUSIBLE_DISTANCE`` Å, or ``None``.
 
     Raises:
         InvalidStructureError: wrong shapes; no atoms; NaN/inf positions or cell; a coordinate
@@ -228,14 +232,18 @@ def validate(z, positions, cell, index: int | None = None) -> None:
             index,
             f"left-handed cell (det = {det:.6g} Å^3 < 0); swap two lattice vectors or negate one",
         )
-    pair = _closest_pair(positions, cell, MIN_DISTANCE)
-    if pair is not None:
+    # One search serves the hard limit and the callers' warning: the closest pair below the larger
+    # threshold is below MIN_DISTANCE exactly when some pair is (every pair's minimum image is at
+    # least its true distance, and exact below MIN_DISTANCE; see _closest_pair).
+    pair = _closest_pair(positions, cell, PLAUSIBLE_DISTANCE)
+    if pair is not None and pair[2] < MIN_DISTANCE:
         i, j, dist = pair
         raise InvalidStructureError(
             index,
             f"atoms {i} and {j} overlap: {dist:.4g} Å apart (minimum {MIN_DISTANCE} Å, "
             "periodic images included)",
         )
+    return pair
 
 
 def close_atoms(positions, cell, threshold: float = PLAUSIBLE_DISTANCE) -> tuple[int, int, float] | None:

@@ -358,3 +358,24 @@ def test_close_atoms_names_the_closest_pair_through_the_boundary():
     assert close_atoms(pos[1:3], CUBE) is None
     assert close_atoms(pos[2:], CUBE)[:2] == (0, 1)  # 0.4 Å apart
     assert close_atoms(pos, CUBE, threshold=0.2) is None
+
+
+@pytest.mark.parametrize("n", [4, 300])  # all pairs measured / the binned search
+def test_validate_returns_the_close_pair_it_found_with_the_overlap_check(n):
+    """validate's one search answers both the hard limit (0.1 Å) and close_atoms (0.5 Å)."""
+    rng = np.random.default_rng(n)
+    cell = np.array([[9.0, 0.0, 0.0], [2.0, 8.0, 0.0], [1.0, -1.5, 7.0]])
+    grid = np.stack(np.meshgrid(*[np.arange(7)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    frac = (grid[rng.permutation(len(grid))[:n]] + 0.5) / 7  # > 1 Å apart
+    pos = frac @ cell
+    z = np.ones(n, dtype=np.int64)
+    assert validate(z, pos, cell) is None is close_atoms(pos, cell)
+    # A pair 0.3 Å apart through the cell boundary: named by both, accepted.
+    pos[0] = 0.01 * cell[0]  # the grid's sites are at (k + 0.5) / 7: the origin is far from all
+    pos[1] = pos[0] - 0.3 * cell[0] / np.linalg.norm(cell[0]) + cell[0]
+    pair = validate(z, pos, cell)
+    assert pair == close_atoms(pos, cell) and pair[:2] == (0, 1) and abs(pair[2] - 0.3) < 1e-9
+    # A second pair 0.08 Å apart: the overlap is refused, naming that pair.
+    pos[n - 1] = pos[n - 2] + [0.0, 0.08, 0.0]
+    with pytest.raises(InvalidStructureError, match=rf"atoms {n - 2} and {n - 1} overlap: 0.08 Å apart"):
+        validate(z, pos, cell)
