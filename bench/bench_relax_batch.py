@@ -21,7 +21,9 @@ H=512, L=4 and a small H=64, L=4) on the first ``--n`` crystals of the MP-like m
   "prediction", the projection, the translation gauge and the map back (part of ``batched``);
   ``batched, no frame`` — ``relax_batch`` with ``frame="input", symmetry="free"``: the difference
   to ``batched`` is the frame's cost as ``relax_batch`` pays it (a note under the table);
-  ``frame, reference ops`` — ``frame`` with the NumPy reference twins of the two frame ops.
+  ``frame, reference ops`` — ``frame`` with the NumPy reference twins of the two frame ops;
+  ``frame search`` — the part of ``frame`` that is moyopy's (its symmetry search and normalizer, and
+  the conversion of their results, as ``canonical_frame`` calls them): the floor of ``frame``.
 * ``batched max_atoms=B`` — with ``--budgets B ...``: ``relax_batch`` end to end under other atom
   budgets, to see where batching stops paying (each against ``one_at_a_time``).
 
@@ -59,6 +61,7 @@ PARTS = {
     "model forward, `cpu` exact radial": ("model, cpu exact", "model, cpu exact (1 by 1)"),
     "canonical frame + symmetry": ("frame", "frame"),
     "canonical frame + symmetry, NumPy reference ops": ("frame, reference ops", "frame, reference ops"),
+    "of which moyopy's symmetry search (`frame.search`)": ("frame search", "frame search"),
     "`relax_batch` without them (`frame=\"input\"`)": ("batched, no frame", "batched, no frame"),
 }
 PAIRS = {b: o for b, o in PARTS.values()}
@@ -75,11 +78,13 @@ def _time_model_size(hidden, layers, *, triples, atoms, singles, device, max_ato
     """Time every mode for one model size, interleaved; returns the results."""
     import copy
 
+    import moyopy
+    import numpy as np
     import torch
 
     from e3relax_fast import E3Relax, ops, relax_batch
     from e3relax_fast.batch import Batch, plan_batches
-    from e3relax_fast.frame import canonical_frame
+    from e3relax_fast.frame import SYMPREC, canonical_frame, search
     from e3relax_fast.relax import _atom_budget
 
     from .bench_message_passing import exact_radial
@@ -106,6 +111,16 @@ def _time_model_size(hidden, layers, *, triples, atoms, singles, device, max_ato
             frame = canonical_frame(*triple, backend=backend)
             frame.map_back(frame.positions, frame.cell, symmetrize=True, backend=backend)
 
+    # The part of the frame that is the symmetry library's (the floor of frame_work): moyopy's search
+    # and normalizer and the conversion of their results, as canonical_frame calls them.
+    searches = [(np.asarray(z, dtype=np.int64), np.asarray(pos, dtype=np.float64), np.asarray(cell, dtype=np.float64))
+                for z, pos, cell in triples]
+    searches = [(z, pos @ np.linalg.inv(cell), pos, cell) for z, pos, cell in searches]
+
+    def frame_search():
+        for z, frac, pos, cell in searches:
+            search(moyopy, z, frac, pos, cell, SYMPREC)
+
     results = []
     with torch.inference_mode():
         with_graph, single_graph = graphs(batches), graphs(singles)
@@ -121,12 +136,13 @@ def _time_model_size(hidden, layers, *, triples, atoms, singles, device, max_ato
             "model (1 by 1)": lambda: [model(b) for b in single_graph],
             "frame": frame_work,
             "frame, reference ops": lambda: frame_work("reference"),
+            "frame search": frame_search,
             "batched, no frame": lambda: relax_batch(triples, model=model, device=device, max_atoms=max_atoms,
                                                      frame="input", symmetry="free"),
         }
         backend_of = {"batched": both, "one_at_a_time": both, "graph": graph_backend, "graph (1 by 1)": graph_backend,
                       "model": mp_backend, "model (1 by 1)": mp_backend, "frame": "moyopy + frame ops",
-                      "frame, reference ops": "moyopy + reference",
+                      "frame, reference ops": "moyopy + reference", "frame search": "moyopy",
                       "batched, no frame": both}
         variants = {}
         if backends:
