@@ -159,7 +159,7 @@ def run_train(args: argparse.Namespace) -> int:
         model={"hidden_channels": args.hidden, "num_layers": args.layers, "cell_transport": args.cell_transport},
         lr=args.lr, batch_size=args.batch_size, steps_per_epoch=args.steps_per_epoch,
         max_epochs=args.max_epochs, loss=args.loss, seed=args.seed, dtype=args.dtype, frame=args.frame,
-        init=args.init,
+        init=args.init, family_balance=args.family_balance,
     )
     cache = Path(args.out) / "graphs"
     datasets = {}
@@ -206,6 +206,9 @@ def add_train_parser(subparsers) -> None:
                    "with --seed), the relaxed structure as input and target (default 0: none)")
     p.add_argument("--cell-transport", action="store_true",
                    help="carry the atoms along with each layer's cell update (E3Relax(cell_transport=True))")
+    p.add_argument("--family-balance", type=float, default=0.0, metavar="POWER",
+                   help="draw each training pair with weight (pairs of its seed family)^-POWER: 0 (default) "
+                   "every pair once per pass; 1 every family the same share of the steps")
     p.add_argument("--batch-size", type=int, default=32, help="crystals per step, all processes together")
     p.add_argument("--steps-per-epoch", type=int, default=100, help="steps per pseudo-epoch")
     p.add_argument("--max-epochs", type=int, default=800)

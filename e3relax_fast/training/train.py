@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,10 @@ class TrainConfig:
     # reads) instead of the seeded initialisation; optimiser, schedule and the best
     # signal start afresh. Ignored when the run directory holds a last.pt to resume from.
     init: str | None = None
+    # Sampling weight of a training pair: (pairs of its seed family)^-family_balance. 0: every pair
+    # once per pass in a random order (the original); 1: each family gets the same share of the steps
+    # (pairs drawn with replacement), so small families are not drowned by large ones.
+    family_balance: float = 0.0
 
 
 def _world() -> tuple[int, int]:
@@ -92,9 +97,22 @@ def validation_signal(model: torch.nn.Module, dataset: PairDataset, device, batc
     return err / max(count, 1)
 
 
-def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+def _pass_order(train_set: PairDataset, config: TrainConfig, data_pass: int) -> list[int]:
+    """The training pairs of one pass over the data, in order: a random permutation, or with
+    ``config.family_balance`` as many draws (with replacement) weighted by family size."""
+    n = len(train_set)
+    g = torch.Generator().manual_seed(config.seed * 100_003 + data_pass)
+    if not config.family_balance:
+        return torch.randperm(n, generator=g).tolist()
+    return torch.multinomial(_family_weights(train_set, config.family_balance), n, replacement=True,
+                             generator=g).tolist()
+
+
+def _family_weights(train_set: PairDataset, power: float) -> torch.Tensor:
+    """``(n,)`` float64 sampling weight of each training pair: its family's size to the ``-power``."""
+    families = [pair.family for pair in train_set.pairs]
+    size = Counter(families)
+    return torch.tensor([size[f] ** -power for f in families], dtype=torch.float64)
 
 
 def _batch_items(train_set: PairDataset, config: TrainConfig, step: int, rank: int, world: int) -> list[dict]:
@@ -102,7 +120,7 @@ def _batch_items(train_set: PairDataset, config: TrainConfig, step: int, rank: i
     pure function of (seed, pass, position), so resuming replays it exactly."""
     steps_per_pass = max(1, len(train_set) // config.batch_size)
     data_pass, slot = divmod(step, steps_per_pass)
-    order = _epoch_order(len(train_set), config.seed, data_pass)
+    order = _pass_order(train_set, config, data_pass)
     global_ids = order[slot * config.batch_size:(slot + 1) * config.batch_size]
     per_rank = config.batch_size // world
     return [train_set[k] for k in global_ids[rank * per_rank:(rank + 1) * per_rank]]
@@ -185,6 +203,8 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
     slice of every global batch and the wrapped model averages gradients (DDP).
     """
     rank, world = _world()
+    if not config.family_balance >= 0:
+        raise TrainingSetupError(f"family_balance must be >= 0, got {config.family_balance}")
     for split, data in (("training", train_set), ("validation", val_set)):
         if data.frame != config.frame:
             raise TrainingSetupError(f"the {split} set is in the {data.frame!r} frame but config.frame is "

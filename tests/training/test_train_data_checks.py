@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -108,3 +109,47 @@ def test_missing_data_or_checkpoint_is_one_line(tmp_path, capsys, command):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and named in err and "Traceback" not in err and err.count("\n") == 1
+
+
+class _Families:
+    """What the sampler reads of a training set: its length and each pair's seed family."""
+
+    def __init__(self, families: list[str]) -> None:
+        self.pairs = [SimpleNamespace(family=f) for f in families]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
+@pytest.mark.parametrize(("power", "share"), [(1.0, 0.5), (0.5, 10**0.5 / (10**0.5 + 90**0.5))])
+def test_family_balance_gives_a_small_family_its_share_of_the_steps(power, share):
+    from e3relax_fast.training.train import _pass_order
+
+    data = _Families(["big"] * 90 + ["small"] * 10)
+    config = dataclasses.replace(CONFIG, family_balance=power)
+    drawn = [k for data_pass in range(20) for k in _pass_order(data, config, data_pass)]
+    assert len(drawn) == 2000 and set(drawn) <= set(range(100))
+    assert abs(np.mean(np.array(drawn) >= 90) - share) < 0.05  # 2,000 draws: the standard error is ~0.011
+    assert _pass_order(data, config, 3) == _pass_order(data, config, 3)  # resuming replays the order
+    # Without balancing: every pair once per pass, in an order that changes from pass to pass.
+    once = [_pass_order(data, CONFIG, data_pass) for data_pass in range(2)]
+    assert sorted(once[0]) == sorted(once[1]) == list(range(100)) and once[0] != once[1]
+
+
+def test_a_negative_family_balance_is_refused(tmp_path, train_set, capsys):
+    config = dataclasses.replace(CONFIG, family_balance=-1.0)
+    with pytest.raises(ValueError, match="family_balance must be >= 0, got -1.0"):
+        train(config, train_set, train_set, tmp_path, max_steps=1, progress=False)
+    from e3relax_fast.cli import main
+    from e3relax_fast.io import write_extxyz_pairs
+
+    write_extxyz_pairs(denoising_pairs(4, 0), tmp_path / "d", "train")
+    write_extxyz_pairs(denoising_pairs(2, 1), tmp_path / "d", "val")
+    command = ["train", "--data", str(tmp_path / "d"), "--hidden", "8", "--layers", "1", "--batch-size", "2",
+               "--max-steps", "2", "--steps-per-epoch", "2", "--quiet"]
+    assert main([*command, "--out", str(tmp_path / "r"), "--family-balance", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: family_balance must be >= 0") and "Traceback" not in err
+    assert main([*command, "--out", str(tmp_path / "ok"), "--family-balance", "1"]) == 0
+    saved = torch.load(tmp_path / "ok" / "last.pt", weights_only=False)
+    assert saved["train_config"]["family_balance"] == 1.0
