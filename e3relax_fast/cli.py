@@ -10,6 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
+#: The message ops' backends (e3relax_fast.ops.BACKENDS, spelled out so that the parser imports no torch).
+MODEL_BACKENDS = ("auto", "reference", "cpu", "cuda", "triton", "cueq")
+
 
 def _die(message: str, status: int = 2) -> int:
     """Print one ``error:`` line (no traceback) and return the exit status."""
@@ -114,7 +117,7 @@ def add_relax_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, help="at most N structures per batch")
     p.add_argument("--max-atoms", type=int,
                    help="at most N atoms per batch (default: 4096 on CPU; on CUDA, from the free memory)")
-    p.add_argument("--backend", choices=("auto", "reference", "cpu", "cuda", "triton", "cueq"),
+    p.add_argument("--backend", choices=MODEL_BACKENDS,
                    help="kernel backend of the model's ops (default: the checkpoint's, auto)")
     p.add_argument("--graph-backend", choices=("auto", "reference", "cpu", "cuda", "triton"), default="auto",
                    help="backend of the graph builder (default: auto)")
@@ -156,7 +159,8 @@ def run_train(args: argparse.Namespace) -> int:
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     config = TrainConfig(
-        model={"hidden_channels": args.hidden, "num_layers": args.layers, "cell_transport": args.cell_transport},
+        model={"hidden_channels": args.hidden, "num_layers": args.layers, "cell_transport": args.cell_transport,
+               "backend": args.backend},
         lr=args.lr, batch_size=args.batch_size, steps_per_epoch=args.steps_per_epoch,
         max_epochs=args.max_epochs, loss=args.loss, seed=args.seed, dtype=args.dtype, frame=args.frame,
         init=args.init, family_balance=args.family_balance,
@@ -206,6 +210,9 @@ def add_train_parser(subparsers) -> None:
                    "with --seed), the relaxed structure as input and target (default 0: none)")
     p.add_argument("--cell-transport", action="store_true",
                    help="carry the atoms along with each layer's cell update (E3Relax(cell_transport=True))")
+    p.add_argument("--backend", choices=MODEL_BACKENDS, default="auto",
+                   help="the model's message ops while training (auto: the fastest that supports autograd on the "
+                   "device, e.g. Triton on CUDA; reference: pure PyTorch); not saved in the checkpoint")
     p.add_argument("--family-balance", type=float, default=0.0, metavar="POWER",
                    help="draw each training pair with weight (pairs of its seed family)^-POWER: 0 (default) "
                    "every pair once per pass; 1 every family the same share of the steps")

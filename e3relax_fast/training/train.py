@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .. import ops
 from ..geometry import align_fractional_centroid
 from ..model import E3Relax, predict_batches
 from .dataset import PairDataset
@@ -217,6 +218,7 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
     dtype = getattr(torch, config.dtype)
     torch.manual_seed(config.seed)
     model = E3Relax(**config.model).to(device=device, dtype=dtype)
+    _check_backend(model.backend, torch.device(device).type)
     _check_elements(model, {"training": train_set, "validation": val_set})
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, eps=config.eps,
@@ -270,6 +272,19 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
             break
     return {"step": state["step"], "epoch": state["epoch"], "best_val_mae": state["best"],
             "history": state["history"]}
+
+
+def _check_backend(backend: str, device_type: str) -> None:
+    """Refuse, before any step, a model backend that cannot train here: one that does not run on the
+    device, or a forward-only one (named explicitly; ``auto`` skips those when gradients are needed)."""
+    for op in (ops.MESSAGE_PASSING, ops.LATTICE_MESSAGE, ops.LATTICE_POOL):
+        try:
+            name, _ = ops.resolve(op, backend, device_type, needs_grad=True)
+        except ops.BackendUnavailableError as err:
+            raise TrainingSetupError(f"backend {backend!r} cannot train here: {err}") from err
+        if not ops.OPS[op].impls[name].differentiable:
+            raise TrainingSetupError(f"backend {backend!r} of {op} is forward only (no gradients); train with "
+                                     "'auto' or a backend that supports autograd")
 
 
 def init_distributed() -> None:

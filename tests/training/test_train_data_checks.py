@@ -153,3 +153,24 @@ def test_a_negative_family_balance_is_refused(tmp_path, train_set, capsys):
     assert main([*command, "--out", str(tmp_path / "ok"), "--family-balance", "1"]) == 0
     saved = torch.load(tmp_path / "ok" / "last.pt", weights_only=False)
     assert saved["train_config"]["family_balance"] == 1.0
+
+
+def test_a_backend_that_cannot_train_is_refused_before_any_step(tmp_path, train_set, capsys):
+    """Before: backend 'cpu' (forward only) failed at the first step with a traceback."""
+    config = dataclasses.replace(CONFIG, model={**CONFIG.model, "backend": "cpu"})
+    with pytest.raises(ValueError, match=r"backend 'cpu' of message_passing is forward only"):
+        train(config, train_set, train_set, tmp_path / "a", max_steps=1, progress=False)
+    assert not (tmp_path / "a" / "last.pt").exists()
+    from e3relax_fast import ops
+    from e3relax_fast.cli import MODEL_BACKENDS, main
+    from e3relax_fast.io import write_extxyz_pairs
+
+    assert MODEL_BACKENDS == ops.BACKENDS  # the parser's copy of the names
+    write_extxyz_pairs(denoising_pairs(4, 0), tmp_path / "d", "train")
+    write_extxyz_pairs(denoising_pairs(2, 1), tmp_path / "d", "val")
+    command = ["train", "--data", str(tmp_path / "d"), "--hidden", "8", "--layers", "1", "--batch-size", "2",
+               "--max-steps", "1", "--steps-per-epoch", "1", "--quiet"]
+    assert main([*command, "--out", str(tmp_path / "c"), "--backend", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: backend 'cuda' cannot train here") and "Traceback" not in err
+    assert main([*command, "--out", str(tmp_path / "r"), "--backend", "reference"]) == 0
