@@ -179,7 +179,7 @@ def run_train(args: argparse.Namespace) -> int:
         return _die(str(err))
     try:
         summary = train(config, datasets[args.train_split], datasets[args.val_split], args.out, device=device,
-                        max_steps=args.max_steps, progress=not args.quiet)
+                        max_steps=args.max_steps, progress=not args.quiet, time_limit=args.time_limit)
     except TrainingSetupError as err:  # the run cannot start (empty or incompatible set, --init); mid-run
         return _die(str(err))           # errors are bugs and keep their traceback
     print(f"trained {summary['step']} steps, {summary['epoch']} pseudo-epochs; "
@@ -220,6 +220,8 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--steps-per-epoch", type=int, default=100, help="steps per pseudo-epoch")
     p.add_argument("--max-epochs", type=int, default=800)
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS",
+                   help="stop at the first pseudo-epoch boundary after SECONDS of training (rerun to resume)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--loss", choices=("l2", "pbc_l1"), default="l2", help="l2: the paper's loss; pbc_l1: E3Relax-H2's")
     p.add_argument("--seed", type=int, default=0)

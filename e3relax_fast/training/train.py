@@ -154,9 +154,18 @@ def _save(out_dir: Path, config: TrainConfig, model, ema, optimizer, scheduler, 
     (``best_signal``), ``best.pt`` (the EMA weights)."""
     record = {"config": {**model.config}, "train_config": asdict(config)}
     if best_signal is not None:
-        torch.save({**record, "state_dict": ema.state_dict(), "val_mae": best_signal}, out_dir / "best.pt")
-    torch.save({**record, "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "state": state}, out_dir / "last.pt")
+        _save_atomically({**record, "state_dict": ema.state_dict(), "val_mae": best_signal}, out_dir / "best.pt")
+    _save_atomically({**record, "model": model.state_dict(), "ema": ema.state_dict(),
+                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state},
+                     out_dir / "last.pt")
+
+
+def _save_atomically(obj: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file, then renamed over ``path``: a run killed while saving
+    (a time limit, a lost machine) leaves the previous checkpoint whole, never a truncated one."""
+    partial = path.with_name(path.name + ".partial")
+    torch.save(obj, partial)
+    os.replace(partial, path)
 
 
 class TrainingSetupError(ValueError):
@@ -195,13 +204,16 @@ def _check_elements(model: E3Relax, datasets: dict[str, PairDataset]) -> None:
 
 
 def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out_dir: str | Path,
-          device: str = "cpu", max_steps: int | None = None, progress: bool = True) -> dict:
+          device: str = "cpu", max_steps: int | None = None, progress: bool = True,
+          time_limit: float | None = None) -> dict:
     """Train, resuming from ``out_dir/last.pt`` when present; returns a summary dict.
 
     Writes ``last.pt`` (everything needed to resume, every pseudo-epoch) and ``best.pt`` (EMA
     weights of the best validation signal, loadable by :func:`e3relax_fast.load_pretrained`).
-    ``max_steps`` stops early (tests, smoke runs). Under torchrun, each process takes a disjoint
-    slice of every global batch and the wrapped model averages gradients (DDP).
+    ``max_steps`` stops early (tests, smoke runs); ``time_limit`` (seconds since this call's first step)
+    stops at the first pseudo-epoch boundary past it (a lent machine's budget; rerun to resume). Under torchrun,
+    each process takes a disjoint slice of every global batch and the wrapped model averages
+    gradients (DDP).
     """
     rank, world = _world()
     if not config.family_balance >= 0:
@@ -269,6 +281,9 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
                       f"val |dp| {signal:.4f} A (best {state['best']:.4f}) lr {optimizer.param_groups[0]['lr']:.2e} "
                       f"{time.time() - start_time:.0f}s", file=sys.stderr, flush=True)
         if state["bad_epochs"] > config.early_stop:
+            break
+        # Every process stops at the same pseudo-epoch: rank 0's clock decides.
+        if time_limit is not None and _all_sum(float(rank == 0 and time.time() - start_time > time_limit)):
             break
     return {"step": state["step"], "epoch": state["epoch"], "best_val_mae": state["best"],
             "history": state["history"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -102,3 +103,36 @@ def test_torchrun_two_processes_match_one(tmp_path):
     init = E3Relax(hidden_channels=8, num_layers=2).double().state_dict()
     assert max((one["model"][k] - v).abs().max().item() for k, v in init.items()) > 1e-4
     assert abs(one["state"]["history"][-1]["train_loss"] - two["state"]["history"][-1]["train_loss"]) < 1e-10
+
+
+def test_time_limit_stops_at_a_pseudo_epoch_boundary_and_resumes(tmp_path, datasets):
+    train_set, val_set = datasets
+    cfg = TrainConfig(model={"hidden_channels": 8, "num_layers": 1}, batch_size=4, steps_per_epoch=2, max_epochs=50)
+    first = train(cfg, train_set, val_set, tmp_path, time_limit=0.0, progress=False)
+    assert (first["epoch"], first["step"]) == (1, 2)
+    again = train(cfg, train_set, val_set, tmp_path, time_limit=0.0, progress=False)
+    assert (again["epoch"], again["step"]) == (2, 4)
+
+
+def test_a_run_killed_while_saving_keeps_its_previous_checkpoints(tmp_path, datasets, monkeypatch):
+    """Before: torch.save wrote best.pt and last.pt in place, so a run killed mid-save (a time limit,
+    a lost machine) left a truncated checkpoint that neither loads nor resumes."""
+    train_module = importlib.import_module("e3relax_fast.training.train")  # the package re-exports train()
+
+    train_set, val_set = datasets
+    cfg = TrainConfig(model={"hidden_channels": 8, "num_layers": 1}, batch_size=4, steps_per_epoch=2, lr=1e-2)
+    train(cfg, train_set, val_set, tmp_path, max_steps=2, progress=False)
+    before = {name: (tmp_path / name).read_bytes() for name in ("best.pt", "last.pt")}
+
+    def killed_mid_write(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"truncated")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module.torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, train_set, val_set, tmp_path, max_steps=4, progress=False)
+    monkeypatch.undo()
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    resumed = train(cfg, train_set, val_set, tmp_path, max_steps=4, progress=False)
+    assert resumed["step"] == 4
