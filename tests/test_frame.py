@@ -275,3 +275,45 @@ def test_a_crystal_whose_search_fails_at_symprec_gets_a_smaller_one_and_never_si
     model = E3Relax(hidden_channels=8, num_layers=2)
     out = relax_batch([edge_triple, nacl_triple], model)
     assert all(structure is not None for structure in out)
+
+
+SEEDS = Path(__file__).resolve().parents[1] / "data" / "seeds"
+
+
+def test_the_normalizer_of_a_tetragonal_to_cubic_group_is_the_same_for_every_crystal_of_its_setting():
+    """What caching it per setting rests on (ITA Vol. A §3.5.2: no specialized metrics from No. 75
+    on), checked on the AFLOW-decorated and pyxtal seeds: 100+ settings, several crystals each."""
+    import moyopy
+
+    from e3relax_fast.frame import METRIC_FREE_NORMALIZERS_FROM, _crystal_normalizer
+
+    found: dict[int, list] = {}
+    for atoms in read(SEEDS / "aflow_decorated.extxyz", ":") + read(SEEDS / "pyxtal_random.extxyz", ":"):
+        cell = moyopy.Cell(atoms.cell.array.tolist(), atoms.get_scaled_positions().tolist(), atoms.numbers.tolist())
+        data = moyopy.MoyoDataset(cell, symprec=1e-3, rotate_basis=True)
+        if data.number >= METRIC_FREE_NORMALIZERS_FROM:
+            found.setdefault(data.hall_number, []).append(_crystal_normalizer(data))
+    repeated = {hall: normalizers for hall, normalizers in found.items() if len(normalizers) > 1}
+    assert len(found) > 60 and len(repeated) > 40
+    for normalizers in repeated.values():
+        for linear, shift in normalizers[1:]:
+            np.testing.assert_array_equal(linear, normalizers[0][0])
+            np.testing.assert_array_equal(shift, normalizers[0][1])
+
+
+def test_a_cached_normalizer_gives_the_frame_a_fresh_one_gives():
+    """The frame of a crystal does not depend on which crystal of its setting was seen first."""
+    from e3relax_fast import frame
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    nacl, mgo = (read(examples / name) for name in ("NaCl_rocksalt.cif", "MgO_triclinic_deformed.cif"))
+    mgo = bulk("MgO", "rocksalt", a=4.21)  # Fm-3m like NaCl
+    frames = []
+    for first in (None, mgo):
+        frame._SETTING_NORMALIZERS.clear()
+        if first is not None:
+            canonical_frame(first.numbers, first.positions, first.cell.array)
+        frames.append(canonical_frame(nacl.numbers, nacl.positions, nacl.cell.array))
+    assert frames[0].spacegroup == 225 and len(frame._SETTING_NORMALIZERS) == 1
+    for name, value in vars(frames[0]).items():
+        np.testing.assert_array_equal(value, getattr(frames[1], name), err_msg=name)
