@@ -204,13 +204,20 @@ def _roofline(hidden: int, layers: int, batches, seconds: float, backend: str, p
 
 def run(n: int = 48, sizes=((512, 4), (64, 4)), max_atoms: int | None = None, device: str = "cpu", seed: int = 0,
         repeats: int = 3, warmup: int = 1, long_s: float = 10.0, info: dict | None = None, backends: bool = True,
-        budgets=(), peaks: bool = True):
-    """Returns ``(markdown, results)``."""
+        budgets=(), peaks: bool = True, structures: str | None = None):
+    """Returns ``(markdown, results)``. ``structures``: a file ASE reads (its first ``n`` crystals)
+    instead of the MP-like mix."""
     import torch
 
     from e3relax_fast import Batch, ops
 
-    triples = inputs.mp_like_mix(n, seed=seed)
+    if structures is None:
+        triples, source = inputs.mp_like_mix(n, seed=seed), "MP-like mix subset"
+    else:
+        from ase.io import read
+
+        triples = [(a.numbers, a.positions, a.cell.array) for a in read(structures, f":{n}")]
+        source = f"the first {len(triples)} crystals of `{structures}`"
     atoms = sum(len(t[0]) for t in triples)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -279,7 +286,7 @@ def run(n: int = 48, sizes=((512, 4), (64, 4)), max_atoms: int | None = None, de
                   f"radial projections on the centres each backend evaluates):\n"
                   + "".join(f"\n- {line}" for line in roofline))
     md = (
-        f"### relax_batch on {device}, MP-like mix subset ({inputs.describe(triples)})\n\n"
+        f"### relax_batch on {device}, {source} ({inputs.describe(triples)})\n\n"
         f"Untrained models (`torch.manual_seed(0)`), float32 parameters, `torch.inference_mode()`. "
         f"Atom budget (model column): {'--max-atoms' if max_atoms else '`relax_batch`'}'s, batches as "
         f"`relax_batch` plans them. Median of "
@@ -310,13 +317,16 @@ def main(argv=None) -> None:
     ap.add_argument("--no-backends", dest="backends", action="store_false",
                     help="leave out the model forward with the reference ops and with the exact radial projection")
     ap.add_argument("--no-peaks", dest="peaks", action="store_false", help="skip measuring the matmul peak")
+    ap.add_argument("--structures", metavar="FILE",
+                    help="crystals from this file (ASE reads it; its first --n) instead of the MP-like mix, e.g. "
+                    "data/seeds/aflow_decorated.extxyz: symmetric inputs, where the frame costs more")
     args = ap.parse_args(argv)
     harness.set_threads(args.threads)
     info = harness.machine()
     cmd = "python -m bench.bench_relax_batch " + " ".join(sys.argv[1:] if argv is None else argv)
     print(report.header_md("relax_batch", cmd.strip(), info))
     md, _ = run(args.n, [harness.parse_model_size(s) for s in args.sizes], args.max_atoms, args.device, args.seed,
-                args.repeats, args.warmup, args.long_s, info, args.backends, args.budgets, args.peaks)
+                args.repeats, args.warmup, args.long_s, info, args.backends, args.budgets, args.peaks, args.structures)
     print(md)
 
 
