@@ -47,3 +47,33 @@ def test_ase_db_and_cif_folder_readers(tmp_path):
             np.testing.assert_allclose(np.linalg.det(b.cell_relaxed), np.linalg.det(a.cell_relaxed), rtol=1e-6)
             np.testing.assert_allclose(np.linalg.norm(b.pos_relaxed - b.pos_relaxed[:1], axis=1),
                                        np.linalg.norm(a.pos_relaxed - a.pos_relaxed[:1], axis=1), atol=1e-5)
+
+
+def test_compressed_multi_frame_files_read_as_the_uncompressed_ones(tmp_path):
+    """A compressed text file is decompressed once (ASE's extxyz reader seeks back to every frame,
+    and each seek in a gzip stream decompressed it again from the start); frames and their info
+    are the same as from the plain file, for every compression."""
+    import bz2
+    import gzip
+    import lzma
+
+    import ase.io
+
+    from e3relax_fast.io.read import _in_memory, read_structures
+
+    frames = [ase.Atoms(pair.atomic_numbers, pair.pos_unrelaxed, cell=pair.cell_unrelaxed, pbc=True,
+                        info={"id": pair.id}) for pair in denoising_pairs(30, 3)]
+    plain = tmp_path / "frames.extxyz"
+    ase.io.write(plain, frames, format="extxyz")
+    want = read_structures(plain)
+    for suffix, opener in ((".gz", gzip.open), (".bz2", bz2.open), (".xz", lzma.open)):
+        packed = tmp_path / f"frames.extxyz{suffix}"
+        with opener(packed, "wb") as f:
+            f.write(plain.read_bytes())
+        assert _in_memory(packed)[1] == "extxyz"
+        got = read_structures(packed)
+        assert [a.info["id"] for a in got] == [a.info["id"] for a in want] == [p.id for p in denoising_pairs(30, 3)]
+        for a, b in zip(got, want, strict=True):
+            assert np.array_equal(a.numbers, b.numbers) and np.array_equal(a.positions, b.positions)
+            assert np.array_equal(a.cell.array, b.cell.array)
+    assert _in_memory(plain) == (plain, None)
