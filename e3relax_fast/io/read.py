@@ -161,7 +161,7 @@ def iter_structures(path: str | Path) -> Iterator:
 
     path = Path(path)
     _check_file(path)
-    frames = ase.io.iread(path, index=":")
+    frames = _compressed_xyz_frames(path) or ase.io.iread(path, index=":")
     k = 0
     while True:
         try:
@@ -176,6 +176,38 @@ def iter_structures(path: str | Path) -> Iterator:
         k += 1
     if k == 0:
         raise UnreadableFileError(f"cannot read {path}: no structures in the file", frame=0)
+
+
+def _compressed_xyz_frames(path: Path) -> Iterator | None:
+    """The frames of a compressed (ext)xyz file in one pass over the stream, or ``None`` for any other
+    file. ASE's reader seeks back to every frame, and each seek in a compressed stream decompresses it
+    again from the start: quadratic in the file (2,456 frames of a .extxyz.gz took 26 s instead of 0.6)."""
+    opener = _DECOMPRESS.get(path.suffix.lower())
+    if opener is None:
+        return None
+    from ase.io.formats import filetype
+
+    try:
+        fmt = filetype(path, read=False)
+    except Exception:  # a name ASE cannot place: its own reader decides
+        return None
+    return _xyz_frames(opener, path, fmt) if fmt in ("extxyz", "xyz") else None
+
+
+def _xyz_frames(opener, path: Path, fmt: str) -> Iterator:
+    """Each frame of an (ext)xyz text stream (an atom count, a comment line, one line per atom) parsed
+    by ASE on its own; a bad count or a short frame raises as ASE's parser would."""
+    import ase.io
+
+    with opener(path, "rt") as f:
+        while True:
+            count = f.readline()
+            if not count:
+                return
+            if not count.strip():  # blank lines between or after frames
+                continue
+            lines = [count, f.readline()] + [f.readline() for _ in range(int(count))]
+            yield ase.io.read(io.StringIO("".join(lines)), format=fmt)
 
 
 def read_frames(path: str | Path, start: int, stop: int) -> Iterator:

@@ -4,6 +4,7 @@ an ASE database, and the original's CIF folder with split CSVs."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from helpers import denoising_pairs
 
 from e3relax_fast.io import read_pairs, write_extxyz_pairs
@@ -59,7 +60,13 @@ def test_compressed_multi_frame_files_read_as_the_uncompressed_ones(tmp_path):
 
     import ase.io
 
-    from e3relax_fast.io.read import _in_memory, read_structures
+    from e3relax_fast.io.read import (
+        UnreadableFileError,
+        _compressed_xyz_frames,
+        _in_memory,
+        iter_structures,
+        read_structures,
+    )
 
     frames = [ase.Atoms(pair.atomic_numbers, pair.pos_unrelaxed, cell=pair.cell_unrelaxed, pbc=True,
                         info={"id": pair.id}) for pair in denoising_pairs(30, 3)]
@@ -70,10 +77,22 @@ def test_compressed_multi_frame_files_read_as_the_uncompressed_ones(tmp_path):
         packed = tmp_path / f"frames.extxyz{suffix}"
         with opener(packed, "wb") as f:
             f.write(plain.read_bytes())
-        assert _in_memory(packed)[1] == "extxyz"
-        got = read_structures(packed)
-        assert [a.info["id"] for a in got] == [a.info["id"] for a in want] == [p.id for p in denoising_pairs(30, 3)]
-        for a, b in zip(got, want, strict=True):
-            assert np.array_equal(a.numbers, b.numbers) and np.array_equal(a.positions, b.positions)
-            assert np.array_equal(a.cell.array, b.cell.array)
-    assert _in_memory(plain) == (plain, None)
+        assert _in_memory(packed)[1] == "extxyz" and _compressed_xyz_frames(packed) is not None
+        for got in (read_structures(packed), list(iter_structures(packed))):  # all at once; streamed in one pass
+            assert [a.info["id"] for a in got] == [a.info["id"] for a in want] == [p.id for p in denoising_pairs(30, 3)]
+            for a, b in zip(got, want, strict=True):
+                assert np.array_equal(a.numbers, b.numbers) and np.array_equal(a.positions, b.positions)
+                assert np.array_equal(a.cell.array, b.cell.array)
+    assert _in_memory(plain) == (plain, None) and _compressed_xyz_frames(plain) is None
+    # A bad atom count in frame 2 of a streamed file: frames 0 and 1 come out, then the frame is named.
+    lines = plain.read_text().splitlines(keepends=True)
+    start = 0
+    for _ in range(2):  # frames have their own sizes: walk to frame 2's count line
+        start += int(lines[start]) + 2
+    lines[start] = "two\n"
+    with gzip.open(tmp_path / "bad.extxyz.gz", "wt") as f:
+        f.write("".join(lines))
+    streamed = []
+    with pytest.raises(UnreadableFileError, match=r"bad.extxyz.gz: frame 2") as info:
+        streamed.extend(iter_structures(tmp_path / "bad.extxyz.gz"))
+    assert info.value.frame == len(streamed) == 2
