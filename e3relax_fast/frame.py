@@ -339,7 +339,9 @@ def _closure(generators: tuple) -> tuple[np.ndarray, np.ndarray]:
     # are that within 1e-9, so every crystal of a setting gets the same bits.
     grid = np.round(shifts * 24.0) / 24.0
     shifts = np.where(np.abs(shifts - grid) < 1e-9, grid % 1.0, shifts)
-    return np.array([p for p, _ in ops_]), shifts
+    linears = np.array([p for p, _ in ops_])
+    linears.flags.writeable = shifts.flags.writeable = False  # shared by every frame of the group (cached)
+    return linears, shifts
 
 
 @dataclass(frozen=True)
