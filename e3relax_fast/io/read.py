@@ -128,23 +128,33 @@ def read_structures(path: str | Path) -> list:
     return frames
 
 
+def _compressed_text(path: Path) -> tuple | None:
+    """``(opener, ASE format)`` of a compressed file in a text format ASE reads from a stream, or
+    ``None`` (not compressed, a binary format, or a name ASE cannot place: ASE reads those itself)."""
+    opener = _DECOMPRESS.get(path.suffix.lower())
+    if opener is None:
+        return None
+    from ase.io.formats import filetype, ioformats
+
+    try:
+        fmt = filetype(path, read=False)  # from the name, the compression suffix set aside
+    except Exception:
+        return None
+    spec = ioformats.get(fmt)
+    if spec is None or spec.isbinary or not spec.acceptsfd:
+        return None
+    return opener, fmt
+
+
 def _in_memory(path: Path) -> tuple:
     """``(source, format)`` for ``ase.io.read``: a compressed text file decompressed once into
     memory with its format named (ASE's extxyz reader seeks back to every frame, and each seek in a
     compressed stream decompresses it again from the start: reading the 2,456 training pairs of
     ``chgnet_v4d`` took 53 s, most of it in zlib); any other file as its path, format guessed."""
-    opener = _DECOMPRESS.get(path.suffix.lower())
-    if opener is None:
+    compressed = _compressed_text(path)
+    if compressed is None:
         return path, None
-    from ase.io.formats import filetype, ioformats
-
-    try:
-        fmt = filetype(path, read=False)  # from the name, the compression suffix set aside
-    except Exception:  # a name ASE cannot place: let it read the file itself
-        return path, None
-    spec = ioformats.get(fmt)
-    if spec is None or spec.isbinary or not spec.acceptsfd:
-        return path, None
+    opener, fmt = compressed
     with opener(path, "rt") as f:
         return io.StringIO(f.read()), fmt
 
@@ -182,19 +192,13 @@ def _compressed_xyz_frames(path: Path) -> Iterator | None:
     """The frames of a compressed (ext)xyz file in one pass over the stream, or ``None`` for any other
     file. ASE's reader seeks back to every frame, and each seek in a compressed stream decompresses it
     again from the start: quadratic in the file (2,456 frames of a .extxyz.gz took 26 s instead of 0.6)."""
-    opener = _DECOMPRESS.get(path.suffix.lower())
-    if opener is None:
+    compressed = _compressed_text(path)
+    if compressed is None or compressed[1] not in ("extxyz", "xyz"):
         return None
-    from ase.io.formats import filetype
-
-    try:
-        fmt = filetype(path, read=False)
-    except Exception:  # a name ASE cannot place: its own reader decides
-        return None
-    return _xyz_frames(opener, path, fmt) if fmt in ("extxyz", "xyz") else None
+    return _xyz_frames(*compressed, path)
 
 
-def _xyz_frames(opener, path: Path, fmt: str) -> Iterator:
+def _xyz_frames(opener, fmt: str, path: Path) -> Iterator:
     """Each frame of an (ext)xyz text stream (an atom count, a comment line, one line per atom) parsed
     by ASE on its own; a bad count or a short frame raises as ASE's parser would."""
     import ase.io

@@ -10,6 +10,7 @@ identical whether a global batch runs in one process or is split across several.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import sys
@@ -116,12 +117,14 @@ def _family_weights(train_set: PairDataset, power: float) -> torch.Tensor:
     return torch.tensor([size[f] ** -power for f in families], dtype=torch.float64)
 
 
-def _batch_items(train_set: PairDataset, config: TrainConfig, step: int, rank: int, world: int) -> list[dict]:
-    """This process's share of the global batch of optimiser step ``step``. The data order is a
-    pure function of (seed, pass, position), so resuming replays it exactly."""
+def _batch_items(train_set: PairDataset, config: TrainConfig, step: int, rank: int, world: int,
+                 order_of) -> list[dict]:
+    """This process's share of the global batch of optimiser step ``step``; ``order_of(pass)`` is
+    :func:`_pass_order` for this set and config (memoised by the caller: one order per pass, not per
+    step). The data order is a pure function of (seed, pass, position), so resuming replays it exactly."""
     steps_per_pass = max(1, len(train_set) // config.batch_size)
     data_pass, slot = divmod(step, steps_per_pass)
-    order = _pass_order(train_set, config, data_pass)
+    order = order_of(data_pass)
     global_ids = order[slot * config.batch_size:(slot + 1) * config.batch_size]
     per_rank = config.batch_size // world
     return [train_set[k] for k in global_ids[rank * per_rank:(rank + 1) * per_rank]]
@@ -253,13 +256,14 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
         net = torch.nn.parallel.DistributedDataParallel(model)
     if config.batch_size % world:
         raise TrainingSetupError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
+    order_of = functools.lru_cache(maxsize=1)(functools.partial(_pass_order, train_set, config))
     start_time = time.time()
     while state["epoch"] < config.max_epochs:
         epoch_loss, epoch_steps = 0.0, 0
         for _ in range(config.steps_per_epoch):
             if max_steps is not None and state["step"] >= max_steps:
                 break
-            items = _batch_items(train_set, config, state["step"], rank, world)
+            items = _batch_items(train_set, config, state["step"], rank, world, order_of)
             epoch_loss += _optimizer_step(net, model, ema, optimizer, items, config, device, world)
             state["step"] += 1
             epoch_steps += 1

@@ -111,6 +111,16 @@ def test_missing_data_or_checkpoint_is_one_line(tmp_path, capsys, command):
     assert err.startswith("error: ") and named in err and "Traceback" not in err and err.count("\n") == 1
 
 
+def _tiny_train_command(tmp_path, steps: int) -> list[str]:
+    """``e3relax-fast train`` arguments (without ``--out``) for a few tiny pairs written under ``tmp_path``."""
+    from e3relax_fast.io import write_extxyz_pairs
+
+    write_extxyz_pairs(denoising_pairs(4, 0), tmp_path / "d", "train")
+    write_extxyz_pairs(denoising_pairs(2, 1), tmp_path / "d", "val")
+    return ["train", "--data", str(tmp_path / "d"), "--hidden", "8", "--layers", "1", "--batch-size", "2",
+            "--max-steps", str(steps), "--steps-per-epoch", str(steps), "--quiet"]
+
+
 class _Families:
     """What the sampler reads of a training set: its length and each pair's seed family."""
 
@@ -141,12 +151,8 @@ def test_a_negative_family_balance_is_refused(tmp_path, train_set, capsys):
     with pytest.raises(ValueError, match="family_balance must be >= 0, got -1.0"):
         train(config, train_set, train_set, tmp_path, max_steps=1, progress=False)
     from e3relax_fast.cli import main
-    from e3relax_fast.io import write_extxyz_pairs
 
-    write_extxyz_pairs(denoising_pairs(4, 0), tmp_path / "d", "train")
-    write_extxyz_pairs(denoising_pairs(2, 1), tmp_path / "d", "val")
-    command = ["train", "--data", str(tmp_path / "d"), "--hidden", "8", "--layers", "1", "--batch-size", "2",
-               "--max-steps", "2", "--steps-per-epoch", "2", "--quiet"]
+    command = _tiny_train_command(tmp_path, steps=2)
     assert main([*command, "--out", str(tmp_path / "r"), "--family-balance", "-1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: family_balance must be >= 0") and "Traceback" not in err
@@ -163,13 +169,9 @@ def test_a_backend_that_cannot_train_is_refused_before_any_step(tmp_path, train_
     assert not (tmp_path / "a" / "last.pt").exists()
     from e3relax_fast import ops
     from e3relax_fast.cli import MODEL_BACKENDS, main
-    from e3relax_fast.io import write_extxyz_pairs
 
     assert MODEL_BACKENDS == ops.BACKENDS  # the parser's copy of the names
-    write_extxyz_pairs(denoising_pairs(4, 0), tmp_path / "d", "train")
-    write_extxyz_pairs(denoising_pairs(2, 1), tmp_path / "d", "val")
-    command = ["train", "--data", str(tmp_path / "d"), "--hidden", "8", "--layers", "1", "--batch-size", "2",
-               "--max-steps", "1", "--steps-per-epoch", "1", "--quiet"]
+    command = _tiny_train_command(tmp_path, steps=1)
     assert main([*command, "--out", str(tmp_path / "c"), "--backend", "cuda"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: backend 'cuda' cannot train here") and "Traceback" not in err
