@@ -17,8 +17,11 @@ H=512, L=4 and a small H=64, L=4) on the first ``--n`` crystals of the MP-like m
   ``cpu`` evaluating its radial projections on every centre instead of the window (when the
   model's auto choice is ``cpu``; ``--no-backends`` leaves these out).
 * ``frame`` — the canonical frame and the symmetry work of ``relax_batch`` alone: every input's
-  canonical frame (symmetry search, choice, bookkeeping) and, on the frame's own cell as the
-  "prediction", the projection, the translation gauge and the map back (part of ``batched``);
+  canonical frame (symmetry search, choice, bookkeeping) as ``relax_batch`` builds them
+  (``frame_workers.canonical_frames``: shared with worker processes on idle cores, started and
+  ready before the timing) and, on the frame's own cell as the "prediction", the projection, the
+  translation gauge and the map back (part of ``batched``); ``frame, one process`` — the same with
+  ``frame_workers=0``;
   ``batched, no frame`` — ``relax_batch`` with ``frame="input", symmetry="free"``: the difference
   to ``batched`` is the frame's cost as ``relax_batch`` pays it (a note under the table);
   ``frame, reference ops`` — ``frame`` with the NumPy reference twins of the two frame ops;
@@ -60,6 +63,7 @@ PARTS = {
     "model forward, `reference` ops": ("model, reference", "model, reference (1 by 1)"),
     "model forward, `cpu` exact radial": ("model, cpu exact", "model, cpu exact (1 by 1)"),
     "canonical frame + symmetry": ("frame", "frame"),
+    "canonical frame + symmetry, one process (`frame_workers=0`)": ("frame, one process", "frame, one process"),
     "canonical frame + symmetry, NumPy reference ops": ("frame, reference ops", "frame, reference ops"),
     "of which moyopy's symmetry search (`frame.search`)": ("frame search", "frame search"),
     "`relax_batch` without them (`frame=\"input\"`)": ("batched, no frame", "batched, no frame"),
@@ -85,6 +89,8 @@ def _time_model_size(hidden, layers, *, triples, atoms, singles, device, max_ato
     from e3relax_fast import E3Relax, ops, relax_batch
     from e3relax_fast.batch import Batch, plan_batches
     from e3relax_fast.frame import SYMPREC, canonical_frame, search
+    from e3relax_fast.frame_workers import canonical_frames
+    from e3relax_fast.frame_workers import start as start_frame_workers
     from e3relax_fast.relax import _atom_budget
 
     from .bench_message_passing import exact_radial
@@ -111,6 +117,13 @@ def _time_model_size(hidden, layers, *, triples, atoms, singles, device, max_ato
             frame = canonical_frame(*triple, backend=backend)
             frame.map_back(frame.positions, frame.cell, symmetrize=True, backend=backend)
 
+    def frame_as_relax_batch(workers="auto"):
+        for frame in canonical_frames(triples, SYMPREC, workers):
+            frame.map_back(frame.positions, frame.cell, symmetrize=True)
+
+    workers = start_frame_workers(timeout=60.0)  # started and ready before any timing
+    print(f"[{BENCH}] frame worker processes ready: {workers}", flush=True)
+
     # The part of the frame that is the symmetry library's (the floor of frame_work): moyopy's search
     # and normalizer and the conversion of their results, as canonical_frame calls them.
     searches = [(np.asarray(z, dtype=np.int64), np.asarray(pos, dtype=np.float64), np.asarray(cell, dtype=np.float64))
@@ -134,14 +147,17 @@ def _time_model_size(hidden, layers, *, triples, atoms, singles, device, max_ato
             "model": lambda: [model(b) for b in with_graph],
             "graph (1 by 1)": lambda: graphs(singles),
             "model (1 by 1)": lambda: [model(b) for b in single_graph],
-            "frame": frame_work,
+            "frame": frame_as_relax_batch,
+            "frame, one process": lambda: frame_as_relax_batch(0),
             "frame, reference ops": lambda: frame_work("reference"),
             "frame search": frame_search,
             "batched, no frame": lambda: relax_batch(triples, model=model, device=device, max_atoms=max_atoms,
                                                      frame="input", symmetry="free"),
         }
         backend_of = {"batched": both, "one_at_a_time": both, "graph": graph_backend, "graph (1 by 1)": graph_backend,
-                      "model": mp_backend, "model (1 by 1)": mp_backend, "frame": "moyopy + frame ops",
+                      "model": mp_backend, "model (1 by 1)": mp_backend,
+                      "frame": f"moyopy + frame ops, {workers} worker process(es)",
+                      "frame, one process": "moyopy + frame ops",
                       "frame, reference ops": "moyopy + reference", "frame search": "moyopy",
                       "batched, no frame": both}
         variants = {}

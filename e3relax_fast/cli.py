@@ -79,10 +79,22 @@ def _add_frame_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep: project each prediction onto the input's space group (auto, the default, with the "
                    "canonical frame); free: no projection")
     p.add_argument("--symprec", type=float, default=1e-3, help="symmetry tolerance in Å (default 1e-3)")
+    p.add_argument("--frame-workers", type=_frame_workers, default="auto", metavar="N|auto",
+                   help="worker processes that build canonical frames beside this one (auto, the default: one per "
+                   "idle core, shared among torchrun's local ranks, at most 8; 0: none; same frames either way)")
+
+
+def _frame_workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got {text!r}")
+    return int(text)
 
 
 def _frame_options(args: argparse.Namespace) -> dict:
-    return {"frame": args.frame, "symmetry": args.symmetry, "symprec": args.symprec}
+    return {"frame": args.frame, "symmetry": args.symmetry, "symprec": args.symprec,
+            "frame_workers": args.frame_workers}
 
 
 def add_relax_parser(subparsers) -> None:

@@ -14,7 +14,8 @@ from torch import nn
 
 from . import ops
 from .batch import Batch, plan_batches
-from .frame import SYMPREC, CanonicalFrame, FrameError, SlabFrame, canonical_frame, slab_frame
+from .frame import SYMPREC, CanonicalFrame, FrameError, SlabFrame, slab_frame
+from .frame_workers import canonical_frames
 from .geometry import MAX_NEIGHBORS, RADIUS
 from .graph import build_graph, drop_images
 from .io import (
@@ -121,6 +122,7 @@ def relax_batch(
     symmetry: str = "auto",
     symprec: float = SYMPREC,
     return_uncertainty: bool = False,
+    frame_workers: int | str = "auto",
 ) -> RelaxResult:
     """Predict the relaxed structure of every input in one forward pass per batch.
 
@@ -171,6 +173,10 @@ def relax_batch(
         symprec: symmetry tolerance in Å; symmetry found within it is made exact in the input.
         return_uncertainty: also compute ``RelaxResult.uncertainty`` (costs two more forward passes
             per structure: about 2.4 times the time of the call without it).
+        frame_workers: worker processes that build canonical frames beside this one
+            (:mod:`e3relax_fast.frame_workers`; moyopy's symmetry search holds the GIL, so threads
+            cannot): ``"auto"``: one per idle core (shared among the ranks of a ``torchrun`` job,
+            at most 8) for calls with at least 64 crystals; ``0``: none. Same frames either way.
 
     Returns:
         :class:`RelaxResult`: one relaxed structure per input, in input order and of the input's
@@ -203,7 +209,7 @@ def relax_batch(
     fixed = _constraints(items, arrays, fail)
     paper_compat = getattr(model, "paper_compat", False)
     # The original's checkpoints see every structure as given and periodic in 3D, as the original did.
-    views = _model_views(items, arrays, canonical, not paper_compat, symprec, radius, fail)
+    views = _model_views(items, arrays, canonical, not paper_compat, symprec, radius, fail, frame_workers)
     # ... and the original's graph: its 49-slot rule (spec §3.2), which only pymatgen can tell.
     reserved = ({i: original_reserved_slots(v.numbers, v.positions, v.cell, radius) for i, v in views.items()}
                 if paper_compat else None)
@@ -285,14 +291,20 @@ class _AsGiven:
 
 
 def _model_views(items, arrays: dict, canonical: bool, respect_pbc: bool, symprec: float, radius: float,
-                 fail) -> dict:
+                 fail, frame_workers: int | str = "auto") -> dict:
     """What the model sees of each valid input and how its prediction goes back: a
     :class:`~e3relax_fast.frame.CanonicalFrame` (crystals, canonical frame), a
     :class:`~e3relax_fast.frame.SlabFrame` (two periodic axes) or the input as given;
     ``fail(index, reason)`` for the others (molecules and wires, frames that cannot be built)."""
+    periodic = {index: periodicity(items[index]) if respect_pbc else np.ones(3, dtype=bool) for index in arrays}
+    crystals = [index for index, pbc in periodic.items() if pbc.all()] if canonical else []
+    # All crystals' frames in one call (shared with worker processes where cores are idle); failures
+    # are reported below in input order, as building them one by one would.
+    frames = dict(zip(crystals, canonical_frames([arrays[i] for i in crystals], symprec, frame_workers),
+                      strict=True))
     views = {}
     for index, (z, positions, cell) in arrays.items():
-        pbc = periodicity(items[index]) if respect_pbc else np.ones(3, dtype=bool)
+        pbc = periodic[index]
         try:
             if pbc.sum() < 2:
                 raise FrameError(f"a molecule or a wire (pbc={pbc.tolist()}): the model is for periodic crystals "
@@ -300,7 +312,9 @@ def _model_views(items, arrays: dict, canonical: bool, respect_pbc: bool, sympre
             if pbc.sum() == 2:
                 views[index] = slab_frame(z, positions, cell, pbc, radius)
             elif canonical:
-                views[index] = canonical_frame(z, positions, cell, symprec)
+                if isinstance(frames[index], FrameError):
+                    raise frames[index]
+                views[index] = frames[index]
             else:
                 views[index] = _AsGiven(z, positions, cell)
         except FrameError as err:
