@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -44,16 +46,17 @@ class PairDataset(torch.utils.data.Dataset):
         self.pairs = pairs
         self.frame = frame
         key = self._fingerprint(radius, max_neighbors, frame, symprec)
-        if cache is not None and Path(cache).exists():
-            stored = torch.load(cache, weights_only=True)
-            if stored.get("key") == key:
-                self.items = stored["items"]
-                return
+        stored = _load_cache(cache)
+        if stored.get("key") == key:
+            self.items = stored["items"]
+            return
         self.items = [self._item(pair, symprec) for pair in pairs]
         self._add_graphs(radius, max_neighbors, graph_backend, chunk)
         if cache is not None:
             Path(cache).parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"key": key, "items": self.items}, cache)
+            # Atomically: the ranks of a torchrun job build the same cache at once, and one of them
+            # may read it while another writes it.
+            save_atomically({"key": key, "items": self.items}, Path(cache))
 
     def _item(self, pair: Pair, symprec: float) -> dict:
         """The model input and target of one pair, in the dataset's frame (float64 tensors)."""
@@ -146,3 +149,25 @@ def minimum_pair(pair: Pair) -> Pair:
     ``<id>:min``, protocol ``"minimum"``, same family)."""
     return Pair(f"{pair.id}:min", pair.atomic_numbers, pair.pos_relaxed, pair.cell_relaxed, pair.pos_relaxed,
                 pair.cell_relaxed, family=pair.family, protocol="minimum")
+
+
+def save_atomically(obj: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file of this process, then renamed over ``path``: a reader
+    (another rank) or a run killed while saving never sees a truncated file, and processes saving
+    the same path at once each rename a whole file of their own."""
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    torch.save(obj, partial)
+    os.replace(partial, path)
+
+
+def _load_cache(cache: str | Path | None) -> dict:
+    """The cache's contents, or ``{}`` when there is none or it cannot be read (written by an older
+    version, or truncated by a crash before saves were atomic): then it is rebuilt."""
+    if cache is None or not Path(cache).exists():
+        return {}
+    try:
+        stored = torch.load(cache, weights_only=True)
+    # How a truncated file fails depends on where it ends (in the zip directory, in a pickle, ...).
+    except (EOFError, OSError, RuntimeError, ValueError, pickle.UnpicklingError):
+        return {}
+    return stored if isinstance(stored, dict) else {}

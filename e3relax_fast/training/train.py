@@ -25,7 +25,7 @@ import torch.distributed as dist
 from .. import ops
 from ..geometry import align_fractional_centroid
 from ..model import E3Relax, predict_batches
-from .dataset import PairDataset
+from .dataset import PairDataset, save_atomically
 from .loss import layerwise_loss
 
 
@@ -157,18 +157,10 @@ def _save(out_dir: Path, config: TrainConfig, model, ema, optimizer, scheduler, 
     (``best_signal``), ``best.pt`` (the EMA weights)."""
     record = {"config": {**model.config}, "train_config": asdict(config)}
     if best_signal is not None:
-        _save_atomically({**record, "state_dict": ema.state_dict(), "val_mae": best_signal}, out_dir / "best.pt")
-    _save_atomically({**record, "model": model.state_dict(), "ema": ema.state_dict(),
+        save_atomically({**record, "state_dict": ema.state_dict(), "val_mae": best_signal}, out_dir / "best.pt")
+    save_atomically({**record, "model": model.state_dict(), "ema": ema.state_dict(),
                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state},
                      out_dir / "last.pt")
-
-
-def _save_atomically(obj: dict, path: Path) -> None:
-    """``torch.save`` to a temporary file, then renamed over ``path``: a run killed while saving
-    (a time limit, a lost machine) leaves the previous checkpoint whole, never a truncated one."""
-    partial = path.with_name(path.name + ".partial")
-    torch.save(obj, partial)
-    os.replace(partial, path)
 
 
 class TrainingSetupError(ValueError):

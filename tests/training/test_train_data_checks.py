@@ -176,3 +176,20 @@ def test_a_backend_that_cannot_train_is_refused_before_any_step(tmp_path, train_
     err = capsys.readouterr().err
     assert err.startswith("error: backend 'cuda' cannot train here") and "Traceback" not in err
     assert main([*command, "--out", str(tmp_path / "r"), "--backend", "reference"]) == 0
+
+
+def test_a_truncated_graph_cache_is_rebuilt_and_saves_leave_no_partial_file(tmp_path):
+    """Before: the ranks of a torchrun job built the same cache at once and one read the file while
+    another wrote it (EOFError in torch.load, the job died); saves are atomic now, and a cache that
+    cannot be read (truncated by an older version) is rebuilt instead of ending the run."""
+    pairs = denoising_pairs(4, 5)
+    cache = tmp_path / "graphs" / "train.pt"
+    built = PairDataset(pairs, cache=cache)
+    assert cache.exists() and [p.name for p in cache.parent.iterdir()] == ["train.pt"]  # no *.partial left
+    whole = cache.read_bytes()
+    cache.write_bytes(whole[: len(whole) // 3])
+    rebuilt = PairDataset(pairs, cache=cache)
+    assert len(rebuilt) == len(built) and cache.read_bytes() != whole[: len(whole) // 3]
+    for a, b in zip(built.items, rebuilt.items, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert PairDataset(pairs, cache=cache).items[0]["positions"].equal(built.items[0]["positions"])  # read back
