@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import bz2
+import contextlib
 import csv
 import gzip
 import io
+import itertools
 import lzma
 import sys
 import warnings
@@ -215,12 +217,19 @@ def _xyz_frames(opener, fmt: str, path: Path) -> Iterator:
 
 
 def read_frames(path: str | Path, start: int, stop: int) -> Iterator:
-    """Frames ``start`` to ``stop - 1`` of a multi-frame file, one at a time (ASE ``Atoms``)."""
+    """Frames ``start`` to ``stop - 1`` of a multi-frame file, one at a time (ASE ``Atoms``); a
+    compressed (ext)xyz file in one pass over its stream, as :func:`iter_structures`."""
     import ase.io
 
+    path = Path(path)
+    streamed = _compressed_xyz_frames(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        yield from ase.io.iread(Path(path), index=f"{start}:{stop}")
+        if streamed is not None:
+            with contextlib.closing(streamed):  # the file is closed when the range ends, not at collection
+                yield from itertools.islice(streamed, start, stop)
+        else:
+            yield from ase.io.iread(path, index=f"{start}:{stop}")
 
 
 def read_structure(path: str | Path):

@@ -65,6 +65,7 @@ def test_compressed_multi_frame_files_read_as_the_uncompressed_ones(tmp_path):
         _compressed_xyz_frames,
         _in_memory,
         iter_structures,
+        read_frames,
         read_structures,
     )
 
@@ -83,6 +84,10 @@ def test_compressed_multi_frame_files_read_as_the_uncompressed_ones(tmp_path):
             for a, b in zip(got, want, strict=True):
                 assert np.array_equal(a.numbers, b.numbers) and np.array_equal(a.positions, b.positions)
                 assert np.array_equal(a.cell.array, b.cell.array)
+        # a range of frames (what assembling an output's parts reads), streamed too
+        got = list(read_frames(packed, 4, 9))
+        assert [a.info["id"] for a in got] == [a.info["id"] for a in want[4:9]]
+        assert all(np.array_equal(a.positions, b.positions) for a, b in zip(got, want[4:9], strict=True))
     assert _in_memory(plain) == (plain, None) and _compressed_xyz_frames(plain) is None
     # A bad atom count in frame 2 of a streamed file: frames 0 and 1 come out, then the frame is named.
     lines = plain.read_text().splitlines(keepends=True)
