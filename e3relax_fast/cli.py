@@ -80,8 +80,9 @@ def _add_frame_arguments(p: argparse.ArgumentParser) -> None:
                    "canonical frame); free: no projection")
     p.add_argument("--symprec", type=float, default=1e-3, help="symmetry tolerance in Å (default 1e-3)")
     p.add_argument("--frame-workers", type=_frame_workers, default="auto", metavar="N|auto",
-                   help="worker processes that build canonical frames beside this one (auto, the default: one per "
-                   "idle core, shared among torchrun's local ranks, at most 8; 0: none; same frames either way)")
+                   help="worker processes that build canonical frames beside this one (auto, the default: with at "
+                   "least 4 cores per local rank, one per core beyond the rank's own, at most 8; 0: none; same "
+                   "frames either way)")
 
 
 def _frame_workers(text: str) -> int | str:

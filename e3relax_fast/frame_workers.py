@@ -2,8 +2,8 @@
 
 A frame's cost is moyopy's symmetry search plus a thin layer of bookkeeping, ~140 µs per crystal of
 the MP-like mix on one core, and moyopy holds the GIL, so threads cannot share it. On a machine with
-idle cores this is the part of a screening run that does not scale: on a GPU the model takes a few
-milliseconds per batch while one core builds the frames. :func:`canonical_frames` therefore splits
+idle cores (a GPU node, where the model no longer runs on the CPU) it is the part of a screening run
+that does not scale with the hardware. :func:`canonical_frames` therefore splits
 a call's crystals between this process and worker processes (``python -m
 e3relax_fast.frame_workers``), in shares weighted by atom count, and each side computes its share
 with :func:`~e3relax_fast.frame.canonical_frame`: the same code on the same library, so a frame
@@ -25,6 +25,7 @@ import math
 import os
 import pickle
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -36,7 +37,7 @@ import numpy as np
 
 from .frame import CanonicalFrame, FrameError, canonical_frame
 
-__all__ = ["MAX_WORKERS", "MIN_CRYSTALS", "canonical_frames", "default_workers", "shutdown", "start"]
+__all__ = ["MAX_WORKERS", "MIN_CORES", "MIN_CRYSTALS", "canonical_frames", "default_workers", "shutdown", "start"]
 
 #: A call with fewer crystals builds its frames here: sending them to a worker and back costs more
 #: than the work it saves, and starting a worker costs ~1 s of a core (Python and torch imports).
@@ -48,13 +49,23 @@ _LOG = logging.getLogger(__name__)
 _HEADER = struct.Struct("<Q")  # byte length of the pickle that follows
 
 
+#: ``"auto"`` starts workers only when this process has at least this many cores to itself.
+MIN_CORES = 4
+
+
 def default_workers() -> int:
-    """The workers ``"auto"`` asks for: one per core this process may use, beyond its own, shared
-    with the other ranks of a ``torchrun`` job on the machine (``LOCAL_WORLD_SIZE``), at most
-    :data:`MAX_WORKERS`."""
+    """The workers ``"auto"`` asks for: one per core this process may use beyond its own (its share
+    when a ``torchrun`` job runs ``LOCAL_WORLD_SIZE`` ranks on the machine), at most
+    :data:`MAX_WORKERS`; none below :data:`MIN_CORES` cores. On the shared 2-core virtual machine
+    this was developed on, one worker was a gain in back-to-back calls (frames of 320 crystals: 44
+    -> 27-32 ms) and a loss in a benchmark's interleaved rounds (median 66 -> 435 ms): a virtual
+    core left idle for seconds runs several times slower for a while after it wakes, and the
+    worker's core is idle between calls. Small machines are where such sharing is likeliest, so
+    there workers are asked for by number."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(0, min(MAX_WORKERS, cores // ranks - 1))
+    per_rank = cores // ranks
+    return 0 if per_rank < MIN_CORES else min(MAX_WORKERS, per_rank - 1)
 
 
 def canonical_frames(triples: list, symprec: float, workers: int | str = "auto") -> list:
@@ -136,14 +147,22 @@ def _split(triples: list, symprec: float, workers: list[_Worker]) -> list:
     sent = [(worker, share) for worker, share in zip(workers, shares[1:], strict=True)
             if len(share) and worker.send([triples[i] for i in share], symprec)]
     results: list = [None] * len(triples)
-    for i, frame in zip(shares[0], _frames_here([triples[i] for i in shares[0]], symprec), strict=True):
-        results[i] = frame
-    for worker, share in sent:
-        frames = worker.receive(len(share))
-        if frames is None:  # the worker failed: its share is computed here
-            frames = _frames_here([triples[i] for i in share], symprec)
-        for i, frame in zip(share, frames, strict=True):
+    try:
+        for i, frame in zip(shares[0], _frames_here([triples[i] for i in shares[0]], symprec), strict=True):
             results[i] = frame
+        for worker, share in sent:
+            frames = worker.receive(len(share))
+            if frames is None:  # the worker failed: its share is computed here
+                frames = _frames_here([triples[i] for i in share], symprec)
+            for i, frame in zip(share, frames, strict=True):
+                results[i] = frame
+    except BaseException:
+        # Interrupted (Ctrl-C, an error here): a worker whose answer was not read would give it to
+        # the next call, so those are stopped.
+        for worker, _ in sent:
+            if worker.pending is not None:
+                worker.stop("its answer was left unread")
+        raise
     unsent = [i for i, r in enumerate(results) if r is None]  # shares no worker could be sent
     for i, frame in zip(unsent, _frames_here([triples[i] for i in unsent], symprec), strict=True):
         results[i] = frame
@@ -197,6 +216,8 @@ class _Worker:
         self.process = subprocess.Popen([sys.executable, "-m", "e3relax_fast.frame_workers"], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
         self.state = "starting"
+        self.requests = 0
+        self.pending: int | None = None  # the number of the request whose answer has not been read
 
     def ready(self) -> bool:
         """Whether the worker has said it is ready (never waits); a worker whose handshake names
@@ -211,10 +232,12 @@ class _Worker:
         return self.state == "ready"
 
     def send(self, triples: list, symprec: float) -> bool:
+        self.requests += 1
         try:
-            payload = pickle.dumps((symprec, triples), protocol=pickle.HIGHEST_PROTOCOL)
+            payload = pickle.dumps((self.requests, symprec, triples), protocol=pickle.HIGHEST_PROTOCOL)
             self.process.stdin.write(_HEADER.pack(len(payload)) + payload)
             self.process.stdin.flush()
+            self.pending = self.requests
             return True
         except (OSError, ValueError) as err:
             self.stop(f"request failed: {err}")
@@ -223,13 +246,15 @@ class _Worker:
     def receive(self, n: int) -> list | None:
         """The worker's frames for the last request, or ``None`` (and the worker stopped) if it failed."""
         try:
-            frames = _unpack(*self._read())
+            number, columns, failures = self._read()
+            frames = _unpack(columns, failures)
         except Exception as err:  # a dead worker, or any answer that is not frames: the share is built here
             self.stop(f"answer unreadable: {err}")
             return None
-        if len(frames) != n:
-            self.stop(f"answered {len(frames)} frames, not {n}")
+        if number != self.pending or len(frames) != n:
+            self.stop(f"answered request {number} with {len(frames)} frames, not request {self.pending} with {n}")
             return None
+        self.pending = None
         return frames
 
     def _read(self):
@@ -304,6 +329,9 @@ _POOL = _Pool()
 def _serve() -> None:
     """The worker's loop: the handshake (this module's path), then one answer per request until
     stdin ends. The protocol owns the original stdout; anything else written there goes to stderr."""
+    # Ctrl-C reaches the whole process group: the caller decides what it means (this worker ends
+    # with its stdin either way).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     stdin = sys.stdin.buffer
@@ -318,8 +346,8 @@ def _serve() -> None:
         header = stdin.read(_HEADER.size)
         if len(header) < _HEADER.size:
             return
-        symprec, triples = pickle.loads(stdin.read(_HEADER.unpack(header)[0]))
-        write(_pack(_frames_here(triples, symprec)))
+        number, symprec, triples = pickle.loads(stdin.read(_HEADER.unpack(header)[0]))
+        write((number, *_pack(_frames_here(triples, symprec))))
 
 
 if __name__ == "__main__":

@@ -175,8 +175,9 @@ def relax_batch(
             per structure: about 2.4 times the time of the call without it).
         frame_workers: worker processes that build canonical frames beside this one
             (:mod:`e3relax_fast.frame_workers`; moyopy's symmetry search holds the GIL, so threads
-            cannot): ``"auto"``: one per idle core (shared among the ranks of a ``torchrun`` job,
-            at most 8) for calls with at least 64 crystals; ``0``: none. Same frames either way.
+            cannot): ``"auto"``: on a machine with at least 4 cores per process (per local rank of
+            a ``torchrun`` job), one per core beyond this process's, at most 8, for calls with at
+            least 64 crystals; ``0``: none; a number: that many. Same frames either way.
 
     Returns:
         :class:`RelaxResult`: one relaxed structure per input, in input order and of the input's

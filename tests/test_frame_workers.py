@@ -100,11 +100,37 @@ def test_a_dead_worker_costs_only_time(crystals, worker):
     assert frame_workers.start(1, timeout=120.0) == 1  # a new one replaces it
 
 
-@pytest.mark.parametrize("answer", [["not a frame"], ({"numbers": (np.zeros(3), [(3,)])}, {}), ({}, {0: "x"})])
+@pytest.mark.parametrize("answer", [["not a frame"], (1, {"numbers": (np.zeros(3), [(3,)])}, {}), (1, {}, {0: "x"})])
 def test_a_nonsense_answer_costs_only_time(crystals, worker, monkeypatch, answer):
     monkeypatch.setattr(frame_workers._Worker, "_read", lambda self: answer)
     shared = frame_workers.canonical_frames(crystals, SYMPREC, workers=1)
     assert all(same_frame(a, b) for a, b in zip(shared, frames_here(crystals), strict=True))
+    monkeypatch.undo()
+    assert frame_workers.start(1, timeout=120.0) == 1
+
+
+def test_an_interrupted_call_leaves_no_answer_for_the_next(crystals, worker, monkeypatch):
+    """Interrupted after sending its share (here: an error while this process builds its own), a
+    call stops the worker, whose answer would otherwise go to the next call of the same size."""
+    original = frame_workers._frames_here
+    monkeypatch.setattr(frame_workers, "_frames_here", lambda t, s: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        frame_workers.canonical_frames(crystals, SYMPREC, workers=1)
+    [w] = frame_workers._POOL.workers
+    assert w.state == "stopped"
+    monkeypatch.setattr(frame_workers, "_frames_here", original)
+    assert frame_workers.start(1, timeout=120.0) == 1
+    shifted = [(z, pos + 0.1, cell) for z, pos, cell in crystals]  # same size, other crystals
+    got = frame_workers.canonical_frames(shifted, SYMPREC, workers=1)
+    assert all(same_frame(a, b) for a, b in zip(got, frames_here(shifted), strict=True))
+
+
+def test_an_answer_to_another_request_is_refused(crystals, worker, monkeypatch):
+    original = frame_workers._Worker._read
+    monkeypatch.setattr(frame_workers._Worker, "_read", lambda self: (0, *original(self)[1:]))
+    got = frame_workers.canonical_frames(crystals, SYMPREC, workers=1)
+    assert all(same_frame(a, b) for a, b in zip(got, frames_here(crystals), strict=True))
+    assert frame_workers._POOL.workers[0].state == "stopped"
     monkeypatch.undo()
     assert frame_workers.start(1, timeout=120.0) == 1
 
@@ -134,9 +160,14 @@ def test_default_workers_share_the_cores_among_local_ranks(monkeypatch):
     monkeypatch.setattr(frame_workers.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert frame_workers.default_workers() == frame_workers.MAX_WORKERS
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert frame_workers.default_workers() == 7
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert frame_workers.default_workers() == 3
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 2 cores per rank: below MIN_CORES
+    assert frame_workers.default_workers() == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setattr(frame_workers.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert frame_workers.default_workers() == 0
 
 
