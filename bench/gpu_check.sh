@@ -3,7 +3,8 @@
 # measurement first: environment, in-place build of the compiled extension, the op-level message
 # benchmark (Triton ieee / tf32x3 / tf32, CUDA, cuEquivariance) and the atom–lattice benchmark, the
 # GPU tests, a short Nsight Compute pass and a compute-sanitizer pass on one op (small problem), the
-# graph-building series capped at 4,096 atoms, and a summary.
+# graph-building series capped at 4,096 atoms, relax_batch end to end with the canonical frame (with
+# and without frame worker processes; needs moyopy, from a carried wheel), and a summary.
 #
 #   bash bench/gpu_check.sh                 # on the GPU machine, from the repository root
 #   bash bench/gpu_check.sh --plan          # print the stage plan and check its time arithmetic
@@ -34,7 +35,7 @@ set -u -o pipefail
 
 # Stage plan, in running order: NAME:LIMIT_S. Their sum plus SUMMARY_RESERVE_S must be <= the budget.
 PLAN=(env:15 build:100 backends:15 bench_message_op:100 bench_lattice:35 tests:110 ncu:40 sanitizer:40
-      graph_series:50)
+      graph_series:45 relax_frames:25)
 SUMMARY_RESERVE_S=15
 BUDGET_S="${GPU_CHECK_BUDGET_S:-540}"
 
@@ -350,7 +351,28 @@ PYEOF
 export -f graph_bench
 run_stage graph_series "$OUT_DIR/bench.log" graph_bench
 
-# --- 7. summary --------------------------------------------------------------------------------------
+# --- 7. relax_batch end to end with the canonical frame: the frame's share on a GPU node --------------
+# With frame worker processes (auto: one per core beyond this one's, at most 8) and in one process
+# (frame_workers=0). Needs moyopy, not part of the GPU machine's torch image: installed from a carried
+# wheel (.whl/moyopy-*.whl, as bench/gpu_train.sh's header says) when it is not importable.
+relax_bench() {
+  if ! "$PY" -c "import moyopy" 2>/dev/null; then
+    local wheel
+    wheel="$(ls .whl/moyopy-*.whl 2>/dev/null | head -1)"
+    [ -n "$wheel" ] && "$PY" -m pip install --no-index --no-deps "$wheel" > /dev/null 2>&1
+    if ! "$PY" -c "import moyopy" 2>/dev/null; then
+      echo "relax_frames skipped: moyopy is not importable (carry .whl/moyopy-*.whl, see bench/gpu_train.sh)"
+      return 0
+    fi
+  fi
+  local args=(--n 128 --sizes 64x4 --device cuda --repeats 2 --long-s 2 --no-backends --no-peaks)
+  [ "$DRY" = 1 ] && args=(--n 8 --sizes 16x2 --device cpu --repeats 1 --no-backends --no-peaks)
+  "$PY" -m bench.bench_relax_batch "${args[@]}" | tee "$WORK/relax.md"
+}
+export -f relax_bench
+run_stage relax_frames "$OUT_DIR/bench.log" relax_bench
+
+# --- 8. summary --------------------------------------------------------------------------------------
 card="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
 [ -z "$card" ] && card="$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")' 2>/dev/null)"
 [ -z "$card" ] && card="none (no CUDA device$([ "$DRY" = 1 ] && echo '; CPU dry run'))"
@@ -377,6 +399,10 @@ card="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
       "$OUT_DIR/profile.log" | head -30
     echo '```'; echo
   fi
+  echo "## relax_batch with the canonical frame (bench.bench_relax_batch)"; echo
+  if [ -s "$WORK/relax.md" ]; then grep -E '^(\| H=|\| model|\|---|- H=|\[relax_batch\] frame worker)' "$WORK/relax.md"
+  else grep -E '^relax_frames skipped' "$OUT_DIR/bench.log" || echo "(not run: see bench.log)"; fi
+  echo
   for f in bench_message_passing.md bench_radius_graph.md; do
     echo "## $f"; echo
     if [ -s "$OUT_DIR/$f" ]; then cat "$OUT_DIR/$f"; else echo "(not written: see bench.log)"; fi
