@@ -42,15 +42,13 @@ __all__ = ["MAX_WORKERS", "MIN_CORES", "MIN_CRYSTALS", "canonical_frames", "defa
 #: A call with fewer crystals builds its frames here: sending them to a worker and back costs more
 #: than the work it saves, and starting a worker costs ~1 s of a core (Python and torch imports).
 MIN_CRYSTALS = 64
-#: ``"auto"`` uses at most this many workers (one core each).
+#: ``"auto"`` uses at most this many workers (one core each) ...
 MAX_WORKERS = 8
+#: ... and starts them only when this process has at least this many cores to itself.
+MIN_CORES = 4
 
 _LOG = logging.getLogger(__name__)
 _HEADER = struct.Struct("<Q")  # byte length of the pickle that follows
-
-
-#: ``"auto"`` starts workers only when this process has at least this many cores to itself.
-MIN_CORES = 4
 
 
 def default_workers() -> int:
@@ -81,7 +79,7 @@ def canonical_frames(triples: list, symprec: float, workers: int | str = "auto")
         one :class:`~e3relax_fast.frame.CanonicalFrame` or :class:`FrameError` per crystal, in order.
     """
     wanted = _wanted(workers, len(triples))
-    ready = _POOL.acquire(wanted) if wanted else []
+    ready = _POOL.acquire(wanted) if wanted and triples else []
     try:
         return _split(triples, symprec, ready)
     finally:

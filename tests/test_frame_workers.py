@@ -150,6 +150,10 @@ def test_relax_batch_same_answer_with_and_without_workers(crystals, worker):
         np.testing.assert_array_equal(a[2], b[2])
 
 
+def test_no_crystals_no_work(worker):
+    assert frame_workers.canonical_frames([], SYMPREC, workers=1) == []
+
+
 @pytest.mark.parametrize("bad", [-1, "two", True, 1.5])
 def test_bad_frame_workers_is_refused(bad):
     with pytest.raises(ValueError, match="frame_workers"):
