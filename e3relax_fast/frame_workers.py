@@ -13,7 +13,8 @@ Workers start in the background the first time a call has at least :data:`MIN_CR
 and live as long as this process; a call uses the workers that are ready and computes the rest
 itself, so no call waits for a worker to start, and a worker that fails (dies, or its answer cannot
 be read) is dropped and its share computed here. The protocol is length-prefixed pickles over the
-child's stdin/stdout; the child writes nothing else there.
+child's stdin/stdout; the child writes nothing else there. Each worker imports the package (torch
+included): ~1 s of a core to start and ~230 MB resident here.
 """
 
 from __future__ import annotations
