@@ -2,8 +2,8 @@
 
 A frame's cost is moyopy's symmetry search plus a thin layer of bookkeeping, ~140 µs per crystal of
 the MP-like mix on one core, and moyopy holds the GIL, so threads cannot share it. On a machine with
-idle cores (a GPU node, where the model no longer runs on the CPU) it is the part of a screening run
-that does not scale with the hardware. :func:`canonical_frames` therefore splits
+idle cores (a GPU node, where the model no longer runs on the CPU) it is expected to be the part of a
+screening run that does not scale with the hardware (not yet measured on GPU). :func:`canonical_frames` therefore splits
 a call's crystals between this process and worker processes (``python -m
 e3relax_fast.frame_workers``), in shares weighted by atom count, and each side computes its share
 with :func:`~e3relax_fast.frame.canonical_frame`: the same code on the same library, so a frame
@@ -221,14 +221,21 @@ class _Worker:
     def ready(self) -> bool:
         """Whether the worker has said it is ready (never waits); a worker whose handshake names
         another copy of the package is stopped."""
-        if self.state == "starting" and self.process.poll() is None:
-            readable, _, _ = select.select([self.process.stdout], [], [], 0)
-            if readable:
-                same = self._read() == os.path.abspath(__file__)
-                self.state = "ready" if same else self.stop("runs another copy of the package")
-        elif self.state == "starting":
-            self.stop("exited while starting")
-        return self.state == "ready"
+        if self.state != "starting":
+            return self.state == "ready"
+        readable, _, _ = select.select([self.process.stdout], [], [], 0)  # its handshake, or its end
+        if not readable:
+            return False
+        try:
+            handshake = self._read()
+        except Exception as err:  # it exited while starting (EOF) or wrote something else
+            self.stop(f"no handshake: {err}")
+            return False
+        if handshake != os.path.abspath(__file__):
+            self.stop("runs another copy of the package")
+            return False
+        self.state = "ready"
+        return True
 
     def send(self, triples: list, symprec: float) -> bool:
         self.requests += 1
@@ -266,7 +273,7 @@ class _Worker:
             raise EOFError("the worker exited")
         return pickle.loads(payload)
 
-    def stop(self, why: str = "") -> str:
+    def stop(self, why: str = "") -> None:
         if why:
             _LOG.debug("frame worker %d stopped: %s", self.process.pid, why)
         self.state = "stopped"
@@ -280,7 +287,6 @@ class _Worker:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        return self.state
 
 
 class _Pool:

@@ -4,6 +4,7 @@ or answers nonsense costs nothing but time; relax_batch gives the same answer wi
 
 from __future__ import annotations
 
+import select
 from dataclasses import fields
 from pathlib import Path
 
@@ -98,6 +99,23 @@ def test_a_dead_worker_costs_only_time(crystals, worker):
     assert all(same_frame(a, b) for a, b in zip(shared, frames_here(crystals), strict=True))
     assert w.state == "stopped"
     assert frame_workers.start(1, timeout=120.0) == 1  # a new one replaces it
+
+
+def test_a_worker_that_ends_its_output_while_starting_is_dropped(crystals, monkeypatch, tmp_path):
+    """Before: its end of output, read as the handshake, raised EOFError out of relax_batch."""
+    frame_workers.shutdown()
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexec 1>&-\nsleep 30\n")  # alive, its output closed, no handshake
+    fake.chmod(0o755)
+    monkeypatch.setattr(frame_workers.sys, "executable", str(fake))
+    frame_workers._POOL.acquire(1)  # started, not ready yet
+    [w] = frame_workers._POOL.workers
+    assert select.select([w.process.stdout], [], [], 30.0)[0]  # its output has ended
+    got = frame_workers.canonical_frames(crystals, SYMPREC, workers=1)
+    assert w.state == "stopped"
+    assert all(same_frame(a, b) for a, b in zip(got, frames_here(crystals), strict=True))
+    monkeypatch.undo()
+    assert frame_workers.start(1, timeout=120.0) == 1  # the module's worker again, for the tests below
 
 
 @pytest.mark.parametrize("answer", [["not a frame"], (1, {"numbers": (np.zeros(3), [(3,)])}, {}), (1, {}, {0: "x"})])
