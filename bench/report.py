@@ -133,7 +133,7 @@ def append_csv(
 # Sections of RESULTS.md written by their own commands (python -m bench.static_report, python -m
 # bench.bench_original --write): each between "<!-- name -->" and "<!-- /name -->", kept when
 # bench.run_cpu rewrites the rest of the file.
-KEPT_SECTIONS = ("original-pipeline", "static-report")
+KEPT_SECTIONS = ("original-pipeline", "static-report", "train-step")
 
 
 def splice_section(text: str, name: str, section: str) -> str:
