@@ -105,11 +105,15 @@ def test_a_worker_that_ends_its_output_while_starting_is_dropped(crystals, monke
     """Before: its end of output, read as the handshake, raised EOFError out of relax_batch."""
     frame_workers.shutdown()
     fake = tmp_path / "python"
-    fake.write_text("#!/bin/sh\nexec 1>&-\nsleep 30\n")  # alive, its output closed, no handshake
+    # Alive, its output closed, no handshake; closed half a second in, so that acquire's own first look
+    # (right after the start) still finds it starting (without the pause it could already find the end
+    # and drop the worker, and the look below would find a closed pipe).
+    fake.write_text("#!/bin/sh\nsleep 0.5\nexec 1>&-\nsleep 30\n")
     fake.chmod(0o755)
     monkeypatch.setattr(frame_workers.sys, "executable", str(fake))
     frame_workers._POOL.acquire(1)  # started, not ready yet
     [w] = frame_workers._POOL.workers
+    assert w.state == "starting"
     assert select.select([w.process.stdout], [], [], 30.0)[0]  # its output has ended
     got = frame_workers.canonical_frames(crystals, SYMPREC, workers=1)
     assert w.state == "stopped"
