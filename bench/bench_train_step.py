@@ -7,8 +7,8 @@ radial projections, an ``(R, E) x (E, 3H)`` product, was half of a training step
 bits, the gradients the same). This benchmark times the step both ways on the same batches:
 
 * ``flushed`` — the package as it is;
-* ``subnormal`` — the basis as the spec writes it (``envelope * exp``, no flush), patched into the
-  two reference message ops for the duration of its calls.
+* ``subnormal`` — the basis as the spec writes it (``reference.rbf.radial_basis_with_subnormals``),
+  patched into the two reference message ops for the duration of its calls.
 
 A step is what ``train`` does per optimiser step (``training.train._optimizer_step``: forward, the
 layer-wise loss in the canonical-frame gauge, backward, clipping, AdamW + AMSGrad, EMA) with the
@@ -37,23 +37,14 @@ DATA = Path(__file__).resolve().parent.parent / "data" / "chgnet_v13sym"
 BATCH = 16
 
 
-def subnormal_basis(distances, centres, coeff, cutoff):
-    """The basis as the spec (§4) writes it, subnormal values kept."""
-    import torch
-
-    from e3relax_fast.reference.rbf import envelope
-
-    x = distances / cutoff
-    return envelope(x).unsqueeze(-1) * torch.exp(coeff * (x.unsqueeze(-1) - centres.to(x.dtype)).pow(2))
-
-
 @contextlib.contextmanager
 def unflushed_basis():
-    """The two reference message ops evaluate :func:`subnormal_basis` inside the block."""
+    """The two reference message ops evaluate the basis with its subnormal tails inside the block."""
     from e3relax_fast.reference import lattice_message, message_passing
+    from e3relax_fast.reference.rbf import radial_basis_with_subnormals
 
     saved = message_passing.radial_basis, lattice_message.radial_basis
-    message_passing.radial_basis = lattice_message.radial_basis = subnormal_basis
+    message_passing.radial_basis = lattice_message.radial_basis = radial_basis_with_subnormals
     try:
         yield
     finally:

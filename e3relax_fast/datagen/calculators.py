@@ -70,19 +70,26 @@ def _first_order_autograd():
         torch.autograd.grad = original
 
 
+def flushing_subnormals() -> bool:
+    """Whether this thread's CPU arithmetic flushes subnormal numbers (x86 FTZ/DAZ), read back: under
+    that mode a subnormal input or product is 0."""
+    import torch
+
+    return float(torch.tensor([1e-39], dtype=torch.float32).mul(2.0)) == 0.0
+
+
 @contextlib.contextmanager
 def _subnormals_flushed():
     """CPU arithmetic on this thread with subnormal numbers flushed to zero (``torch.set_flush_denormal``:
     x86 FTZ/DAZ) while active; the previous mode is restored after.
 
     CHGNet's float32 evaluation meets subnormal numbers, which x86 CPUs compute with many times
-    slower than normal ones: a batched CHGNet relaxation (``bench/bench_datagen.py``'s 24 structures)
-    took 42.5 s instead of 69 s with them flushed, to the same final energies. Torch's other intra-op
-    threads keep their own mode (pair generation runs one thread per process)."""
+    slower than normal ones: batched relaxation made 2,891 pairs/h with them flushed against 1,819
+    (``bench/bench_datagen.py``, bench/RESULTS.md), to the same final energies. Torch's other
+    intra-op threads keep their own mode (pair generation runs one thread per process)."""
     import torch
 
-    # The current mode, read back: under FTZ/DAZ a subnormal input or product is 0.
-    was_on = float(torch.tensor([1e-39], dtype=torch.float32).mul(2.0)) == 0.0
+    was_on = flushing_subnormals()
     torch.set_flush_denormal(True)
     try:
         yield

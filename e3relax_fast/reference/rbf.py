@@ -70,3 +70,11 @@ def radial_basis(distances: Tensor, centres: Tensor, coeff: float, cutoff: float
     gauss = torch.where(near, torch.exp(torch.where(near, exponent, 0.0)), 0.0)
     basis = envelope(x).unsqueeze(-1) * gauss
     return torch.where(basis.abs() < tiny, 0.0, basis)
+
+
+def radial_basis_with_subnormals(distances: Tensor, centres: Tensor, coeff: float, cutoff: float) -> Tensor:
+    """:func:`radial_basis` as the spec (§4) writes it, ``envelope(x) * exp(coeff (x - mu)^2)``, the
+    subnormal tails kept: the oracle of the flush (``tests/model/test_rbf.py``) and the baseline of
+    ``bench/bench_train_step.py``."""
+    x = distances / cutoff
+    return envelope(x).unsqueeze(-1) * torch.exp(coeff * (x.unsqueeze(-1) - centres.to(x.dtype)).pow(2))
