@@ -316,3 +316,83 @@ def test_a_cached_normalizer_gives_the_frame_a_fresh_one_gives():
     assert frames[0].spacegroup == 225 and len(frame._SETTING_NORMALIZERS) == 1
     for name, value in vars(frames[0]).items():
         np.testing.assert_array_equal(value, getattr(frames[1], name), err_msg=name)
+
+
+def _triclinic_cases():
+    """P1 and P-1 crystals as a screening run meets them: the test split's inputs, strained (up to
+    3 %) and rattled (0.02 Å) like the MP-like mix, and rattled in their own, often symmetric, cell
+    (a lattice with more isometries than +-1)."""
+    rng = np.random.default_rng(3)
+    cases = []
+    for pair in read_pairs(ROOT / "data" / "chgnet_v13sym", "test")[:120]:
+        frac = pair.pos_unrelaxed @ np.linalg.inv(pair.cell_unrelaxed)
+        strain = np.eye(3) + rng.uniform(-0.03, 0.03, (3, 3))
+        for cell in (pair.cell_unrelaxed @ (strain + strain.T) / 2, pair.cell_unrelaxed):
+            cases.append((pair.atomic_numbers, frac @ cell + rng.normal(0.0, 0.02, frac.shape), cell))
+    return cases
+
+
+def test_a_triclinic_lattice_is_called_generic_only_where_moyopys_normalizer_is_the_generic_one():
+    """The shortcut of frame._normalizer for P1 and P-1 (no call to moyopy's normalizer on a lattice
+    with no isometry but +-1) answers what moyopy answers, and takes most of a screening mix."""
+    import moyopy
+
+    from e3relax_fast.frame import GENERIC_LATTICE_MARGIN, _crystal_normalizer, _generic_lattice
+
+    generic = {1: (np.eye(3)[None], np.zeros((1, 3)))}
+    taken = special = 0
+    for z, positions, cell in _triclinic_cases():
+        cell_ = moyopy.Cell(cell.tolist(), (positions @ np.linalg.inv(cell)).tolist(), z.tolist())
+        data = moyopy.MoyoDataset(cell_, symprec=SYMPREC, rotate_basis=True)
+        assert data.number in (1, 2)
+        linear, shift = _crystal_normalizer(data)
+        special += len(linear) > (1 if data.number == 1 else 8)
+        if not _generic_lattice(data.prim_std_cell.basis, GENERIC_LATTICE_MARGIN * max(SYMPREC, data.symprec)):
+            continue
+        taken += 1
+        expected = generic.setdefault(data.number, (linear, shift))
+        np.testing.assert_array_equal(linear, expected[0])
+        np.testing.assert_array_equal(shift, expected[1])
+    assert taken >= 80 and special >= 40, (taken, special)
+
+
+@pytest.mark.parametrize("cell", [
+    np.eye(3) * 4.1,  # cubic
+    np.array([[3.0, 0.0, 0.0], [-1.5, 3.0 * np.sqrt(3) / 2, 0.0], [0.0, 0.0, 5.2]]),  # hexagonal
+    np.array([[3.1, 0.0, 0.0], [0.0, 4.3, 0.0], [1.2, 0.0, 5.5]]),  # monoclinic metric (b perpendicular)
+    np.array([[3.1, 0.0, 0.0], [0.4, 4.3, 0.0], [0.7, 0.9, 3.1 * 1.7]]),  # generic...
+], ids=["cubic", "hexagonal", "monoclinic", "generic"])
+def test_a_lattice_with_isometries_beyond_inversion_is_never_called_generic(cell):
+    """P1 crystals (rattled atoms) in lattices with more isometries take moyopy's normalizer; a
+    lattice with none beyond +-1 takes the shortcut, and one within the margin of a tie does not."""
+    import moyopy
+
+    from e3relax_fast.frame import GENERIC_LATTICE_MARGIN, _generic_lattice
+
+    rng = np.random.default_rng(0)
+    frac = rng.random((6, 3))
+    data = moyopy.MoyoDataset(moyopy.Cell(cell.tolist(), frac.tolist(), [8, 8, 14, 14, 26, 26]), symprec=SYMPREC)
+    assert data.number == 1
+    margin = GENERIC_LATTICE_MARGIN * SYMPREC
+    basis = data.prim_std_cell.basis
+    isometries = len(data.normalizer_wyckoff_positions(preserve_chirality=True, primitive=True).stabilizer)
+    assert _generic_lattice(basis, margin) == (isometries == 1)
+    assert _generic_lattice(basis, margin) == (cell[2, 2] == 3.1 * 1.7)
+    if cell[2, 2] == 3.1 * 1.7:  # the same lattice with |c| moved to within the margin of |b| + |a| ...
+        tie = np.array(basis)
+        lengths = np.linalg.norm(tie, axis=1)
+        tie[2] *= (lengths[1] + 0.5 * margin) / lengths[2]  # |c| within the margin of |b|
+        assert not _generic_lattice(moyopy.minkowski_reduce(tie.tolist())[0], margin)
+
+
+def test_the_generic_lattice_shortcut_leaves_every_frame_as_it_was(monkeypatch):
+    """Frames built with the shortcut are, bit for bit, the frames built with moyopy's normalizer."""
+    from e3relax_fast import frame
+
+    cases = _triclinic_cases()[:60]
+    fast = [canonical_frame(*case) for case in cases]
+    monkeypatch.setattr(frame, "_generic_lattice", lambda basis, margin: False)
+    for case, built in zip(cases, fast, strict=True):
+        slow = canonical_frame(*case)
+        for name, value in vars(slow).items():
+            np.testing.assert_array_equal(value, getattr(built, name), err_msg=name)
