@@ -23,7 +23,12 @@ H=512, L=4 and a small H=64, L=4) on the first ``--n`` crystals of the MP-like m
   translation gauge and the map back (part of ``batched``); ``frame, one process`` — the same with
   ``frame_workers=0``;
   ``batched, no frame`` — ``relax_batch`` with ``frame="input", symmetry="free"``: the difference
-  to ``batched`` is the frame's cost as ``relax_batch`` pays it (a note under the table);
+  to ``batched`` is the frame's cost as ``relax_batch`` pays it (a note under the table: the
+  median over the rounds of each round's difference and share);
+  ``frame inside relax_batch`` — ``batched`` (default options) with the time it spends in the
+  frame's two functions (``canonical_frames`` for every input, ``CanonicalFrame.map_back`` for
+  every prediction) recorded within each call: the frame's time and its share of that same call
+  (median over the calls of the per-call share; no difference of two noisy medians);
   ``frame, reference ops`` — ``frame`` with the NumPy reference twins of the two frame ops;
   ``frame search`` — the part of ``frame`` that is moyopy's (its symmetry search and normalizer, and
   the conversion of their results, as ``canonical_frame`` calls them): the floor of ``frame``.
@@ -47,7 +52,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 import warnings
+from unittest import mock
 
 from . import harness, inputs, report
 
@@ -64,6 +71,8 @@ PARTS = {
     "model forward, `cpu` exact radial": ("model, cpu exact", "model, cpu exact (1 by 1)"),
     "canonical frame + symmetry": ("frame", "frame"),
     "canonical frame + symmetry, one process (`frame_workers=0`)": ("frame, one process", "frame, one process"),
+    "canonical frame + symmetry inside `relax_batch` (timed in each call; share: per-call median)": (
+        "frame inside relax_batch", "frame inside relax_batch"),
     "canonical frame + symmetry, NumPy reference ops": ("frame, reference ops", "frame, reference ops"),
     "of which moyopy's symmetry search (`frame.search`)": ("frame search", "frame search"),
     "`relax_batch` without them (`frame=\"input\"`)": ("batched, no frame", "batched, no frame"),
@@ -87,8 +96,9 @@ def _time_model_size(hidden, layers, *, triples, atoms, singles, device, max_ato
     import torch
 
     from e3relax_fast import E3Relax, ops, relax_batch
+    from e3relax_fast import relax as relax_module
     from e3relax_fast.batch import Batch, plan_batches
-    from e3relax_fast.frame import SYMPREC, canonical_frame, search
+    from e3relax_fast.frame import SYMPREC, CanonicalFrame, canonical_frame, search
     from e3relax_fast.frame_workers import canonical_frames
     from e3relax_fast.frame_workers import start as start_frame_workers
     from e3relax_fast.relax import _atom_budget
@@ -134,6 +144,26 @@ def _time_model_size(hidden, layers, *, triples, atoms, singles, device, max_ato
         for z, frac, pos, cell in searches:
             search(moyopy, z, frac, pos, cell, SYMPREC)
 
+    inside = []  # (seconds in the frame's functions, seconds of the call) per relax_batch call
+
+    def frame_inside_relax_batch():
+        spent = [0.0]
+
+        def timed(fn):
+            def wrapper(*args, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    spent[0] += time.perf_counter() - start
+            return wrapper
+
+        with (mock.patch.object(relax_module, "canonical_frames", timed(relax_module.canonical_frames)),
+              mock.patch.object(CanonicalFrame, "map_back", timed(CanonicalFrame.map_back))):
+            start = time.perf_counter()
+            relax_batch(triples, model=model, device=device, max_atoms=max_atoms)
+            inside.append((spent[0], time.perf_counter() - start))
+
     results = []
     with torch.inference_mode():
         with_graph, single_graph = graphs(batches), graphs(singles)
@@ -151,6 +181,7 @@ def _time_model_size(hidden, layers, *, triples, atoms, singles, device, max_ato
             "frame, one process": lambda: frame_as_relax_batch(0),
             "frame, reference ops": lambda: frame_work("reference"),
             "frame search": frame_search,
+            "frame inside relax_batch": frame_inside_relax_batch,
             "batched, no frame": lambda: relax_batch(triples, model=model, device=device, max_atoms=max_atoms,
                                                      frame="input", symmetry="free"),
         }
@@ -159,6 +190,7 @@ def _time_model_size(hidden, layers, *, triples, atoms, singles, device, max_ato
                       "frame": f"moyopy + frame ops, {workers} worker process(es)",
                       "frame, one process": "moyopy + frame ops",
                       "frame, reference ops": "moyopy + reference", "frame search": "moyopy",
+                      "frame inside relax_batch": "moyopy + frame ops, as relax_batch calls them",
                       "batched, no frame": both}
         variants = {}
         if backends:
@@ -177,6 +209,13 @@ def _time_model_size(hidden, layers, *, triples, atoms, singles, device, max_ato
             backend_of[f"batched max_atoms={budget}"] = both
         print(f"[{BENCH}] H={hidden} L={layers}: timing {', '.join(fns)} interleaved", flush=True)
         times = harness.measure_interleaved(fns, repeats, warmup, long_s)
+    # The frame's row is its time within the calls (the warm-up calls left out, as the harness does).
+    inside = inside[-len(times["frame inside relax_batch"]):]
+    times["frame inside relax_batch"] = [frame_s for frame_s, _ in inside]
+    inside_share = statistics.median(frame_s / call_s for frame_s, call_s in inside)
+    # The frame's cost by difference, round by round (the two calls of a round meet the same load).
+    paired = list(zip(times["batched"], times["batched, no frame"], strict=True))
+    difference_share = statistics.median((with_ - without) / with_ for with_, without in paired)
     med = {}
     for mode, ts in times.items():
         t = med[mode] = statistics.median(ts)
@@ -188,6 +227,11 @@ def _time_model_size(hidden, layers, *, triples, atoms, singles, device, max_ato
             extra.update(_roofline(hidden, layers, with_graph, t, kind, peaks))
         if mode == "batched":
             extra["batches"] = len(batches)
+        if mode == "frame inside relax_batch":
+            extra["share_of_call"] = round(inside_share, 5)
+        if mode == "batched, no frame":
+            extra["frame_share_by_difference"] = round(difference_share, 5)
+            extra["frame_s_by_difference"] = round(statistics.median(w - wo for w, wo in paired), 6)
         results.append(harness.Result(BENCH, mode, backend_of[mode], device, case, t, n / t, "structures/s",
                                       extra=extra))
     for mode, parts in (("graph+model", ("graph", "model")),
@@ -276,7 +320,8 @@ def run(n: int = 48, sizes=((512, 4), (64, 4)), max_atoms: int | None = None, de
                 _cell(rb), report.fmt_num(rb.throughput), report.fmt_num(rb.extra["atoms_per_s"]),
                 _cell(r1), report.fmt_num(r1.throughput),
                 report.fmt_ratio(rb.ratios.get("one_at_a_time")),
-                report.fmt_pct(rb.median_s, e2e.median_s),
+                report.fmt_pct(rb.extra["share_of_call"], 1.0) if "share_of_call" in rb.extra
+                else report.fmt_pct(rb.median_s, e2e.median_s),
             ])
     table = report.markdown_table(
         ["model", "part", "batched: median (min)", "structures/s", "atoms/s", "1-by-1: median (min)",
@@ -286,14 +331,16 @@ def run(n: int = 48, sizes=((512, 4), (64, 4)), max_atoms: int | None = None, de
     notes = "".join(f"\n- {s}" for s in backend_notes)
     for case in dict.fromkeys(r.case for r in results):
         if (case, "batched, no frame") in by:  # the frame's cost as relax_batch pays it: the difference
-            with_frame, without = by[(case, "batched")].median_s, by[(case, "batched, no frame")].median_s
-            medians = (f"medians: {report.fmt_time(with_frame)} by default, {report.fmt_time(without)} with "
-                       f"`frame=\"input\", symmetry=\"free\"`")
-            if with_frame > without:
+            without = by[(case, "batched, no frame")]
+            with_frame = by[(case, "batched")].median_s
+            medians = (f"medians: {report.fmt_time(with_frame)} by default, {report.fmt_time(without.median_s)} "
+                       f"with `frame=\"input\", symmetry=\"free\"`")
+            difference, share = without.extra["frame_s_by_difference"], without.extra["frame_share_by_difference"]
+            if difference > 0:
                 notes += (f"\n- {case.split(' n=')[0]}: the canonical frame + symmetry add "
-                          f"{report.fmt_time(with_frame - without)} to `relax_batch` "
-                          f"({report.fmt_pct(with_frame - without, with_frame)} of it; {medians})")
-            else:  # the two medians differ by less than their noise
+                          f"{report.fmt_time(difference)} to `relax_batch`, {report.fmt_pct(share, 1.0)} of it "
+                          f"(medians of the per-round differences and shares; {medians})")
+            else:  # the two calls differ by less than their noise
                 notes += f"\n- {case.split(' n=')[0]}: no cost measurable against the noise ({medians})"
     if roofline:
         peak = (f"measured float32 matmul peak {measured['fp32_GFLOPs']:,.0f} GFLOP/s ({measured['fp32_desc']}, "
