@@ -21,6 +21,7 @@ from ..reference.rbf import rbf_centres
 from .layers import (
     AtomEmbedding,
     Context,
+    ElementFeatures,
     LatticeNodeLayer,
     MessagePassingLayer,
     MessageUpdateLayer,
@@ -64,6 +65,10 @@ class E3Relax(nn.Module):
             deformation about their centroid (``p <- c + (p - c) C^-1 C'``), so that the learned
             displacements are what a relaxation adds on top of the strain (default mode only; the
             original has no such step, and the models shipped before it were trained without it).
+        element_features: add a learned linear map of each element's physical descriptors (radius,
+            electronegativity, period, group: :mod:`e3relax_fast.model.elements`) to its learned
+            embedding (default mode only). The map starts at zero, so a model grown from a
+            checkpoint without it (``train --init``) starts with that checkpoint's predictions.
     """
 
     def __init__(
@@ -78,6 +83,7 @@ class E3Relax(nn.Module):
         radius: float = RADIUS,
         max_neighbors: int = MAX_NEIGHBORS,
         cell_transport: bool = False,
+        element_features: bool = False,
     ):
         super().__init__()
         h = hidden_channels
@@ -88,6 +94,9 @@ class E3Relax(nn.Module):
         if cell_transport and paper_compat:
             raise ValueError("cell_transport is a default-mode option (the original has no such step)")
         self.cell_transport = cell_transport
+        if element_features and paper_compat:
+            raise ValueError("element_features is a default-mode option (the original has no such input)")
+        self.use_element_features = element_features
         # Registration order follows the original's state dict.
         self.atom_emb = AtomEmbedding(num_elements, h)
         self.scalar_l1_emb = nn.Embedding(1, h)
@@ -104,6 +113,8 @@ class E3Relax(nn.Module):
             # The option has no weights: this marker makes a bare state dict (torch.save(model.
             # state_dict())) carry it, so that loading one cannot silently drop the transport.
             self.register_buffer(TRANSPORT_MARKER, torch.ones(()))
+        if element_features:
+            self.element_features = ElementFeatures(num_elements, h)
 
     @property
     def config(self) -> dict:
@@ -116,6 +127,7 @@ class E3Relax(nn.Module):
             "num_elements": self.num_elements,
             "paper_compat": self.paper_compat,
             "cell_transport": self.cell_transport,
+            "element_features": self.use_element_features,
             "radius": self.radius,
             "max_neighbors": self.max_neighbors,
         }
@@ -159,6 +171,8 @@ class E3Relax(nn.Module):
         record = _Recorder(trace)
 
         s = self.atom_emb(batch.atomic_numbers.to(device))
+        if self.use_element_features:
+            s = s + self.element_features(batch.atomic_numbers.to(device))
         v = s.new_zeros(pos.shape[0], 3, self.hidden_channels)
         lat_s = [emb.weight.expand(cell.shape[0], -1) for emb in
                  (self.scalar_l1_emb, self.scalar_l2_emb, self.scalar_l3_emb)]

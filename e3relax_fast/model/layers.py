@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..reference.rbf import rbf_centres, rbf_coefficient
+from .elements import NUM_FEATURES, element_feature_table
 
 INV_SQRT_2 = 1 / math.sqrt(2.0)
 NORM_EPS = 1e-8  # added (not clamped) inside the channel norm n(b) (spec §1.3)
@@ -71,6 +72,21 @@ class AtomEmbedding(nn.Module):
     def forward(self, atomic_numbers: Tensor) -> Tensor:
         """``(N,)`` int64 Z -> ``(N, H)`` initial scalar features."""
         return self.embeddings(atomic_numbers)
+
+
+class ElementFeatures(nn.Module):
+    """A learned linear map (zero at the start) of the elements' physical descriptors
+    (:func:`~e3relax_fast.model.elements.element_feature_table`, a buffer saved with the weights)."""
+
+    def __init__(self, num_elements: int, hidden: int):
+        super().__init__()
+        self.register_buffer("table", element_feature_table(num_elements).to(torch.get_default_dtype()))
+        self.proj = nn.Linear(NUM_FEATURES, hidden, bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, atomic_numbers: Tensor) -> Tensor:
+        """``(N,)`` int64 Z -> ``(N, H)``, added to the embedding."""
+        return self.proj(self.table[atomic_numbers])
 
 
 class GaussianBasis(nn.Module):

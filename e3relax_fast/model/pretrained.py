@@ -45,10 +45,11 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
     """Architecture of a state dict in the original's naming (``module.`` prefix already removed).
 
     Returns:
-        ``{"hidden_channels", "num_layers", "num_rbf", "num_elements", "cell_transport"}`` read from
-        the shapes of ``atom_emb.embeddings.weight`` ``(num_elements, H)``, the
-        ``message_passing_layers.{n}`` indices, ``message_passing_layers.0.edge_proj.weight``
-        ``(3H, R)`` and the presence of the transport marker buffer.
+        ``{"hidden_channels", "num_layers", "num_rbf", "num_elements", "cell_transport",
+        "element_features"}`` read from the shapes of ``atom_emb.embeddings.weight``
+        ``(num_elements, H)``, the ``message_passing_layers.{n}`` indices,
+        ``message_passing_layers.0.edge_proj.weight`` ``(3H, R)`` and the presence of the transport
+        marker buffer and of the element features' map.
     """
     try:
         num_elements, hidden = state_dict["atom_emb.embeddings.weight"].shape
@@ -62,6 +63,7 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
         "num_rbf": int(num_rbf),
         "num_elements": int(num_elements),
         "cell_transport": TRANSPORT_MARKER in state_dict,
+        "element_features": "element_features.proj.weight" in state_dict,
     }
 
 

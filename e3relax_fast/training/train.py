@@ -178,13 +178,21 @@ def _load_init(model: E3Relax, ema: torch.nn.Module, path: str) -> None:
         source = load_pretrained(path, paper_compat=model.paper_compat)
     except (ValueError, FileNotFoundError) as err:  # a missing or unreadable checkpoint: it names the file
         raise TrainingSetupError(f"--init: {err}") from err
-    differences = {k: (source.config[k], v) for k, v in model.config.items() if source.config.get(k) != v}
+    differences = {k: (source.config.get(k), v) for k, v in model.config.items() if source.config.get(k) != v}
+    # A model grown by the element features (a map that starts at zero) starts from a checkpoint
+    # without them: it predicts what that checkpoint predicts.
+    grown = differences.get("element_features") in ((False, True), (None, True))
+    if grown:
+        del differences["element_features"]
     if differences:
         key, (theirs, ours) = next(iter(differences.items()))
         raise TrainingSetupError(f"--init {path}: its {key} is {theirs!r}, this run's is {ours!r} "
                          f"(train with the same architecture to start from it)")
-    model.load_state_dict(source.state_dict())
-    ema.load_state_dict(source.state_dict())
+    for target in (model, ema):
+        missing, unexpected = target.load_state_dict(source.state_dict(), strict=not grown)
+        if grown and (unexpected or any(not k.startswith("element_features.") for k in missing)):
+            raise TrainingSetupError(f"--init {path}: parameters do not match beyond the element features "
+                                     f"(missing {missing}, unexpected {unexpected})")
 
 
 def _check_elements(model: E3Relax, datasets: dict[str, PairDataset]) -> None:
