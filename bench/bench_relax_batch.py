@@ -232,6 +232,8 @@ def _time_model_size(hidden, layers, *, triples, atoms, singles, device, max_ato
         if mode == "batched, no frame":
             extra["frame_share_by_difference"] = round(difference_share, 5)
             extra["frame_s_by_difference"] = round(statistics.median(w - wo for w, wo in paired), 6)
+            extra["difference_range_s"] = [round(min(w - wo for w, wo in paired), 6),
+                                           round(max(w - wo for w, wo in paired), 6)]
         results.append(harness.Result(BENCH, mode, backend_of[mode], device, case, t, n / t, "structures/s",
                                       extra=extra))
     for mode, parts in (("graph+model", ("graph", "model")),
@@ -336,12 +338,20 @@ def run(n: int = 48, sizes=((512, 4), (64, 4)), max_atoms: int | None = None, de
             medians = (f"medians: {report.fmt_time(with_frame)} by default, {report.fmt_time(without.median_s)} "
                        f"with `frame=\"input\", symmetry=\"free\"`")
             difference, share = without.extra["frame_s_by_difference"], without.extra["frame_share_by_difference"]
+            low, high = without.extra["difference_range_s"]
+            spread = (f"the rounds' differences ranged from {'-' if low < 0 else ''}{report.fmt_time(abs(low))} "
+                      f"to {'-' if high < 0 else ''}{report.fmt_time(abs(high))}")
+            inside = by.get((case, "frame inside relax_batch"))
+            within = (f"; timed inside the calls, the frame took {report.fmt_time(inside.median_s)}, "
+                      f"{report.fmt_pct(inside.extra['share_of_call'], 1.0)} of each call" if inside else "")
             if difference > 0:
-                notes += (f"\n- {case.split(' n=')[0]}: the canonical frame + symmetry add "
-                          f"{report.fmt_time(difference)} to `relax_batch`, {report.fmt_pct(share, 1.0)} of it "
-                          f"(medians of the per-round differences and shares; {medians})")
+                notes += (f"\n- {case.split(' n=')[0]}: by the difference of the two calls, the canonical frame + "
+                          f"symmetry add {report.fmt_time(difference)} to `relax_batch`, {report.fmt_pct(share, 1.0)} "
+                          f"of it (medians over the rounds; {spread}: the machine's noise, not the frame's cost, "
+                          f"where that range is wider than the frame's own time{within}; {medians})")
             else:  # the two calls differ by less than their noise
-                notes += f"\n- {case.split(' n=')[0]}: no cost measurable against the noise ({medians})"
+                notes += (f"\n- {case.split(' n=')[0]}: no cost measurable by the difference of the two calls "
+                          f"against the noise ({spread}{within}; {medians})")
     if roofline:
         peak = (f"measured float32 matmul peak {measured['fp32_GFLOPs']:,.0f} GFLOP/s ({measured['fp32_desc']}, "
                 f"{torch.get_num_threads()} thread(s))" if measured else "peaks not measured")
