@@ -273,9 +273,12 @@ def test_infer_config_at_paper_size_shapes():
         "num_rbf": 128,
         "num_elements": 118,
         "cell_transport": False,
+        "element_features": False,
     }
     state["cell_transport_marker"] = torch.ones(())
     assert infer_config(state)["cell_transport"] is True
+    state["element_features.proj.weight"] = torch.zeros(h, 51)
+    assert infer_config(state)["element_features"] is True
 
 
 def test_inference_precisions():
