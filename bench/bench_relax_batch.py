@@ -215,7 +215,8 @@ def _time_model_size(hidden, layers, *, triples, atoms, singles, device, max_ato
     inside_share = statistics.median(frame_s / call_s for frame_s, call_s in inside)
     # The frame's cost by difference, round by round (the two calls of a round meet the same load).
     paired = list(zip(times["batched"], times["batched, no frame"], strict=True))
-    difference_share = statistics.median((with_ - without) / with_ for with_, without in paired)
+    differences = [with_ - without for with_, without in paired]
+    difference_share = statistics.median(d / with_ for d, (with_, _) in zip(differences, paired, strict=True))
     med = {}
     for mode, ts in times.items():
         t = med[mode] = statistics.median(ts)
@@ -231,9 +232,8 @@ def _time_model_size(hidden, layers, *, triples, atoms, singles, device, max_ato
             extra["share_of_call"] = round(inside_share, 5)
         if mode == "batched, no frame":
             extra["frame_share_by_difference"] = round(difference_share, 5)
-            extra["frame_s_by_difference"] = round(statistics.median(w - wo for w, wo in paired), 6)
-            extra["difference_range_s"] = [round(min(w - wo for w, wo in paired), 6),
-                                           round(max(w - wo for w, wo in paired), 6)]
+            extra["frame_s_by_difference"] = round(statistics.median(differences), 6)
+            extra["difference_range_s"] = [round(min(differences), 6), round(max(differences), 6)]
         results.append(harness.Result(BENCH, mode, backend_of[mode], device, case, t, n / t, "structures/s",
                                       extra=extra))
     for mode, parts in (("graph+model", ("graph", "model")),

@@ -170,9 +170,10 @@ class E3Relax(nn.Module):
         ctx = self._context(batch, device)
         record = _Recorder(trace)
 
-        s = self.atom_emb(batch.atomic_numbers.to(device))
+        numbers = batch.atomic_numbers.to(device)
+        s = self.atom_emb(numbers)
         if self.use_element_features:
-            s = s + self.element_features(batch.atomic_numbers.to(device))
+            s = s + self.element_features(numbers)
         v = s.new_zeros(pos.shape[0], 3, self.hidden_channels)
         lat_s = [emb.weight.expand(cell.shape[0], -1) for emb in
                  (self.scalar_l1_emb, self.scalar_l2_emb, self.scalar_l3_emb)]
