@@ -421,9 +421,16 @@ def add_lofo_parser(subparsers) -> None:
 
 
 def run_datagen(args: argparse.Namespace) -> int:
-    from .datagen import generate, write_snapshot
+    from .datagen import generate, restore_run, write_snapshot
 
     try:
+        if args.snapshot and args.restore:
+            raise ValueError("--snapshot and --restore go opposite ways; give one")
+        if args.restore:
+            counts = restore_run(args.restore, args.out)
+            print(f"datagen: {args.out} restored from {args.restore}: {counts['pairs']} pairs, {counts['dropped']} "
+                  "jobs marked dropped; run the generator's command again to resume it")
+            return 0
         if args.snapshot:
             counts = write_snapshot(args.out, args.snapshot)
             print(f"datagen: snapshot of {args.out} in {args.snapshot}: {counts['pairs']} pairs {counts['splits']}; "
@@ -502,6 +509,9 @@ def add_datagen_parser(subparsers) -> None:
     p.add_argument("--snapshot", metavar="DEST",
                    help="write OUT's pairs as DEST/<split>_{unrelaxed,relaxed}.extxyz.gz + index.csv + "
                    "provenance.json (family, protocol per pair) and exit")
+    p.add_argument("--restore", metavar="SNAPSHOT",
+                   help="rebuild the run folder OUT from a snapshot written by --snapshot (e.g. a committed data/ "
+                   "folder), so the generator's command resumes where the snapshot left it, and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_datagen)
 

@@ -20,10 +20,11 @@ from .protocols import (
     substitutions,
 )
 from .seeds import FAMILIES, SeedSource, family_of, load_seed_source
-from .snapshot import write_snapshot
+from .snapshot import restore_run, write_snapshot
 
 __all__ = ["FAMILIES", "ASEBatchCalculator", "BatchedFIRE", "CHGNetBatchCalculator", "FireParams", "Job", "JobPlan",
            "RelaxOutcome", "SeedSource", "Settings", "apply_rattle", "apply_substitution", "as_batch_calculator",
            "dls_volume", "family_of", "generate", "inherit_splits", "judge", "keep_symmetry", "load_seed_source",
            "make_calculator", "parse_protocols", "period_group", "relax_one_ase", "similar_elements", "split_of",
-           "steps_saved", "energies_above_minimum", "substitutions", "write_snapshot", "write_splits"]
+           "steps_saved", "energies_above_minimum", "substitutions", "restore_run", "write_snapshot",
+           "write_splits"]

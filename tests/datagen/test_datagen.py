@@ -24,6 +24,7 @@ from e3relax_fast.datagen import (  # noqa: E402
     keep_symmetry,
     load_seed_source,
     parse_protocols,
+    restore_run,
     similar_elements,
     split_of,
     substitutions,
@@ -308,6 +309,58 @@ def test_minimum_pairs_skipped_seeds_and_snapshot(tmp_path, capsys):
     assert main(["datagen", "--out", str(out), "--snapshot", str(tmp_path / "snap2")]) == 0
     assert "8 pairs" in capsys.readouterr().out
     assert (tmp_path / "snap2" / "index.csv").read_text() == (tmp_path / "snap" / "index.csv").read_text()
+
+
+@pytest.mark.parametrize("with_dropped_csv", [True, False])
+def test_restore_from_snapshot_resumes_with_new_jobs_only(tmp_path, with_dropped_csv):
+    """A run rebuilt from its snapshot (a fresh checkout has only data/) resumes as the run itself would:
+    the same next pairs, none made twice, the old pairs unchanged; snapshots older than dropped.csv
+    restore the missing jobs below the last kept id as dropped."""
+    big = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
+    big.info["material_id"] = "big"
+    write(tmp_path / "big_1.extxyz", [big], format="extxyz")
+    seeds = [emt_seeds(tmp_path / "emt_6.extxyz"), tmp_path / "big_1.extxyz"]
+    # every other job comes from the 32-atom seed, over max_atoms: dropped.csv is not empty
+    kwargs = dict(calculator="emt", protocols="subst_sym:2,rattle:1,minimum:1", progress=False, max_atoms=16)
+    original = tmp_path / "run"
+    generate(seeds, original, n=6, **kwargs)
+    assert rows(original / "dropped.csv"), "the test needs a dropped job"
+    write_snapshot(original, tmp_path / "snap")
+    if not with_dropped_csv:
+        (tmp_path / "snap" / "dropped.csv").unlink()
+    restored = tmp_path / "restored"
+    counts = restore_run(tmp_path / "snap", restored)
+    assert counts["pairs"] == 6
+    kept = {r["atoms_id"] for r in rows(original / "index.csv")}
+    last = max(int(i[1:]) for i in kept)
+    expected_dropped = {r["atoms_id"] for r in rows(original / "dropped.csv") if int(r["atoms_id"][1:]) < last}
+    assert {r["atoms_id"] for r in rows(restored / "dropped.csv")} >= expected_dropped
+    with pytest.raises(ValueError, match="holds pairs already"):
+        restore_run(tmp_path / "snap", restored)
+    # both resume to 9 pairs: the same new ids and notes, no id made twice
+    generate(seeds, original, n=9, **kwargs)
+    resumed = generate(seeds, restored, n=9, **kwargs)
+    assert resumed["written"] == 3  # the 6 restored pairs are not made again
+    a = {r["atoms_id"]: r["note"] for r in rows(original / "index.csv")}
+    b = {r["atoms_id"]: r["note"] for r in rows(restored / "index.csv")}
+    assert a == b and len(b) == 9
+    # the old pairs are the snapshot's, to the precision of the CIF files and up to a lattice translation
+    # per atom (ASE's CIF reader wraps fractions into [0, 1): an atom at 0.99999999999 may come back at 0)
+    write_snapshot(restored, tmp_path / "snap2")
+    from ase.io import read
+
+    for split in SPLITS:
+        path = tmp_path / "snap" / f"{split}_relaxed.extxyz.gz"
+        if not path.exists():
+            continue
+        old = {f.info["atoms_id"]: f for f in read(path, index=":")}
+        new = {f.info["atoms_id"]: f for f in read(tmp_path / "snap2" / f"{split}_relaxed.extxyz.gz", index=":")}
+        assert set(old) <= set(new)
+        for i, frame in old.items():
+            assert np.array_equal(frame.numbers, new[i].numbers)
+            assert np.allclose(frame.cell.array, new[i].cell.array, atol=1e-6)
+            shift = (new[i].positions - frame.positions) @ np.linalg.inv(frame.cell.array)
+            assert np.allclose(shift, np.round(shift), atol=1e-8)
 
 
 def test_unbatched_and_workers_give_the_same_pairs(tmp_path):
