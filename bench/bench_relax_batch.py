@@ -30,8 +30,9 @@ H=512, L=4 and a small H=64, L=4) on the first ``--n`` crystals of the MP-like m
   every prediction) recorded within each call: the frame's time and its share of that same call
   (median over the calls of the per-call share; no difference of two noisy medians);
   ``frame, reference ops`` — ``frame`` with the NumPy reference twins of the two frame ops;
-  ``frame search`` — the part of ``frame`` that is moyopy's (its symmetry search and normalizer, and
-  the conversion of their results, as ``canonical_frame`` calls them): the floor of ``frame``.
+  ``frame search`` — the symmetry search of ``frame`` (``frame.search``: moyopy's search and
+  normalizer and the conversion of their results, or for a crystal the op ``frame_p1_certificate``
+  proves P1, that proof and moyopy's known answer), as ``canonical_frame`` calls it.
 * ``batched max_atoms=B`` — with ``--budgets B ...``: ``relax_batch`` end to end under other atom
   budgets, to see where batching stops paying (each against ``one_at_a_time``).
 
@@ -74,7 +75,7 @@ PARTS = {
     "canonical frame + symmetry inside `relax_batch` (timed in each call; share: per-call median)": (
         "frame inside relax_batch", "frame inside relax_batch"),
     "canonical frame + symmetry, NumPy reference ops": ("frame, reference ops", "frame, reference ops"),
-    "of which moyopy's symmetry search (`frame.search`)": ("frame search", "frame search"),
+    "of which the symmetry search (`frame.search`: moyopy, or the P1 certificate)": ("frame search", "frame search"),
     "`relax_batch` without them (`frame=\"input\"`)": ("batched, no frame", "batched, no frame"),
 }
 PAIRS = {b: o for b, o in PARTS.values()}
@@ -189,7 +190,7 @@ def _time_model_size(hidden, layers, *, triples, atoms, singles, device, max_ato
                       "model": mp_backend, "model (1 by 1)": mp_backend,
                       "frame": f"moyopy + frame ops, {workers} worker process(es)",
                       "frame, one process": "moyopy + frame ops",
-                      "frame, reference ops": "moyopy + reference", "frame search": "moyopy",
+                      "frame, reference ops": "moyopy + reference", "frame search": "moyopy or the P1 certificate",
                       "frame inside relax_batch": "moyopy + frame ops, as relax_batch calls them",
                       "batched, no frame": both}
         variants = {}

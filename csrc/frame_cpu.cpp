@@ -406,4 +406,49 @@ std::string frame_map_back(const MapBackIn& in, double* out_positions, double* o
   return "";
 }
 
+bool frame_p1_certificate(const int64_t* numbers, const double* x, int64_t n, const double* basis, double tolerance) {
+  if (n < 1) return false;
+  // The rarest species (ties: smallest Z) and its first atom: every operation maps that atom onto an
+  // atom of its species, so the candidates below are all there is to rule out.
+  int64_t rare_z = 0, rare_count = n + 1;
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t count = 0;
+    for (int64_t j = 0; j < n; ++j) count += numbers[j] == numbers[i];
+    if (count < rare_count || (count == rare_count && numbers[i] < rare_z)) rare_z = numbers[i], rare_count = count;
+  }
+  int64_t first = 0;
+  while (numbers[first] != rare_z) ++first;
+  const double tol2 = tolerance * tolerance;
+  // Whether x -> sign * x + t maps every atom within tolerance of a same-species atom.
+  auto maps_onto_itself = [&](double sign, const double* t) {
+    for (int64_t i = 0; i < n; ++i) {
+      bool found = false;
+      for (int64_t j = 0; j < n && !found; ++j) {
+        if (numbers[j] != numbers[i]) continue;
+        double f[3], r[3] = {0.0, 0.0, 0.0};
+        for (int a = 0; a < 3; ++a) {
+          f[a] = sign * x[3 * i + a] + t[a] - x[3 * j + a];
+          f[a] -= std::nearbyint(f[a]);  // round half to even, as NumPy's round
+        }
+        for (int a = 0; a < 3; ++a)
+          for (int b = 0; b < 3; ++b) r[b] += f[a] * basis[3 * a + b];
+        found = r[0] * r[0] + r[1] * r[1] + r[2] * r[2] <= tol2;
+      }
+      if (!found) return false;
+    }
+    return true;
+  };
+  // The reference's order: translations x_j - x_0 (j after the first), then inversions x_j + x_0.
+  for (double sign : {1.0, -1.0}) {
+    for (int64_t j = 0; j < n; ++j) {
+      if (numbers[j] != rare_z || (sign > 0 && j == first)) continue;
+      double t[3];
+      for (int a = 0; a < 3; ++a) t[a] = x[3 * j + a] - sign * x[3 * first + a];
+      if (maps_onto_itself(sign, t)) return false;
+    }
+  }
+  return true;
+}
+
 }  // namespace e3frame
+

@@ -78,4 +78,9 @@ struct MapBackIn {
 // Writes (n, 3) user positions and the (3, 3) user cell. Returns "" or why the inputs are invalid.
 std::string frame_map_back(const MapBackIn& in, double* out_positions, double* out_cell);
 
+// True when no pure translation but the lattice's and no inversion maps the crystal (n atoms,
+// numbers (n,), fractions x (n, 3) in the reduced basis (3, 3)) onto itself with every atom within
+// tolerance (Å) of a same-species atom (the reference's frame_p1_certificate).
+bool frame_p1_certificate(const int64_t* numbers, const double* x, int64_t n, const double* basis, double tolerance);
+
 }  // namespace e3frame

@@ -529,6 +529,12 @@ nb::tuple frame_map_back(HostIn<double, nb::shape<-1, 3>> positions, HostIn<doub
   return nb::make_tuple(out_positions, out_cell);
 }
 
+bool frame_p1_certificate(HostIn<int64_t, nb::ndim<1>> numbers, HostIn<double, nb::shape<-1, 3>> x,
+                          HostIn<double, nb::shape<3, 3>> basis, double tolerance) {
+  if (x.shape(0) != numbers.shape(0)) throw nb::value_error("frame_p1_certificate: numbers and x differ in length");
+  return e3frame::frame_p1_certificate(numbers.data(), x.data(), (int64_t)numbers.shape(0), basis.data(), tolerance);
+}
+
 }  // namespace
 
 #define MP_ARGS_COMMON                                                                                  \
@@ -588,6 +594,9 @@ NB_MODULE(_C, m) {
         "images"_a, "offset"_a, "user_cell"_a, "rotation"_a, "symmetrize"_a,
         "A prediction for the canonical cell in the user's description (arguments and results of\n"
         "e3relax_fast.reference.frame_map_back): (positions (n, 3), cell (3, 3)).");
+  m.def("frame_p1_certificate", &frame_p1_certificate, "numbers"_a, "x"_a, "basis"_a, "tolerance"_a,
+        "Whether no pure translation and no inversion maps the crystal onto itself within tolerance (Å)\n"
+        "(arguments and result of e3relax_fast.reference.frame_p1.frame_p1_certificate).");
   m.attr("CUDA_CELL_LIST_THRESHOLD") = e3rg::kDefaultCellListThreshold;
   m.def("radius_graph_cuda_emulated", &radius_graph_cuda_emulated, "positions"_a, "cells"_a, "ptr"_a, "radius"_a,
         "max_neighbors"_a, "reserved"_a.none(), "cell_list_threshold"_a = -1,

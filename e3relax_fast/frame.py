@@ -9,6 +9,9 @@ prediction back to the user's description:
 1. **Symmetry and the standard primitive cell** (moyopy, ``symprec`` in Å): the primitive cell of
    the crystal (an exact supercell is reduced), in the standard setting of its space group, in the
    standard orientation; lattice and positions symmetrized (refined) within ``symprec``.
+   Most screened crystals (strained, rattled, substituted) are P1 on a lattice with no isometry
+   but ±1; where the op ``frame_p1_certificate`` proves that (no pure translation, no inversion,
+   with a margin), moyopy's answer is known and its search is skipped (:func:`_certified_p1`).
 2. **One description among the equivalent ones.** A standard setting leaves choices: the origin
    among points of the same symmetry, the axes among equivalent ones (the space group's Euclidean
    normalizer, chirality-preserving part) and, for polar groups, a continuous origin along the
@@ -165,8 +168,8 @@ def canonical_frame(atomic_numbers, positions, cell, symprec: float = SYMPREC, b
     Args:
         atomic_numbers: ``(n,)`` Z.  positions: ``(n, 3)`` Cartesian Å.  cell: ``(3, 3)`` Å, rows.
         symprec: symmetry tolerance in Å; symmetry found within it is made exact.
-        backend: the op ``frame_bookkeeping``'s backend, ``"auto"``, ``"reference"`` or ``"cpu"``
-            (the same frame either way).
+        backend: the backend of the ops ``frame_bookkeeping`` and ``frame_p1_certificate``,
+            ``"auto"``, ``"reference"`` or ``"cpu"`` (the same frame either way).
 
     Raises:
         FrameError: the symmetry search fails, or its bookkeeping is inconsistent, at ``symprec`` and
@@ -178,11 +181,12 @@ def canonical_frame(atomic_numbers, positions, cell, symprec: float = SYMPREC, b
     pos = np.ascontiguousarray(positions, dtype=np.float64).reshape(-1, 3)
     lattice = np.ascontiguousarray(cell, dtype=np.float64).reshape(3, 3)
     bookkeeping = _implementation(ops.FRAME_BOOKKEEPING, backend)
+    certificate = _implementation(ops.FRAME_P1_CERTIFICATE, backend)
     _filter_moyo_warnings()
     frac = pos @ _inverse(lattice)
     for attempt in range(SYMPREC_RETRIES + 1):
         try:
-            return _canonical_frame(moyopy, bookkeeping, z, frac, pos, lattice, symprec / 2**attempt)
+            return _canonical_frame(moyopy, bookkeeping, certificate, z, frac, pos, lattice, symprec / 2**attempt)
         except FrameError as err:
             failure = err
     raise FrameError(f"{failure} (tried symprec {symprec:.3g} Å down to {symprec / 2**SYMPREC_RETRIES:.3g} Å)")
@@ -240,10 +244,10 @@ def _inverse(m: np.ndarray) -> np.ndarray:
     return np.array(cof) / det
 
 
-def _canonical_frame(moyopy, bookkeeping, z, frac, pos, lattice, symprec) -> CanonicalFrame:
+def _canonical_frame(moyopy, bookkeeping, certificate, z, frac, pos, lattice, symprec) -> CanonicalFrame:
     """The search (moyopy), then the op ``frame_bookkeeping`` on what it found; ``frac``: the
     user's fractional coordinates."""
-    number, inputs = search(moyopy, z, frac, pos, lattice, symprec)
+    number, inputs = search(moyopy, z, frac, pos, lattice, symprec, certificate)
     basis, rotations, translations, rotation = inputs[0], inputs[6], inputs[7], inputs[10]
     (numbers, positions, linear, shift, choice_images, permutations, user_cell, atom_map, images,
      offset) = bookkeeping(*inputs)
@@ -251,14 +255,20 @@ def _canonical_frame(moyopy, bookkeeping, z, frac, pos, lattice, symprec) -> Can
                           atom_map, images, offset, rotation, linear, shift, choice_images, symprec)
 
 
-def search(moyopy, z, frac, pos, lattice, symprec) -> tuple[int, tuple]:
+def search(moyopy, z, frac, pos, lattice, symprec, certificate=None) -> tuple[int, tuple]:
     """moyopy's symmetry search on one crystal: ``(space group number, the arguments of the op
     frame_bookkeeping)``; ``z (n,)`` int64, ``frac``, ``pos (n, 3)`` the user's fractional and
-    Cartesian (Å) coordinates, ``lattice (3, 3)`` Å.
+    Cartesian (Å) coordinates, ``lattice (3, 3)`` Å. A crystal :func:`_certified_p1` proves P1
+    gets moyopy's answer without the search (``certificate``: the op ``frame_p1_certificate``'s
+    implementation; None: ``auto``'s).
 
     Raises:
         FrameError: the search or the normalizer fails at ``symprec``.
     """
+    p1 = _certified_p1(moyopy, z, frac, pos, lattice, symprec,
+                       certificate or _implementation(ops.FRAME_P1_CERTIFICATE, "auto"))
+    if p1 is not None:
+        return 1, p1
     try:
         data = moyopy.MoyoDataset(moyopy.Cell(lattice.tolist(), frac.tolist(), z.tolist()), symprec=symprec,
                                   rotate_basis=True)
@@ -273,6 +283,61 @@ def search(moyopy, z, frac, pos, lattice, symprec) -> tuple[int, tuple]:
         np.array(prim.positions, dtype=np.float64), linears, shifts, group.polar, group.rotations, group.translations,
         group.moving, np.array(data.mapping_std_prim, dtype=np.int64),
         np.array(data.std_rotation_matrix, dtype=np.float64), lattice, pos, symprec)
+
+
+def _certified_p1(moyopy, z, frac, pos, lattice, symprec, certificate) -> tuple | None:
+    """The arguments of the op frame_bookkeeping that moyopy's search would give, for a crystal
+    proven to be P1 at ``symprec`` with ``GENERIC_LATTICE_MARGIN`` to spare; None when it is not
+    proven (the caller searches).
+
+    Proof: its Niggli-reduced lattice has no isometry but ±1 (:func:`_generic_lattice`), and no
+    pure translation and no inversion maps it onto itself (op ``frame_p1_certificate``): nothing
+    else is left for a space-group operation. moyopy's answer for such a crystal is then known:
+    the primitive standard cell of P1 is the Niggli-reduced cell in the standard orientation (a along
+    x, b in the xy plane), its atoms the user's in the user's order, unwrapped, and the normalizer
+    the one every generic P1 lattice has (tests compare the frames with moyopy's)."""
+    reduced, linear = moyopy.niggli_reduce(lattice.tolist())
+    margin = GENERIC_LATTICE_MARGIN * symprec
+    if not _generic_lattice(reduced, margin):
+        return None
+    (p, q, r), (s, t, u), (v, w, y) = linear  # reduced = linear^T @ lattice, integer and unimodular
+    if p * (t * y - u * w) - q * (s * y - u * v) + r * (s * w - t * v) != 1:
+        return None  # a left-handed reduced basis: moyopy's standard cell is another one
+    # x = frac @ inv(linear)^T, by the adjugate (the inverse of a unimodular integer matrix is integer).
+    inverse_t = np.array([[t * y - u * w, u * v - s * y, s * w - t * v],
+                          [r * w - q * y, p * y - r * v, q * v - p * w],
+                          [q * u - r * t, r * s - p * u, p * t - q * s]], dtype=np.float64)
+    x = frac @ inverse_t
+    basis = np.array(reduced, dtype=np.float64)
+    if not certificate(z, x, basis, margin):
+        return None
+    # The standard orientation: rows e1 along a, e2 in the (a, b) plane, e3 = e1 x e2.
+    (a1, a2, a3), (b1, b2, b3) = reduced[0], reduced[1]
+    la = math.sqrt(a1 * a1 + a2 * a2 + a3 * a3)
+    e1 = (a1 / la, a2 / la, a3 / la)
+    along = b1 * e1[0] + b2 * e1[1] + b3 * e1[2]
+    f1, f2, f3 = b1 - along * e1[0], b2 - along * e1[1], b3 - along * e1[2]
+    lf = math.sqrt(f1 * f1 + f2 * f2 + f3 * f3)
+    e2 = (f1 / lf, f2 / lf, f3 / lf)
+    e3 = (e1[1] * e2[2] - e1[2] * e2[1], e1[2] * e2[0] - e1[0] * e2[2], e1[0] * e2[1] - e1[1] * e2[0])
+    rotation = np.array((e1, e2, e3))
+    linears, shifts = _generic_p1_normalizer(moyopy)
+    group = _group(1, 1)
+    return (basis @ rotation.T, z, x, linears, shifts, group.polar, group.rotations, group.translations, group.moving,
+            np.arange(len(z), dtype=np.int64), rotation, lattice, pos, symprec)
+
+
+def _generic_p1_normalizer(moyopy) -> tuple[np.ndarray, np.ndarray]:
+    """P1's normalizer on a generic lattice (the same for every such crystal), from moyopy once."""
+    cached = _GENERIC_TRICLINIC_NORMALIZERS.get(1)
+    if cached is None:
+        # Any P1 crystal on a generic lattice gives it: this one has three species and a skewed cell.
+        lattice = [[3.1, 0.0, 0.0], [0.4, 4.3, 0.0], [0.7, 0.9, 5.9]]
+        data = moyopy.MoyoDataset(moyopy.Cell(lattice, [[0.0, 0.0, 0.0], [0.13, 0.27, 0.41], [0.61, 0.19, 0.83]],
+                                              [1, 2, 3]), symprec=SYMPREC)
+        assert data.number == 1 and _generic_lattice(data.prim_std_cell.basis, GENERIC_LATTICE_MARGIN * SYMPREC)
+        cached = _GENERIC_TRICLINIC_NORMALIZERS[1] = _crystal_normalizer(data)
+    return cached
 
 
 #: Space groups from this ITA number on (tetragonal, trigonal, hexagonal, cubic) have a Euclidean

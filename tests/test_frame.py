@@ -386,9 +386,11 @@ def test_a_lattice_with_isometries_beyond_inversion_is_never_called_generic(cell
 
 
 def test_the_generic_lattice_shortcut_leaves_every_frame_as_it_was(monkeypatch):
-    """Frames built with the shortcut are, bit for bit, the frames built with moyopy's normalizer."""
+    """Frames built with the shortcut are, bit for bit, the frames built with moyopy's normalizer
+    (both after moyopy's search: the certified P1 path is tested below)."""
     from e3relax_fast import frame
 
+    monkeypatch.setattr(frame, "_certified_p1", lambda *args: None)
     cases = _triclinic_cases()[:60]
     fast = [canonical_frame(*case) for case in cases]
     monkeypatch.setattr(frame, "_generic_lattice", lambda basis, margin: False)
@@ -396,3 +398,36 @@ def test_the_generic_lattice_shortcut_leaves_every_frame_as_it_was(monkeypatch):
         slow = canonical_frame(*case)
         for name, value in vars(slow).items():
             np.testing.assert_array_equal(value, getattr(built, name), err_msg=name)
+
+
+def test_a_certified_p1_crystal_gets_the_frame_moyopys_search_gives(monkeypatch):
+    """The P1 path (no symmetry search for a crystal proven P1) builds moyopy's frame: integers
+    equal, floats to rounding; it takes most of a screening mix and never a crystal moyopy finds
+    symmetric; rewritings of one crystal (another basis, images, a rotation) get one frame."""
+    import moyopy
+
+    from e3relax_fast import frame
+
+    rng = np.random.default_rng(4)
+    cases = _triclinic_cases()
+    for z, pos, cell in _triclinic_cases()[:40]:  # the same crystals in another basis, atoms moved by lattice vectors
+        other = random_unimodular(rng) @ cell
+        rotation = random_rotation(rng)
+        cases.append((z, (pos + rng.integers(-2, 3, pos.shape) @ cell) @ rotation.T, other @ rotation.T))
+    fast = [canonical_frame(*case) for case in cases]
+    certificate = frame._implementation("frame_p1_certificate", "auto")
+    certified = [frame._certified_p1(moyopy, np.asarray(z, dtype=np.int64), pos @ np.linalg.inv(cell), pos, cell,
+                                     SYMPREC, certificate) is not None for z, pos, cell in cases]
+    monkeypatch.setattr(frame, "_certified_p1", lambda *args: None)
+    for case, built, taken in zip(cases, fast, certified, strict=True):
+        slow = canonical_frame(*case)
+        assert not taken or slow.spacegroup == 1
+        for name, value in vars(slow).items():
+            if np.asarray(value).dtype.kind == "f":
+                np.testing.assert_allclose(getattr(built, name), value, rtol=0, atol=1e-11, err_msg=name)
+            else:
+                np.testing.assert_array_equal(getattr(built, name), value, err_msg=name)
+    assert sum(certified) >= 100, sum(certified)
+    for original, rewritten in zip(fast[:40], fast[-40:], strict=True):
+        np.testing.assert_allclose(rewritten.positions, original.positions, atol=1e-9)
+        np.testing.assert_allclose(rewritten.cell, original.cell, atol=1e-9)

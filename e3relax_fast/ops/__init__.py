@@ -12,7 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .registry import BACKENDS, BackendUnavailableError
-from .table import FRAME_BOOKKEEPING, FRAME_MAP_BACK, LATTICE_MESSAGE, LATTICE_POOL, MESSAGE_PASSING, OPS, RADIUS_GRAPH
+from .table import (
+    FRAME_BOOKKEEPING,
+    FRAME_MAP_BACK,
+    FRAME_P1_CERTIFICATE,
+    LATTICE_MESSAGE,
+    LATTICE_POOL,
+    MESSAGE_PASSING,
+    OPS,
+    RADIUS_GRAPH,
+)
 
 
 def resolve(op: str, backend: str, device_type: str, needs_grad: bool = False) -> tuple[str, Callable]:
@@ -30,5 +39,5 @@ def available(op: str) -> list[str]:
     return OPS[op].available()
 
 
-__all__ = ["BACKENDS", "FRAME_BOOKKEEPING", "FRAME_MAP_BACK", "LATTICE_MESSAGE", "LATTICE_POOL", "MESSAGE_PASSING",
-           "OPS", "RADIUS_GRAPH", "BackendUnavailableError", "available", "resolve"]
+__all__ = ["BACKENDS", "FRAME_BOOKKEEPING", "FRAME_MAP_BACK", "FRAME_P1_CERTIFICATE", "LATTICE_MESSAGE", "LATTICE_POOL",
+           "MESSAGE_PASSING", "OPS", "RADIUS_GRAPH", "BackendUnavailableError", "available", "resolve"]

@@ -9,8 +9,8 @@
 * :func:`message_passing_fused_cpu`, :func:`lattice_message_fused_cpu` — backend ``cpu`` of the two
   gated message ops (inference): fused per receiver / atom, the radial projection on a window of
   the basis (:func:`radial_window`), AVX-512 where the CPU has it;
-* :func:`frame_bookkeeping`, :func:`frame_map_back` — backend ``cpu`` of the canonical frame's two
-  host ops (NumPy arrays, one crystal per call).
+* :func:`frame_bookkeeping`, :func:`frame_map_back`, :func:`frame_p1_certificate` — backend ``cpu`` of
+  the canonical frame's three host ops (NumPy arrays, one crystal per call).
 
 Every wrapper has its reference twin's signature and returns exactly the reference's result (graph:
 integers equal, distances equal to the bit). Whether a backend can run here is decided once, at
@@ -516,3 +516,11 @@ def frame_map_back(positions, cell, frame_positions, frame_cell, rotations, perm
     return _C.frame_map_back(positions, cell, frame_positions, frame_cell, rotations, permutations, choice_linear,
                              choice_shift, choice_images, atom_map, images, offset, user_cell, rotation,
                              bool(symmetrize))
+
+
+def frame_p1_certificate(numbers, x, basis, tolerance) -> bool:
+    """Backend ``cpu`` of op ``frame_p1_certificate``: same arguments and result as
+    :func:`e3relax_fast.reference.frame_p1.frame_p1_certificate` (NumPy arrays, one crystal)."""
+    if _C is None:
+        raise BackendUnavailableError(IMPORT_ERROR or "e3relax_fast._C missing")
+    return _C.frame_p1_certificate(numbers, x, basis, float(tolerance))

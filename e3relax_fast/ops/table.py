@@ -9,6 +9,7 @@ on each device type, and what each backend can do. This is the only place that k
 | lattice_pool | ✓ auto on CPU | (reference) | (reference) | ✓ auto on CUDA | (reference) |
 | frame_bookkeeping | ✓ (NumPy) | ✓ auto | — | — | — |
 | frame_map_back | ✓ (NumPy) | ✓ auto | — | — | — |
+| frame_p1_certificate | ✓ (NumPy) | ✓ auto | — | — | — |
 
 "(reference)": a model run with ``backend="cpu"``, ``"cuda"`` or ``"cueq"`` takes that op from the
 reference, since those backends do not implement it.
@@ -19,10 +20,11 @@ distance (``reference/radial_window.py``: the other 113 add at most 6.1e-13 of t
 of each channel); ``auto`` takes it on CPU when no gradient is needed, the reference otherwise
 (training, golden parity).
 
-The two frame ops (:mod:`e3relax_fast.frame`: the canonical frame's bookkeeping after moyopy's
-symmetry search, and a prediction's way back to the user's description) work on NumPy arrays on
-the host, one crystal per call; their C++ backend (``csrc/frame_cpu.h``) removes the per-call cost
-of many small NumPy operations, which dominates there.
+The three frame ops (:mod:`e3relax_fast.frame`: the canonical frame's bookkeeping after moyopy's
+symmetry search, a prediction's way back to the user's description, and the certificate that lets
+a P1 crystal skip the search) work on NumPy arrays on the host, one crystal per call; their C++
+backend (``csrc/frame_cpu.h``) removes the per-call cost of many small NumPy operations, which
+dominates there.
 
 Each backend's implementation has its reference twin's signature (``e3relax_fast/reference/``).
 Compiled and Triton backends are imported on first use; a missing one says why.
@@ -40,6 +42,7 @@ import torch
 
 from ..reference.frame_bookkeeping import frame_bookkeeping as _reference_frame_bookkeeping
 from ..reference.frame_map_back import frame_map_back as _reference_frame_map_back
+from ..reference.frame_p1 import frame_p1_certificate as _reference_frame_p1_certificate
 from ..reference.lattice_message import lattice_message as _reference_lattice_message
 from ..reference.lattice_pool import lattice_pool as _reference_lattice_pool
 from ..reference.message_passing import message_passing as _reference_message_passing
@@ -52,6 +55,7 @@ LATTICE_MESSAGE = "lattice_message"
 LATTICE_POOL = "lattice_pool"
 FRAME_BOOKKEEPING = "frame_bookkeeping"
 FRAME_MAP_BACK = "frame_map_back"
+FRAME_P1_CERTIFICATE = "frame_p1_certificate"
 
 ANY_DEVICE = frozenset({"cpu", "cuda"})
 CUDA_ONLY = frozenset({"cuda"})
@@ -236,6 +240,15 @@ OPS: dict[str, Op] = {
         {
             "reference": Impl("reference", lambda: _reference_frame_map_back, _cpu_only, differentiable=False),
             "cpu": Impl("cpu", _compiled("frame_map_back", False, "frame_map_back"), _cpu_only, differentiable=False),
+        },
+        auto={"cpu": ("cpu", "reference")},
+    ),
+    FRAME_P1_CERTIFICATE: Op(
+        FRAME_P1_CERTIFICATE,
+        {
+            "reference": Impl("reference", lambda: _reference_frame_p1_certificate, _cpu_only, differentiable=False),
+            "cpu": Impl("cpu", _compiled("frame_p1_certificate", False, "frame_p1_certificate"), _cpu_only,
+                        differentiable=False),
         },
         auto={"cpu": ("cpu", "reference")},
     ),

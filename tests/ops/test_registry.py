@@ -62,7 +62,8 @@ def test_devices_and_substitutes():
 
 def test_table_ops_and_reference_everywhere():
     tensor_ops = {"radius_graph", "message_passing", "lattice_message", "lattice_pool"}
-    host_ops = {"frame_bookkeeping", "frame_map_back"}  # NumPy arrays: "cpu" whatever the model's device
+    # NumPy arrays: "cpu" whatever the model's device
+    host_ops = {"frame_bookkeeping", "frame_map_back", "frame_p1_certificate"}
     assert set(ops.OPS) == tensor_ops | host_ops
     for name in ops.OPS:
         assert "reference" in ops.available(name)
