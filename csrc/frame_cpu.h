@@ -1,7 +1,8 @@
-// The canonical frame's two host ops in C++ (backend "cpu" of frame_bookkeeping and frame_map_back).
+// The canonical frame's three host ops in C++ (backend "cpu" of frame_bookkeeping, frame_map_back and
+// frame_p1_certificate).
 //
-// Twins of e3relax_fast/reference/frame_bookkeeping.py and frame_map_back.py, same arguments and
-// results (integers equal, floats to rounding): one crystal per call, a few hundred flops. The
+// Twins of e3relax_fast/reference/frame_bookkeeping.py, frame_map_back.py and frame_p1_certificate.py, same
+// arguments and results (integers equal, floats to rounding): one crystal per call, a few hundred flops. The
 // NumPy twins spend their time in the per-call cost of some sixty small array operations, not in
 // arithmetic; here the whole crystal is a few loops. Units: Å; cells are 3x3 row-major with the
 // lattice vectors as rows; fractional coordinates are rows x with Cartesian r = x @ cell.

@@ -596,7 +596,7 @@ NB_MODULE(_C, m) {
         "e3relax_fast.reference.frame_map_back): (positions (n, 3), cell (3, 3)).");
   m.def("frame_p1_certificate", &frame_p1_certificate, "numbers"_a, "x"_a, "basis"_a, "tolerance"_a,
         "Whether no pure translation and no inversion maps the crystal onto itself within tolerance (Å)\n"
-        "(arguments and result of e3relax_fast.reference.frame_p1.frame_p1_certificate).");
+        "(arguments and result of e3relax_fast.reference.frame_p1_certificate.frame_p1_certificate).");
   m.attr("CUDA_CELL_LIST_THRESHOLD") = e3rg::kDefaultCellListThreshold;
   m.def("radius_graph_cuda_emulated", &radius_graph_cuda_emulated, "positions"_a, "cells"_a, "ptr"_a, "radius"_a,
         "max_neighbors"_a, "reserved"_a.none(), "cell_list_threshold"_a = -1,

@@ -1,7 +1,8 @@
 """Canonical frames of many crystals at once, shared with worker processes on idle cores.
 
-A frame's cost is moyopy's symmetry search plus a thin layer of bookkeeping, ~140 µs per crystal of
-the MP-like mix on one core, and moyopy holds the GIL, so threads cannot share it. On a machine with
+A frame's cost is moyopy's symmetry search (skipped for a crystal proven P1) plus a thin layer of
+bookkeeping, ~65 µs per crystal of the MP-like mix on one core, and moyopy holds the GIL, so threads
+cannot share it. On a machine with
 idle cores (a GPU node, where the model no longer runs on the CPU) it is expected to be the part of a
 screening run that does not scale with the hardware (not yet measured on GPU). :func:`canonical_frames` therefore splits
 a call's crystals between this process and worker processes (``python -m

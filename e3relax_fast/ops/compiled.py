@@ -520,7 +520,7 @@ def frame_map_back(positions, cell, frame_positions, frame_cell, rotations, perm
 
 def frame_p1_certificate(numbers, x, basis, tolerance) -> bool:
     """Backend ``cpu`` of op ``frame_p1_certificate``: same arguments and result as
-    :func:`e3relax_fast.reference.frame_p1.frame_p1_certificate` (NumPy arrays, one crystal)."""
+    :func:`e3relax_fast.reference.frame_p1_certificate.frame_p1_certificate` (NumPy arrays, one crystal)."""
     if _C is None:
         raise BackendUnavailableError(IMPORT_ERROR or "e3relax_fast._C missing")
     return _C.frame_p1_certificate(numbers, x, basis, float(tolerance))

@@ -42,7 +42,7 @@ import torch
 
 from ..reference.frame_bookkeeping import frame_bookkeeping as _reference_frame_bookkeeping
 from ..reference.frame_map_back import frame_map_back as _reference_frame_map_back
-from ..reference.frame_p1 import frame_p1_certificate as _reference_frame_p1_certificate
+from ..reference.frame_p1_certificate import frame_p1_certificate as _reference_frame_p1_certificate
 from ..reference.lattice_message import lattice_message as _reference_lattice_message
 from ..reference.lattice_pool import lattice_pool as _reference_lattice_pool
 from ..reference.message_passing import message_passing as _reference_message_passing

@@ -1,6 +1,6 @@
 """Op ``frame_p1_certificate``: whether no pure translation and no inversion maps a crystal onto
 itself within a tolerance, backend ``cpu`` (csrc/frame_cpu.cpp) against its NumPy reference twin
-(e3relax_fast/reference/frame_p1.py), and both against moyopy: the same answer on every crystal of the
+(e3relax_fast/reference/frame_p1_certificate.py), and both against moyopy: the same answer on every crystal of the
 frame corpus (supercells, centrosymmetric crystals, polar ones, the test split) and on each rattled,
 near and far from its symmetry; a certified crystal is one where moyopy finds neither operation."""
 
@@ -15,7 +15,7 @@ from frame_corpus import crystals  # noqa: E402
 from helpers import backend_params  # noqa: E402
 
 from e3relax_fast import ops  # noqa: E402
-from e3relax_fast.reference.frame_p1 import frame_p1_certificate as reference_op  # noqa: E402
+from e3relax_fast.reference.frame_p1_certificate import frame_p1_certificate as reference_op  # noqa: E402
 
 OP = "frame_p1_certificate"
 BACKENDS = backend_params(OP, "cpu")
