@@ -296,7 +296,10 @@ def _certified_p1(moyopy, z, frac, pos, lattice, symprec, certificate) -> tuple 
     the primitive standard cell of P1 is the Niggli-reduced cell in the standard orientation (a along
     x, b in the xy plane), its atoms the user's in the user's order, unwrapped, and the normalizer
     the one every generic P1 lattice has (tests compare the frames with moyopy's)."""
-    reduced, linear = moyopy.niggli_reduce(lattice.tolist())
+    try:
+        reduced, linear = moyopy.niggli_reduce(lattice.tolist())
+    except Exception:  # moyopy's own exceptions (a reduction that does not converge): the search decides
+        return None
     margin = GENERIC_LATTICE_MARGIN * symprec
     if not _generic_lattice(reduced, margin):
         return None

@@ -179,7 +179,11 @@ def frame_spread(
     the fractional-centroid gauge. It measures how much the answer depends on how the crystal is
     written, which is larger where the model is wrong (Spearman ρ 0.44–0.70 with the coordinate error
     on the test split, depending on the model; see the module docstring). It ranks; it is not a
-    calibrated error (with the previous shipped model, about half the coordinate MAE, widely spread). The
+    calibrated error (with the previous shipped model, about half the coordinate MAE, widely spread).
+    It does **not** flag chemistry the model has not seen: there the shipped model barely moves the
+    atoms, in every description alike, so the spread is small (median 0.003 Å on the never-seen
+    AFLOW/pyxtal test pairs against 0.040 Å on the in-family ones: ``python -m bench.bench_uncertainty
+    --never-seen data/chgnet_v5b``). The
     same crystal written any other way has the same canonical frame, hence the same value. NaN where
     a prediction is not finite.
 
