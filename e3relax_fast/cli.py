@@ -173,7 +173,7 @@ def run_train(args: argparse.Namespace) -> int:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     config = TrainConfig(
         model={"hidden_channels": args.hidden, "num_layers": args.layers, "cell_transport": args.cell_transport,
-               "element_features": args.element_features, "backend": args.backend},
+               "element_features": args.element_features, "cell_strain": args.cell_strain, "backend": args.backend},
         lr=args.lr, batch_size=args.batch_size, steps_per_epoch=args.steps_per_epoch,
         max_epochs=args.max_epochs, loss=args.loss, seed=args.seed, dtype=args.dtype, frame=args.frame,
         init=args.init, family_balance=args.family_balance,
@@ -226,6 +226,10 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--element-features", action="store_true",
                    help="add a learned map of each element's radius, electronegativity, period and group to its "
                    "embedding (E3Relax(element_features=True)); --init may then name a checkpoint without them")
+    p.add_argument("--cell-strain", action="store_true",
+                   help="add to each lattice vector's update the vector times a learned scalar (E3Relax("
+                   "cell_strain=True)): a direct path for the cell's multiplicative change; --init may name a "
+                   "checkpoint without it")
     p.add_argument("--backend", choices=MODEL_BACKENDS, default="auto",
                    help="the model's message ops while training (auto: the fastest that supports autograd on the "
                    "device, e.g. Triton on CUDA; reference: pure PyTorch); not saved in the checkpoint")

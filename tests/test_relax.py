@@ -274,11 +274,14 @@ def test_infer_config_at_paper_size_shapes():
         "num_elements": 118,
         "cell_transport": False,
         "element_features": False,
+        "cell_strain": False,
     }
     state["cell_transport_marker"] = torch.ones(())
     assert infer_config(state)["cell_transport"] is True
     state["element_features.proj.weight"] = torch.zeros(h, 51)
     assert infer_config(state)["element_features"] is True
+    state["cell_strain_layers.0.0.weight"] = torch.zeros(1, h)
+    assert infer_config(state)["cell_strain"] is True
 
 
 def test_inference_precisions():

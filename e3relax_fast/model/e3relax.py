@@ -69,6 +69,12 @@ class E3Relax(nn.Module):
             electronegativity, period, group: :mod:`e3relax_fast.model.elements`) to its learned
             embedding (default mode only). The map starts at zero, so a model grown from a
             checkpoint without it (``train --init``) starts with that checkpoint's predictions.
+        cell_strain: add to each lattice node's cell delta its own lattice vector times a learned
+            scalar of the node's invariant features (``Δa_k += ε_k a_k``): a direct path for the
+            multiplicative change a relaxation makes to the cell, which the node's vector delta
+            (an absolute displacement in Å) must otherwise build from its messages (default mode
+            only). The scalars start at zero, so a model grown from a checkpoint without them starts
+            with its predictions.
     """
 
     def __init__(
@@ -84,6 +90,7 @@ class E3Relax(nn.Module):
         max_neighbors: int = MAX_NEIGHBORS,
         cell_transport: bool = False,
         element_features: bool = False,
+        cell_strain: bool = False,
     ):
         super().__init__()
         h = hidden_channels
@@ -97,6 +104,9 @@ class E3Relax(nn.Module):
         if element_features and paper_compat:
             raise ValueError("element_features is a default-mode option (the original has no such input)")
         self.use_element_features = element_features
+        if cell_strain and paper_compat:
+            raise ValueError("cell_strain is a default-mode option (the original's cell update has no such term)")
+        self.use_cell_strain = cell_strain
         # Registration order follows the original's state dict.
         self.atom_emb = AtomEmbedding(num_elements, h)
         self.scalar_l1_emb = nn.Embedding(1, h)
@@ -115,6 +125,10 @@ class E3Relax(nn.Module):
             self.register_buffer(TRANSPORT_MARKER, torch.ones(()))
         if element_features:
             self.element_features = ElementFeatures(num_elements, h)
+        if cell_strain:
+            # Per layer, per lattice node: its scalar features -> ε_k, zero at the start.
+            self.cell_strain_layers = nn.ModuleList(
+                nn.ModuleList(_zero_linear(h, 1) for _ in range(3)) for _ in range(num_layers))
 
     @property
     def config(self) -> dict:
@@ -128,6 +142,7 @@ class E3Relax(nn.Module):
             "paper_compat": self.paper_compat,
             "cell_transport": self.cell_transport,
             "element_features": self.use_element_features,
+            "cell_strain": self.use_cell_strain,
             "radius": self.radius,
             "max_neighbors": self.max_neighbors,
         }
@@ -206,6 +221,8 @@ class E3Relax(nn.Module):
             deltas = []
             for k, node in enumerate(nodes):
                 lat_s[k], lat_v[k], delta = node.from_atoms(s_mean, v_mean, lat_s[k], lat_v[k])
+                if self.use_cell_strain:
+                    delta = delta + self.cell_strain_layers[n][k](lat_s[k]) * cell[:, k, :]
                 deltas.append(delta)
                 record(f"L{n}_lat{k + 1}_scalar_after_global", lat_s[k], f"L{n}_lat{k + 1}_vector_after_global",
                        lat_v[k], f"L{n}_lat{k + 1}_delta", delta.unsqueeze(-1))
@@ -239,6 +256,13 @@ class E3Relax(nn.Module):
             lattice_message=ops.resolve(ops.LATTICE_MESSAGE, self.backend, device.type, needs_grad)[1],
             lattice_pool=ops.resolve(ops.LATTICE_POOL, self.backend, device.type, needs_grad)[1],
         )
+
+
+def _zero_linear(fan_in: int, fan_out: int) -> nn.Linear:
+    layer = nn.Linear(fan_in, fan_out)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
 
 
 def _transport(pos: Tensor, cell: Tensor, new_cell: Tensor, ctx: Context) -> Tensor:

@@ -46,10 +46,10 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
 
     Returns:
         ``{"hidden_channels", "num_layers", "num_rbf", "num_elements", "cell_transport",
-        "element_features"}`` read from the shapes of ``atom_emb.embeddings.weight``
+        "element_features", "cell_strain"}`` read from the shapes of ``atom_emb.embeddings.weight``
         ``(num_elements, H)``, the ``message_passing_layers.{n}`` indices,
         ``message_passing_layers.0.edge_proj.weight`` ``(3H, R)`` and the presence of the transport
-        marker buffer and of the element features' map.
+        marker buffer, of the element features' map and of the cell-strain scalars.
     """
     try:
         num_elements, hidden = state_dict["atom_emb.embeddings.weight"].shape
@@ -64,6 +64,7 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
         "num_elements": int(num_elements),
         "cell_transport": TRANSPORT_MARKER in state_dict,
         "element_features": "element_features.proj.weight" in state_dict,
+        "cell_strain": "cell_strain_layers.0.0.weight" in state_dict,
     }
 
 

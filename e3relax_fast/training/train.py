@@ -168,6 +168,11 @@ class TrainingSetupError(ValueError):
     size, an --init checkpoint): a user error. Errors raised once training runs are not of this kind."""
 
 
+#: Architecture options whose parts start at zero (config key -> their parameters' prefix): ``--init``
+#: may grow a checkpoint without them into a model with them.
+GROWABLE = {"element_features": "element_features.", "cell_strain": "cell_strain_layers."}
+
+
 def _load_init(model: E3Relax, ema: torch.nn.Module, path: str) -> None:
     """Copy the weights of checkpoint ``path`` (read by ``load_pretrained``: e.g. an earlier run's
     best.pt, its EMA weights) into ``model`` and ``ema``; :class:`TrainingSetupError` naming the first difference
@@ -179,20 +184,20 @@ def _load_init(model: E3Relax, ema: torch.nn.Module, path: str) -> None:
     except (ValueError, FileNotFoundError) as err:  # a missing or unreadable checkpoint: it names the file
         raise TrainingSetupError(f"--init: {err}") from err
     differences = {k: (source.config.get(k), v) for k, v in model.config.items() if source.config.get(k) != v}
-    # A model grown by the element features (a map that starts at zero) starts from a checkpoint
-    # without them: it predicts what that checkpoint predicts.
-    grown = differences.get("element_features") in ((False, True), (None, True))
-    if grown:
-        del differences["element_features"]
+    # A model grown by the element features or the cell strain (parts that start at zero) starts from a
+    # checkpoint without them: it predicts what that checkpoint predicts.
+    grown = [key for key in GROWABLE if differences.get(key) in ((False, True), (None, True))]
+    for key in grown:
+        del differences[key]
     if differences:
         key, (theirs, ours) = next(iter(differences.items()))
         raise TrainingSetupError(f"--init {path}: its {key} is {theirs!r}, this run's is {ours!r} "
                          f"(train with the same architecture to start from it)")
     for target in (model, ema):
         missing, unexpected = target.load_state_dict(source.state_dict(), strict=not grown)
-        if grown and (unexpected or any(not k.startswith("element_features.") for k in missing)):
-            raise TrainingSetupError(f"--init {path}: parameters do not match beyond the element features "
-                                     f"(missing {missing}, unexpected {unexpected})")
+        if grown and (unexpected or any(not k.startswith(tuple(GROWABLE[key] for key in grown)) for k in missing)):
+            raise TrainingSetupError(f"--init {path}: parameters do not match beyond the parts it grows "
+                                     f"({', '.join(grown)}; missing {missing}, unexpected {unexpected})")
 
 
 def _check_elements(model: E3Relax, datasets: dict[str, PairDataset]) -> None:

@@ -138,9 +138,12 @@ def test_a_run_killed_while_saving_keeps_its_previous_checkpoints(tmp_path, data
     assert resumed["step"] == 4
 
 
-def test_init_grows_a_checkpoint_without_element_features_into_a_model_with_them(tmp_path, datasets):
-    """--init from a model without the element features: every other weight comes from it, the new
-    map starts at zero (so the first step starts from its predictions) and then learns."""
+@pytest.mark.parametrize("option, new_weight", [("element_features", "element_features.proj.weight"),
+                                                ("cell_strain", "cell_strain_layers.1.2.weight")])
+def test_init_grows_a_checkpoint_into_a_model_with_a_part_that_starts_at_zero(tmp_path, datasets, option,
+                                                                              new_weight):
+    """--init from a model without the element features or the cell strain: every other weight comes
+    from it, the new part starts at zero (so the first step starts from its predictions) and then learns."""
     from e3relax_fast import load_pretrained
 
     train_set, val_set = datasets
@@ -148,14 +151,14 @@ def test_init_grows_a_checkpoint_without_element_features_into_a_model_with_them
                       lr=1e-3, ema_decay=0.0, dtype="float64")
     train(cfg, train_set, val_set, tmp_path / "a", max_steps=2, progress=False)
     source = load_pretrained(tmp_path / "a" / "best.pt")
-    grown = TrainConfig(model={"hidden_channels": 8, "num_layers": 2, "element_features": True}, batch_size=4,
+    grown = TrainConfig(model={"hidden_channels": 8, "num_layers": 2, option: True}, batch_size=4,
                         steps_per_epoch=1, lr=1e-3, ema_decay=0.0, dtype="float64",
                         init=str(tmp_path / "a" / "best.pt"))
     train(grown, train_set, val_set, tmp_path / "b", max_steps=1, progress=False)
     weights = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
-    assert 0 < weights["element_features.proj.weight"].abs().max() < 0.05  # from zero, one step
+    assert 0 < weights[new_weight].abs().max() < 0.05  # from zero, one step
     moved = max((weights[k] - v).abs().max().item() for k, v in source.state_dict().items())
     assert moved < 0.05
-    with pytest.raises(ValueError, match="element_features is True, this run's is False"):  # not the other way
+    with pytest.raises(ValueError, match=f"{option} is True, this run's is False"):  # not the other way
         train(TrainConfig(model={"hidden_channels": 8, "num_layers": 2}, init=str(tmp_path / "b" / "best.pt")),
               train_set, val_set, tmp_path / "c", max_steps=1, progress=False)
