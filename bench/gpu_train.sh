@@ -27,6 +27,7 @@
 #
 # Environment: HIDDEN (128), LAYERS (4), BATCH (64), LR (5e-4), MINIMA (1.0), BALANCE (0.5),
 # ELEMENT_FEATURES (0; 1: train --element-features, the elements' descriptors beside the embedding),
+# CELL_STRAIN (0; 1: train --cell-strain, each lattice vector's update gains the vector times a learned scalar),
 # TRAIN_S (300), STEPS_PER_EPOCH (100), DATA ("data/chgnet_v13sym data/chgnet_v4g data/chgnet_v5e"),
 # BUDGET_S (570: every stage's timeout is cut to what is left of it, the eval's minute kept for last),
 # PYTHON (default: the first of python3, python that imports torch).
@@ -112,6 +113,7 @@ TRAIN=("$PY" -m e3relax_fast.cli train --device "$DEVICE" --hidden "$HIDDEN" --l
        --minima "$MINIMA" --family-balance "$BALANCE")
 for d in $DATA; do TRAIN+=(--data "$d"); done
 [ "${ELEMENT_FEATURES:-0}" = 1 ] && TRAIN+=(--element-features)
+[ "${CELL_STRAIN:-0}" = 1 ] && TRAIN+=(--cell-strain)
 
 # --- smoke: two steps with the default backends (Triton on CUDA has never trained on a GPU here) ------
 BACKEND=auto

@@ -21,7 +21,8 @@ def test_cpu_dry_run_trains_evaluates_and_returns_the_checkpoint(tmp_path):
     from e3relax_fast import load_pretrained
 
     env = {**os.environ, "OUT": str(tmp_path / "out"), "TRAIN_S": "3", "STEPS_PER_EPOCH": "2", "HIDDEN": "8",
-           "LAYERS": "2", "BUDGET_S": "400", "TMPDIR": str(tmp_path), "ELEMENT_FEATURES": "1"}
+           "LAYERS": "2", "BUDGET_S": "400", "TMPDIR": str(tmp_path), "ELEMENT_FEATURES": "1",
+           "CELL_STRAIN": "1"}
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_train.sh"), "--cpu-dry-run"], env=env,
                           capture_output=True, text=True, timeout=600)
     summary = (tmp_path / "out" / "summary.md").read_text()
@@ -33,6 +34,6 @@ def test_cpu_dry_run_trains_evaluates_and_returns_the_checkpoint(tmp_path):
     (tmp_path / "best.pt").write_bytes(b"".join(p.read_bytes() for p in parts))
     model = load_pretrained(tmp_path / "best.pt")
     assert (model.hidden_channels, model.num_layers, model.cell_transport) == (8, 2, True)
-    assert model.config["element_features"]  # ELEMENT_FEATURES=1 reached the training
+    assert model.config["element_features"] and model.config["cell_strain"]  # the options reached the training
     seconds = int(summary.split("- total: ")[1].split(" s")[0])
     assert seconds <= 400
