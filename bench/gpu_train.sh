@@ -28,7 +28,7 @@
 # Environment: HIDDEN (128), LAYERS (4), BATCH (64), LR (5e-4), MINIMA (1.0), BALANCE (0.5),
 # ELEMENT_FEATURES (0; 1: train --element-features, the elements' descriptors beside the embedding),
 # CELL_STRAIN (0; 1: train --cell-strain, each lattice vector's update gains the vector times a learned scalar),
-# TRAIN_S (300), STEPS_PER_EPOCH (100), DATA ("data/chgnet_v13sym data/chgnet_v4g data/chgnet_v5e"),
+# TRAIN_S (300), STEPS_PER_EPOCH (100), DATA ("data/chgnet_v13sym data/chgnet_v4h data/chgnet_v5f"),
 # BUDGET_S (570: every stage's timeout is cut to what is left of it, the eval's minute kept for last),
 # PYTHON (default: the first of python3, python that imports torch).
 
@@ -57,7 +57,7 @@ fi
 HIDDEN="${HIDDEN:-128}" LAYERS="${LAYERS:-4}" BATCH="${BATCH:-64}" LR="${LR:-5e-4}" MINIMA="${MINIMA:-1.0}"
 BALANCE="${BALANCE:-0.5}" TRAIN_S="${TRAIN_S:-300}" STEPS_PER_EPOCH="${STEPS_PER_EPOCH:-100}"
 BUDGET_S="${BUDGET_S:-570}"
-DATA="${DATA:-data/chgnet_v13sym data/chgnet_v4g data/chgnet_v5e}"
+DATA="${DATA:-data/chgnet_v13sym data/chgnet_v4h data/chgnet_v5f}"
 mkdir -p "$OUT_DIR" || exit 1
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_train.XXXXXX")"
