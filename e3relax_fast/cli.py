@@ -187,6 +187,8 @@ def run_train(args: argparse.Namespace) -> int:
             pairs = [p for p in read_pairs(args.data, split) if p.family not in (args.exclude_family or ())]
             if split == args.train_split and args.minima:
                 pairs = with_minima(pairs, args.minima, seed=args.seed)
+            if split == args.val_split and args.val_minima:
+                pairs = with_minima(pairs, args.val_minima, seed=args.seed)
             datasets[split] = PairDataset(pairs, cache=cache / f"{split}.pt", frame=args.frame)
     except (ValueError, FileNotFoundError) as err:  # a missing split file, a bad pair (named), a bad option value
         return _die(str(err))
@@ -221,6 +223,10 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--minima", type=float, default=0.0, metavar="FRACTION",
                    help="add already-relaxed pairs to the training split: for this fraction of its pairs (chosen "
                    "with --seed), the relaxed structure as input and target (default 0: none)")
+    p.add_argument("--val-minima", type=float, default=0.0, metavar="FRACTION",
+                   help="the same for the validation split: its already-relaxed pairs join the validation signal "
+                   "that picks best.pt and drives the schedule, and their share kept within 3 %% of the minimum's "
+                   "volume is logged each pseudo-epoch (default 0: none, the original signal)")
     p.add_argument("--cell-transport", action="store_true",
                    help="carry the atoms along with each layer's cell update (E3Relax(cell_transport=True))")
     p.add_argument("--element-features", action="store_true",

@@ -193,3 +193,49 @@ def test_a_truncated_graph_cache_is_rebuilt_and_saves_leave_no_partial_file(tmp_
     for a, b in zip(built.items, rebuilt.items, strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert PairDataset(pairs, cache=cache).items[0]["positions"].equal(built.items[0]["positions"])  # read back
+
+
+def test_validation_report_counts_already_relaxed_pairs_kept_within_3_percent():
+    """The share of the validation twins (protocol "minimum") whose predicted volume is within 3 % of
+    the target's; ordinary pairs do not count; without twins the share is None."""
+    from types import SimpleNamespace
+
+    from e3relax_fast.training import PairDataset, with_minima
+    from e3relax_fast.training.train import validation_report, validation_signal
+
+    pairs = denoising_pairs(4, 0)
+    factors = torch.tensor([1.0, 1.01, 1.029, 0.96, 1.05])  # volume factors of the first five pairs' predictions
+
+    class ScaleCells(torch.nn.Module):
+        """Returns the input structures with the k-th crystal's cell (and positions) scaled so that its
+        volume is ``factors[k]`` times the input's (1.0 from the sixth on)."""
+
+        def forward(self, batch):
+            scale = torch.ones(batch.cells.shape[0], dtype=batch.cells.dtype)
+            n = min(len(scale), len(factors))
+            scale[:n] = factors[:n].to(scale.dtype) ** (1 / 3)
+            per_atom = scale[batch.graph_index()][:, None]
+            return SimpleNamespace(positions=[batch.positions * per_atom], cells=[batch.cells * scale[:, None, None]])
+
+    twins = PairDataset(with_minima(pairs, 1.0)[4:], frame="input")  # inputs = targets: volume ratio = factor
+    report = validation_report(ScaleCells(), twins, "cpu")
+    assert report["minima_within_3pct"] == 3 / 4  # 1.0, 1.01, 1.029 kept; 0.96 not
+    assert report["val_mae"] == validation_signal(ScaleCells(), twins, "cpu") > 0
+    mixed = PairDataset(with_minima(pairs, 1.0), frame="input")  # the twins follow the 4 pairs: factor 1.05
+    assert validation_report(ScaleCells(), mixed, "cpu")["minima_within_3pct"] == 3 / 4  # 4 twins, 1 left out
+    assert validation_report(ScaleCells(), PairDataset(pairs, frame="input"), "cpu")["minima_within_3pct"] is None
+
+
+def test_train_cli_val_minima_adds_twins_to_the_validation_split_and_logs_their_share(tmp_path, capsys):
+    from e3relax_fast.cli import main
+    from e3relax_fast.io import write_extxyz_pairs
+
+    write_extxyz_pairs(denoising_pairs(8, 0), tmp_path / "d", "train")
+    write_extxyz_pairs(denoising_pairs(2, 1), tmp_path / "d", "val")
+    assert main(["train", "--data", str(tmp_path / "d"), "--hidden", "8", "--layers", "2", "--batch-size", "4",
+                 "--steps-per-epoch", "1", "--max-steps", "1", "--out", str(tmp_path / "r"), "--val-minima", "1"]) == 0
+    assert len(torch.load(tmp_path / "r" / "graphs" / "val.pt", weights_only=True)["items"]) == 4
+    assert len(torch.load(tmp_path / "r" / "graphs" / "train.pt", weights_only=True)["items"]) == 8  # train untouched
+    assert "already relaxed within 3 %" in capsys.readouterr().err
+    history = torch.load(tmp_path / "r" / "last.pt", weights_only=True)["state"]["history"]
+    assert 0 <= history[-1]["val_minima_within_3pct"] <= 1
