@@ -30,7 +30,7 @@ from pathlib import Path
 from ..io import SPLITS
 from ..io.read import read_structure
 from ..io.structures import to_atoms
-from .generate import DROPPED_COLUMNS, INDEX_COLUMNS, _read_rows, _rewrite_rows, _write_cif
+from .generate import DROPPED_COLUMNS, INDEX_COLUMNS, _read_rows, _rewrite_rows, _write_cif, inherit_splits, split_of
 from .seeds import family_of
 
 
@@ -52,12 +52,9 @@ def write_snapshot(run: str | Path, dest: str | Path) -> dict:
         row["family"] = row.get("family") or family_of(row["seed_id"])
     dest.mkdir(parents=True, exist_ok=True)
     kept, family_split = [], Counter()
+    members = _split_members(run, rows)
     for split in SPLITS:
-        path = run / f"{split}.csv"
-        if not path.exists():
-            continue
-        with path.open(newline="") as fh:
-            ids = sorted(r["atoms_id"] for r in csv.DictReader(fh) if r.get("atoms_id") in rows)
+        ids = sorted(members.get(split, ()))
         # Files of a split no longer present are removed, so a snapshot never mixes two states.
         for role in ("unrelaxed", "relaxed"):
             (dest / f"{split}_{role}.extxyz.gz").unlink(missing_ok=True)
@@ -89,6 +86,27 @@ def write_snapshot(run: str | Path, dest: str | Path) -> dict:
                   **counts, "datagen": config}
     (dest / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
     return counts
+
+
+def _split_members(run: Path, rows: dict[str, dict]) -> dict[str, list[str]]:
+    """``{split: [atoms_id, ...]}`` of the pairs in ``rows``: from each row's seed, as the generator
+    assigns them (its ``datagen.json`` settings), so pairs whose split rows a killed run had not written
+    yet are kept; from the run's split files when the settings or the inherited dataset are missing."""
+    config = json.loads((run / "datagen.json").read_text()) if (run / "datagen.json").exists() else {}
+    inherit = config.get("inherit")
+    if "split_fractions" in config and (not inherit or Path(inherit).exists()):
+        inherited = inherit_splits(inherit) if inherit else None
+        members: dict[str, list[str]] = {s: [] for s in SPLITS}
+        for pair_id, row in rows.items():
+            members[split_of(row["seed_id"], config["split_fractions"], inherited)].append(pair_id)
+        return members
+    members = {}
+    for split in SPLITS:
+        path = run / f"{split}.csv"
+        if path.exists():
+            with path.open(newline="") as fh:
+                members[split] = [r["atoms_id"] for r in csv.DictReader(fh) if r.get("atoms_id") in rows]
+    return members
 
 
 def restore_run(snapshot: str | Path, run: str | Path) -> dict:

@@ -310,6 +310,18 @@ def test_minimum_pairs_skipped_seeds_and_snapshot(tmp_path, capsys):
     assert "8 pairs" in capsys.readouterr().out
     assert (tmp_path / "snap2" / "index.csv").read_text() == (tmp_path / "snap" / "index.csv").read_text()
 
+    # A run killed before it wrote its last pairs' split rows (SIGTERM): the snapshot takes each pair's
+    # split from its seed, as the generator does, and loses none.
+    split_rows = {split: (out / f"{split}.csv").read_text() for split in SPLITS}
+    for split in SPLITS:
+        (out / f"{split}.csv").write_text("atoms_id\n")
+    killed = write_snapshot(out, tmp_path / "snap3")
+    assert killed == counts
+    assert (tmp_path / "snap3" / "index.csv").read_text() == (tmp_path / "snap" / "index.csv").read_text()
+    for split in SPLITS:
+        assert (out / f"{split}.csv").read_text() == "atoms_id\n"  # the run folder is only read
+        (out / f"{split}.csv").write_text(split_rows[split])
+
 
 @pytest.mark.parametrize("with_dropped_csv", [True, False])
 def test_restore_from_snapshot_resumes_with_new_jobs_only(tmp_path, with_dropped_csv):
