@@ -31,6 +31,7 @@ def test_cpu_dry_run_trains_evaluates_and_returns_the_checkpoint(tmp_path):
     assert "train: exit 0" in summary and "eval (val, no match rate): | coordinate MAE" in summary
     parts = sorted((tmp_path / "out").glob("best.pt.part-*"))
     assert parts and (tmp_path / "out" / "train.log").exists() and (tmp_path / "out" / "eval.md").exists()
+    assert "already relaxed within 3 %" in (tmp_path / "out" / "train.log").read_text()  # --val-minima reached it
     (tmp_path / "best.pt").write_bytes(b"".join(p.read_bytes() for p in parts))
     model = load_pretrained(tmp_path / "best.pt")
     assert (model.hidden_channels, model.num_layers, model.cell_transport) == (8, 2, True)
