@@ -165,7 +165,15 @@ def run_train(args: argparse.Namespace) -> int:
     import os
 
     from .io import read_pairs
-    from .training import PairDataset, TrainConfig, TrainingSetupError, init_distributed, train, with_minima
+    from .training import (
+        PairDataset,
+        TrainConfig,
+        TrainingDivergedError,
+        TrainingSetupError,
+        init_distributed,
+        train,
+        with_minima,
+    )
 
     init_distributed()
     device = args.device
@@ -195,8 +203,8 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         summary = train(config, datasets[args.train_split], datasets[args.val_split], args.out, device=device,
                         max_steps=args.max_steps, progress=not args.quiet, time_limit=args.time_limit)
-    except TrainingSetupError as err:  # the run cannot start (empty or incompatible set, --init); mid-run
-        return _die(str(err))           # errors are bugs and keep their traceback
+    except (TrainingSetupError, TrainingDivergedError) as err:  # the run cannot start (empty or incompatible
+        return _die(str(err))  # set, --init) or diverged; other mid-run errors are bugs and keep their traceback
     print(f"trained {summary['step']} steps, {summary['epoch']} pseudo-epochs; "
           f"best validation |dp| {summary['best_val_mae']:.4f} A; checkpoints in {args.out}")
     return 0

@@ -6,7 +6,7 @@ table (:mod:`.lofo`)."""
 from .dataset import PairDataset, with_minima
 from .evaluate import evaluate, write_report
 from .loss import LOSSES, LossTerms, layerwise_loss, unwrap_targets
-from .train import TrainConfig, TrainingSetupError, init_distributed, train
+from .train import TrainConfig, TrainingDivergedError, TrainingSetupError, init_distributed, train
 
-__all__ = ["LOSSES", "LossTerms", "PairDataset", "TrainConfig", "TrainingSetupError", "evaluate", "init_distributed",
-           "layerwise_loss", "train", "unwrap_targets", "with_minima", "write_report"]
+__all__ = ["LOSSES", "LossTerms", "PairDataset", "TrainConfig", "TrainingDivergedError", "TrainingSetupError",
+           "evaluate", "init_distributed", "layerwise_loss", "train", "unwrap_targets", "with_minima", "write_report"]

@@ -151,9 +151,10 @@ def _batch_items(train_set: PairDataset, config: TrainConfig, step: int, rank: i
     return [train_set[k] for k in global_ids[rank * per_rank:(rank + 1) * per_rank]]
 
 
-def _optimizer_step(net, model, ema, optimizer, items: list[dict], config: TrainConfig, device, world: int) -> float:
+def _optimizer_step(net, model, ema, optimizer, items: list[dict], config: TrainConfig, device,
+                    world: int) -> float | None:
     """One step on ``items`` (this process's share): loss, backward, clipping, update, EMA. Returns
-    the global batch's loss."""
+    the global batch's loss, or ``None`` when the gradient was not finite and the step was skipped."""
     dtype = getattr(torch, config.dtype)
     batch, pos_t, cell_t = PairDataset.collate(items)
     batch = batch.to(device, dtype)
@@ -166,7 +167,13 @@ def _optimizer_step(net, model, ema, optimizer, items: list[dict], config: Train
                           atom_norm, cell_norm, reference).total * world
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+    # A non-finite loss or gradient (one batch's degenerate cell, say) would make every weight NaN
+    # for good: the step is skipped instead. The norm of the all-reduced gradients is the same on
+    # every process, so under DDP all of them skip together.
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return None
     optimizer.step()
     _ema_update(ema, model, config.ema_decay)
     return _all_sum(loss.item() / world)
@@ -187,6 +194,11 @@ def _save(out_dir: Path, config: TrainConfig, model, ema, optimizer, scheduler, 
 class TrainingSetupError(ValueError):
     """A run that cannot start, for the reason the message names (an empty or incompatible set, a batch
     size, an --init checkpoint): a user error. Errors raised once training runs are not of this kind."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """Every optimiser step of a pseudo-epoch had a non-finite loss or gradient: the run stopped
+    (``last.pt`` and ``best.pt`` hold the weights before it; the message names the step)."""
 
 
 #: Architecture options whose parts start at zero (config key -> their parameters' prefix): ``--init``
@@ -285,16 +297,25 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
     order_of = functools.lru_cache(maxsize=1)(functools.partial(_pass_order, train_set, config))
     start_time = time.time()
     while state["epoch"] < config.max_epochs:
-        epoch_loss, epoch_steps = 0.0, 0
+        epoch_loss, epoch_steps, skipped = 0.0, 0, 0
         for _ in range(config.steps_per_epoch):
             if max_steps is not None and state["step"] >= max_steps:
                 break
             items = _batch_items(train_set, config, state["step"], rank, world, order_of)
-            epoch_loss += _optimizer_step(net, model, ema, optimizer, items, config, device, world)
+            loss = _optimizer_step(net, model, ema, optimizer, items, config, device, world)
+            if loss is None:
+                skipped += 1
+            else:
+                epoch_loss += loss
             state["step"] += 1
             epoch_steps += 1
         if epoch_steps == 0:
             break
+        if skipped == epoch_steps:
+            raise TrainingDivergedError(
+                f"training diverged: all {skipped} optimiser steps up to step {state['step']} had a non-finite loss "
+                f"or gradient; {out_dir} keeps the weights of pseudo-epoch {state['epoch']} (last.pt) and of the best "
+                f"validation signal (best.pt)")
         state["epoch"] += 1
         report = validation_report(ema, val_set, device)
         signal = report["val_mae"]
@@ -303,15 +324,19 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
         state["best"] = min(state["best"], signal)
         state["history"].append({"epoch": state["epoch"], "step": state["step"],
-                                 "train_loss": epoch_loss / epoch_steps, "val_mae": signal,
+                                 "train_loss": epoch_loss / (epoch_steps - skipped), "val_mae": signal,
+                                 "skipped_steps": skipped,
                                  "lr": optimizer.param_groups[0]["lr"],
                                  "val_minima_within_3pct": report["minima_within_3pct"]})
         if rank == 0:
             _save(out_dir, config, model, ema, optimizer, scheduler, state, signal if improved else None)
             if progress:
-                print(f"epoch {state['epoch']:4d} step {state['step']:7d} loss {epoch_loss / epoch_steps:.4f} "
+                mean_loss = epoch_loss / (epoch_steps - skipped)
+                print(f"epoch {state['epoch']:4d} step {state['step']:7d} loss {mean_loss:.4f} "
                       f"val |dp| {signal:.4f} A (best {state['best']:.4f}) lr {optimizer.param_groups[0]['lr']:.2e} "
-                      f"{time.time() - start_time:.0f}s{_minima_note(report)}", file=sys.stderr, flush=True)
+                      f"{time.time() - start_time:.0f}s{_minima_note(report)}"
+                      + (f" ({skipped} steps skipped: non-finite gradient)" if skipped else ""), file=sys.stderr,
+                      flush=True)
         if state["bad_epochs"] > config.early_stop:
             break
         # Every process stops at the same pseudo-epoch: rank 0's clock decides.

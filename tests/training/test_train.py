@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import subprocess
 import sys
@@ -162,3 +163,40 @@ def test_init_grows_a_checkpoint_into_a_model_with_a_part_that_starts_at_zero(tm
     with pytest.raises(ValueError, match=f"{option} is True, this run's is False"):  # not the other way
         train(TrainConfig(model={"hidden_channels": 8, "num_layers": 2}, init=str(tmp_path / "b" / "best.pt")),
               train_set, val_set, tmp_path / "c", max_steps=1, progress=False)
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped_and_all_skipped_stops_the_run(tmp_path, datasets, monkeypatch):
+    """One batch whose loss is NaN (a degenerate cell, say) would make every weight NaN for good: its
+    step is skipped (weights and EMA untouched, counted in the history) and the run goes on; a
+    pseudo-epoch of nothing but such steps stops the run with TrainingDivergedError naming the step."""
+    from e3relax_fast.training import TrainingDivergedError
+
+    train_module = importlib.import_module("e3relax_fast.training.train")  # the package's `train` is the function
+
+    train_set, val_set = datasets
+    cfg = TrainConfig(model={"hidden_channels": 8, "num_layers": 2}, batch_size=4, steps_per_epoch=3, lr=2e-3,
+                      dtype="float64")
+    real_loss, calls = train_module.layerwise_loss, []
+
+    def poisoned(*args, **kwargs):  # the 2nd optimiser step's loss (and so its gradient) is NaN
+        terms = real_loss(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            terms.total = terms.total * float("nan")
+        return terms
+
+    monkeypatch.setattr(train_module, "layerwise_loss", poisoned)
+    summary = train(cfg, train_set, val_set, tmp_path / "run", max_steps=6, progress=False)
+    assert [h["skipped_steps"] for h in summary["history"]] == [1, 0]
+    assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["val_mae"]) for h in summary["history"])
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for part in ("model", "ema") for v in ckpt[part].values())
+
+    def always_nan(*args, **kwargs):
+        terms = real_loss(*args, **kwargs)
+        terms.total = terms.total * float("nan")
+        return terms
+
+    monkeypatch.setattr(train_module, "layerwise_loss", always_nan)
+    with pytest.raises(TrainingDivergedError, match=r"all 3 optimiser steps up to step 9 .* pseudo-epoch 2"):
+        train(cfg, train_set, val_set, tmp_path / "run", max_steps=12, progress=False)
