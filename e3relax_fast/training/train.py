@@ -244,6 +244,18 @@ def _check_elements(model: E3Relax, datasets: dict[str, PairDataset]) -> None:
                                          f"model's table (num_elements={model.num_elements})")
 
 
+def _check_sets(config: TrainConfig, train_set: PairDataset, val_set: PairDataset) -> None:
+    """:class:`TrainingSetupError` for an option or a set the run cannot start with."""
+    if not config.family_balance >= 0:
+        raise TrainingSetupError(f"family_balance must be >= 0, got {config.family_balance}")
+    for split, data in (("training", train_set), ("validation", val_set)):
+        if data.frame != config.frame:
+            raise TrainingSetupError(f"the {split} set is in the {data.frame!r} frame but config.frame is "
+                                     f"{config.frame!r}")
+        if len(data) == 0:
+            raise TrainingSetupError(f"the {split} set is empty")
+
+
 def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out_dir: str | Path,
           device: str = "cpu", max_steps: int | None = None, progress: bool = True,
           time_limit: float | None = None) -> dict:
@@ -257,14 +269,7 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
     gradients (DDP).
     """
     rank, world = _world()
-    if not config.family_balance >= 0:
-        raise TrainingSetupError(f"family_balance must be >= 0, got {config.family_balance}")
-    for split, data in (("training", train_set), ("validation", val_set)):
-        if data.frame != config.frame:
-            raise TrainingSetupError(f"the {split} set is in the {data.frame!r} frame but config.frame is "
-                                     f"{config.frame!r}")
-        if len(data) == 0:
-            raise TrainingSetupError(f"the {split} set is empty")
+    _check_sets(config, train_set, val_set)
     out_dir = Path(out_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -297,21 +302,19 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
     order_of = functools.lru_cache(maxsize=1)(functools.partial(_pass_order, train_set, config))
     start_time = time.time()
     while state["epoch"] < config.max_epochs:
-        epoch_loss, epoch_steps, skipped = 0.0, 0, 0
-        for _ in range(config.steps_per_epoch):
-            if max_steps is not None and state["step"] >= max_steps:
-                break
-            items = _batch_items(train_set, config, state["step"], rank, world, order_of)
-            loss = _optimizer_step(net, model, ema, optimizer, items, config, device, world)
-            if loss is None:
-                skipped += 1
-            else:
-                epoch_loss += loss
-            state["step"] += 1
-            epoch_steps += 1
-        if epoch_steps == 0:
+        epoch_steps = config.steps_per_epoch
+        if max_steps is not None:
+            epoch_steps = min(epoch_steps, max_steps - state["step"])
+        if epoch_steps <= 0:
             break
-        if skipped == epoch_steps:
+        losses = []
+        for _ in range(epoch_steps):
+            items = _batch_items(train_set, config, state["step"], rank, world, order_of)
+            losses.append(_optimizer_step(net, model, ema, optimizer, items, config, device, world))
+            state["step"] += 1
+        finite = [loss for loss in losses if loss is not None]
+        skipped = len(losses) - len(finite)
+        if not finite:
             raise TrainingDivergedError(
                 f"training diverged: all {skipped} optimiser steps up to step {state['step']} had a non-finite loss "
                 f"or gradient; {out_dir} keeps the weights of pseudo-epoch {state['epoch']} (last.pt) and of the best "
@@ -324,15 +327,14 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
         state["best"] = min(state["best"], signal)
         state["history"].append({"epoch": state["epoch"], "step": state["step"],
-                                 "train_loss": epoch_loss / (epoch_steps - skipped), "val_mae": signal,
+                                 "train_loss": sum(finite) / len(finite), "val_mae": signal,
                                  "skipped_steps": skipped,
                                  "lr": optimizer.param_groups[0]["lr"],
                                  "val_minima_within_3pct": report["minima_within_3pct"]})
         if rank == 0:
             _save(out_dir, config, model, ema, optimizer, scheduler, state, signal if improved else None)
             if progress:
-                mean_loss = epoch_loss / (epoch_steps - skipped)
-                print(f"epoch {state['epoch']:4d} step {state['step']:7d} loss {mean_loss:.4f} "
+                print(f"epoch {state['epoch']:4d} step {state['step']:7d} loss {sum(finite) / len(finite):.4f} "
                       f"val |dp| {signal:.4f} A (best {state['best']:.4f}) lr {optimizer.param_groups[0]['lr']:.2e} "
                       f"{time.time() - start_time:.0f}s{_minima_note(report)}"
                       + (f" ({skipped} steps skipped: non-finite gradient)" if skipped else ""), file=sys.stderr,

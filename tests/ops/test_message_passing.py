@@ -59,6 +59,12 @@ DIFFERENTIABLE = backend_params(OP, "triton", "cueq")
 UNORDERED = backend_params(OP, "cpu", CUDA_EMULATED, "cuda", "cueq")  # edges in any order, no rowptr needed
 MODEL = backend_params(OP, "cpu", "cuda", "triton", "cueq")
 INPUTS = ("x_proj", "vec", "positions", "cells", "edge_weight", "edge_bias")
+# The edge projection's gradients are sums over every edge of the batch (about 250 here), and the
+# reference forms them with a BLAS product whose order of summation depends on the CPU: in float32
+# two correct orders differ by up to ~6e-6 of the largest entry (seen on an AMD EPYC; 5e-6 held on
+# an Intel Xeon). Their tolerance is that of such a sum, 4 x the per-dtype one (a wrong kernel is
+# off by O(1)).
+SUMMED_OVER_EDGES = {"edge_weight": 4, "edge_bias": 4}
 # (hidden, num_rbf, cutoff, seed): the paper's basis, partial tiles and a short cutoff, a cutoff
 # beyond every edge, a narrow basis, and H=300 (several channel groups per CUDA block).
 SHAPES = [(32, 128, 6.0, 0), (40, 20, 4.0, 1), (8, 128, 30.0, 2), (16, 32, 6.0, 3), (300, 128, 6.0, 8)]
@@ -162,7 +168,7 @@ def compare(backend, args, rowptr, rel):
         ds0, dv0, g0 = run(reference_op, on_cpu(args))
         ds1, dv1, g1 = run(backend.fn, args, rowptr=rowptr)
         for name in INPUTS:
-            assert_close(g1[name], g0[name], rel, f"d/d {name}", check_dtype=True)
+            assert_close(g1[name], g0[name], rel * SUMMED_OVER_EDGES.get(name, 1), f"d/d {name}", check_dtype=True)
     else:
         ds0, dv0 = reference_op(**on_cpu(args))
         ds1, dv1 = forward(backend, args, rowptr)
