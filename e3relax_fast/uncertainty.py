@@ -23,12 +23,12 @@ A one-atom cell has zero spread: its only position is the translation, which the
 gauge fixes.
 
 On the test split of chgnet_v1..v3 the spread over K = 2 ranks the coordinate error with Spearman
-ρ ≈ 0.44 for the shipped model and 0.70 for its predecessor (trained without already-relaxed
-twins, it moves the atoms more; K = 4: 0.73). Signals of the one forward pass (the size of the last
-layers' updates: ρ ≈ 0.47 and 0.69) cost nothing, but they depend on how a model was trained: with
-an early checkpoint of a model trained in the canonical frame, which barely moves the atoms, they
-fall to ρ ≈ 0.13 where the spread keeps 0.36. ``python -m bench.bench_uncertainty`` prints the table of
-candidates (coordinate and volume error) and the cost.
+ρ ≈ 0.52 for the shipped model (v3; K = 4: 0.53), 0.44 for v2 and 0.70 for v1 (trained without
+already-relaxed twins, it moves the atoms more; K = 4: 0.73). Signals of the one forward pass (the
+size of the last layers' updates: ρ ≈ 0.50, 0.47 and 0.69) cost nothing, but they depend on how a
+model was trained: with an early checkpoint of a model trained in the canonical frame, which barely
+moves the atoms, they fall to ρ ≈ 0.13 where the spread keeps 0.36. ``python -m
+bench.bench_uncertainty`` prints the table of candidates (coordinate and volume error) and the cost.
 
 Units: Å; cells ``(3, 3)`` with the lattice vectors as rows; fractional coordinates are rows ``x``
 with Cartesian ``r = x @ cell``.
@@ -179,13 +179,12 @@ def frame_spread(
     the fractional-centroid gauge. It measures how much the answer depends on how the crystal is
     written, which is larger where the model is wrong (Spearman ρ 0.44–0.70 with the coordinate error
     on the test split, depending on the model; see the module docstring). It ranks; it is not a
-    calibrated error (with the previous shipped model, about half the coordinate MAE, widely spread).
-    It does **not** flag chemistry the model has not seen: there the shipped model barely moves the
-    atoms, in every description alike, so the spread is small (median 0.003 Å on the never-seen
-    AFLOW/pyxtal test pairs against 0.040 Å on the in-family ones: ``python -m bench.bench_uncertainty
-    --never-seen data/chgnet_v5b``). The
-    same crystal written any other way has the same canonical frame, hence the same value. NaN where
-    a prediction is not finite.
+    calibrated error (median spread / coordinate MAE 0.36 with the shipped model, widely spread). It
+    does **not** flag chemistry the model has not seen: there the shipped model barely moves the
+    atoms, in every description alike, so the spread is small (median 0.0055 Å on the never-seen
+    AFLOW/pyxtal test pairs against 0.041 Å on the in-family ones, AUROC 0.17: ``python -m
+    bench.bench_uncertainty --never-seen data/chgnet_v5b``). The same crystal written any other way
+    has the same canonical frame, hence the same value. NaN where a prediction is not finite.
 
     Costs ``K`` forward passes of the model (``K + 1`` without ``predictions``): with the default
     K = 2 and the predictions reused, about 1.4 times the time of the ``relax_batch`` call itself

@@ -149,8 +149,8 @@ def test_the_same_crystal_written_another_way_gets_the_same_uncertainty(model):
 
 def test_the_spread_ranks_the_coordinate_error(model):
     """On the first 40 test pairs of chgnet_v3 the spread ranks the per-structure coordinate error of
-    the prediction relax_batch makes (Spearman ρ 0.54 measured with the shipped model, 0.73 with its
-    predecessor; an unrelated signal would give about 0, ± 0.16 at one standard deviation)."""
+    the prediction relax_batch makes (Spearman ρ 0.62 measured with the shipped model v3, 0.54 with v2,
+    0.73 with v1; an unrelated signal would give about 0, ± 0.16 at one standard deviation)."""
     from e3relax_fast.training.evaluate import evaluate
 
     pairs = read_pairs(ROOT / "data" / "chgnet_v3", "test")[:40]
