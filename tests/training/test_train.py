@@ -200,3 +200,23 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_and_all_skipped_stops_the_
     monkeypatch.setattr(train_module, "layerwise_loss", always_nan)
     with pytest.raises(TrainingDivergedError, match=r"all 3 optimiser steps up to step 9 .* pseudo-epoch 2"):
         train(cfg, train_set, val_set, tmp_path / "run", max_steps=12, progress=False)
+
+
+def test_train_cli_reports_a_diverged_run_in_one_line(tmp_path, capsys, monkeypatch):
+    from e3relax_fast.cli import main
+
+    train_module = importlib.import_module("e3relax_fast.training.train")
+    real_loss = train_module.layerwise_loss
+
+    def always_nan(*args, **kwargs):
+        terms = real_loss(*args, **kwargs)
+        terms.total = terms.total * float("nan")
+        return terms
+
+    monkeypatch.setattr(train_module, "layerwise_loss", always_nan)
+    write_extxyz_pairs(denoising_pairs(8, 0), tmp_path / "d", "train")
+    write_extxyz_pairs(denoising_pairs(2, 1), tmp_path / "d", "val")
+    assert main(["train", "--data", str(tmp_path / "d"), "--hidden", "8", "--layers", "2", "--batch-size", "4",
+                 "--steps-per-epoch", "2", "--max-steps", "4", "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: training diverged: all 2 optimiser steps up to step 2") and "Traceback" not in err
