@@ -315,12 +315,18 @@ def _write_cif(atoms, path: Path) -> None:
     tmp.replace(path)
 
 
-def write_splits(out: Path, fractions: Sequence[float], inherited: dict | None) -> dict[str, int]:
-    """(Re)write ``train.csv``/``val.csv``/``test.csv`` from ``index.csv``; returns the counts."""
-    rows = _read_rows(out / "index.csv", INDEX_COLUMNS)
+def assign_splits(rows, fractions: Sequence[float], inherited: dict | None) -> dict[str, list[str]]:
+    """``{split: [atoms_id, ...]}`` of index ``rows`` (dicts with ``atoms_id``, ``seed_id``), each pair in
+    its seed's split (:func:`split_of`)."""
     ids: dict[str, list[str]] = {s: [] for s in SPLITS}
     for row in rows:
         ids[split_of(row["seed_id"], fractions, inherited)].append(row["atoms_id"])
+    return ids
+
+
+def write_splits(out: Path, fractions: Sequence[float], inherited: dict | None) -> dict[str, int]:
+    """(Re)write ``train.csv``/``val.csv``/``test.csv`` from ``index.csv``; returns the counts."""
+    ids = assign_splits(_read_rows(out / "index.csv", INDEX_COLUMNS), fractions, inherited)
     for split, members in ids.items():
         _rewrite_rows(out / f"{split}.csv", ("atoms_id",), [{"atoms_id": i} for i in sorted(members)])
     return {s: len(v) for s, v in ids.items()}

@@ -30,7 +30,15 @@ from pathlib import Path
 from ..io import SPLITS
 from ..io.read import read_structure
 from ..io.structures import to_atoms
-from .generate import DROPPED_COLUMNS, INDEX_COLUMNS, _read_rows, _rewrite_rows, _write_cif, inherit_splits, split_of
+from .generate import (
+    DROPPED_COLUMNS,
+    INDEX_COLUMNS,
+    _read_rows,
+    _rewrite_rows,
+    _write_cif,
+    assign_splits,
+    inherit_splits,
+)
 from .seeds import family_of
 
 
@@ -52,7 +60,8 @@ def write_snapshot(run: str | Path, dest: str | Path) -> dict:
         row["family"] = row.get("family") or family_of(row["seed_id"])
     dest.mkdir(parents=True, exist_ok=True)
     kept, family_split = [], Counter()
-    members = _split_members(run, rows)
+    config = json.loads((run / "datagen.json").read_text()) if (run / "datagen.json").exists() else {}
+    members = _split_members(run, rows, config)
     for split in SPLITS:
         ids = sorted(members.get(split, ()))
         # Files of a split no longer present are removed, so a snapshot never mixes two states.
@@ -81,25 +90,19 @@ def write_snapshot(run: str | Path, dest: str | Path) -> dict:
         "protocols": dict(sorted(Counter(rows[i]["protocol"] for i in kept).items())),
         "family_split": dict(sorted(family_split.items())),
     }
-    config = json.loads((run / "datagen.json").read_text()) if (run / "datagen.json").exists() else {}
     provenance = {"snapshot_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "run": str(run.resolve()),
                   **counts, "datagen": config}
     (dest / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
     return counts
 
 
-def _split_members(run: Path, rows: dict[str, dict]) -> dict[str, list[str]]:
+def _split_members(run: Path, rows: dict[str, dict], config: dict) -> dict[str, list[str]]:
     """``{split: [atoms_id, ...]}`` of the pairs in ``rows``: from each row's seed, as the generator
-    assigns them (its ``datagen.json`` settings), so pairs whose split rows a killed run had not written
-    yet are kept; from the run's split files when the settings or the inherited dataset are missing."""
-    config = json.loads((run / "datagen.json").read_text()) if (run / "datagen.json").exists() else {}
+    assigns them (its ``datagen.json`` settings ``config``), so pairs whose split rows a killed run had not
+    written yet are kept; from the run's split files when the settings or the inherited dataset are missing."""
     inherit = config.get("inherit")
     if "split_fractions" in config and (not inherit or Path(inherit).exists()):
-        inherited = inherit_splits(inherit) if inherit else None
-        members: dict[str, list[str]] = {s: [] for s in SPLITS}
-        for pair_id, row in rows.items():
-            members[split_of(row["seed_id"], config["split_fractions"], inherited)].append(pair_id)
-        return members
+        return assign_splits(rows.values(), config["split_fractions"], inherit_splits(inherit) if inherit else None)
     members = {}
     for split in SPLITS:
         path = run / f"{split}.csv"
