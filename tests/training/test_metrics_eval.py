@@ -155,3 +155,20 @@ def test_eval_cli_minima_scores_relaxed_structures_as_their_own_targets(tmp_path
     assert text.count("| 0.0000 | n/a | n/a |") == 4  # Dummy exact on every metric: no ratio, no interval
     assert "| volume within 3 % of the target's (share of structures) |" in text
     assert "| 100.0% |" in text.split("volume within 3 % of the target's (share of structures)")[1].split("\n")[0]
+
+
+def test_true_cell_baseline_is_the_input_fractions_in_the_relaxed_cell(tmp_path):
+    """"True cell" places the input's fractions in the relaxed cell: zero coordinate error on a pair
+    whose relaxation is a pure strain of the input, Dummy's error where the cell does not change."""
+    pairs = denoising_pairs(3, 11)
+    strain = np.array([[1.04, 0.01, 0.0], [0.01, 0.97, 0.0], [0.0, 0.0, 1.02]])
+    pairs[0].cell_relaxed = pairs[0].cell_unrelaxed @ strain
+    pairs[0].pos_relaxed = pairs[0].pos_unrelaxed @ strain
+    for pair in pairs[1:]:
+        pair.cell_relaxed = pair.cell_unrelaxed.copy()
+    result = evaluate(_Identity(), pairs, match=False, frame="input")
+    true_cell, dummy = (result["per_structure"][who]["coord_mae"] for who in ("true_cell", "dummy"))
+    assert true_cell[0] < 1e-12 < dummy[0]
+    np.testing.assert_allclose(true_cell[1:], dummy[1:], rtol=0, atol=1e-12)
+    text = write_report(result, pairs, tmp_path, "true cell").read_text()
+    assert f"coordinate MAE {true_cell.mean():.4f} Å" in text
