@@ -44,7 +44,7 @@ class LossTerms:
 
 def layerwise_loss(output: E3RelaxOutput, target_positions: Tensor, target_cells: Tensor, ptr: Tensor | None = None,
                    kind: str = "l2", atom_norm: float | None = None, cell_norm: float | None = None,
-                   reference: tuple[Tensor, Tensor] | None = None) -> LossTerms:
+                   reference: tuple[Tensor, Tensor] | None = None, cell_weight: float = 1.0) -> LossTerms:
     """E3Relax's training loss: every layer supervised, equal weights for every layer and both terms.
 
     Position term of layer n: ``kind="l2"`` (the paper's): the safe norm ``|p_n - p*|`` (Å) summed
@@ -61,6 +61,7 @@ def layerwise_loss(output: E3RelaxOutput, target_positions: Tensor, target_cells
         ptr: ``(G+1,)`` atom ranges; needed by ``pbc_l1`` and ``reference``.
         atom_norm, cell_norm: under data parallelism, the atoms and cell entries of the *global*
             batch, so that the processes' losses add up to the single-process loss.
+        cell_weight: multiplies every layer's cell term (1: the paper's equal weights).
         reference: ``(positions (N, 3), cells (G, 3, 3))`` of the inputs: each layer's positions are
             first translated so that their fractional centroid is the input's
             (:func:`~e3relax_fast.geometry.align_fractional_centroid`), the translation a relaxation
@@ -91,6 +92,6 @@ def layerwise_loss(output: E3RelaxOutput, target_positions: Tensor, target_cells
                 best = (pos.unsqueeze(1) + target_shifts - target.unsqueeze(1)).norm(dim=-1).argmin(1)
             shift = target_shifts[torch.arange(len(best), device=best.device), best]
             pos_terms.append((pos + shift - target).abs().sum() / (3 * atom_norm))
-        cell_terms.append((cell - target_cells.to(cell.dtype)).abs().sum() / cell_norm)
+        cell_terms.append(cell_weight * (cell - target_cells.to(cell.dtype)).abs().sum() / cell_norm)
         total = total + pos_terms[-1] + cell_terms[-1]
     return LossTerms(total, pos_terms, cell_terms)

@@ -47,6 +47,9 @@ class TrainConfig:
     lr_patience: int = 5
     min_lr: float = 1e-8
     early_stop: int = 15  # pseudo-epochs without improvement before stopping
+    # Weight of the cell term against the position term (1: the paper's). Most of the coordinate
+    # error is the cell's: atoms ride along with it, so a wrong cell moves every atom.
+    cell_weight: float = 1.0
     loss: str = "l2"  # one of LOSSES: "l2", the paper's loss; "pbc_l1", E3Relax-H2's periodicity-aware L1
     seed: int = 0
     dtype: str = "float32"
@@ -83,17 +86,13 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
         e.lerp_(p, 1 - decay)
 
 
-def validation_signal(model: torch.nn.Module, dataset: PairDataset, device, batch_size: int = 64) -> float:
-    """Mean ``|Δp|`` of the last layer pooled over all validation atoms × xyz (Å), as the original
-    (in a canonical-frame dataset, after the fractional-centroid gauge, as the loss)."""
-    return validation_report(model, dataset, device, batch_size)["val_mae"]
-
-
 def validation_report(model: torch.nn.Module, dataset: PairDataset, device, batch_size: int = 64) -> dict:
-    """``val_mae``: the validation signal (:func:`validation_signal`); ``minima_within_3pct``: of the
-    validation set's already-relaxed pairs (protocol ``"minimum"``, e.g. ``train --val-minima``), the
-    share whose predicted volume is within 3 % of the target's (``None`` without such pairs) — the
-    "already relaxed stays relaxed" measure, recorded beside the signal."""
+    """``val_mae``: the validation signal, the mean ``|Δp|`` of the last layer pooled over all validation
+    atoms × xyz (Å), as the original (in a canonical-frame dataset, after the fractional-centroid gauge,
+    as the loss); ``minima_within_3pct``: of the validation set's already-relaxed pairs (protocol
+    ``"minimum"``, e.g. ``train --val-minima``), the share whose predicted volume is within 3 % of the
+    target's (``None`` without such pairs) — the "already relaxed stays relaxed" measure, recorded
+    beside the signal."""
     err, count, kept, minima = 0.0, 0, 0, 0
     predictions = predict_batches(model, dataset.batches(batch_size), device)
     start = 0
@@ -139,16 +138,17 @@ def _family_weights(train_set: PairDataset, power: float) -> torch.Tensor:
 
 
 def _batch_items(train_set: PairDataset, config: TrainConfig, step: int, rank: int, world: int,
-                 order_of) -> list[dict]:
-    """This process's share of the global batch of optimiser step ``step``; ``order_of(pass)`` is
-    :func:`_pass_order` for this set and config (memoised by the caller: one order per pass, not per
-    step). The data order is a pure function of (seed, pass, position), so resuming replays it exactly."""
+                 order_of) -> tuple[list[dict], list[int]]:
+    """This process's share of the global batch of optimiser step ``step``, and the global batch's
+    pair indices; ``order_of(pass)`` is :func:`_pass_order` for this set and config (memoised by the
+    caller: one order per pass, not per step). The data order is a pure function of (seed, pass,
+    position), so resuming replays it exactly."""
     steps_per_pass = max(1, len(train_set) // config.batch_size)
     data_pass, slot = divmod(step, steps_per_pass)
     order = order_of(data_pass)
     global_ids = order[slot * config.batch_size:(slot + 1) * config.batch_size]
     per_rank = config.batch_size // world
-    return [train_set[k] for k in global_ids[rank * per_rank:(rank + 1) * per_rank]]
+    return [train_set[k] for k in global_ids[rank * per_rank:(rank + 1) * per_rank]], global_ids
 
 
 def _optimizer_step(net, model, ema, optimizer, items: list[dict], config: TrainConfig, device,
@@ -164,7 +164,7 @@ def _optimizer_step(net, model, ema, optimizer, items: list[dict], config: Train
     reference = (batch.positions, batch.cells) if config.frame == "canonical" else None
     # DDP averages gradients over processes; multiply by world so the result is the global sum.
     loss = layerwise_loss(out, pos_t.to(device, dtype), cell_t.to(device, dtype), batch.ptr, config.loss,
-                          atom_norm, cell_norm, reference).total * world
+                          atom_norm, cell_norm, reference, config.cell_weight).total * world
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
@@ -307,10 +307,12 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
             epoch_steps = min(epoch_steps, max_steps - state["step"])
         if epoch_steps <= 0:
             break
-        losses = []
+        losses, skipped_pairs = [], []
         for _ in range(epoch_steps):
-            items = _batch_items(train_set, config, state["step"], rank, world, order_of)
+            items, batch_ids = _batch_items(train_set, config, state["step"], rank, world, order_of)
             losses.append(_optimizer_step(net, model, ema, optimizer, items, config, device, world))
+            if losses[-1] is None:  # named, so the crystal that blows up a step can be found
+                skipped_pairs += [train_set.pairs[k].id for k in batch_ids]
             state["step"] += 1
         finite = [loss for loss in losses if loss is not None]
         skipped = len(losses) - len(finite)
@@ -328,7 +330,7 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
         state["best"] = min(state["best"], signal)
         state["history"].append({"epoch": state["epoch"], "step": state["step"],
                                  "train_loss": sum(finite) / len(finite), "val_mae": signal,
-                                 "skipped_steps": skipped,
+                                 "skipped_steps": skipped, "skipped_pairs": skipped_pairs,
                                  "lr": optimizer.param_groups[0]["lr"],
                                  "val_minima_within_3pct": report["minima_within_3pct"]})
         if rank == 0:
@@ -337,7 +339,8 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
                 print(f"epoch {state['epoch']:4d} step {state['step']:7d} loss {sum(finite) / len(finite):.4f} "
                       f"val |dp| {signal:.4f} A (best {state['best']:.4f}) lr {optimizer.param_groups[0]['lr']:.2e} "
                       f"{time.time() - start_time:.0f}s{_minima_note(report)}"
-                      + (f" ({skipped} steps skipped: non-finite gradient)" if skipped else ""), file=sys.stderr,
+                      + (f" ({skipped} steps skipped: non-finite gradient; their pairs: {', '.join(skipped_pairs)})"
+                         if skipped else ""), file=sys.stderr,
                       flush=True)
         if state["bad_epochs"] > config.early_stop:
             break

@@ -13,7 +13,7 @@ import torch
 from helpers import denoising_pairs
 
 from e3relax_fast.io import write_extxyz_pairs
-from e3relax_fast.training import PairDataset
+from e3relax_fast.training import PairDataset, layerwise_loss
 from e3relax_fast.training.train import TrainConfig, train
 
 
@@ -188,6 +188,9 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_and_all_skipped_stops_the_
     monkeypatch.setattr(train_module, "layerwise_loss", poisoned)
     summary = train(cfg, train_set, val_set, tmp_path / "run", max_steps=6, progress=False)
     assert [h["skipped_steps"] for h in summary["history"]] == [1, 0]
+    skipped = summary["history"][0]["skipped_pairs"]  # the 2nd step's batch, named
+    assert len(skipped) == 4 and set(skipped) <= {p.id for p in train_set.pairs}
+    assert summary["history"][1]["skipped_pairs"] == []
     assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["val_mae"]) for h in summary["history"])
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for part in ("model", "ema") for v in ckpt[part].values())
@@ -220,3 +223,35 @@ def test_train_cli_reports_a_diverged_run_in_one_line(tmp_path, capsys, monkeypa
                  "--steps-per-epoch", "2", "--max-steps", "4", "--out", str(tmp_path / "r"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: training diverged: all 2 optimiser steps up to step 2") and "Traceback" not in err
+
+
+def test_cell_weight_scales_the_cell_term_and_reaches_the_loss_from_the_cli(tmp_path, monkeypatch):
+    from e3relax_fast.cli import main
+    from e3relax_fast.model import E3RelaxOutput
+
+    torch.manual_seed(0)
+    cells = torch.eye(3, dtype=torch.float64).repeat(2, 1, 1) * 4.0
+    positions = torch.rand(5, 3, dtype=torch.float64)
+    output = E3RelaxOutput([positions + 0.1, positions - 0.2], [cells * 1.05, cells * 0.9])
+    ptr = torch.tensor([0, 2, 5])
+    plain = layerwise_loss(output, positions, cells, ptr)
+    heavy = layerwise_loss(output, positions, cells, ptr, cell_weight=3.0)
+    for a, b in zip(plain.positions, heavy.positions, strict=True):
+        assert a == b
+    for a, b in zip(plain.cells, heavy.cells, strict=True):
+        assert float(b) == pytest.approx(3.0 * float(a), rel=1e-15) and a > 0
+
+    train_module = importlib.import_module("e3relax_fast.training.train")
+    real_loss, weights = train_module.layerwise_loss, []
+
+    def recording(*args, **kwargs):
+        weights.append(args[8] if len(args) > 8 else kwargs.get("cell_weight", 1.0))
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "layerwise_loss", recording)
+    write_extxyz_pairs(denoising_pairs(8, 0), tmp_path / "d", "train")
+    write_extxyz_pairs(denoising_pairs(2, 1), tmp_path / "d", "val")
+    assert main(["train", "--data", str(tmp_path / "d"), "--hidden", "8", "--layers", "2", "--batch-size", "4",
+                 "--steps-per-epoch", "2", "--max-steps", "2", "--cell-weight", "2.5", "--out", str(tmp_path / "r"),
+                 "--quiet"]) == 0
+    assert weights == [2.5, 2.5]

@@ -201,7 +201,7 @@ def test_validation_report_counts_already_relaxed_pairs_kept_within_3_percent():
     from types import SimpleNamespace
 
     from e3relax_fast.training import PairDataset, with_minima
-    from e3relax_fast.training.train import validation_report, validation_signal
+    from e3relax_fast.training.train import validation_report
 
     pairs = denoising_pairs(4, 0)
     factors = torch.tensor([1.0, 1.01, 1.029, 0.96, 1.05])  # volume factors of the first five pairs' predictions
@@ -220,7 +220,10 @@ def test_validation_report_counts_already_relaxed_pairs_kept_within_3_percent():
     twins = PairDataset(with_minima(pairs, 1.0)[4:], frame="input")  # inputs = targets: volume ratio = factor
     report = validation_report(ScaleCells(), twins, "cpu")
     assert report["minima_within_3pct"] == 3 / 4  # 1.0, 1.01, 1.029 kept; 0.96 not
-    assert report["val_mae"] == validation_signal(ScaleCells(), twins, "cpu") > 0
+    # The signal: |Δp| pooled over atoms × xyz; inputs are the targets, so Δp = p (s − 1) per crystal.
+    expected = torch.cat([torch.from_numpy(p.pos_relaxed) * (f ** (1 / 3) - 1)
+                          for p, f in zip(twins.pairs, factors.double(), strict=False)]).abs().mean()
+    assert report["val_mae"] == pytest.approx(float(expected), rel=1e-6) and report["val_mae"] > 0
     mixed = PairDataset(with_minima(pairs, 1.0), frame="input")  # the twins follow the 4 pairs: factor 1.05
     assert validation_report(ScaleCells(), mixed, "cpu")["minima_within_3pct"] == 3 / 4  # 4 twins, 1 left out
     assert validation_report(ScaleCells(), PairDataset(pairs, frame="input"), "cpu")["minima_within_3pct"] is None
