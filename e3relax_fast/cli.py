@@ -181,7 +181,8 @@ def run_train(args: argparse.Namespace) -> int:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     config = TrainConfig(
         model={"hidden_channels": args.hidden, "num_layers": args.layers, "cell_transport": args.cell_transport,
-               "element_features": args.element_features, "cell_strain": args.cell_strain, "backend": args.backend},
+               "element_features": args.element_features, "cell_strain": args.cell_strain, "backend": args.backend,
+               "edge_cutoff": args.edge_cutoff},
         lr=args.lr, batch_size=args.batch_size, steps_per_epoch=args.steps_per_epoch,
         max_epochs=args.max_epochs, loss=args.loss, cell_weight=args.cell_weight, seed=args.seed, dtype=args.dtype,
         frame=args.frame, init=args.init, family_balance=args.family_balance,
@@ -244,6 +245,9 @@ def add_train_parser(subparsers) -> None:
                    help="add to each lattice vector's update the vector times a learned scalar (E3Relax("
                    "cell_strain=True)): a direct path for the cell's multiplicative change; --init may name a "
                    "checkpoint without it")
+    p.add_argument("--edge-cutoff", type=float, default=None, metavar="ANGSTROM",
+                   help="radial basis cutoff of the atom-atom edges only (E3Relax(edge_cutoff=...); default: the "
+                   "30 A basis of every distance): e.g. 6, the graph radius, for Gaussians 0.047 A apart")
     p.add_argument("--backend", choices=MODEL_BACKENDS, default="auto",
                    help="the model's message ops while training (auto: the fastest that supports autograd on the "
                    "device, e.g. Triton on CUDA; reference: pure PyTorch); not saved in the checkpoint")

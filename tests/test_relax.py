@@ -275,6 +275,7 @@ def test_infer_config_at_paper_size_shapes():
         "cell_transport": False,
         "element_features": False,
         "cell_strain": False,
+        "edge_cutoff": None,
     }
     state["cell_transport_marker"] = torch.ones(())
     assert infer_config(state)["cell_transport"] is True

@@ -50,7 +50,8 @@ class Context:
 
     ptr: ``(G+1,)`` CSR atom ranges; graph_index: ``(N,)`` crystal of each atom.
     edges: receiver-sorted ``(edge_index (2, E), cell_offsets (E, 3), edge_graph (E,))``, rowptr
-    ``(N+1,)`` their receiver CSR. basis: the radial basis of every projection.
+    ``(N+1,)`` their receiver CSR. basis: the radial basis of every projection; edge_cutoff: its
+    cutoff (Å) for the atom–atom edges (``E3Relax(edge_cutoff=...)``; the basis's own by default).
     """
 
     ptr: Tensor
@@ -58,6 +59,7 @@ class Context:
     edges: tuple[Tensor, Tensor, Tensor]
     rowptr: Tensor
     basis: RadialBasis
+    edge_cutoff: float
     message_passing: Callable
     lattice_message: Callable
     lattice_pool: Callable
@@ -124,8 +126,9 @@ class MessagePassingLayer(nn.Module):
     def forward(self, s: Tensor, v: Tensor, pos: Tensor, cell: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
         # .to(pos.dtype), the parameters' dtype: under bf16 autocast the projection comes out in
         # bf16; the fused ops take one working dtype (a no-op otherwise).
+        centres, coeff, _ = ctx.basis.args()
         ds, dv = ctx.message_passing(self.x_proj(s).to(pos.dtype), v, pos, cell, *ctx.edges, self.edge_proj.weight,
-                                     self.edge_proj.bias, *ctx.basis.args(), rowptr=ctx.rowptr)
+                                     self.edge_proj.bias, centres, coeff, ctx.edge_cutoff, rowptr=ctx.rowptr)
         return (s + ds) * INV_SQRT_2, v + dv
 
 

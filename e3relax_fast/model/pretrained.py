@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .e3relax import TRANSPORT_MARKER, E3Relax
+from .e3relax import EDGE_CUTOFF_KEY, TRANSPORT_MARKER, E3Relax
 from .predict import check_device
 
 #: Names of the models that can ship as package data under ``e3relax_fast/weights/<name>.pt``.
@@ -46,10 +46,11 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
 
     Returns:
         ``{"hidden_channels", "num_layers", "num_rbf", "num_elements", "cell_transport",
-        "element_features", "cell_strain"}`` read from the shapes of ``atom_emb.embeddings.weight``
+        "element_features", "cell_strain", "edge_cutoff"}`` read from the shapes of ``atom_emb.embeddings.weight``
         ``(num_elements, H)``, the ``message_passing_layers.{n}`` indices,
         ``message_passing_layers.0.edge_proj.weight`` ``(3H, R)`` and the presence of the transport
-        marker buffer, of the element features' map and of the cell-strain scalars.
+        marker buffer, of the element features' map and of the cell-strain scalars, and the
+        edge-cutoff buffer (``None`` without it).
     """
     try:
         num_elements, hidden = state_dict["atom_emb.embeddings.weight"].shape
@@ -65,6 +66,7 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
         "cell_transport": TRANSPORT_MARKER in state_dict,
         "element_features": "element_features.proj.weight" in state_dict,
         "cell_strain": "cell_strain_layers.0.0.weight" in state_dict,
+        "edge_cutoff": float(state_dict[EDGE_CUTOFF_KEY]) if EDGE_CUTOFF_KEY in state_dict else None,
     }
 
 

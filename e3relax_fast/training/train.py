@@ -256,6 +256,22 @@ def _check_sets(config: TrainConfig, train_set: PairDataset, val_set: PairDatase
             raise TrainingSetupError(f"the {split} set is empty")
 
 
+def _start(config: TrainConfig, out_dir: Path, device, model, ema, optimizer, scheduler) -> dict:
+    """The run's state: resumed from ``out_dir/last.pt`` (weights, optimiser, schedule) when present;
+    else fresh, from ``config.init``'s weights when given."""
+    last = out_dir / "last.pt"
+    if not last.exists():
+        if config.init:
+            _load_init(model, ema, config.init)
+        return {"step": 0, "epoch": 0, "best": math.inf, "bad_epochs": 0, "history": []}
+    ckpt = torch.load(last, map_location=device, weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    return ckpt["state"]
+
+
 def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out_dir: str | Path,
           device: str = "cpu", max_steps: int | None = None, progress: bool = True,
           time_limit: float | None = None) -> dict:
@@ -283,17 +299,7 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
                                   weight_decay=config.weight_decay, amsgrad=True)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=config.lr_factor,
                                                            patience=config.lr_patience, min_lr=config.min_lr)
-    state = {"step": 0, "epoch": 0, "best": math.inf, "bad_epochs": 0, "history": []}
-    last = out_dir / "last.pt"
-    if config.init and not last.exists():
-        _load_init(model, ema, config.init)
-    if last.exists():
-        ckpt = torch.load(last, map_location=device, weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        state = ckpt["state"]
+    state = _start(config, out_dir, device, model, ema, optimizer, scheduler)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)

@@ -1,0 +1,81 @@
+"""The optional atom–atom basis cutoff (E3Relax(edge_cutoff=...)): the same Gaussians over a shorter
+range for the atom–atom edges; the atom–lattice distances keep the 30 Å basis."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from helpers import golden_batch, golden_model_instance
+
+from e3relax_fast import E3Relax, load_pretrained
+from e3relax_fast.reference.rbf import radial_basis
+
+
+def _with_edge_cutoff(golden_model, edge_cutoff: float, backend: str = "reference") -> E3Relax:
+    """The golden weights in a default-mode model with the given atom–atom cutoff."""
+    plain = golden_model_instance(golden_model, paper_compat=False)
+    model = E3Relax(hidden_channels=32, num_layers=4, edge_cutoff=edge_cutoff, backend=backend).to(torch.float64)
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing == ["edge_basis_cutoff"]
+    return model
+
+
+def test_the_atom_atom_edges_use_the_edge_cutoff_and_the_lattice_keeps_30(golden_model, monkeypatch):
+    module = importlib.import_module("e3relax_fast.reference.message_passing")
+    seen = []
+
+    def recording(d, centres, coeff, cutoff):
+        seen.append(cutoff)
+        return radial_basis(d, centres, coeff, cutoff)
+
+    monkeypatch.setattr(module, "radial_basis", recording)
+    model = _with_edge_cutoff(golden_model, 6.0)
+    model(golden_batch(golden_model))
+    assert seen == [6.0] * 4  # one atom–atom message op per layer
+    assert model.radial_basis.cutoff == 30.0  # the atom–lattice ops' basis
+
+
+def test_the_default_cutoff_is_the_original_basis_and_6_changes_the_outputs(golden_model):
+    batch = golden_batch(golden_model)
+    plain = golden_model_instance(golden_model, paper_compat=False)(batch)
+    same = _with_edge_cutoff(golden_model, 30.0)(batch)
+    short = _with_edge_cutoff(golden_model, 6.0)(batch)
+    for a, b in zip(plain.positions + plain.cells, same.positions + same.cells, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert (plain.positions[-1] - short.positions[-1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_the_fused_ops_take_the_edge_cutoff(golden_model, backend):
+    """The fused atom–atom op (C++ on CPU; Triton under the interpreter) with a 6 Å basis matches
+    the reference: the cutoff reaches it as an argument, not a constant."""
+    from e3relax_fast import ops
+
+    if backend not in ops.available(ops.MESSAGE_PASSING):
+        pytest.skip(f"backend {backend!r} is not available here")
+    batch = golden_batch(golden_model)
+    with torch.no_grad():
+        reference = _with_edge_cutoff(golden_model, 6.0)(batch)
+        fused = _with_edge_cutoff(golden_model, 6.0, backend)(batch)
+    for a, b in zip(reference.positions + reference.cells, fused.positions + fused.cells, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+
+
+def test_a_checkpoint_keeps_its_edge_cutoff(tmp_path):
+    model = E3Relax(hidden_channels=8, num_layers=2, edge_cutoff=6.0)
+    torch.save({"state_dict": model.state_dict(), "config": model.config}, tmp_path / "with.pt")
+    assert load_pretrained(tmp_path / "with.pt").config["edge_cutoff"] == 6.0
+    torch.save(model.state_dict(), tmp_path / "bare.pt")  # a bare state dict says it by its buffer
+    assert load_pretrained(tmp_path / "bare.pt", paper_compat=False).config["edge_cutoff"] == 6.0
+    torch.save(E3Relax(hidden_channels=8, num_layers=2).state_dict(), tmp_path / "plain.pt")
+    assert load_pretrained(tmp_path / "plain.pt", paper_compat=False).config["edge_cutoff"] is None
+    assert load_pretrained("default").config["edge_cutoff"] is None  # the shipped model (v3): one basis
+
+
+def test_bad_edge_cutoffs_are_refused():
+    with pytest.raises(ValueError, match="edge_cutoff is a default-mode option"):
+        E3Relax(hidden_channels=8, num_layers=2, paper_compat=True, edge_cutoff=6.0)
+    with pytest.raises(ValueError, match="positive length"):
+        E3Relax(hidden_channels=8, num_layers=2, edge_cutoff=0.0)
