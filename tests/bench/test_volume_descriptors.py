@@ -30,3 +30,17 @@ def test_the_ridge_recovers_a_quadratic_relation():
     y = 0.3 * x[:, 0] - 0.2 * x[:, 1] * x[:, 2] + 0.1
     predicted = fit_predict(x[:300], y[:300], x[300:], ridge=1e-6)
     np.testing.assert_allclose(predicted, y[300:], atol=1e-4)
+
+
+def test_the_rescale_ratios_are_zero_for_the_true_volume_and_one_for_none():
+    from helpers import denoising_pairs
+
+    from bench.volume_descriptors import rescale_ratios
+
+    pairs = denoising_pairs(3, 5)
+    for k, pair in enumerate(pairs):  # relaxations that are pure isotropic expansions
+        pair.cell_relaxed = pair.cell_unrelaxed * (1.02 + 0.01 * k)
+        pair.pos_relaxed = pair.pos_unrelaxed * (1.02 + 0.01 * k)
+    true = 3 * np.log(1.02 + 0.01 * np.arange(3))
+    np.testing.assert_allclose(rescale_ratios(pairs, true), (0.0, 0.0), atol=1e-12)
+    assert rescale_ratios(pairs, np.zeros(3)) == pytest.approx((1.0, 1.0), abs=1e-12)
