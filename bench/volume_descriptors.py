@@ -99,14 +99,10 @@ def rescale_ratios(pairs: list, log_volume_change: np.ndarray) -> tuple[float, f
     ``exp(log_volume_change / 3)``, each mean / Dummy's mean."""
     import torch
 
-    from e3relax_fast import Batch
-    from e3relax_fast.training.loss import unwrap_targets
+    from e3relax_fast.training.evaluate import inputs_and_targets
     from e3relax_fast.training.metrics import structure_metrics
 
-    batch = Batch.from_arrays([(p.atomic_numbers, p.pos_unrelaxed, p.cell_unrelaxed) for p in pairs])
-    cells = torch.stack([torch.from_numpy(p.cell_relaxed) for p in pairs])
-    targets, _ = unwrap_targets(batch.positions, torch.from_numpy(np.concatenate([p.pos_relaxed for p in pairs])),
-                                cells, batch.ptr)
+    batch, targets, cells = inputs_and_targets(pairs)
     scale = torch.from_numpy(np.exp(np.asarray(log_volume_change) / 3))
     rescaled = structure_metrics(batch.positions * scale[batch.graph_index()].unsqueeze(-1),
                                  batch.cells * scale.reshape(-1, 1, 1), targets, cells, batch.ptr)

@@ -37,6 +37,16 @@ def predict(model: torch.nn.Module, pairs: list[Pair], device="cpu", **options) 
     return [(pos, cell) for _, pos, cell in relax_batch(inputs, model, device=device, **options)]
 
 
+def inputs_and_targets(pairs: list[Pair]) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+    """The unrelaxed structures as one float64 batch, and the targets in the pairs' own description:
+    ``(batch, positions (N, 3) Å unwrapped to the image nearest each input atom, cells (G, 3, 3) Å)``."""
+    batch = Batch.from_arrays([(p.atomic_numbers, p.pos_unrelaxed, p.cell_unrelaxed) for p in pairs])
+    cells = torch.stack([torch.from_numpy(p.cell_relaxed) for p in pairs])
+    positions, _ = unwrap_targets(batch.positions, torch.from_numpy(np.concatenate([p.pos_relaxed for p in pairs])),
+                                  cells, batch.ptr)
+    return batch, positions, cells
+
+
 def _match_rate(pairs: list[Pair], predictions) -> float | None:
     """Fraction matched by pymatgen's StructureMatcher at its defaults; None without pymatgen."""
     guesses = [(p.atomic_numbers, pos, cell) for p, (pos, cell) in zip(pairs, predictions, strict=True)]
@@ -73,10 +83,7 @@ def evaluate(model: torch.nn.Module, pairs: list[Pair], device="cpu", match: boo
     model / Dummy (:func:`ratio_interval`).
     """
     predictions = predict(model, pairs, device, **options)
-    batch = Batch.from_arrays([(p.atomic_numbers, p.pos_unrelaxed, p.cell_unrelaxed) for p in pairs])
-    cell_t = torch.stack([torch.from_numpy(p.cell_relaxed) for p in pairs])
-    pos_t, _ = unwrap_targets(batch.positions, torch.from_numpy(np.concatenate([p.pos_relaxed for p in pairs])),
-                              cell_t, batch.ptr)
+    batch, pos_t, cell_t = inputs_and_targets(pairs)
     pred_pos = torch.from_numpy(np.concatenate([p for p, _ in predictions]))
     pred_cell = torch.from_numpy(np.stack([c for _, c in predictions]))
     # "Rescale": the input scaled isotropically to the model's predicted volume (fractions kept), the
