@@ -93,6 +93,16 @@ def _frame_workers(text: str) -> int | str:
     return int(text)
 
 
+def _positive_length(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive length in Å, got {text!r}")
+    return value
+
+
 def _frame_options(args: argparse.Namespace) -> dict:
     return {"frame": args.frame, "symmetry": args.symmetry, "symprec": args.symprec,
             "frame_workers": args.frame_workers}
@@ -245,7 +255,7 @@ def add_train_parser(subparsers) -> None:
                    help="add to each lattice vector's update the vector times a learned scalar (E3Relax("
                    "cell_strain=True)): a direct path for the cell's multiplicative change; --init may name a "
                    "checkpoint without it")
-    p.add_argument("--edge-cutoff", type=float, default=None, metavar="ANGSTROM",
+    p.add_argument("--edge-cutoff", type=_positive_length, default=None, metavar="ANGSTROM",
                    help="radial basis cutoff of the atom-atom edges only (E3Relax(edge_cutoff=...); default: the "
                    "30 A basis of every distance): e.g. 6, the graph radius, for Gaussians 0.047 A apart")
     p.add_argument("--backend", choices=MODEL_BACKENDS, default="auto",

@@ -79,3 +79,12 @@ def test_bad_edge_cutoffs_are_refused():
         E3Relax(hidden_channels=8, num_layers=2, paper_compat=True, edge_cutoff=6.0)
     with pytest.raises(ValueError, match="positive length"):
         E3Relax(hidden_channels=8, num_layers=2, edge_cutoff=0.0)
+
+
+def test_the_cli_refuses_a_bad_edge_cutoff_in_one_line(capsys):
+    from e3relax_fast.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--data", "d", "--out", "r", "--edge-cutoff", "0"])
+    err = capsys.readouterr().err
+    assert "--edge-cutoff: expected a positive length in Å, got '0'" in err and "Traceback" not in err
