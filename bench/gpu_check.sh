@@ -253,7 +253,7 @@ run_stage bench_lattice "$OUT_DIR/bench.log" lattice_bench
 TEST_FILES=()
 for f in tests/ops/test_message_passing.py tests/ops/test_lattice_message.py tests/ops/test_lattice_pool.py \
          tests/ops/test_radius_graph*.py tests/ops/test_registry.py tests/model/test_model_capture.py \
-         tests/model/test_model_golden.py; do
+         tests/model/test_model_golden.py tests/model/test_edge_cutoff.py; do
   [ -f "$f" ] || continue
   # A test file importing pymatgen or ASE at module level cannot be collected on the GPU machine.
   if grep -qE '^(import|from) (pymatgen|ase)([ .]|$)' "$f"; then
