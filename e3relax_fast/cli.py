@@ -192,9 +192,10 @@ def run_train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         model={"hidden_channels": args.hidden, "num_layers": args.layers, "cell_transport": args.cell_transport,
                "element_features": args.element_features, "cell_strain": args.cell_strain, "backend": args.backend,
-               "edge_cutoff": args.edge_cutoff},
+               "edge_cutoff": args.edge_cutoff, "volume_prior": args.volume_prior},
         lr=args.lr, batch_size=args.batch_size, steps_per_epoch=args.steps_per_epoch,
-        max_epochs=args.max_epochs, loss=args.loss, cell_weight=args.cell_weight, seed=args.seed, dtype=args.dtype,
+        max_epochs=args.max_epochs, loss=args.loss, cell_weight=args.cell_weight, prior_weight=args.prior_weight,
+        seed=args.seed, dtype=args.dtype,
         frame=args.frame, init=args.init, family_balance=args.family_balance,
     )
     cache = Path(args.out) / "graphs"
@@ -258,6 +259,10 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--edge-cutoff", type=_positive_length, default=None, metavar="ANGSTROM",
                    help="radial basis cutoff of the atom-atom edges only (E3Relax(edge_cutoff=...); default: the "
                    "30 A basis of every distance): e.g. 6, the graph radius, for Gaussians 0.047 A apart")
+    p.add_argument("--volume-prior", action="store_true",
+                   help="rescale each crystal before the first layer by a factor learned from its bonds' lengths "
+                   "relative to their elements' covalent radii (E3Relax(volume_prior=True)), supervised by "
+                   "--prior-weight; --init may name a checkpoint without it")
     p.add_argument("--backend", choices=MODEL_BACKENDS, default="auto",
                    help="the model's message ops while training (auto: the fastest that supports autograd on the "
                    "device, e.g. Triton on CUDA; reference: pure PyTorch); not saved in the checkpoint")
@@ -274,6 +279,9 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--loss", choices=("l2", "pbc_l1"), default="l2", help="l2: the paper's loss; pbc_l1: E3Relax-H2's")
     p.add_argument("--cell-weight", type=float, default=1.0, metavar="W",
                    help="weight of the loss's cell term against its position term (default 1: the paper's)")
+    p.add_argument("--prior-weight", type=float, default=0.0, metavar="W",
+                   help="with --volume-prior (and needed by it): weight of the loss term that supervises the "
+                   "prior's rescale with the target's volume, |ln s - ln(V*/V)/3| per crystal (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--frame", choices=("canonical", "input"), default="canonical",

@@ -276,6 +276,7 @@ def test_infer_config_at_paper_size_shapes():
         "element_features": False,
         "cell_strain": False,
         "edge_cutoff": None,
+        "volume_prior": False,
     }
     state["cell_transport_marker"] = torch.ones(())
     assert infer_config(state)["cell_transport"] is True
@@ -283,6 +284,8 @@ def test_infer_config_at_paper_size_shapes():
     assert infer_config(state)["element_features"] is True
     state["cell_strain_layers.0.0.weight"] = torch.zeros(1, h)
     assert infer_config(state)["cell_strain"] is True
+    state["volume_prior.out.weight"] = torch.zeros(1, h)
+    assert infer_config(state)["volume_prior"] is True
 
 
 def test_inference_precisions():

@@ -28,6 +28,7 @@ from .layers import (
     RadialBasis,
     StructureUpdateLayer,
 )
+from .volume_prior import VolumePrior
 
 #: State-dict key of the buffer that marks a ``cell_transport`` model (see ``E3Relax.__init__``).
 TRANSPORT_MARKER = "cell_transport_marker"
@@ -40,10 +41,12 @@ class E3RelaxOutput:
     """Per-layer predictions; index -1 is the model's prediction.
 
     positions: list of ``(N, 3)`` Å.  cells: list of ``(G, 3, 3)`` Å, rows = lattice vectors.
+    log_scale: ``(G,)`` the volume prior's ``ln s`` (``E3Relax(volume_prior=True)``), else ``None``.
     """
 
     positions: list[Tensor]
     cells: list[Tensor]
+    log_scale: Tensor | None = None
 
 
 class E3Relax(nn.Module):
@@ -82,6 +85,12 @@ class E3Relax(nn.Module):
             30 Å: at 6 Å (the graph radius) they are 0.047 Å apart instead of 0.24 Å, fine enough to
             tell a bond strained by 2 % (default mode only; the atom–lattice distances, tens of Å,
             keep ``cutoff``).
+        volume_prior: before the first layer, rescale each crystal isotropically by a factor learned
+            from its bonds' lengths relative to their elements' covalent radii
+            (:mod:`e3relax_fast.model.volume_prior`): the volume of unseen chemistry from what every
+            element has, its radius (default mode only). Starts as no rescale, so a model grown from a
+            checkpoint without it starts with its predictions; the prior learns from a loss term of its
+            own (``layerwise_loss(prior_weight=...)``, ``train --prior-weight``), not through the layers.
     """
 
     def __init__(
@@ -99,6 +108,7 @@ class E3Relax(nn.Module):
         element_features: bool = False,
         cell_strain: bool = False,
         edge_cutoff: float | None = None,
+        volume_prior: bool = False,
     ):
         super().__init__()
         h = hidden_channels
@@ -120,6 +130,9 @@ class E3Relax(nn.Module):
         if edge_cutoff is not None and not edge_cutoff > 0:
             raise ValueError(f"edge_cutoff must be a positive length in Å, got {edge_cutoff}")
         self.edge_cutoff = None if edge_cutoff is None else float(edge_cutoff)
+        if volume_prior and paper_compat:
+            raise ValueError("volume_prior is a default-mode option (the original has no such step)")
+        self.use_volume_prior = volume_prior
         # Registration order follows the original's state dict.
         self.atom_emb = AtomEmbedding(num_elements, h)
         self.scalar_l1_emb = nn.Embedding(1, h)
@@ -144,6 +157,8 @@ class E3Relax(nn.Module):
                 nn.ModuleList(_zero_linear(h, 1) for _ in range(3)) for _ in range(num_layers))
         if edge_cutoff is not None:
             self.register_buffer(EDGE_CUTOFF_KEY, torch.tensor(self.edge_cutoff, dtype=torch.float64))
+        if volume_prior:
+            self.volume_prior = VolumePrior(num_elements, h)
 
     @property
     def config(self) -> dict:
@@ -159,6 +174,7 @@ class E3Relax(nn.Module):
             "element_features": self.use_element_features,
             "cell_strain": self.use_cell_strain,
             "edge_cutoff": self.edge_cutoff,
+            "volume_prior": self.use_volume_prior,
             "radius": self.radius,
             "max_neighbors": self.max_neighbors,
         }
@@ -202,6 +218,9 @@ class E3Relax(nn.Module):
         record = _Recorder(trace)
 
         numbers = batch.atomic_numbers.to(device)
+        out = E3RelaxOutput([], [])
+        if self.use_volume_prior:
+            pos, cell, out.log_scale = self.volume_prior(pos, cell, numbers, ctx)
         s = self.atom_emb(numbers)
         if self.use_element_features:
             s = s + self.element_features(numbers)
@@ -209,7 +228,6 @@ class E3Relax(nn.Module):
         lat_s = [emb.weight.expand(cell.shape[0], -1) for emb in
                  (self.scalar_l1_emb, self.scalar_l2_emb, self.scalar_l3_emb)]
         lat_v = [s.new_zeros(cell.shape[0], 3, self.hidden_channels) for _ in range(3)]
-        out = E3RelaxOutput([], [])
         for n in range(self.num_layers):
             nodes = (self.lattice_l1_layers[n], self.lattice_l2_layers[n], self.lattice_l3_layers[n])
             # Step 0: the atom–lattice geometry of this layer's input (the pairs themselves are

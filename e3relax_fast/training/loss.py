@@ -40,11 +40,13 @@ class LossTerms:
     total: Tensor
     positions: list[Tensor]
     cells: list[Tensor]
+    prior: Tensor | None = None
 
 
 def layerwise_loss(output: E3RelaxOutput, target_positions: Tensor, target_cells: Tensor, ptr: Tensor | None = None,
                    kind: str = "l2", atom_norm: float | None = None, cell_norm: float | None = None,
-                   reference: tuple[Tensor, Tensor] | None = None, cell_weight: float = 1.0) -> LossTerms:
+                   reference: tuple[Tensor, Tensor] | None = None, cell_weight: float = 1.0,
+                   prior_weight: float = 0.0, input_cells: Tensor | None = None) -> LossTerms:
     """E3Relax's training loss: every layer supervised, equal weights for every layer and both terms.
 
     Position term of layer n: ``kind="l2"`` (the paper's): the safe norm ``|p_n - p*|`` (Å) summed
@@ -62,6 +64,10 @@ def layerwise_loss(output: E3RelaxOutput, target_positions: Tensor, target_cells
         atom_norm, cell_norm: under data parallelism, the atoms and cell entries of the *global*
             batch, so that the processes' losses add up to the single-process loss.
         cell_weight: multiplies every layer's cell term (1: the paper's equal weights).
+        prior_weight, input_cells: with ``prior_weight`` > 0, a term supervising the volume prior's
+            ``output.log_scale`` directly: ``prior_weight`` times ``|ln s - ln(V*/V_in) / 3|`` summed over
+            crystals divided by ``cell_norm / 9``, with ``V_in`` the volume of ``input_cells`` ``(G, 3, 3)``
+            Å (the model's input) and ``V*`` the target's; in ``LossTerms.prior``.
         reference: ``(positions (N, 3), cells (G, 3, 3))`` of the inputs: each layer's positions are
             first translated so that their fractional centroid is the input's
             (:func:`~e3relax_fast.geometry.align_fractional_centroid`), the translation a relaxation
@@ -94,4 +100,12 @@ def layerwise_loss(output: E3RelaxOutput, target_positions: Tensor, target_cells
             pos_terms.append((pos + shift - target).abs().sum() / (3 * atom_norm))
         cell_terms.append(cell_weight * (cell - target_cells.to(cell.dtype)).abs().sum() / cell_norm)
         total = total + pos_terms[-1] + cell_terms[-1]
-    return LossTerms(total, pos_terms, cell_terms)
+    prior = None
+    if prior_weight:
+        if output.log_scale is None or input_cells is None:
+            raise ValueError("prior_weight needs a model with volume_prior=True and the input cells")
+        cells = target_cells.to(output.log_scale.dtype)
+        change = torch.log(torch.linalg.det(cells).abs() / torch.linalg.det(input_cells.to(cells.dtype)).abs()) / 3
+        prior = prior_weight * (output.log_scale - change).abs().sum() / (cell_norm / 9)
+        total = total + prior
+    return LossTerms(total, pos_terms, cell_terms, prior)

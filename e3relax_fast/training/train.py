@@ -50,6 +50,9 @@ class TrainConfig:
     # Weight of the cell term against the position term (1: the paper's). Most of the coordinate
     # error is the cell's: atoms ride along with it, so a wrong cell moves every atom.
     cell_weight: float = 1.0
+    # Weight of a term supervising the volume prior's ln s with the target's volume (E3Relax(
+    # volume_prior=True) only; 0: none, the prior learns through the layers' terms alone).
+    prior_weight: float = 0.0
     loss: str = "l2"  # one of LOSSES: "l2", the paper's loss; "pbc_l1", E3Relax-H2's periodicity-aware L1
     seed: int = 0
     dtype: str = "float32"
@@ -164,7 +167,8 @@ def _optimizer_step(net, model, ema, optimizer, items: list[dict], config: Train
     reference = (batch.positions, batch.cells) if config.frame == "canonical" else None
     # DDP averages gradients over processes; multiply by world so the result is the global sum.
     loss = layerwise_loss(out, pos_t.to(device, dtype), cell_t.to(device, dtype), batch.ptr, config.loss,
-                          atom_norm, cell_norm, reference, config.cell_weight).total * world
+                          atom_norm, cell_norm, reference, config.cell_weight, config.prior_weight,
+                          batch.cells).total * world
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
@@ -203,7 +207,8 @@ class TrainingDivergedError(RuntimeError):
 
 #: Architecture options whose parts start at zero (config key -> their parameters' prefix): ``--init``
 #: may grow a checkpoint without them into a model with them.
-GROWABLE = {"element_features": "element_features.", "cell_strain": "cell_strain_layers."}
+GROWABLE = {"element_features": "element_features.", "cell_strain": "cell_strain_layers.",
+            "volume_prior": "volume_prior."}
 
 
 def _load_init(model: E3Relax, ema: torch.nn.Module, path: str) -> None:
@@ -217,8 +222,8 @@ def _load_init(model: E3Relax, ema: torch.nn.Module, path: str) -> None:
     except (ValueError, FileNotFoundError) as err:  # a missing or unreadable checkpoint: it names the file
         raise TrainingSetupError(f"--init: {err}") from err
     differences = {k: (source.config.get(k), v) for k, v in model.config.items() if source.config.get(k) != v}
-    # A model grown by the element features or the cell strain (parts that start at zero) starts from a
-    # checkpoint without them: it predicts what that checkpoint predicts.
+    # A model grown by the element features, the cell strain or the volume prior (parts that start at
+    # zero) starts from a checkpoint without them: it predicts what that checkpoint predicts.
     grown = [key for key in GROWABLE if differences.get(key) in ((False, True), (None, True))]
     for key in grown:
         del differences[key]
@@ -294,6 +299,9 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
     model = E3Relax(**config.model).to(device=device, dtype=dtype)
     _check_backend(model.backend, torch.device(device).type)
     _check_elements(model, {"training": train_set, "validation": val_set})
+    if bool(config.prior_weight > 0) != model.use_volume_prior:
+        raise TrainingSetupError("--volume-prior and --prior-weight W > 0 go together: the prior learns from that "
+                                 "term alone")
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, eps=config.eps,
                                   weight_decay=config.weight_decay, amsgrad=True)

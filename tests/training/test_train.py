@@ -140,10 +140,11 @@ def test_a_run_killed_while_saving_keeps_its_previous_checkpoints(tmp_path, data
 
 
 @pytest.mark.parametrize("option, new_weight", [("element_features", "element_features.proj.weight"),
-                                                ("cell_strain", "cell_strain_layers.1.2.weight")])
+                                                ("cell_strain", "cell_strain_layers.1.2.weight"),
+                                                ("volume_prior", "volume_prior.out.weight")])
 def test_init_grows_a_checkpoint_into_a_model_with_a_part_that_starts_at_zero(tmp_path, datasets, option,
                                                                               new_weight):
-    """--init from a model without the element features or the cell strain: every other weight comes
+    """--init from a model without the element features, the cell strain or the volume prior: every other weight comes
     from it, the new part starts at zero (so the first step starts from its predictions) and then learns."""
     from e3relax_fast import load_pretrained
 
@@ -154,7 +155,7 @@ def test_init_grows_a_checkpoint_into_a_model_with_a_part_that_starts_at_zero(tm
     source = load_pretrained(tmp_path / "a" / "best.pt")
     grown = TrainConfig(model={"hidden_channels": 8, "num_layers": 2, option: True}, batch_size=4,
                         steps_per_epoch=1, lr=1e-3, ema_decay=0.0, dtype="float64",
-                        init=str(tmp_path / "a" / "best.pt"))
+                        init=str(tmp_path / "a" / "best.pt"), prior_weight=1.0 if option == "volume_prior" else 0.0)
     train(grown, train_set, val_set, tmp_path / "b", max_steps=1, progress=False)
     weights = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
     assert 0 < weights[new_weight].abs().max() < 0.05  # from zero, one step
@@ -255,3 +256,42 @@ def test_cell_weight_scales_the_cell_term_and_reaches_the_loss_from_the_cli(tmp_
                  "--steps-per-epoch", "2", "--max-steps", "2", "--cell-weight", "2.5", "--out", str(tmp_path / "r"),
                  "--quiet"]) == 0
     assert weights == [2.5, 2.5]
+
+
+def test_the_prior_term_supervises_the_volume_priors_scale_with_the_targets_volume(tmp_path, monkeypatch):
+    from e3relax_fast.cli import main
+    from e3relax_fast.model import E3RelaxOutput
+
+    inputs = torch.eye(3, dtype=torch.float64).repeat(2, 1, 1) * 4.0
+    targets = inputs * torch.tensor([1.1, 0.95], dtype=torch.float64)[:, None, None]
+    positions = torch.rand(5, 3, dtype=torch.float64)
+    ptr = torch.tensor([0, 2, 5])
+    output = E3RelaxOutput([positions], [targets], log_scale=torch.tensor([0.05, 0.0], dtype=torch.float64))
+    terms = layerwise_loss(output, positions, targets, ptr, prior_weight=2.0, input_cells=inputs)
+    # per crystal |ln s - ln(V*/V)/3| = |0.05 - ln 1.1| + |0 - ln 0.95|, over the 2 crystals, times 2
+    expected = 2.0 * (abs(0.05 - math.log(1.1)) + abs(math.log(0.95))) / 2
+    assert float(terms.prior) == pytest.approx(expected, rel=1e-12)
+    assert float(terms.total) == pytest.approx(expected + float(terms.positions[0] + terms.cells[0]), rel=1e-12)
+    assert layerwise_loss(output, positions, targets, ptr).prior is None  # off by default
+    with pytest.raises(ValueError, match="prior_weight needs a model with volume_prior=True"):
+        layerwise_loss(E3RelaxOutput([positions], [targets]), positions, targets, ptr, prior_weight=1.0,
+                       input_cells=inputs)
+
+    write_extxyz_pairs(denoising_pairs(8, 0), tmp_path / "d", "train")
+    write_extxyz_pairs(denoising_pairs(2, 1), tmp_path / "d", "val")
+    common = ["train", "--data", str(tmp_path / "d"), "--hidden", "8", "--layers", "2", "--batch-size", "4",
+              "--steps-per-epoch", "2", "--max-steps", "2", "--prior-weight", "3", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "without")]) == 2  # a user error: no prior to supervise
+    unsupervised = [a for a in common if a not in ("--prior-weight", "3")]
+    assert main([*unsupervised, "--volume-prior", "--out", str(tmp_path / "alone")]) == 2  # nothing to learn from
+    train_module = importlib.import_module("e3relax_fast.training.train")
+    real_loss, priors = train_module.layerwise_loss, []
+
+    def recording(*args, **kwargs):
+        terms = real_loss(*args, **kwargs)
+        priors.append(terms.prior)
+        return terms
+
+    monkeypatch.setattr(train_module, "layerwise_loss", recording)
+    assert main([*common, "--volume-prior", "--out", str(tmp_path / "with")]) == 0
+    assert len(priors) == 2 and all(p is not None and float(p.detach()) >= 0 for p in priors)
