@@ -50,8 +50,8 @@ class TrainConfig:
     # Weight of the cell term against the position term (1: the paper's). Most of the coordinate
     # error is the cell's: atoms ride along with it, so a wrong cell moves every atom.
     cell_weight: float = 1.0
-    # Weight of a term supervising the volume prior's ln s with the target's volume (E3Relax(
-    # volume_prior=True) only; 0: none, the prior learns through the layers' terms alone).
+    # Weight of the term supervising the volume prior's ln s with the target's volume: > 0 exactly when
+    # the model has the prior (E3Relax(volume_prior=True)), which learns from this term alone.
     prior_weight: float = 0.0
     loss: str = "l2"  # one of LOSSES: "l2", the paper's loss; "pbc_l1", E3Relax-H2's periodicity-aware L1
     seed: int = 0
