@@ -49,6 +49,11 @@ def descriptors(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray) ->
             float(np.mean((group >= 16) & (group <= 17))), period.mean()]
 
 
+def log_volume_change(pair) -> float:
+    """``ln(V_relaxed / V_unrelaxed)`` of a pair."""
+    return math.log(abs(np.linalg.det(pair.cell_relaxed) / np.linalg.det(pair.cell_unrelaxed)))
+
+
 def _quadratic(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
     z = (x - mean) / scale
     pairs = [z[:, a:a + 1] * z[:, b:b + 1] for a in range(z.shape[1]) for b in range(a, z.shape[1])]
@@ -77,7 +82,7 @@ def main(argv=None) -> None:
     x = np.array([descriptors(p.atomic_numbers, p.pos_unrelaxed, p.cell_unrelaxed) for p in pairs])
     # An element without an electronegativity in the table (a noble gas alone) leaves a NaN: the column's mean.
     x = np.where(np.isfinite(x), x, np.nanmean(np.where(np.isfinite(x), x, np.nan), axis=0))
-    y = np.array([math.log(abs(np.linalg.det(p.cell_relaxed) / np.linalg.det(p.cell_unrelaxed))) for p in pairs])
+    y = np.array([log_volume_change(p) for p in pairs])
     families = np.array([p.family for p in pairs])
     what = "pairs" if args.all_protocols else "substitutions"
     extra = " rescale: coordinates / Dummy | rescale: volume / Dummy |" if args.all_protocols else ""

@@ -24,6 +24,7 @@ import time
 import numpy as np
 import torch
 
+from bench.volume_descriptors import log_volume_change
 from e3relax_fast import Batch
 from e3relax_fast.batch import graph_index_from_ptr
 from e3relax_fast.geometry import MAX_NEIGHBORS, RADIUS
@@ -41,8 +42,8 @@ def prepare(pairs: list) -> list[tuple[Batch, tuple, torch.Tensor]]:
         batch = Batch.from_arrays([(p.atomic_numbers, p.pos_unrelaxed, p.cell_unrelaxed) for p in part],
                                   dtype=torch.float32).with_graph(RADIUS, MAX_NEIGHBORS)
         edge_graph = graph_index_from_ptr(batch.ptr, batch.num_atoms)[batch.edge_index[1]]
-        change = [np.log(abs(np.linalg.det(p.cell_relaxed) / np.linalg.det(p.cell_unrelaxed))) / 3 for p in part]
-        chunks.append((batch, (batch.edge_index, batch.cell_offsets, edge_graph), torch.tensor(change)))
+        change = torch.tensor([log_volume_change(p) / 3 for p in part])
+        chunks.append((batch, (batch.edge_index, batch.cell_offsets, edge_graph), change))
     return chunks
 
 
@@ -71,8 +72,7 @@ def fit(chunks: list, epochs: int = 30, lr: float = 3e-3, seed: int = 0) -> Volu
 def score(pairs: list, predicted: np.ndarray) -> list[tuple[str, int, float, float, float]]:
     """Per protocol and for all: ``(group, pairs, Dummy's mean |ln V change|, the prior's mean |ln V
     error|, correlation)`` — ln V, three times the per-length quantities fitted."""
-    true = 3 * np.array([np.log(abs(np.linalg.det(p.cell_relaxed) / np.linalg.det(p.cell_unrelaxed))) / 3
-                         for p in pairs])
+    true = np.array([log_volume_change(p) for p in pairs])
     predicted = 3 * predicted
     groups = collections.defaultdict(list)
     for k, pair in enumerate(pairs):
@@ -96,8 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    splits = {split: [p for folder in args.data for p in read_pairs(folder, split)]
-              for split in ("train", "val", "test")}
+    splits = {split: read_pairs(args.data, split) for split in ("train", "val", "test")}
     every = [p for pairs in splits.values() for p in pairs]
     families = args.family or sorted({p.family for p in every if p.family})
     print(f"# The volume prior alone, one seed family left out ({', '.join(args.data)}; {args.epochs} epochs)\n")

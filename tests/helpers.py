@@ -70,6 +70,19 @@ def golden_model_instance(golden: dict, paper_compat: bool = True, dtype=torch.f
     return model.to(dtype)
 
 
+def golden_model_grown(golden: dict, option: str, prefix: str):
+    """``(plain, grown)``: the golden weights in a default-mode E3Relax(H=32), and in one that also has
+    the architecture option ``option`` (a part that starts at zero), whose missing weights are exactly
+    those under ``prefix``."""
+    from e3relax_fast.model import E3Relax
+
+    plain = golden_model_instance(golden, paper_compat=False)
+    grown = E3Relax(hidden_channels=32, num_layers=4, **{option: True}).to(torch.float64)
+    missing, unexpected = grown.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith(prefix) for k in missing)
+    return plain, grown
+
+
 # --------------------------------------------------------------------------------------------------
 # random inputs
 # --------------------------------------------------------------------------------------------------

@@ -16,8 +16,10 @@ bounded (``|ln s| ≤ LOG_SCALE_BOUND``), and the crystal is scaled by ``s`` abo
 rows and positions), keeping its fractional coordinates.
 
 The vote's last layer starts at zero: a model grown with the prior (``train --init``) starts with the
-predictions of its checkpoint. Rotations, translations, the choice of cell and supercells leave the
-mean over a crystal's edges unchanged, so the rescale is equivariant as the rest of the model.
+predictions of its checkpoint. Rotations, translations and the choice of cell leave the mean over a
+crystal's edges unchanged, so the rescale is equivariant as the rest of the model; so do supercells
+of a crystal with no periodic image of an atom within the graph radius (otherwise the supercell has
+edges the cell left out as self-images: ``relax_batch``'s canonical frame answers for supercells).
 """
 
 from __future__ import annotations

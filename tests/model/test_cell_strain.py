@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import golden_batch, golden_model_instance
+from helpers import golden_batch, golden_model_grown
 
 from e3relax_fast import E3Relax, load_pretrained
 
 
 def _with_strain(golden_model) -> tuple[E3Relax, E3Relax]:
     """The golden weights in a default-mode model, and in one that also has the cell strain."""
-    plain = golden_model_instance(golden_model, paper_compat=False)
-    model = E3Relax(hidden_channels=32, num_layers=4, cell_strain=True).to(torch.float64)
-    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and missing and all(k.startswith("cell_strain_layers.") for k in missing)
-    return plain, model
+    return golden_model_grown(golden_model, "cell_strain", "cell_strain_layers.")
 
 
 def test_a_model_grown_by_the_strain_starts_with_the_predictions_of_the_one_without(golden_model):

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import golden_batch, golden_model_instance, random_rotation, random_unimodular
+from helpers import golden_batch, golden_model_grown, random_rotation, random_unimodular
 
 from e3relax_fast import Batch, E3Relax, load_pretrained
 from e3relax_fast.model.volume_prior import LOG_SCALE_BOUND
@@ -16,11 +16,7 @@ from e3relax_fast.model.volume_prior import LOG_SCALE_BOUND
 
 def _with_prior(golden_model) -> tuple[E3Relax, E3Relax]:
     """The golden weights in a default-mode model, and in one that also has the volume prior."""
-    plain = golden_model_instance(golden_model, paper_compat=False)
-    model = E3Relax(hidden_channels=32, num_layers=4, volume_prior=True).to(torch.float64)
-    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and missing and all(k.startswith("volume_prior.") for k in missing)
-    return plain, model
+    return golden_model_grown(golden_model, "volume_prior", "volume_prior.")
 
 
 def _randomise(model: E3Relax, seed: int = 0) -> None:
