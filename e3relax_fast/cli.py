@@ -576,7 +576,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # the command as given, for the records a command writes
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C (SIGINT) is how a user stops a long run: one line, no traceback
+        resumes = args.command in RESUMABLE
+        print(f"e3relax-fast {args.command}: interrupted; "
+              + ("what it finished is kept and the same command resumes it" if resumes else "run it again"),
+              file=sys.stderr)
+        return 130  # the shell's status for a process ended by SIGINT
+
+
+# Commands that keep what they finished on disk and pick it up when run again (relax: its manifest;
+# train: OUT/last.pt; lofo: its finished folds and their trainings; datagen: the dataset folder).
+RESUMABLE = frozenset({"relax", "train", "lofo", "datagen"})
 
 
 if __name__ == "__main__":

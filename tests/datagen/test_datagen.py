@@ -4,6 +4,7 @@ snapshots, resume, CLI."""
 from __future__ import annotations
 
 import csv
+import importlib
 import os
 from pathlib import Path
 
@@ -400,6 +401,34 @@ def test_cli_datagen(tmp_path, capsys):
     assert sum(len(read_pairs(tmp_path / "cli", s)) for s in SPLITS) == 3
     assert main(["datagen", "--seeds", str(seeds), "--out", str(tmp_path / "bad"), "--n", "1",
                  "--calculator", "emt", "--protocol", "melt", "--quiet"]) == 2
+
+
+def test_cli_datagen_ctrl_c_is_one_line_and_the_command_resumes(tmp_path, capsys, monkeypatch):
+    """Ctrl-C is how a long generator run is stopped: one line (no traceback), status 130, the
+    pairs finished before it kept, and the same command finishes the run."""
+    from e3relax_fast.cli import main
+    generate_module = importlib.import_module("e3relax_fast.datagen.generate")  # the package re-exports generate()
+
+    seeds = emt_seeds(tmp_path / "emt_6.extxyz")
+    command = ["datagen", "--seeds", str(seeds), "--out", str(tmp_path / "cli"), "--n", "4", "--calculator", "emt",
+               "--protocol", "subst,rattle", "--no-batched", "--quiet"]
+    record = generate_module._Run.record
+
+    def ctrl_c_on_the_third(self, job, outcome):
+        if self.counters["written"] == 2:
+            raise KeyboardInterrupt
+        record(self, job, outcome)
+
+    monkeypatch.setattr(generate_module._Run, "record", ctrl_c_on_the_third)
+    assert main(command) == 130
+    err = capsys.readouterr().err
+    assert "e3relax-fast datagen: interrupted" in err and "resumes" in err and "Traceback" not in err
+    assert len(rows(tmp_path / "cli" / "index.csv")) == 2
+    assert not (tmp_path / "cli" / "datagen.lock").exists()
+    monkeypatch.undo()
+    assert main(command) == 0
+    assert "wrote 2 pairs" in capsys.readouterr().out
+    assert sum(len(read_pairs(tmp_path / "cli", s)) for s in SPLITS) == 4
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # chgnet's own tensor-conversion warning
