@@ -1,19 +1,24 @@
-"""Benchmark: one CPU training step of the shipped recipe, with and without subnormal radial-basis values.
+"""Benchmark: one CPU training step of the shipped recipe, each speed-up of the step undone in turn.
 
-The radial basis's far Gaussian tails are subnormal float32 numbers (about 1 % of the values), and
-x86 CPUs multiply subnormals many times slower than normal numbers: the weight gradient of the
-radial projections, an ``(R, E) x (E, 3H)`` product, was half of a training step.
-``reference/rbf.py`` flushes them to zero (``tests/model/test_rbf.py``: the other values are the same
-bits, the gradients the same). This benchmark times the step both ways on the same batches:
+The variants, each one change from the one before, all on the same batches:
 
-* ``flushed`` — the package as it is;
-* ``subnormal`` — the basis as the spec writes it (``reference.rbf.radial_basis_with_subnormals``),
-  patched into the two reference message ops for the duration of its calls.
+* ``subnormal, whole basis, loop`` — the radial basis as the spec writes it, with its far Gaussian
+  tails as subnormal float32 numbers (``reference.rbf.radial_basis_with_subnormals``: x86 CPUs
+  multiply subnormals many times slower than normal numbers; on an Intel Xeon the weight gradient
+  of the radial projections, an ``(R, E) x (E, 3H)`` product, was half of a step), all 128 centres,
+  the per-parameter AdamW loop and EMA;
+* ``flushed, whole basis, loop`` — subnormals flushed to 0 (``reference.rbf.radial_basis``;
+  ``tests/model/test_rbf.py``: the other values are the same bits, the gradients the same);
+* ``flushed, window, loop`` — the basis computed and projected only over the centres that can be
+  non-zero for the batch's distances (``reference.rbf.nonzero_window``: 39 of 128 for the 6 Å
+  graph's edges in float32; the others are exact zeros);
+* ``package`` — the package as it is: also the fused AdamW and the multi-tensor EMA
+  (``training.train.make_optimizer``, ``_ema_update``).
 
 A step is what ``train`` does per optimiser step (``training.train._optimizer_step``: forward, the
 layer-wise loss in the canonical-frame gauge, backward, clipping, AdamW + AMSGrad, EMA) with the
-shipped recipe's model (H = 64, L = 4, ``cell_transport``) and batch size (16), on the first
-training pairs of ``data/chgnet_v13sym``; each provider has its own copy of the model and optimiser,
+shipped recipe's model (H = 64, L = 4, ``cell_transport``, ``cell_strain``) and batch size (16), on
+the first training pairs of ``data/chgnet_v13sym``; each provider has its own copy of the model and optimiser,
 started from the same seed, and steps through the same batches.
 
     python -m bench.bench_train_step                 # 1 thread, as `train` runs in the card (~2 min)
@@ -38,17 +43,45 @@ BATCH = 16
 
 
 @contextlib.contextmanager
-def unflushed_basis():
-    """The two reference message ops evaluate the basis with its subnormal tails inside the block."""
+def undone(subnormal: bool, window: bool, fused: bool):
+    """Inside the block the reference message ops, and the EMA of ``train``, as the variant says."""
+    import importlib
+
+    import torch
+
     from e3relax_fast.reference import lattice_message, message_passing
     from e3relax_fast.reference.rbf import radial_basis_with_subnormals
 
-    saved = message_passing.radial_basis, lattice_message.radial_basis
-    message_passing.radial_basis = lattice_message.radial_basis = radial_basis_with_subnormals
+    train = importlib.import_module("e3relax_fast.training.train")  # the package re-exports train()
+
+    def ema_loop(ema, model, decay):
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+                e.lerp_(p, 1 - decay)
+
+    modules = (message_passing, lattice_message)
+    saved = [(m.radial_basis, m.nonzero_window) for m in modules], train._ema_update
+    for m in modules:
+        if not window:
+            m.nonzero_window = lambda *args: slice(None)
+        if subnormal:
+            m.radial_basis = radial_basis_with_subnormals
+    if not fused:
+        train._ema_update = ema_loop
     try:
         yield
     finally:
-        message_passing.radial_basis, lattice_message.radial_basis = saved
+        for m, (basis, nonzero) in zip(modules, saved[0], strict=True):
+            m.radial_basis, m.nonzero_window = basis, nonzero
+        train._ema_update = saved[1]
+
+
+VARIANTS = {  # name: (subnormal, window, fused), each one change from the one before
+    "subnormal, whole basis, loop": (True, False, False),
+    "flushed, whole basis, loop": (False, False, False),
+    "flushed, window, loop": (False, True, False),
+    "package": (False, True, True),
+}
 
 
 def run(batches: int, repeats: int, info: dict) -> str:
@@ -57,43 +90,48 @@ def run(batches: int, repeats: int, info: dict) -> str:
     from e3relax_fast.io import read_pairs
     from e3relax_fast.model import E3Relax
     from e3relax_fast.training.dataset import PairDataset
-    from e3relax_fast.training.train import TrainConfig, _optimizer_step
+    from e3relax_fast.training.train import TrainConfig, _optimizer_step, make_optimizer
 
     pairs = read_pairs(DATA, "train")[: batches * BATCH]
     data = PairDataset(pairs)
     atoms = sum(len(p.atomic_numbers) for p in pairs)
-    config = TrainConfig(model={"hidden_channels": 64, "num_layers": 4, "cell_transport": True}, lr=5e-4,
-                         batch_size=BATCH)
+    config = TrainConfig(model={"hidden_channels": 64, "num_layers": 4, "cell_transport": True, "cell_strain": True},
+                         lr=5e-4, batch_size=BATCH)
     torch.manual_seed(config.seed)
     initial = E3Relax(**config.model)
 
-    def provider(context):
+    def provider(subnormal: bool, window: bool, fused: bool):
         model = copy.deepcopy(initial)
         ema = copy.deepcopy(model).requires_grad_(False)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, amsgrad=True)
+        optimizer = make_optimizer(model, config, "cpu") if fused else torch.optim.AdamW(
+            model.parameters(), lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
+            amsgrad=True, foreach=False)
         position = [0]
 
         def step():
             k = position[0] % batches
             position[0] += 1
             items = [data[i] for i in range(k * BATCH, (k + 1) * BATCH)]
-            with context():
+            with undone(subnormal, window, fused):
                 _optimizer_step(model, model, ema, optimizer, items, config, "cpu", 1)
 
         return step
 
-    fns = {"flushed": provider(contextlib.nullcontext), "subnormal": provider(unflushed_basis)}
-    # Each timed round is one step of each provider; its batches go round the same fixed set.
+    fns = {name: provider(*flags) for name, flags in VARIANTS.items()}
+    # Each timed round is one step of each variant; its batches go round the same fixed set.
     times = harness.measure_interleaved(fns, repeats=repeats, warmup=2)
     case = f"H=64 L=4, batch {BATCH}, {batches} batches of chgnet_v13sym ({atoms / len(pairs):.1f} atoms/crystal)"
     results = [harness.Result(BENCH, name, "reference", "cpu", case, statistics.median(t), BATCH / statistics.median(t),
                               "crystals/s", extra={"min_s": round(min(t), 6)}) for name, t in times.items()]
-    harness.add_ratios(results, ["subnormal"])
-    report.append_csv(results, BENCH, baseline="subnormal", info=info)
+    first = next(iter(VARIANTS))
+    harness.add_ratios(results, list(VARIANTS))
+    report.append_csv(results, BENCH, baseline=first, info=info)
     rows = [[f"`{r.provider}`", f"{report.fmt_time(r.median_s)} ({report.fmt_time(r.extra['min_s'])})",
-             report.fmt_num(r.throughput), report.fmt_ratio(r.ratios.get("subnormal"))] for r in results]
-    table = report.markdown_table(["radial basis", "training step: median (min)", "crystals/s", "× vs subnormal"],
-                                  rows)
+             report.fmt_num(r.throughput), report.fmt_ratio(r.ratios.get(above.provider)) if k else "",
+             report.fmt_ratio(r.ratios.get(first))]
+            for k, (r, above) in enumerate(zip(results, [results[0], *results[:-1]], strict=True))]
+    table = report.markdown_table(["variant", "training step: median (min)", "crystals/s", "× vs the row above",
+                                   f"× vs `{first}`"], rows)
     header = report.header_md(f"CPU training step ({case})",
                               f"python -m bench.bench_train_step --batches {batches} --repeats {repeats} "
                               f"--threads {info['torch_threads']} --write", info)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..geometry import lattice_vectors, safe_norm
-from .rbf import radial_basis
+from .rbf import nonzero_window, radial_basis
 
 
 def lattice_message(
@@ -53,8 +53,9 @@ def lattice_message(
     q = lattice_vectors(positions, cells, graph_index, centres)[:, k]
     d = safe_norm(q)
     w = -q / d.unsqueeze(-1)
-    gate = x_proj * torch.nn.functional.linear(radial_basis(d, rbf_centres, rbf_coeff, cutoff), edge_weight,
-                                               edge_bias) * (1 / math.sqrt(3.0))
+    window = nonzero_window(d, rbf_centres, rbf_coeff, cutoff)  # the other columns are exact zeros
+    basis = radial_basis(d, rbf_centres[window], rbf_coeff, cutoff)
+    gate = x_proj * torch.nn.functional.linear(basis, edge_weight[:, window], edge_bias) * (1 / math.sqrt(3.0))
     a1, a2, a3 = gate.split(h, dim=-1)
     v_out = (a1.unsqueeze(1) * vec + w.unsqueeze(-1) * a2.unsqueeze(1)) * (1 / math.sqrt(h))
     return a3, v_out

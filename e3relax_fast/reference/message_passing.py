@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..geometry import edge_vectors, safe_norm
-from .rbf import radial_basis
+from .rbf import nonzero_window, radial_basis
 
 
 def message_passing(
@@ -55,7 +55,9 @@ def message_passing(
     r = edge_vectors(positions, cells, edge_index, cell_offsets, edge_graph)
     d = safe_norm(r)
     u = -r / d.unsqueeze(-1)
-    gate = torch.nn.functional.linear(radial_basis(d, rbf_centres, rbf_coeff, cutoff), edge_weight, edge_bias)
+    window = nonzero_window(d, rbf_centres, rbf_coeff, cutoff)  # the other columns are exact zeros
+    basis = radial_basis(d, rbf_centres[window], rbf_coeff, cutoff)
+    gate = torch.nn.functional.linear(basis, edge_weight[:, window], edge_bias)
     b1, b2, b3 = (x_proj[j] * gate * (1 / math.sqrt(3.0))).split(h, dim=-1)
     msg_v = (b1.unsqueeze(1) * vec[j] + u.unsqueeze(-1) * b2.unsqueeze(1)) * (1 / math.sqrt(h))
     ds = x_proj.new_zeros(n, h).index_add_(0, i, b3)

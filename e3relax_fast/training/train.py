@@ -83,10 +83,21 @@ def _all_sum(x: float) -> float:
     return float(t[0])
 
 
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, device) -> torch.optim.AdamW:
+    """The recipe's AdamW with AMSGrad. Fused (one kernel over all parameters, CPU and CUDA): the same
+    algorithm as the per-parameter loop, which took ~10 % of a CPU training step at H = 64 (69 ms
+    against 15 ms on one core). A run resumed from a ``last.pt`` written with the loop keeps the loop
+    (the saved param_groups win), so it goes on along its own trajectory."""
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, eps=config.eps,
+                             weight_decay=config.weight_decay, amsgrad=True,
+                             fused=torch.device(device).type in ("cpu", "cuda"))
+
+
 @torch.no_grad()
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-        e.lerp_(p, 1 - decay)
+    # One multi-tensor call instead of a lerp per parameter (356 of them at H = 64, L = 4): a
+    # training step runs a few hundred small ops fewer. Each weight gets the same e + (1 - decay) (p - e).
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
 def validation_report(model: torch.nn.Module, dataset: PairDataset, device, batch_size: int = 64) -> dict:
@@ -303,8 +314,7 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
         raise TrainingSetupError("--volume-prior and --prior-weight W > 0 go together: the prior learns from that "
                                  "term alone")
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, eps=config.eps,
-                                  weight_decay=config.weight_decay, amsgrad=True)
+    optimizer = make_optimizer(model, config, device)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=config.lr_factor,
                                                            patience=config.lr_patience, min_lr=config.min_lr)
     state = _start(config, out_dir, device, model, ema, optimizer, scheduler)

@@ -14,7 +14,7 @@ from helpers import denoising_pairs
 
 from e3relax_fast.io import write_extxyz_pairs
 from e3relax_fast.training import PairDataset, layerwise_loss
-from e3relax_fast.training.train import TrainConfig, train
+from e3relax_fast.training.train import TrainConfig, _ema_update, make_optimizer, train
 
 
 @pytest.fixture(scope="module")
@@ -295,3 +295,40 @@ def test_the_prior_term_supervises_the_volume_priors_scale_with_the_targets_volu
     monkeypatch.setattr(train_module, "layerwise_loss", recording)
     assert main([*common, "--volume-prior", "--out", str(tmp_path / "with")]) == 0
     assert len(priors) == 2 and all(p is not None and float(p.detach()) >= 0 for p in priors)
+
+
+@pytest.mark.parametrize("dtype, rel", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_the_fused_optimizer_and_ema_are_the_recipe(dtype, rel):
+    """The fused AdamW that ``train`` builds updates every weight as the per-parameter AdamW with the
+    recipe's AMSGrad, betas, eps and weight decay, and the multi-tensor EMA as ``e + (1 - decay) (p - e)``:
+    five steps on the same gradients."""
+    from e3relax_fast.model import E3Relax
+
+    config = TrainConfig(model={"hidden_channels": 8, "num_layers": 2, "cell_strain": True}, lr=1e-2,
+                         weight_decay=0.05)
+    torch.manual_seed(0)
+    fused_model = E3Relax(**config.model).to(dtype)
+    loop_model = E3Relax(**config.model).to(dtype)
+    loop_model.load_state_dict(fused_model.state_dict())
+    initial = {name: w.detach().clone() for name, w in fused_model.named_parameters()}
+    fused = make_optimizer(fused_model, config, "cpu")
+    assert fused.defaults["fused"] and fused.defaults["amsgrad"]
+    loop = torch.optim.AdamW(loop_model.parameters(), lr=config.lr, betas=config.betas, eps=config.eps,
+                             weight_decay=config.weight_decay, amsgrad=True, foreach=False)
+    ema = E3Relax(**config.model).to(dtype).requires_grad_(False)
+    expected_ema = [e.detach().clone() for e in ema.parameters()]
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for a, b in zip(fused_model.parameters(), loop_model.parameters(), strict=True):
+            a.grad = torch.randn(a.shape, generator=generator, dtype=dtype)
+            b.grad = a.grad.clone()
+        fused.step()
+        loop.step()
+        _ema_update(ema, fused_model, config.ema_decay)
+        expected_ema = [e + (1 - config.ema_decay) * (p.detach() - e)
+                        for e, p in zip(expected_ema, fused_model.parameters(), strict=True)]
+    for (name, a), b in zip(fused_model.named_parameters(), loop_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=rel, atol=rel, msg=name)
+        assert not torch.equal(a, initial[name]), name  # both moved: the comparison is not vacuous
+    for e, expected in zip(ema.parameters(), expected_ema, strict=True):
+        torch.testing.assert_close(e, expected, rtol=rel, atol=rel)
