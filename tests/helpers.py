@@ -83,6 +83,15 @@ def golden_model_grown(golden: dict, option: str, prefix: str):
     return plain, grown
 
 
+def assert_same_predictions(plain, grown, batch):
+    """Every layer's positions and cells of ``grown`` on ``batch`` are ``plain``'s, bit for bit (a
+    part grown from zero changes nothing until it is trained); returns ``grown``'s output."""
+    out_plain, out = plain(batch), grown(batch)
+    for a, b in zip(out_plain.positions + out_plain.cells, out.positions + out.cells, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # random inputs
 # --------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import golden_batch, golden_model_grown, random_rotation, random_unimodular
+from helpers import assert_same_predictions, golden_batch, golden_model_grown, random_rotation, random_unimodular
 
 from e3relax_fast import Batch, E3Relax, load_pretrained
 from e3relax_fast.model.volume_prior import LOG_SCALE_BOUND
@@ -43,9 +43,7 @@ def _crystal(rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def test_a_model_grown_by_the_prior_starts_with_the_predictions_of_the_one_without(golden_model):
     plain, model = _with_prior(golden_model)
     batch = golden_batch(golden_model)
-    out_plain, out = plain(batch), model(batch)
-    for a, b in zip(out_plain.positions + out_plain.cells, out.positions + out.cells, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_same_predictions(plain, model, batch)
 
 
 def test_the_prior_rescales_each_crystal_about_its_centroid_before_the_first_layer(golden_model):
