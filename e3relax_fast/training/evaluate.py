@@ -72,13 +72,15 @@ def evaluate(model: torch.nn.Module, pairs: list[Pair], device="cpu", match: boo
     """Metrics of ``model`` and of Dummy on ``pairs`` (``options`` go to :func:`predict`).
 
     Returns ``{"model": {metric: mean}, "dummy": {...}, "rescale": {...}, "true_cell": {...},
-    "ratio_ci": {metric: (lo, hi)},
+    "true_volume": {...}, "ratio_ci": {metric: (lo, hi)},
     "better": {metric: fraction of structures where the model's error is below Dummy's},
     "families": {family: {"n": count, "model": {...}, "dummy": {...}, "rescale": {...}}},
     "per_structure": {"model": {metric: (G,) array}, "dummy": {...}, "rescale": {...}},
     "predictions": [...]}``; "rescale" is the input scaled isotropically to the model's predicted
     volume (does the model know more than the volume?); "true_cell" the input's fractions in the
     relaxed cell (the coordinate error left were the cell exactly right and no atom moved within it);
+    "true_volume" the model's prediction scaled isotropically to the target's volume (the error left
+    were the model's volume exact: how much of it is the cell's shape?);
     ``match_rate`` is included when pymatgen is. ``ratio_ci`` is the 95 % bootstrap interval of
     model / Dummy (:func:`ratio_interval`).
     """
@@ -93,8 +95,13 @@ def evaluate(model: torch.nn.Module, pairs: list[Pair], device="cpu", match: boo
     # is exactly right and no atom moves within it (how much of the error is the cell's?).
     graph = batch.graph_index()
     fractions = torch.linalg.solve(batch.cells[graph].transpose(1, 2), batch.positions.unsqueeze(-1)).squeeze(-1)
+    # "True volume": the prediction scaled isotropically (about the origin, fractions kept) to the
+    # target's volume: what is left is the prediction's cell shape and its atoms' fractions.
+    to_target = (torch.linalg.det(cell_t) / torch.linalg.det(pred_cell)).abs() ** (1 / 3)
     per = {
         "model": structure_metrics(pred_pos, pred_cell, pos_t, cell_t, batch.ptr),
+        "true_volume": structure_metrics(pred_pos * to_target[graph].unsqueeze(-1),
+                                         pred_cell * to_target.reshape(-1, 1, 1), pos_t, cell_t, batch.ptr),
         "dummy": structure_metrics(batch.positions, batch.cells, pos_t, cell_t, batch.ptr),
         "rescale": structure_metrics(batch.positions * scale[graph].unsqueeze(-1),
                                      batch.cells * scale.reshape(-1, 1, 1), pos_t, cell_t, batch.ptr),
@@ -140,15 +147,17 @@ def _group_table(result: dict, key: str = "families", what: str = "seed family")
     if len(families) < 2:
         return []
     lines = ["", f"Per {what} (model / Dummy and rescale / Dummy; rescale = the input scaled to the model's "
-             "predicted volume; true cell = the input's fractions in the relaxed cell; then the share of structures "
-             f"with the volume within {100 * VOLUME_TOLERANCE:.0f} % of the target's, model and Dummy):", "",
-             f"| {what} | structures | coordinate MAE model | coordinate MAE rescale | coordinate MAE true cell | "
-             "volume error model | volume within: model | Dummy |",
-             "|---|---|---|---|---|---|---|---|"]
+             "predicted volume; true volume = the prediction scaled to the target's volume; true cell = the input's "
+             "fractions in the relaxed cell; then the share of structures with the volume within "
+             f"{100 * VOLUME_TOLERANCE:.0f} % of the target's, model and Dummy):", "",
+             f"| {what} | structures | coordinate MAE model | coordinate MAE rescale | coordinate MAE true volume | "
+             "coordinate MAE true cell | volume error model | volume within: model | Dummy |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for family, r in families.items():
         coord, vol = r["dummy"]["coord_mae"], r["dummy"]["volume_error"]
         lines.append(f"| {family} | {r['n']} | {_ratio(r['model']['coord_mae'], coord)} | "
-                     f"{_ratio(r['rescale']['coord_mae'], coord)} | {_ratio(r['true_cell']['coord_mae'], coord)} | "
+                     f"{_ratio(r['rescale']['coord_mae'], coord)} | {_ratio(r['true_volume']['coord_mae'], coord)} | "
+                     f"{_ratio(r['true_cell']['coord_mae'], coord)} | "
                      f"{_ratio(r['model']['volume_error'], vol)} | "
                      f"{100 * r['model']['volume_within']:.0f} % | {100 * r['dummy']['volume_within']:.0f} % |")
     return lines
@@ -177,9 +186,12 @@ def write_report(result: dict, pairs: list[Pair], out_dir: str | Path, title: st
                  f"{100 * result['model']['volume_within']:.1f}% | {100 * result['dummy']['volume_within']:.1f}% "
                  "| | | |")
     true_cell, dummy = result["true_cell"]["coord_mae"], result["dummy"]["coord_mae"]
+    true_volume = result["true_volume"]["coord_mae"]
     lines += ["", f"The input's fractions in the relaxed cell (the cell exactly right, no atom moved within it): "
               f"coordinate MAE {true_cell:.4f} Å, {_ratio(true_cell, dummy)} × Dummy: what is left of Dummy's "
-              "coordinate error once the cell is right."]
+              "coordinate error once the cell is right. The prediction scaled isotropically to the target's volume "
+              f"(its volume exact, its shape and fractions as predicted): {true_volume:.4f} Å, "
+              f"{_ratio(true_volume, dummy)} × Dummy: what a perfect volume alone would give."]
     lines += _group_table(result) + _group_table(result, "protocols", "protocol")
     energy = result.get("energy")
     if energy is not None:

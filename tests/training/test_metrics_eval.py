@@ -172,3 +172,24 @@ def test_true_cell_baseline_is_the_input_fractions_in_the_relaxed_cell(tmp_path)
     np.testing.assert_allclose(true_cell[1:], dummy[1:], rtol=0, atol=1e-12)
     text = write_report(result, pairs, tmp_path, "true cell").read_text()
     assert f"coordinate MAE {true_cell.mean():.4f} Å" in text
+
+
+def test_true_volume_baseline_is_the_prediction_at_the_targets_volume(tmp_path):
+    """"True volume" scales the prediction isotropically to the target's volume: zero error where the
+    relaxation is an isotropic scaling of the input (here predicted unchanged), the anisotropic part
+    of the error kept where it is not."""
+    pairs = denoising_pairs(2, 5)
+    for pair, strain in zip(pairs, (np.eye(3) * 1.07, np.diag([1.08, 0.95, 1.0])), strict=True):
+        pair.cell_relaxed = pair.cell_unrelaxed @ strain
+        pair.pos_relaxed = pair.pos_unrelaxed @ strain
+    result = evaluate(_Identity(), pairs, match=False, frame="input")
+    per = result["per_structure"]
+    assert per["true_volume"]["coord_mae"][0] < 1e-12 < per["dummy"]["coord_mae"][0]
+    assert per["true_volume"]["volume_error"][1] < 1e-9 < per["true_volume"]["coord_mae"][1]
+    # scaled to the target's volume, the prediction's cell is C_u * s with s^3 = det(strain)
+    s = np.linalg.det(np.diag([1.08, 0.95, 1.0])) ** (1 / 3)
+    scaled = pairs[1].cell_unrelaxed * s
+    expected = np.linalg.norm(scaled @ scaled.T - pairs[1].cell_relaxed @ pairs[1].cell_relaxed.T)
+    assert per["true_volume"]["shape_error"][1] == pytest.approx(expected, rel=1e-9)
+    text = write_report(result, pairs, tmp_path, "true volume").read_text()
+    assert f"{result['true_volume']['coord_mae']:.4f} Å" in text and "what a perfect volume alone would give" in text
