@@ -128,6 +128,14 @@ def validation_report(model: torch.nn.Module, dataset: PairDataset, device, batc
     return {"val_mae": err / max(count, 1), "minima_within_3pct": kept / minima if minima else None}
 
 
+def _named(pair_ids: list[str], shown: int = 8) -> str:
+    """The skipped steps' pairs for the progress line: a few of them, the rest counted (all of them
+    are in last.pt's history)."""
+    more = len(pair_ids) - shown
+    return f"their pairs: {', '.join(pair_ids[:shown])}" + (f" and {more} more (all in last.pt's history)"
+                                                             if more > 0 else "")
+
+
 def _minima_note(report: dict) -> str:
     share = report["minima_within_3pct"]
     return "" if share is None else f" already relaxed within 3 % {100 * share:.1f} %"
@@ -363,7 +371,7 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
                 print(f"epoch {state['epoch']:4d} step {state['step']:7d} loss {sum(finite) / len(finite):.4f} "
                       f"val |dp| {signal:.4f} A (best {state['best']:.4f}) lr {optimizer.param_groups[0]['lr']:.2e} "
                       f"{time.time() - start_time:.0f}s{_minima_note(report)}"
-                      + (f" ({skipped} steps skipped: non-finite gradient; their pairs: {', '.join(skipped_pairs)})"
+                      + (f" ({skipped} steps skipped: non-finite gradient; {_named(skipped_pairs)})"
                          if skipped else ""), file=sys.stderr,
                       flush=True)
         if state["bad_epochs"] > config.early_stop:

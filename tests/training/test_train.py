@@ -166,6 +166,16 @@ def test_init_grows_a_checkpoint_into_a_model_with_a_part_that_starts_at_zero(tm
               train_set, val_set, tmp_path / "c", max_steps=1, progress=False)
 
 
+def test_the_progress_line_names_a_few_skipped_pairs_and_counts_the_rest():
+    """A diverging epoch skips up to 100 steps of 16 pairs: the progress line names 8 of them and
+    counts the rest (the history in last.pt keeps every id) instead of printing 1,600 ids."""
+    from e3relax_fast.training.train import _named
+
+    ids = [f"p{k:03d}" for k in range(20)]
+    assert _named(ids) == f"their pairs: {', '.join(ids[:8])} and 12 more (all in last.pt's history)"
+    assert _named(ids[:3]) == "their pairs: p000, p001, p002"
+
+
 def test_a_step_with_a_non_finite_gradient_is_skipped_and_all_skipped_stops_the_run(tmp_path, datasets, monkeypatch):
     """One batch whose loss is NaN (a degenerate cell, say) would make every weight NaN for good: its
     step is skipped (weights and EMA untouched, counted in the history) and the run goes on; a
