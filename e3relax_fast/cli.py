@@ -193,7 +193,7 @@ def run_train(args: argparse.Namespace) -> int:
         model={"hidden_channels": args.hidden, "num_layers": args.layers, "cell_transport": args.cell_transport,
                "element_features": args.element_features, "cell_strain": args.cell_strain, "backend": args.backend,
                "edge_cutoff": args.edge_cutoff, "volume_prior": args.volume_prior},
-        lr=args.lr, batch_size=args.batch_size, steps_per_epoch=args.steps_per_epoch,
+        lr=args.lr, lr_schedule=args.lr_schedule, batch_size=args.batch_size, steps_per_epoch=args.steps_per_epoch,
         max_epochs=args.max_epochs, loss=args.loss, cell_weight=args.cell_weight, prior_weight=args.prior_weight,
         seed=args.seed, dtype=args.dtype,
         frame=args.frame, init=args.init, family_balance=args.family_balance,
@@ -276,6 +276,9 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--time-limit", type=float, metavar="SECONDS",
                    help="stop at the first pseudo-epoch boundary after SECONDS of training (rerun to resume)")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr-schedule", choices=("plateau", "cosine"), default="plateau",
+                   help="plateau (default, the original's): lower the rate when the validation signal stalls; "
+                   "cosine: decay it to zero over --max-epochs pseudo-epochs")
     p.add_argument("--loss", choices=("l2", "pbc_l1"), default="l2", help="l2: the paper's loss; pbc_l1: E3Relax-H2's")
     p.add_argument("--cell-weight", type=float, default=1.0, metavar="W",
                    help="weight of the loss's cell term against its position term (default 1: the paper's)")

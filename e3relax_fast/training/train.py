@@ -47,6 +47,12 @@ class TrainConfig:
     lr_patience: int = 5
     min_lr: float = 1e-8
     early_stop: int = 15  # pseudo-epochs without improvement before stopping
+    # "plateau": the original's ReduceLROnPlateau on the validation signal; "cosine": the learning rate
+    # of optimiser step s is min_lr + (lr - min_lr) (1 + cos(pi s / S)) / 2 over S = max_epochs *
+    # steps_per_epoch steps. In a run of a few thousand steps the EMA-smoothed validation signal keeps
+    # falling, so the plateau schedule never lowers the rate and the last weights stay as noisy as the
+    # first; a decay to zero settles them (a function of the step alone: resuming needs no state).
+    lr_schedule: str = "plateau"
     # Weight of the cell term against the position term (1: the paper's). Most of the coordinate
     # error is the cell's: atoms ride along with it, so a wrong cell moves every atom.
     cell_weight: float = 1.0
@@ -126,6 +132,16 @@ def validation_report(model: torch.nn.Module, dataset: PairDataset, device, batc
             kept += int(((ratio - 1).abs() <= 0.03)[is_min].sum())
             minima += int(is_min.sum())
     return {"val_mae": err / max(count, 1), "minima_within_3pct": kept / minima if minima else None}
+
+
+LR_SCHEDULES = ("plateau", "cosine")
+
+
+def cosine_lr(config: TrainConfig, step: int) -> float:
+    """The cosine schedule's learning rate for optimiser step ``step`` (0-based): ``config.lr`` at 0,
+    ``config.min_lr`` at ``max_epochs * steps_per_epoch`` and after."""
+    total = config.max_epochs * config.steps_per_epoch
+    return config.min_lr + (config.lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
 
 
 def _named(pair_ids: list[str], shown: int = 8) -> str:
@@ -272,6 +288,8 @@ def _check_sets(config: TrainConfig, train_set: PairDataset, val_set: PairDatase
     """:class:`TrainingSetupError` for an option or a set the run cannot start with."""
     if not config.family_balance >= 0:
         raise TrainingSetupError(f"family_balance must be >= 0, got {config.family_balance}")
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise TrainingSetupError(f"unknown lr_schedule {config.lr_schedule!r}; expected one of {LR_SCHEDULES}")
     for split, data in (("training", train_set), ("validation", val_set)):
         if data.frame != config.frame:
             raise TrainingSetupError(f"the {split} set is in the {data.frame!r} frame but config.frame is "
@@ -342,6 +360,9 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
         losses, skipped_pairs = [], []
         for _ in range(epoch_steps):
             items, batch_ids = _batch_items(train_set, config, state["step"], rank, world, order_of)
+            if config.lr_schedule == "cosine":
+                for group in optimizer.param_groups:
+                    group["lr"] = cosine_lr(config, state["step"])
             losses.append(_optimizer_step(net, model, ema, optimizer, items, config, device, world))
             if losses[-1] is None:  # named, so the crystal that blows up a step can be found
                 skipped_pairs += [train_set.pairs[k].id for k in batch_ids]
@@ -356,7 +377,8 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
         state["epoch"] += 1
         report = validation_report(ema, val_set, device)
         signal = report["val_mae"]
-        scheduler.step(signal)
+        if config.lr_schedule == "plateau":
+            scheduler.step(signal)
         improved = signal < state["best"]
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
         state["best"] = min(state["best"], signal)

@@ -342,3 +342,44 @@ def test_the_fused_optimizer_and_ema_are_the_recipe(dtype, rel):
         assert not torch.equal(a, initial[name]), name  # both moved: the comparison is not vacuous
     for e, expected in zip(ema.parameters(), expected_ema, strict=True):
         torch.testing.assert_close(e, expected, rtol=rel, atol=rel)
+
+
+def test_the_cosine_schedule_sets_each_steps_rate_resumes_exactly_and_reaches_the_cli(tmp_path, datasets,
+                                                                                        monkeypatch):
+    """--lr-schedule cosine: the rate of optimiser step s is lr at 0, halfway at S/2 and min_lr from S =
+    max_epochs * steps_per_epoch on; the optimiser runs each step at that rate (the plateau scheduler
+    is not stepped), and a resumed run continues the same trajectory."""
+    from e3relax_fast.cli import main
+    from e3relax_fast.training.train import TrainingSetupError, cosine_lr
+
+    cfg = TrainConfig(model={"hidden_channels": 8, "num_layers": 2}, batch_size=8, steps_per_epoch=5, max_epochs=4,
+                      lr=1e-3, min_lr=1e-5, lr_schedule="cosine", dtype="float64")
+    assert cosine_lr(cfg, 0) == 1e-3 and cosine_lr(cfg, 20) == cosine_lr(cfg, 35) == 1e-5
+    assert cosine_lr(cfg, 10) == pytest.approx((1e-3 + 1e-5) / 2, rel=1e-12)
+
+    train_set, val_set = datasets
+    train_module = importlib.import_module("e3relax_fast.training.train")
+    rates, real_step = [], train_module._optimizer_step
+
+    def recording(net, model, ema, optimizer, *args, **kwargs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        return real_step(net, model, ema, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_optimizer_step", recording)
+    full = train(cfg, train_set, val_set, tmp_path / "full", progress=False)
+    assert rates == [cosine_lr(cfg, s) for s in range(20)]
+    assert [h["lr"] for h in full["history"]] == [cosine_lr(cfg, s) for s in (4, 9, 14, 19)]
+    train(cfg, train_set, val_set, tmp_path / "split", max_steps=10, progress=False)
+    resumed = train(cfg, train_set, val_set, tmp_path / "split", progress=False)
+    for a, b in zip(full["history"], resumed["history"], strict=True):
+        assert a["val_mae"] == pytest.approx(b["val_mae"], rel=0, abs=1e-12)
+    with pytest.raises(TrainingSetupError, match="unknown lr_schedule 'step'"):
+        train(TrainConfig(lr_schedule="step"), train_set, val_set, tmp_path / "bad", progress=False)
+
+    write_extxyz_pairs(denoising_pairs(8, 0), tmp_path / "d", "train")
+    write_extxyz_pairs(denoising_pairs(2, 1), tmp_path / "d", "val")
+    rates.clear()
+    assert main(["train", "--data", str(tmp_path / "d"), "--hidden", "8", "--layers", "2", "--batch-size", "4",
+                 "--steps-per-epoch", "2", "--max-epochs", "2", "--lr", "1e-3", "--lr-schedule", "cosine",
+                 "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    assert rates[0] == 1e-3 and rates[-1] == pytest.approx(1e-8 + (1e-3 - 1e-8) * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
