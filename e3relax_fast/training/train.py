@@ -50,8 +50,8 @@ class TrainConfig:
     # "plateau": the original's ReduceLROnPlateau on the validation signal; "cosine": the learning rate
     # of optimiser step s is min_lr + (lr - min_lr) (1 + cos(pi s / S)) / 2 over S = max_epochs *
     # steps_per_epoch steps. In a run of a few thousand steps the EMA-smoothed validation signal keeps
-    # falling, so the plateau schedule never lowers the rate and the last weights stay as noisy as the
-    # first; a decay to zero settles them (a function of the step alone: resuming needs no state).
+    # falling, so the plateau schedule never lowers the rate; the cosine one does (a function of the
+    # step alone: resuming needs no state). On v3's second step it scored level with the plateau's.
     lr_schedule: str = "plateau"
     # Weight of the cell term against the position term (1: the paper's). Most of the coordinate
     # error is the cell's: atoms ride along with it, so a wrong cell moves every atom.
