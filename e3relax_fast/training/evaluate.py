@@ -163,6 +163,17 @@ def _group_table(result: dict, key: str = "families", what: str = "seed family")
     return lines
 
 
+def _cell_baselines(result: dict) -> str:
+    """The report's sentence on how much of the coordinate error the cell and its volume carry."""
+    true_cell, dummy = result["true_cell"]["coord_mae"], result["dummy"]["coord_mae"]
+    true_volume = result["true_volume"]["coord_mae"]
+    return (f"The input's fractions in the relaxed cell (the cell exactly right, no atom moved within it): "
+            f"coordinate MAE {true_cell:.4f} Å, {_ratio(true_cell, dummy)} × Dummy: what is left of Dummy's "
+            "coordinate error once the cell is right. The prediction scaled isotropically to the target's volume "
+            f"(its volume exact, its shape and fractions as predicted): {true_volume:.4f} Å, "
+            f"{_ratio(true_volume, dummy)} × Dummy: what a perfect volume alone would give.")
+
+
 def write_report(result: dict, pairs: list[Pair], out_dir: str | Path, title: str) -> Path:
     """Markdown report and PNG plots (predicted vs true volume and lattice lengths, error histograms)."""
     out_dir = Path(out_dir)
@@ -185,13 +196,7 @@ def write_report(result: dict, pairs: list[Pair], out_dir: str | Path, title: st
     lines.append(f"| volume within {100 * VOLUME_TOLERANCE:.0f} % of the target's (share of structures) | "
                  f"{100 * result['model']['volume_within']:.1f}% | {100 * result['dummy']['volume_within']:.1f}% "
                  "| | | |")
-    true_cell, dummy = result["true_cell"]["coord_mae"], result["dummy"]["coord_mae"]
-    true_volume = result["true_volume"]["coord_mae"]
-    lines += ["", f"The input's fractions in the relaxed cell (the cell exactly right, no atom moved within it): "
-              f"coordinate MAE {true_cell:.4f} Å, {_ratio(true_cell, dummy)} × Dummy: what is left of Dummy's "
-              "coordinate error once the cell is right. The prediction scaled isotropically to the target's volume "
-              f"(its volume exact, its shape and fractions as predicted): {true_volume:.4f} Å, "
-              f"{_ratio(true_volume, dummy)} × Dummy: what a perfect volume alone would give."]
+    lines += ["", _cell_baselines(result)]
     lines += _group_table(result) + _group_table(result, "protocols", "protocol")
     energy = result.get("energy")
     if energy is not None:
