@@ -98,13 +98,16 @@ def evaluate(model: torch.nn.Module, pairs: list[Pair], device="cpu", match: boo
     # "True volume": the prediction scaled isotropically (about the origin, fractions kept) to the
     # target's volume: what is left is the prediction's cell shape and its atoms' fractions.
     to_target = (torch.linalg.det(cell_t) / torch.linalg.det(pred_cell)).abs() ** (1 / 3)
+
+    def scaled(positions, cells, factor):  # every structure scaled about the origin by its (G,) factor
+        return structure_metrics(positions * factor[graph].unsqueeze(-1), cells * factor.reshape(-1, 1, 1),
+                                 pos_t, cell_t, batch.ptr)
+
     per = {
         "model": structure_metrics(pred_pos, pred_cell, pos_t, cell_t, batch.ptr),
-        "true_volume": structure_metrics(pred_pos * to_target[graph].unsqueeze(-1),
-                                         pred_cell * to_target.reshape(-1, 1, 1), pos_t, cell_t, batch.ptr),
+        "true_volume": scaled(pred_pos, pred_cell, to_target),
         "dummy": structure_metrics(batch.positions, batch.cells, pos_t, cell_t, batch.ptr),
-        "rescale": structure_metrics(batch.positions * scale[graph].unsqueeze(-1),
-                                     batch.cells * scale.reshape(-1, 1, 1), pos_t, cell_t, batch.ptr),
+        "rescale": scaled(batch.positions, batch.cells, scale),
         "true_cell": structure_metrics(torch.einsum("ni,nij->nj", fractions, cell_t[graph]), cell_t, pos_t, cell_t,
                                        batch.ptr),
     }
