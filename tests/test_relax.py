@@ -275,6 +275,7 @@ def test_infer_config_at_paper_size_shapes():
         "cell_transport": False,
         "element_features": False,
         "cell_strain": False,
+        "cell_mix": False,
         "edge_cutoff": None,
         "volume_prior": False,
     }
@@ -284,6 +285,8 @@ def test_infer_config_at_paper_size_shapes():
     assert infer_config(state)["element_features"] is True
     state["cell_strain_layers.0.0.weight"] = torch.zeros(1, h)
     assert infer_config(state)["cell_strain"] is True
+    state["cell_mix_layers.0.0.weight"] = torch.zeros(3, h + 6)
+    assert infer_config(state)["cell_mix"] is True
     state["volume_prior.out.weight"] = torch.zeros(1, h)
     assert infer_config(state)["volume_prior"] is True
 

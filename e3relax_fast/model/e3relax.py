@@ -80,6 +80,15 @@ class E3Relax(nn.Module):
             (an absolute displacement in Å) must otherwise build from its messages (default mode
             only). The scalars start at zero, so a model grown from a checkpoint without them starts
             with its predictions.
+        cell_mix: add to each lattice node's cell delta a learned combination of all three lattice
+            vectors (``Δa_k += Σ_j m_kj a_j``), its coefficients a linear map of the node's invariant
+            features and of the current cell's shape (:func:`cell_shape`: its lengths against their
+            geometric mean, the cosines of its angles): a direct path for shear and for the lengths'
+            ratios, which a relaxation changes (a strained cubic cell made cubic again, a phase
+            change's elongation) and which the node's vector delta rarely reproduced (default mode
+            only). Rotation-equivariant (invariant coefficients of the vectors themselves); the
+            coefficients start at zero, so a model grown from a checkpoint without them starts with
+            its predictions.
         edge_cutoff: the radial basis cutoff of the atom–atom edges only, in Å (default: ``cutoff``,
             the original's one basis). The same R Gaussians then span ``edge_cutoff`` instead of
             30 Å: at 6 Å (the graph radius) they are 0.047 Å apart instead of 0.24 Å, fine enough to
@@ -107,6 +116,7 @@ class E3Relax(nn.Module):
         cell_transport: bool = False,
         element_features: bool = False,
         cell_strain: bool = False,
+        cell_mix: bool = False,
         edge_cutoff: float | None = None,
         volume_prior: bool = False,
     ):
@@ -125,6 +135,9 @@ class E3Relax(nn.Module):
         if cell_strain and paper_compat:
             raise ValueError("cell_strain is a default-mode option (the original's cell update has no such term)")
         self.use_cell_strain = cell_strain
+        if cell_mix and paper_compat:
+            raise ValueError("cell_mix is a default-mode option (the original's cell update has no such term)")
+        self.use_cell_mix = cell_mix
         if edge_cutoff is not None and paper_compat:
             raise ValueError("edge_cutoff is a default-mode option (the original has one radial basis)")
         if edge_cutoff is not None and not edge_cutoff > 0:
@@ -155,6 +168,10 @@ class E3Relax(nn.Module):
             # Per layer, per lattice node: its scalar features -> ε_k, zero at the start.
             self.cell_strain_layers = nn.ModuleList(
                 nn.ModuleList(_zero_linear(h, 1) for _ in range(3)) for _ in range(num_layers))
+        if cell_mix:
+            # Per layer, per lattice node: its scalar features and the cell's 6 shape invariants -> m_k (3,).
+            self.cell_mix_layers = nn.ModuleList(
+                nn.ModuleList(_zero_linear(h + 6, 3) for _ in range(3)) for _ in range(num_layers))
         if edge_cutoff is not None:
             self.register_buffer(EDGE_CUTOFF_KEY, torch.tensor(self.edge_cutoff, dtype=torch.float64))
         if volume_prior:
@@ -173,6 +190,7 @@ class E3Relax(nn.Module):
             "cell_transport": self.cell_transport,
             "element_features": self.use_element_features,
             "cell_strain": self.use_cell_strain,
+            "cell_mix": self.use_cell_mix,
             "edge_cutoff": self.edge_cutoff,
             "volume_prior": self.use_volume_prior,
             "radius": self.radius,
@@ -253,10 +271,14 @@ class E3Relax(nn.Module):
             s_mean = ctx.lattice_pool(s, ctx.ptr, ctx.graph_index)
             v_mean = ctx.lattice_pool(v, ctx.ptr, ctx.graph_index)
             deltas = []
+            shape = cell_shape(cell) if self.use_cell_mix else None
             for k, node in enumerate(nodes):
                 lat_s[k], lat_v[k], delta = node.from_atoms(s_mean, v_mean, lat_s[k], lat_v[k])
                 if self.use_cell_strain:
                     delta = delta + self.cell_strain_layers[n][k](lat_s[k]) * cell[:, k, :]
+                if self.use_cell_mix:
+                    mix = self.cell_mix_layers[n][k](torch.cat([lat_s[k], shape], dim=-1))  # (G, 3)
+                    delta = delta + torch.einsum("gj,gjx->gx", mix, cell)
                 deltas.append(delta)
                 record(f"L{n}_lat{k + 1}_scalar_after_global", lat_s[k], f"L{n}_lat{k + 1}_vector_after_global",
                        lat_v[k], f"L{n}_lat{k + 1}_delta", delta.unsqueeze(-1))
@@ -298,6 +320,17 @@ def _zero_linear(fan_in: int, fan_out: int) -> nn.Linear:
     nn.init.zeros_(layer.weight)
     nn.init.zeros_(layer.bias)
     return layer
+
+
+def cell_shape(cell: Tensor) -> Tensor:
+    """``(G, 6)`` rotation- and scale-invariant shape of ``(G, 3, 3)`` row cells: ln of each lattice
+    vector's length over the three lengths' geometric mean, then the cosines of the angles (b, c),
+    (a, c), (a, b). A cubic cell is all zeros."""
+    lengths = safe_norm(cell)  # (G, 3)
+    log_lengths = torch.log(lengths)
+    unit = cell / lengths.unsqueeze(-1)
+    cosines = torch.stack([(unit[:, i] * unit[:, j]).sum(-1) for i, j in ((1, 2), (0, 2), (0, 1))], dim=-1)
+    return torch.cat([log_lengths - log_lengths.mean(-1, keepdim=True), cosines], dim=-1)
 
 
 def _transport(pos: Tensor, cell: Tensor, new_cell: Tensor, ctx: Context) -> Tensor:
