@@ -145,8 +145,9 @@ def test_a_run_killed_while_saving_keeps_its_previous_checkpoints(tmp_path, data
                                                 ("volume_prior", "volume_prior.out.weight")])
 def test_init_grows_a_checkpoint_into_a_model_with_a_part_that_starts_at_zero(tmp_path, datasets, option,
                                                                               new_weight):
-    """--init from a model without the element features, the cell strain, the cell mix or the volume prior: every other weight comes
-    from it, the new part starts at zero (so the first step starts from its predictions) and then learns."""
+    """--init from a model without the element features, the cell strain, the cell mix or the volume prior:
+    every other weight comes from it, the new part starts at zero (so the first step starts from its
+    predictions) and then learns."""
     from e3relax_fast import load_pretrained
 
     train_set, val_set = datasets
