@@ -1,4 +1,4 @@
-"""How reproducible are the targets themselves? The floor below which no one-shot model can go.
+"""How reproducible are the targets themselves? A floor below which no one-shot model can go.
 
 Each pair's unrelaxed structure is relaxed again with the recipe that made its target (CHGNet,
 batched FIRE + unit-cell filter, fmax 0.05 eV/Å, 300 steps), from a start that no model could tell
@@ -7,9 +7,11 @@ whose input has symmetry (spglib, 1e-3 Å) that its target keeps is relaxed agai
 were made, under ``FixSymmetry`` from the input itself (a perturbation below the tolerance is refined
 away, so these measure the pipeline's own repeatability). The coordinate MAE between that second
 relaxation and the target (both unwrapped to the images nearest the input's atoms, as in ``eval``),
-over Dummy's, is the share of the error that the input does not determine: where a relaxation runs
-down one of several nearby minima (a rattled perovskite tilting its octahedra one way or another),
-the target is one draw of it. Reported per protocol and family beside the model's ratio.
+over Dummy's, is the spread the input does not determine: where a relaxation runs down one of
+several nearby minima (a rattled perovskite tilting its octahedra one way or another), the target
+is one draw of it. Two draws are no closer to a prediction that cannot tell their starts apart than
+half their distance on average (triangle inequality), so half the ratio is a floor for any model.
+Reported per protocol and family beside the model's ratio.
 
     python -m bench.target_noise --data data/chgnet_v13sym --data data/chgnet_v4 --split test
 """
