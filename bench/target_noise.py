@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -64,14 +65,19 @@ def starts(pairs, sigma: float, seed: int) -> tuple[list, list[bool]]:
 
 def relax_again(pairs, sigma: float, seed: int, fmax: float) -> tuple[list[bool], list, list]:
     """Relax every pair again from :func:`starts` (CHGNet, batched FIRE, 300 steps); returns the
-    converged ones' ``(symmetry kept?, outcomes, pairs)``."""
+    converged ones' ``(symmetry kept?, outcomes, pairs)`` and names each one left out on stderr."""
     from e3relax_fast.datagen.calculators import make_calculator
     from e3relax_fast.datagen.fire import BatchedFIRE
 
     atoms, kept = starts(pairs, sigma, seed)
     fire = BatchedFIRE(make_calculator("chgnet", batched=True, batch_size=32), fmax=fmax, max_steps=300, max_batch=32)
-    done = [(k, o, p) for k, o, p in zip(kept, fire.relax(atoms), pairs, strict=True)
-            if o.error is None and o.converged]
+    done = []
+    for k, o, p in zip(kept, fire.relax(atoms), pairs, strict=True):
+        if o.error is None and o.converged:
+            done.append((k, o, p))
+        else:
+            print(f"left out {p.id}: {o.error or f'not converged in {o.steps} steps (fmax {o.fmax:.3f} eV/A)'}",
+                  file=sys.stderr)
     return [k for k, _, _ in done], [o for _, o, _ in done], [p for _, _, p in done]
 
 
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
                 for i, p in enumerate(pairs)]
         Path(args.json).write_text(json.dumps(rows, indent=1))
     targets = "stored targets" if args.fmax is None else f"targets made again at fmax {args.fmax} eV/A"
-    print(f"# {len(pairs)} pairs relaxed again (those that did not converge left out); {targets}; "
+    print(f"# {len(pairs)} pairs relaxed again (those that did not converge left out, named on stderr); {targets}; "
           f"sigma {args.sigma} A, seed {args.seed}; model {args.checkpoint}\n")
     print("\n".join(table(groups)))
 

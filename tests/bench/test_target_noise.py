@@ -65,3 +65,26 @@ def test_coordinate_errors_are_evals_and_zero_for_the_target():
 def test_table_rows():
     rows = table({"all": {"dummy": [0.2, 0.4], "again": [0.03, 0.03], "model": [0.3, 0.3]}})
     assert rows[2] == "| all | 2 | 0.300 | 0.100 | 1.000 |"
+
+
+def test_a_pair_whose_relaxation_fails_is_named_not_silently_dropped(monkeypatch, capsys):
+    from e3relax_fast.datagen import calculators, fire
+    from e3relax_fast.datagen.fire import RelaxOutcome
+
+    class Fire:  # converges on the first structure, not on the second
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def relax(self, structures):
+            return [RelaxOutcome(a, i == 0, 300 * i, 0.0, 0.0, 0.2 * i, None) for i, a in enumerate(structures)]
+
+    monkeypatch.setattr(calculators, "make_calculator", lambda *args, **kwargs: None)
+    monkeypatch.setattr(fire, "BatchedFIRE", Fire)
+    from bench.target_noise import relax_again
+
+    z, pos, cell = _rocksalt(5.4)
+    first = Pair("a", z, pos, cell, pos, cell, protocol="rattle")
+    second = Pair("b", z, pos + 0.01, cell, pos, cell, protocol="rattle")
+    kept, outcomes, pairs = relax_again([first, second], sigma=1e-3, seed=0, fmax=0.05)
+    assert [p.id for p in pairs] == ["a"] and len(outcomes) == 1 and len(kept) == 1
+    assert "left out b: not converged in 300 steps (fmax 0.200 eV/A)" in capsys.readouterr().err

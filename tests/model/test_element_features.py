@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import golden_batch, golden_model_instance
+from helpers import assert_rotation_equivariant, golden_batch, golden_model_instance
 
 from e3relax_fast import E3Relax, load_pretrained
 from e3relax_fast.model.elements import ELEMENTS, NUM_FEATURES, element_feature_table
@@ -50,14 +50,7 @@ def test_the_features_keep_the_model_rotation_equivariant(golden_model):
     with torch.no_grad():
         model.element_features.proj.weight.normal_(0.0, 0.1)
     batch = golden_batch(golden_model)
-    out = model(batch)
-    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
-    batch.positions, batch.cells = batch.positions @ q.T, batch.cells @ q.T
-    rotated = model(batch)
-    for a, b in zip(out.positions, rotated.positions, strict=True):
-        torch.testing.assert_close(a @ q.T, b, rtol=0, atol=1e-11)
-    for a, b in zip(out.cells, rotated.cells, strict=True):
-        torch.testing.assert_close(a @ q.T, b, rtol=0, atol=1e-11)
+    assert_rotation_equivariant(model, batch, seed=0)
 
 
 def test_a_checkpoint_keeps_its_element_features(tmp_path):
