@@ -11,7 +11,9 @@ over Dummy's, is the spread the input does not determine: where a relaxation run
 several nearby minima (a rattled perovskite tilting its octahedra one way or another), the target
 is one draw of it. Two draws are no closer to a prediction that cannot tell their starts apart than
 half their distance on average (triangle inequality), so half the ratio is a floor for any model.
-Reported per protocol and family beside the model's ratio.
+Reported per protocol and family beside the model's ratio. Every relaxed structure, stored or made
+here, is first turned rigidly into its input's orientation (``read_pairs``' default,
+:func:`~e3relax_fast.io.pairs.without_relaxed_rotation`): an orientation is no part of a minimum.
 
     python -m bench.target_noise --data data/chgnet_v13sym --data data/chgnet_v4 --split test
 """
@@ -81,6 +83,15 @@ def relax_again(pairs, sigma: float, seed: int, fmax: float) -> tuple[list[bool]
     return [k for k, _, _ in done], [o for _, o, _ in done], [p for _, _, p in done]
 
 
+def unturned(pairs, outcomes) -> list:
+    """Each pair with its relaxed structure replaced by the outcome's, turned into the input's
+    orientation."""
+    from e3relax_fast.io.pairs import without_relaxed_rotation
+
+    return [without_relaxed_rotation(replace(p, pos_relaxed=o.atoms.positions, cell_relaxed=o.atoms.cell.array))
+            for p, o in zip(pairs, outcomes, strict=True)]
+
+
 def coordinate_errors(pairs, positions: list[np.ndarray], cells: list[np.ndarray]) -> np.ndarray:
     """``(G,)`` coordinate MAE (Å) of each structure against its pair's target, both unwrapped to the
     images nearest the input's atoms (the relaxed cell's images, as ``eval`` unwraps its targets)."""
@@ -128,10 +139,10 @@ def main(argv: list[str] | None = None) -> None:
     pairs = [p for p in read_pairs(args.data, args.split) if not args.protocol or p.protocol in args.protocol]
     if args.fmax is not None:  # the targets themselves made again at this fmax, from the inputs as given
         _, reference, pairs = relax_again(pairs, 0.0, args.seed, args.fmax)
-        pairs = [replace(p, pos_relaxed=o.atoms.positions, cell_relaxed=o.atoms.cell.array)
-                 for p, o in zip(pairs, reference, strict=True)]
+        pairs = unturned(pairs, reference)
     kept, outcomes, pairs = relax_again(pairs, args.sigma, args.seed, args.fmax or 0.05)
-    again = coordinate_errors(pairs, [o.atoms.positions for o in outcomes], [o.atoms.cell.array for o in outcomes])
+    second = unturned(pairs, outcomes)
+    again = coordinate_errors(pairs, [p.pos_relaxed for p in second], [p.cell_relaxed for p in second])
     dummy = coordinate_errors(pairs, [p.pos_unrelaxed for p in pairs], [p.cell_unrelaxed for p in pairs])
     predictions = predict(load_pretrained(args.checkpoint), pairs)
     model = coordinate_errors(pairs, [pos for pos, _ in predictions], [cell for _, cell in predictions])

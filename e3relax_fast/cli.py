@@ -169,6 +169,10 @@ def add_relax_parser(subparsers) -> None:
 def _add_data_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, action="append",
                    help="CIF folder with split CSVs, extxyz folder, or ASE .db; repeat to combine sources")
+    p.add_argument("--target-rotation", choices=("remove", "keep"), default="remove",
+                   help="remove (default): each relaxed structure turned rigidly into its unrelaxed one's orientation "
+                   "(a CIF keeps none, a relaxation applies no torque); keep: as stored (the original's recipe, and "
+                   "models trained before this option)")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -204,7 +208,8 @@ def run_train(args: argparse.Namespace) -> int:
         for split in (args.train_split, args.val_split):
             # Every --data source contributes its split. Graphs are built once and cached beside the
             # run (keyed by content), so reruns and resumes reuse them.
-            pairs = [p for p in read_pairs(args.data, split) if p.family not in (args.exclude_family or ())]
+            pairs = [p for p in read_pairs(args.data, split, args.target_rotation)
+                     if p.family not in (args.exclude_family or ())]
             if split == args.train_split and args.minima:
                 pairs = with_minima(pairs, args.minima, seed=args.seed)
             if split == args.val_split and args.val_minima:
@@ -311,8 +316,8 @@ def run_eval(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:  # they name the file (or the device)
         return _die(str(err))
     try:
-        pairs = [p for p in read_pairs(args.data, args.split) if (not args.family or p.family in args.family)
-                 and (not args.protocol or p.protocol in args.protocol)]
+        pairs = [p for p in read_pairs(args.data, args.split, args.target_rotation)
+                 if (not args.family or p.family in args.family) and (not args.protocol or p.protocol in args.protocol)]
     except (ValueError, FileNotFoundError) as err:  # a missing split file, a bad pair: they name it
         return _die(str(err))
     if args.minima:
@@ -385,7 +390,7 @@ def run_lofo(args: argparse.Namespace) -> int:
     from .training.lofo import heldout_summary, lofo_table
 
     try:
-        pairs = {split: read_pairs(args.data, split) for split in ("train", "val", "test")}
+        pairs = {split: read_pairs(args.data, split, args.target_rotation) for split in ("train", "val", "test")}
     except (ValueError, FileNotFoundError) as err:
         return _die(str(err))
     present = sorted({p.family for split in pairs.values() for p in split if p.family})
@@ -408,7 +413,7 @@ def run_lofo(args: argparse.Namespace) -> int:
         if args.trained_without:  # a model whose training data never held the family is its own fold
             model_path = args.trained_without
         else:
-            status = _train_fold(family, run, data_options, train_options, first_options)
+            status = _train_fold(family, run, data_options, train_options, first_options, args.target_rotation)
             if status:
                 return status
             model_path = run / "best.pt"
@@ -429,18 +434,18 @@ def run_lofo(args: argparse.Namespace) -> int:
 
 
 def _train_fold(family: str, run: Path, data_options: list[str], train_options: list[str],
-                first_options: list[str]) -> int:
+                first_options: list[str], target_rotation: str) -> int:
     """Train one fold of ``e3relax-fast lofo`` into ``run`` (both steps of a two-step recipe without
-    ``family``); returns train's exit status."""
-    init = []
+    ``family``, each with lofo's ``--target-rotation``); returns train's exit status."""
+    init, rotation = [], ["--target-rotation", target_rotation]
     if first_options:  # the fold's own first step, without the family either; the second starts from it
         status = run_train(build_parser().parse_args(
-            ["train", "--out", str(run / "first"), "--exclude-family", family, *first_options]))
+            ["train", "--out", str(run / "first"), "--exclude-family", family, *first_options, *rotation]))
         if status:
             return status
         init = ["--init", str(run / "first" / "best.pt")]  # the last --init given wins
     train_args = build_parser().parse_args(
-        ["train", *data_options, "--out", str(run), "--exclude-family", family, *train_options, *init])
+        ["train", *data_options, "--out", str(run), "--exclude-family", family, *train_options, *init, *rotation])
     return run_train(train_args)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import csv
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -157,17 +157,64 @@ def read_ase_db_pairs(path: str | Path, split: str | None = None) -> list[Pair]:
     return pairs
 
 
-def read_pairs(sources: str | Path | list, split: str) -> list[Pair]:
+def relaxed_rotation(pair: Pair) -> np.ndarray:
+    """``(3, 3)`` rotation ``R`` (proper, det +1) by which the relaxed structure is turned relative to
+    the unrelaxed one: the deformation ``F = C_u⁻¹ C_r`` (cells as rows, ``C_r = C_u F``) split as
+    ``F = P R`` with ``P`` symmetric positive definite (polar decomposition, by SVD); row vectors
+    ``r`` of the stretched structure become ``r R``.
+
+    Raises:
+        ValueError: the pair's cells are singular or of opposite handedness (no rotation relates
+            them); the message names the pair.
+    """
+    try:
+        deformation = np.linalg.solve(pair.cell_unrelaxed, pair.cell_relaxed)
+    except np.linalg.LinAlgError:
+        raise ValueError(f"pair {pair.id}: unrelaxed cell is singular") from None
+    if not np.linalg.det(deformation) > 0:
+        raise ValueError(f"pair {pair.id}: unrelaxed and relaxed cells are of opposite handedness "
+                         f"(det C_u^-1 C_r = {np.linalg.det(deformation):.3g}): no rotation relates them")
+    u, _, vt = np.linalg.svd(deformation)
+    return u @ vt
+
+
+def without_relaxed_rotation(pair: Pair) -> Pair:
+    """The pair with its relaxed structure turned rigidly back by :func:`relaxed_rotation`: same
+    fractional coordinates, relaxed cell ``C_u P`` (the rotation-free deformation of the unrelaxed
+    cell).
+
+    Why: a relaxed structure's orientation is not data. A CIF keeps none (each structure is read back
+    with a along x and b in the xy plane, so a pair from CIFs is turned by up to tens of degrees
+    wherever the cell's shape changed), and a stress-driven relaxation applies no torque. Left in, the
+    rotation is label noise on Cartesian targets, and an error no model can remove from the
+    coordinate MAE of input and prediction alike.
+    """
+    rotation = relaxed_rotation(pair)
+    return replace(pair, pos_relaxed=pair.pos_relaxed @ rotation.T, cell_relaxed=pair.cell_relaxed @ rotation.T)
+
+
+#: What :func:`read_pairs` does with the relaxed structure's orientation: ``"remove"`` turns it
+#: into the unrelaxed one's (:func:`without_relaxed_rotation`), ``"keep"`` leaves it as stored (the
+#: original's training and metrics, and models trained here before 2026-12-06 22:00 UTC).
+TARGET_ROTATION = ("remove", "keep")
+
+
+def read_pairs(sources: str | Path | list, split: str, target_rotation: str = "remove") -> list[Pair]:
     """The pairs of ``split`` from one source or several (in order): a CIF folder, an extxyz folder
-    or an ASE database (``.db``)."""
+    or an ASE database (``.db``); relaxed structures in the unrelaxed ones' orientation unless
+    ``target_rotation="keep"`` (:data:`TARGET_ROTATION`)."""
+    if target_rotation not in TARGET_ROTATION:
+        raise ValueError(f"target_rotation must be one of {TARGET_ROTATION}, got {target_rotation!r}")
     if isinstance(sources, (list, tuple)):
-        return [pair for source in sources for pair in read_pairs(source, split)]
+        return [pair for source in sources for pair in read_pairs(source, split, target_rotation)]
     source = Path(sources)
     if source.is_file():
-        return read_ase_db_pairs(source, split)
-    extxyz = any(source.glob(f"{split}_unrelaxed.*"))
-    pairs = read_extxyz_pairs(source, split) if extxyz else read_cif_pairs(source, split)
-    return _annotate(pairs, source / "index.csv")
+        pairs = read_ase_db_pairs(source, split)
+    else:
+        extxyz = any(source.glob(f"{split}_unrelaxed.*"))
+        pairs = _annotate(read_extxyz_pairs(source, split) if extxyz else read_cif_pairs(source, split),
+                          source / "index.csv")
+    return [without_relaxed_rotation(p) for p in pairs] if target_rotation == "remove" else pairs
 
 
 def _annotate(pairs: list[Pair], index: Path) -> list[Pair]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.target_noise import coordinate_errors, starts, symmetric_start, table
+from bench.target_noise import coordinate_errors, starts, symmetric_start, table, unturned
 from e3relax_fast.io import Pair
 
 pytest.importorskip("spglib")
@@ -88,3 +88,21 @@ def test_a_pair_whose_relaxation_fails_is_named_not_silently_dropped(monkeypatch
     kept, outcomes, pairs = relax_again([first, second], sigma=1e-3, seed=0, fmax=0.05)
     assert [p.id for p in pairs] == ["a"] and len(outcomes) == 1 and len(kept) == 1
     assert "left out b: not converged in 300 steps (fmax 0.200 eV/A)" in capsys.readouterr().err
+
+
+def test_a_second_relaxation_is_scored_in_the_inputs_orientation():
+    """A second relaxation that lands on the target turned by 5 degrees (as FIRE's cell filter or a
+    CIF's convention turns it) scores zero against the target once unturned."""
+    from types import SimpleNamespace
+
+    from ase import Atoms
+    from scipy.spatial.transform import Rotation
+
+    z, pos, cell = _rocksalt(5.4, shift=0.02)
+    _, target_pos, target_cell = _rocksalt(5.6)
+    pair = Pair("x", z, pos, cell, target_pos, target_cell)
+    turn = Rotation.from_rotvec(np.radians(5.0) * np.array([0.6, 0.0, 0.8])).as_matrix()
+    outcome = SimpleNamespace(atoms=Atoms(numbers=z, positions=target_pos @ turn, cell=target_cell @ turn, pbc=True))
+    assert coordinate_errors([pair], [target_pos @ turn], [target_cell @ turn])[0] > 0.05
+    again, = unturned([pair], [outcome])
+    np.testing.assert_allclose(coordinate_errors([pair], [again.pos_relaxed], [again.cell_relaxed]), [0.0], atol=1e-12)

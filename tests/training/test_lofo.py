@@ -114,3 +114,18 @@ def test_heldout_summary_and_table_say_which_family_is_not_beaten():
     table = lofo_table({"mp": good, "nomad": bad})
     assert "| mp | 7 | 0.500 (0.40–0.60) | 0.750 | 0.500 (0.30–0.70) | 0.500 | 50 % | 25 % | yes |" in table
     assert table.rstrip().endswith("| **no** |")
+
+
+@pytest.mark.parametrize("rotation", ["remove", "keep"])
+def test_folds_read_targets_as_lofo_does(tmp_path, monkeypatch, rotation):
+    """Both steps of a fold get lofo's --target-rotation (its own scoring reads the pairs that way)."""
+    import e3relax_fast.cli as cli
+
+    data = tmp_path / "pairs"
+    _dataset(data)
+    seen = []
+    monkeypatch.setattr(cli, "run_train", lambda args: seen.append(args.target_rotation) or 0)
+    argv = ["lofo", "--data", str(data), "--out", str(tmp_path / "lofo"), "--family", "oqmd",
+            "--first-step", f"--data {data}", "--target-rotation", rotation]
+    assert main(argv) == 2  # the stand-in trained nothing: scoring finds no checkpoint and says so
+    assert seen == [rotation, rotation]
