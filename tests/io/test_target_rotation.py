@@ -51,6 +51,15 @@ def test_rotation_recovered_and_removed(seed, degrees):
     np.testing.assert_allclose(relaxed_rotation(fixed), np.eye(3), atol=1e-10)
 
 
+def test_an_unturned_pair_is_left_bit_for_bit():
+    """An already-relaxed input (input = target) keeps a Dummy error of exactly zero: the SVD's
+    rounding is not applied."""
+    cell = np.array([[4.0, 0.0, 0.0], [0.4, 4.5, 0.0], [0.3, -0.2, 5.0]])
+    pair = _pair(cell, np.eye(3), np.eye(3))
+    pair.pos_relaxed, pair.cell_relaxed = pair.pos_unrelaxed.copy(), pair.cell_unrelaxed.copy()
+    assert without_relaxed_rotation(pair) is pair
+
+
 def test_opposite_handedness_is_named():
     cell_u = np.diag([4.0, 5.0, 6.0])
     pair = _pair(cell_u, np.diag([1.0, 1.0, -1.0]), np.eye(3))
