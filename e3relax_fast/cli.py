@@ -12,6 +12,8 @@ from pathlib import Path
 
 #: The message ops' backends (e3relax_fast.ops.BACKENDS, spelled out so that the parser imports no torch).
 MODEL_BACKENDS = ("auto", "reference", "cpu", "cuda", "triton", "cueq")
+#: read_pairs' target_rotation choices (e3relax_fast.io.pairs.TARGET_ROTATION, spelled out for the same reason).
+TARGET_ROTATION = ("remove", "keep")
 
 
 def _die(message: str, status: int = 2) -> int:
@@ -169,7 +171,7 @@ def add_relax_parser(subparsers) -> None:
 def _add_data_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, action="append",
                    help="CIF folder with split CSVs, extxyz folder, or ASE .db; repeat to combine sources")
-    p.add_argument("--target-rotation", choices=("remove", "keep"), default="remove",
+    p.add_argument("--target-rotation", choices=TARGET_ROTATION, default="remove",
                    help="remove (default): each relaxed structure turned rigidly into its unrelaxed one's orientation "
                    "(a CIF keeps none, a relaxation applies no torque); keep: as stored (the original's recipe, and "
                    "models trained before this option)")

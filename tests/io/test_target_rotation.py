@@ -95,8 +95,12 @@ def test_cif_pairs_come_back_unturned(tmp_path):
 
 
 def test_read_pairs_option(tmp_path):
-    """Both choices read every source; an unknown one is refused; pairs without a rotation are
-    unchanged by its removal."""
+    """Both choices read an extxyz folder (the CIF test above reads a CIF folder); an unknown one is
+    refused; pairs without a rotation are unchanged by its removal; the CLI offers the same choices."""
+    from e3relax_fast import cli
+    from e3relax_fast.io.pairs import TARGET_ROTATION
+
+    assert cli.TARGET_ROTATION == TARGET_ROTATION
     pairs = denoising_pairs(3, 4)  # symmetric strains: no rotation
     write_extxyz_pairs(pairs, tmp_path, "train")
     for a, b in zip(read_pairs(tmp_path, "train", "keep"), read_pairs(tmp_path, "train"), strict=True):
