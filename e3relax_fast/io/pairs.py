@@ -46,7 +46,9 @@ class Pair:
     """One unrelaxed → relaxed pair; atoms correspond by index. Positions (n, 3) Cartesian Å,
     cells (3, 3) Å with lattice vectors as rows, atomic numbers (n,) int64. ``family`` (the seed
     family, :data:`FAMILIES`) and ``protocol`` (how the unrelaxed structure was made) are "" where
-    the dataset does not say."""
+    the dataset does not say. :func:`read_pairs` returns the relaxed structure turned into the
+    unrelaxed one's orientation (:func:`without_relaxed_rotation`); a ``Pair`` built by hand is taken
+    as given, so training and scoring see its relaxed orientation as a target."""
 
     id: str
     atomic_numbers: np.ndarray
