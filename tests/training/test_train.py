@@ -45,6 +45,23 @@ def test_loss_falls_and_resume_continues(tmp_path, datasets):
         torch.testing.assert_close(value, ckpt_split["model"][name], rtol=0, atol=1e-12)
 
 
+def test_the_same_command_gives_the_same_weights_bit_for_bit(tmp_path, datasets):
+    """Shipped weights are reproducible: two fresh runs of one float32 config (the shipped model's
+    options) end on identical tensors; another seed does not (so the comparison can fail)."""
+    train_set, val_set = datasets
+
+    def weights(name: str, seed: int) -> dict:
+        cfg = TrainConfig(model={"hidden_channels": 8, "num_layers": 2, "cell_transport": True, "cell_strain": True},
+                          batch_size=4, steps_per_epoch=3, lr=5e-4, seed=seed)
+        train(cfg, train_set, val_set, tmp_path / name, max_steps=6, progress=False)
+        return torch.load(tmp_path / name / "best.pt", weights_only=True)["state_dict"]
+
+    first, again, other = weights("first", 0), weights("again", 0), weights("other", 1)
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
 def test_best_checkpoint_loads_for_inference(tmp_path, datasets):
     from e3relax_fast import load_pretrained
 
