@@ -187,6 +187,7 @@ def run_train(args: argparse.Namespace) -> int:
         TrainingDivergedError,
         TrainingSetupError,
         init_distributed,
+        perturbed_twins,
         train,
         with_minima,
     )
@@ -212,8 +213,11 @@ def run_train(args: argparse.Namespace) -> int:
             # run (keyed by content), so reruns and resumes reuse them.
             pairs = [p for p in read_pairs(args.data, split, args.target_rotation)
                      if p.family not in (args.exclude_family or ())]
+            measured = pairs
             if split == args.train_split and args.minima:
-                pairs = with_minima(pairs, args.minima, seed=args.seed)
+                pairs = with_minima(measured, args.minima, seed=args.seed)
+            if split == args.train_split and args.perturbed:
+                pairs = pairs + perturbed_twins(measured, args.perturbed, seed=args.seed)
             if split == args.val_split and args.val_minima:
                 pairs = with_minima(pairs, args.val_minima, seed=args.seed)
             datasets[split] = PairDataset(pairs, cache=cache / f"{split}.pt", frame=args.frame)
@@ -250,6 +254,10 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--minima", type=float, default=0.0, metavar="FRACTION",
                    help="add already-relaxed pairs to the training split: for this fraction of its pairs (chosen "
                    "with --seed), the relaxed structure as input and target (default 0: none)")
+    p.add_argument("--perturbed", type=float, default=0.0, metavar="FRACTION",
+                   help="add perturbed twins to the training split: for this fraction of its pairs (chosen with "
+                   "--seed), the relaxed structure strained and rattled as the rattle protocol does as input, the "
+                   "relaxed structure as target (default 0: none)")
     p.add_argument("--val-minima", type=float, default=0.0, metavar="FRACTION",
                    help="the same for the validation split: its already-relaxed pairs join the validation signal "
                    "that picks best.pt and drives the schedule, and their share kept within 3 %% of the minimum's "

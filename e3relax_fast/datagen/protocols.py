@@ -179,13 +179,17 @@ def apply_rattle(atoms, rng: np.random.Generator, strain: float = STRAIN, sigma:
     """A copy of ``atoms`` strained (symmetric ε, entries uniform in [−strain, strain]) and rattled
     (Gaussian displacements, σ = ``sigma`` Å); defaults: ``rattle``'s 0.05 and 0.08 Å."""
     out = atoms.copy()
-    upper = rng.uniform(-strain, strain, size=6)
-    eps = np.zeros((3, 3))
-    eps[np.triu_indices(3)] = upper
-    eps = eps + np.triu(eps, 1).T
-    out.set_cell(out.cell.array @ (np.eye(3) + eps), scale_atoms=True)
+    out.set_cell(out.cell.array @ random_stretch(rng, strain), scale_atoms=True)
     out.positions = out.positions + rng.normal(0.0, sigma, size=out.positions.shape)
     return out
+
+
+def random_stretch(rng: np.random.Generator, strain: float = STRAIN) -> np.ndarray:
+    """``(3, 3)`` ``I + ε``: ε symmetric, its six entries uniform in [−strain, strain] (a cell's rows
+    times it: a pure stretch, no rotation)."""
+    eps = np.zeros((3, 3))
+    eps[np.triu_indices(3)] = rng.uniform(-strain, strain, size=6)
+    return np.eye(3) + eps + np.triu(eps, 1).T
 
 
 def keep_symmetry(atoms, symprec: float = SYMPREC):

@@ -151,6 +151,33 @@ def minimum_pair(pair: Pair) -> Pair:
                 pair.cell_relaxed, family=pair.family, protocol="minimum")
 
 
+def perturbed_twins(pairs: list[Pair], fraction: float, seed: int = 0) -> list[Pair]:
+    """Perturbed twins of ``pairs``: for a ``fraction`` of them (chosen with ``seed``), the
+    relaxed structure strained and rattled as the ``rattle`` protocol makes its inputs (a symmetric
+    stretch with entries uniform in [−0.05, 0.05], Gaussian displacements of σ = 0.08 Å) as the input,
+    the relaxed structure as the target (id ``<id>:perturbed``, protocol ``"perturbed"``).
+
+    Free pairs that ask the model to undo a strain and a rattle on every training crystal instead of
+    on the rattled pairs' few seeds. The target is the minimum the perturbation started from: a
+    relaxation from the perturbed input may fall into another one nearby (a rattle breaks symmetry),
+    so these labels are an approximation the relaxed ``rattle`` pairs are not. Training split only.
+    """
+    from ..datagen.protocols import RATTLE_SIGMA, STRAIN, random_stretch  # here: datagen loads its calculators
+
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"the fraction of perturbed pairs must be in [0, 1], got {fraction}")
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.permutation(len(pairs))[: round(fraction * len(pairs))])
+    twins = []
+    for k in chosen:
+        pair = pairs[k]
+        stretch = random_stretch(rng, STRAIN)
+        positions = pair.pos_relaxed @ stretch + rng.normal(0.0, RATTLE_SIGMA, size=pair.pos_relaxed.shape)
+        twins.append(Pair(f"{pair.id}:perturbed", pair.atomic_numbers, positions, pair.cell_relaxed @ stretch,
+                          pair.pos_relaxed, pair.cell_relaxed, family=pair.family, protocol="perturbed"))
+    return twins
+
+
 def save_atomically(obj: dict, path: Path) -> None:
     """``torch.save`` to a temporary file of this process, then renamed over ``path``: a reader
     (another rank) or a run killed while saving never sees a truncated file, and processes saving

@@ -70,6 +70,34 @@ def test_with_minima_adds_already_relaxed_pairs_of_the_chosen_fraction():
         with_minima(pairs, 1.5)
 
 
+def test_perturbed_twins_stretch_and_rattle_the_relaxed_structure():
+    from e3relax_fast.datagen.protocols import RATTLE_SIGMA, STRAIN
+    from e3relax_fast.training import perturbed_twins
+
+    pairs = denoising_pairs(40, 0)
+    twins = perturbed_twins(pairs, 0.5, seed=1)
+    assert len(twins) == 20 and all(t.protocol == "perturbed" for t in twins)
+    originals = {p.id: p for p in pairs}
+    noise = []
+    for twin in twins:
+        source = originals[twin.id.removesuffix(":perturbed")]
+        assert np.array_equal(twin.pos_relaxed, source.pos_relaxed)  # the minimum is the target
+        assert np.array_equal(twin.cell_relaxed, source.cell_relaxed)
+        stretch = np.linalg.solve(source.cell_relaxed, twin.cell_unrelaxed)
+        np.testing.assert_allclose(stretch, stretch.T, atol=1e-12)  # a pure stretch: no rotation
+        assert 0 < np.abs(stretch - np.eye(3)).max() <= STRAIN
+        noise.append(twin.pos_unrelaxed - source.pos_relaxed @ stretch)
+    noise = np.concatenate(noise)
+    assert abs(noise.std() - RATTLE_SIGMA) < 0.15 * RATTLE_SIGMA and abs(noise.mean()) < 0.2 * RATTLE_SIGMA
+    again = perturbed_twins(pairs, 0.5, seed=1)
+    assert all(np.array_equal(a.pos_unrelaxed, b.pos_unrelaxed) for a, b in zip(twins, again, strict=True))
+    other = perturbed_twins(pairs, 0.5, seed=2)
+    assert not np.array_equal(other[0].pos_unrelaxed, twins[0].pos_unrelaxed)
+    assert perturbed_twins(pairs, 0.0) == []
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\], got -0.1"):
+        perturbed_twins(pairs, -0.1)
+
+
 def test_train_cli_minima_and_a_bad_value_is_one_line(tmp_path, capsys):
     from e3relax_fast.cli import main
     from e3relax_fast.io import write_extxyz_pairs
@@ -80,6 +108,9 @@ def test_train_cli_minima_and_a_bad_value_is_one_line(tmp_path, capsys):
               "--steps-per-epoch", "1", "--max-steps", "1", "--quiet"]
     assert main([*common, "--out", str(tmp_path / "r"), "--minima", "0.5"]) == 0
     assert len(torch.load(tmp_path / "r" / "graphs" / "train.pt", weights_only=True)["items"]) == 12
+    # perturbed twins of the measured pairs only, beside the minima (not twins of the twins)
+    assert main([*common, "--out", str(tmp_path / "p"), "--minima", "0.5", "--perturbed", "0.25"]) == 0
+    assert len(torch.load(tmp_path / "p" / "graphs" / "train.pt", weights_only=True)["items"]) == 14
     assert len(torch.load(tmp_path / "r" / "graphs" / "val.pt", weights_only=True)["items"]) == 2  # val untouched
     assert main([*common, "--out", str(tmp_path / "bad"), "--minima", "2"]) == 2
     err = capsys.readouterr().err
