@@ -154,11 +154,12 @@ def minimum_pair(pair: Pair) -> Pair:
 def perturbed_twins(pairs: list[Pair], fraction: float, seed: int = 0) -> list[Pair]:
     """Perturbed twins of ``pairs``: for a ``fraction`` of them (chosen with ``seed``), the
     relaxed structure strained and rattled as the ``rattle`` protocol makes its inputs (a symmetric
-    stretch with entries uniform in [−0.05, 0.05], Gaussian displacements of σ = 0.08 Å) as the input,
-    the relaxed structure as the target (id ``<id>:perturbed``, protocol ``"perturbed"``).
+    stretch with entries uniform in [−STRAIN, STRAIN], Gaussian displacements of σ = RATTLE_SIGMA Å,
+    :mod:`e3relax_fast.datagen.protocols`) as the input, the relaxed structure as the target (id
+    ``<id>:perturbed``, protocol ``"perturbed"``).
 
     Free pairs that ask the model to undo a strain and a rattle on every training crystal instead of
-    on the rattled pairs' few seeds. The target is the minimum the perturbation started from: a
+    on the rattled pairs' seeds alone. The target is the minimum the perturbation started from: a
     relaxation from the perturbed input may fall into another one nearby (a rattle breaks symmetry),
     so these labels are an approximation the relaxed ``rattle`` pairs are not. Training split only.
     """
