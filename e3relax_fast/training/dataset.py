@@ -151,12 +151,14 @@ def minimum_pair(pair: Pair) -> Pair:
                 pair.cell_relaxed, family=pair.family, protocol="minimum")
 
 
-def perturbed_twins(pairs: list[Pair], fraction: float, seed: int = 0) -> list[Pair]:
+def perturbed_twins(pairs: list[Pair], fraction: float, seed: int = 0, strain: float | None = None,
+                    sigma: float | None = None) -> list[Pair]:
     """Perturbed twins of ``pairs``: for a ``fraction`` of them (chosen with ``seed``), the
     relaxed structure strained and rattled as the ``rattle`` protocol makes its inputs (a symmetric
     stretch with entries uniform in [−STRAIN, STRAIN], Gaussian displacements of σ = RATTLE_SIGMA Å,
     :mod:`e3relax_fast.datagen.protocols`) as the input, the relaxed structure as the target (id
-    ``<id>:perturbed``, protocol ``"perturbed"``).
+    ``<id>:perturbed``, protocol ``"perturbed"``). ``strain`` and ``sigma`` (Å) replace those two
+    amplitudes (0: no stretch, no displacement; the draws are made all the same).
 
     Free pairs that ask the model to undo a strain and a rattle on every training crystal instead of
     on the rattled pairs' seeds alone. The target is the minimum the perturbation started from: a
@@ -169,11 +171,13 @@ def perturbed_twins(pairs: list[Pair], fraction: float, seed: int = 0) -> list[P
         raise ValueError(f"the fraction of perturbed pairs must be in [0, 1], got {fraction}")
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.permutation(len(pairs))[: round(fraction * len(pairs))])
+    strain = STRAIN if strain is None else strain
+    sigma = RATTLE_SIGMA if sigma is None else sigma
     twins = []
     for k in chosen:
         pair = pairs[k]
-        stretch = random_stretch(rng, STRAIN)
-        positions = pair.pos_relaxed @ stretch + rng.normal(0.0, RATTLE_SIGMA, size=pair.pos_relaxed.shape)
+        stretch = random_stretch(rng, strain)
+        positions = pair.pos_relaxed @ stretch + rng.normal(0.0, sigma, size=pair.pos_relaxed.shape)
         twins.append(Pair(f"{pair.id}:perturbed", pair.atomic_numbers, positions, pair.cell_relaxed @ stretch,
                           pair.pos_relaxed, pair.cell_relaxed, family=pair.family, protocol="perturbed"))
     return twins
