@@ -137,11 +137,17 @@ def with_minima(pairs: list[Pair], fraction: float, seed: int = 0) -> list[Pair]
     to expand whatever it is given, as most of them expand). Use it on a training split only: the
     pairs share their seeds with the originals.
     """
-    if not 0 <= fraction <= 1:
-        raise ValueError(f"the fraction of already-relaxed pairs must be in [0, 1], got {fraction}")
-    rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.permutation(len(pairs))[: round(fraction * len(pairs))])
+    chosen, _ = _choose(len(pairs), fraction, seed, "already-relaxed")
     return pairs + [minimum_pair(pairs[k]) for k in chosen]
+
+
+def _choose(n: int, fraction: float, seed: int, kind: str) -> tuple[np.ndarray, np.random.Generator]:
+    """The sorted indices of ``round(fraction * n)`` of ``n`` pairs drawn with ``seed``, and the
+    generator after the draw (for a caller's further draws); ``kind`` names the pairs in the error."""
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"the fraction of {kind} pairs must be in [0, 1], got {fraction}")
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.permutation(n)[: round(fraction * n)]), rng
 
 
 def minimum_pair(pair: Pair) -> Pair:
@@ -167,10 +173,7 @@ def perturbed_twins(pairs: list[Pair], fraction: float, seed: int = 0, strain: f
     """
     from ..datagen.protocols import RATTLE_SIGMA, STRAIN, random_stretch  # here: datagen loads its calculators
 
-    if not 0 <= fraction <= 1:
-        raise ValueError(f"the fraction of perturbed pairs must be in [0, 1], got {fraction}")
-    rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.permutation(len(pairs))[: round(fraction * len(pairs))])
+    chosen, rng = _choose(len(pairs), fraction, seed, "perturbed")
     strain = STRAIN if strain is None else strain
     sigma = RATTLE_SIGMA if sigma is None else sigma
     twins = []
