@@ -35,6 +35,7 @@ OUR_SOURCES = [os.path.join(CSRC, f) for f in ("module.cpp", "radius_graph_cpu.c
                                                 "radius_graph_warp_emulation.cpp", "thread_pool.cpp",
                                                 "output_cache.cpp", "message_passing_cuda_emulation.cpp",
                                                 "message_passing_cpu.cpp", "message_passing_cpu_avx512.cpp",
+                                                "message_passing_backward_cpu.cpp",
                                                 "lattice_message_cpu.cpp", "lattice_message_cpu_avx512.cpp",
                                                 "frame_cpu.cpp")]
 # nvcc flags per CUDA source. -fmad=false (no FMA contraction) only where bit-exactness needs it:

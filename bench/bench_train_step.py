@@ -12,8 +12,11 @@ The variants, each one change from the one before, all on the same batches:
 * ``flushed, window, loop`` — the basis computed and projected only over the centres that can be
   non-zero for the batch's distances (``reference.rbf.nonzero_window``: 39 of 128 for the 6 Å
   graph's edges in float32; the others are exact zeros);
-* ``package`` — the package as it is: also the fused AdamW and the multi-tensor EMA
-  (``training.train.make_optimizer``, ``_ema_update``).
+* ``fused AdamW + EMA`` — also the fused AdamW and the multi-tensor EMA (``training.train.make_optimizer``,
+  ``_ema_update``), the message ops still the reference's under autograd (``backend="reference"``);
+* ``package`` — the package as it is: also the atom–atom message op's fused CPU backend with its fused
+  backward (``backend="auto"``: ``csrc/message_passing_backward_cpu.cpp``; the lattice op stays the
+  reference's under autograd).
 
 A step is what ``train`` does per optimiser step (``training.train._optimizer_step``: forward, the
 layer-wise loss in the canonical-frame gauge, backward, clipping, AdamW + AMSGrad, EMA) with the
@@ -76,11 +79,12 @@ def undone(subnormal: bool, window: bool, fused: bool):
         train._ema_update = saved[1]
 
 
-VARIANTS = {  # name: (subnormal, window, fused), each one change from the one before
-    "subnormal, whole basis, loop": (True, False, False),
-    "flushed, whole basis, loop": (False, False, False),
-    "flushed, window, loop": (False, True, False),
-    "package": (False, True, True),
+VARIANTS = {  # name: (subnormal, window, fused optimiser, fused message op), each one change from the one before
+    "subnormal, whole basis, loop": (True, False, False, False),
+    "flushed, whole basis, loop": (False, False, False, False),
+    "flushed, window, loop": (False, True, False, False),
+    "fused AdamW + EMA": (False, True, True, False),
+    "package": (False, True, True, True),
 }
 
 
@@ -100,8 +104,9 @@ def run(batches: int, repeats: int, info: dict) -> str:
     torch.manual_seed(config.seed)
     initial = E3Relax(**config.model)
 
-    def provider(subnormal: bool, window: bool, fused: bool):
+    def provider(subnormal: bool, window: bool, fused: bool, fused_op: bool):
         model = copy.deepcopy(initial)
+        model.backend = "auto" if fused_op else "reference"
         ema = copy.deepcopy(model).requires_grad_(False)
         optimizer = make_optimizer(model, config, "cpu") if fused else torch.optim.AdamW(
             model.parameters(), lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,

@@ -1,6 +1,7 @@
-// The fused CPU inference backend `cpu` of the gated message ops (forward only): the atom–atom
-// message (message_passing_cpu*.cpp, spec §6 Step B) and the lattice -> atom message
-// (lattice_message_cpu*.cpp, Steps 0 and A.1-3). Their oracles are
+// The fused CPU backend `cpu` of the gated message ops: the atom–atom message
+// (message_passing_cpu*.cpp, spec §6 Step B; its backward for training in
+// message_passing_backward_cpu.cpp) and the lattice -> atom message (lattice_message_cpu*.cpp,
+// Steps 0 and A.1-3; forward only). Their oracles are
 // e3relax_fast/reference/{message_passing,lattice_message}.py.
 //
 // Why fused: the reference materialises E x 3H edge tensors (the gate W e(d) + b, the gathered
@@ -98,12 +99,32 @@ struct LatticeArgs {
   T* v_out = nullptr;                    // (N, 3, H) out: the replacement vector features
 };
 
+// The gradients of the atom–atom message (message_passing_backward_cpu.cpp): the inputs of
+// MessageArgs (ds, dv unused) and the upstream gradients gds (N, H), gdv (N, 3, H); every output
+// is accumulated into (the caller zeroes them). gweight is (3H, R) C-contiguous.
+template <class T>
+struct MessageGrads {
+  const T* gds = nullptr;   // (N, H)
+  const T* gdv = nullptr;   // (N, 3, H)
+  T* gx_proj = nullptr;     // (N, 3H)
+  T* gvec = nullptr;        // (N, 3, H)
+  T* gpos = nullptr;        // (N, 3)
+  T* gcells = nullptr;      // (G, 3, 3)
+  T* gweight = nullptr;     // (3H, R)
+  T* gbias = nullptr;       // (3H,)
+};
+
 // Launchers (message_passing_cpu.cpp, lattice_message_cpu.cpp): fill every output element;
 // threads over receivers / atoms (num_threads <= 0: hardware concurrency). `exact`: evaluate the
 // projection on every centre instead of the window. Return the number of receivers (atoms) whose
 // input was invalid (their outputs are NaN).
 int64_t message_passing(const MessageArgs<float>& a, int num_threads, bool exact, Path path);
 int64_t message_passing(const MessageArgs<double>& a, int num_threads, bool exact, Path path);
+// Backward of message_passing (one thread, edges in receiver order: the sums into source atoms and
+// into W do not depend on any thread count). Returns the number of invalid receivers (their edges
+// add nothing; the launcher raises).
+int64_t message_passing_backward(const MessageArgs<float>& a, const MessageGrads<float>& g, bool exact);
+int64_t message_passing_backward(const MessageArgs<double>& a, const MessageGrads<double>& g, bool exact);
 int64_t lattice_message(const LatticeArgs<float>& a, int num_threads, bool exact, Path path);
 int64_t lattice_message(const LatticeArgs<double>& a, int num_threads, bool exact, Path path);
 

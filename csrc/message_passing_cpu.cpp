@@ -1,6 +1,7 @@
-// Backend `cpu` of the atom–atom message op (spec §6 Step B), forward only: the launcher (threads
-// over receivers, the preparation of each receiver's edges) and the portable channel loop. The
-// AVX-512 channel loop is in message_passing_cpu_avx512.cpp; fused_cpu.h describes the layout.
+// Backend `cpu` of the atom–atom message op (spec §6 Step B), forward: the launcher (threads over
+// receivers, the preparation of each receiver's edges) and the portable channel loop. The AVX-512
+// channel loop is in message_passing_cpu_avx512.cpp, the backward in message_passing_backward_cpu.cpp;
+// fused_cpu.h describes the layout.
 
 #include <cmath>
 #include <limits>

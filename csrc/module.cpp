@@ -206,8 +206,7 @@ e3mp::Params<T> mp_params(const MpIn<T, Dev>& x_proj, const MpIn<T, Dev>& vec, c
                           const MpIn<T, Dev>& cells, const MpIn<int64_t, Dev>& edge_index,
                           const MpIn<int64_t, Dev>& offsets, const MpIn<int64_t, Dev>& edge_graph,
                           const MpIn<int64_t, Dev>& rowptr, const MpW<T, Dev>& weight, const MpIn<T, Dev>& bias,
-                          const MpIn<T, Dev>& centres, double coeff, double cutoff, MpOut<T, Dev>& ds,
-                          MpOut<T, Dev>& dv) {
+                          const MpIn<T, Dev>& centres, double coeff, double cutoff) {
   if (vec.ndim() != 3 || vec.shape(1) != 3) throw nb::value_error("message_passing: vec must be (N, 3, H)");
   const int64_t N = (int64_t)vec.shape(0), H = (int64_t)vec.shape(2);
   if (cells.ndim() != 3) throw nb::value_error("message_passing: cells must be (G, 3, 3)");
@@ -224,8 +223,6 @@ e3mp::Params<T> mp_params(const MpIn<T, Dev>& x_proj, const MpIn<T, Dev>& vec, c
   if (!has_shape(rowptr, {N + 1})) throw nb::value_error("message_passing: rowptr must be (N + 1,)");
   if (!has_shape(weight, {3 * H, R})) throw nb::value_error("message_passing: edge_weight must be (3H, R)");
   if (!has_shape(bias, {3 * H})) throw nb::value_error("message_passing: edge_bias must be (3H,)");
-  if (!has_shape(ds, {N, H}) || !has_shape(dv, {N, 3, H}))
-    throw nb::value_error("message_passing: outputs must be (N, H) and (N, 3, H)");
   if (!(cutoff > 0.0)) throw nb::value_error("message_passing: cutoff must be > 0");
   e3mp::Params<T> p;
   p.x_proj = x_proj.data();
@@ -251,9 +248,16 @@ e3mp::Params<T> mp_params(const MpIn<T, Dev>& x_proj, const MpIn<T, Dev>& vec, c
   p.n_edges = E;
   p.hidden = H;
   p.num_rbf = R;
+  return p;
+}
+
+// The message op's outputs ds (N, H) and dv (N, 3, H) into p.
+template <class T, class Dev>
+void mp_outputs(e3mp::Params<T>& p, MpOut<T, Dev>& ds, MpOut<T, Dev>& dv) {
+  if (!has_shape(ds, {p.n_atoms, p.hidden}) || !has_shape(dv, {p.n_atoms, 3, p.hidden}))
+    throw nb::value_error("message_passing: outputs must be (N, H) and (N, 3, H)");
   p.ds = ds.data();
   p.dv = dv.data();
-  return p;
 }
 
 template <class T>
@@ -264,8 +268,9 @@ void message_passing_cuda_emulated(MpIn<T, nb::device::cpu> x_proj, MpIn<T, nb::
                          MpW<T, nb::device::cpu> weight, MpIn<T, nb::device::cpu> bias,
                          MpIn<T, nb::device::cpu> centres, double coeff, double cutoff, MpOut<T, nb::device::cpu> ds,
                          MpOut<T, nb::device::cpu> dv, int num_threads) {
-  const e3mp::Params<T> p = mp_params<T, nb::device::cpu>(x_proj, vec, pos, cells, edge_index, offsets, edge_graph,
-                                                          rowptr, weight, bias, centres, coeff, cutoff, ds, dv);
+  e3mp::Params<T> p = mp_params<T, nb::device::cpu>(x_proj, vec, pos, cells, edge_index, offsets, edge_graph,
+                                                          rowptr, weight, bias, centres, coeff, cutoff);
+  mp_outputs(p, ds, dv);
   int64_t bad;
   {
     nb::gil_scoped_release release;
@@ -278,7 +283,7 @@ void message_passing_cuda_emulated(MpIn<T, nb::device::cpu> x_proj, MpIn<T, nb::
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backend `cpu` of the gated message ops (fused_cpu.h): forward only, outputs written into caller
+// Backend `cpu` of the gated message ops (fused_cpu.h), outputs written into caller
 // buffers (every element). `exact`: the radial projection on every centre instead of the window;
 // path 0 = AVX-512 where the CPU has it, 1 = portable.
 // ---------------------------------------------------------------------------------------------
@@ -287,17 +292,9 @@ e3cpu::Path fused_path(int path) {
   return static_cast<e3cpu::Path>(path);
 }
 
+// The fused CPU launchers' view of the checked arrays.
 template <class T>
-void message_passing_fused_cpu(MpIn<T, nb::device::cpu> x_proj, MpIn<T, nb::device::cpu> vec,
-                               MpIn<T, nb::device::cpu> pos, MpIn<T, nb::device::cpu> cells,
-                               MpIn<int64_t, nb::device::cpu> edge_index, MpIn<int64_t, nb::device::cpu> offsets,
-                               MpIn<int64_t, nb::device::cpu> edge_graph, MpIn<int64_t, nb::device::cpu> rowptr,
-                               MpW<T, nb::device::cpu> weight, MpIn<T, nb::device::cpu> bias,
-                               MpIn<T, nb::device::cpu> centres, double coeff, double cutoff,
-                               MpOut<T, nb::device::cpu> ds, MpOut<T, nb::device::cpu> dv, int num_threads, bool exact,
-                               int path) {
-  const e3mp::Params<T> p = mp_params<T, nb::device::cpu>(x_proj, vec, pos, cells, edge_index, offsets, edge_graph,
-                                                          rowptr, weight, bias, centres, coeff, cutoff, ds, dv);
+e3cpu::MessageArgs<T> message_args(const e3mp::Params<T>& p, double coeff, double cutoff) {
   e3cpu::MessageArgs<T> a;
   a.x_proj = p.x_proj;
   a.vec = p.vec;
@@ -322,16 +319,76 @@ void message_passing_fused_cpu(MpIn<T, nb::device::cpu> x_proj, MpIn<T, nb::devi
   a.num_rbf = p.num_rbf;
   a.ds = p.ds;
   a.dv = p.dv;
+  return a;
+}
+
+void raise_invalid_edges(int64_t bad) {
+  if (bad)
+    throw nb::value_error(("message_passing: " + std::to_string(bad) + " receiver(s) with invalid edges (rowptr " +
+                           "must be the receiver CSR of receiver-sorted edges; source and crystal indices in range)")
+                              .c_str());
+}
+
+template <class T>
+void message_passing_fused_cpu(MpIn<T, nb::device::cpu> x_proj, MpIn<T, nb::device::cpu> vec,
+                               MpIn<T, nb::device::cpu> pos, MpIn<T, nb::device::cpu> cells,
+                               MpIn<int64_t, nb::device::cpu> edge_index, MpIn<int64_t, nb::device::cpu> offsets,
+                               MpIn<int64_t, nb::device::cpu> edge_graph, MpIn<int64_t, nb::device::cpu> rowptr,
+                               MpW<T, nb::device::cpu> weight, MpIn<T, nb::device::cpu> bias,
+                               MpIn<T, nb::device::cpu> centres, double coeff, double cutoff,
+                               MpOut<T, nb::device::cpu> ds, MpOut<T, nb::device::cpu> dv, int num_threads, bool exact,
+                               int path) {
+  e3mp::Params<T> p = mp_params<T, nb::device::cpu>(x_proj, vec, pos, cells, edge_index, offsets, edge_graph,
+                                                    rowptr, weight, bias, centres, coeff, cutoff);
+  mp_outputs(p, ds, dv);
+  const e3cpu::MessageArgs<T> a = message_args(p, coeff, cutoff);
   const e3cpu::Path how = fused_path(path);
   int64_t bad;
   {
     nb::gil_scoped_release release;
     bad = e3cpu::message_passing(a, num_threads, exact, how);
   }
-  if (bad)
-    throw nb::value_error(("message_passing: " + std::to_string(bad) + " receiver(s) with invalid edges (rowptr " +
-                           "must be the receiver CSR of receiver-sorted edges; source and crystal indices in range)")
-                              .c_str());
+  raise_invalid_edges(bad);
+}
+
+// Its backward (message_passing_backward_cpu.cpp): the forward's arrays, the upstream gradients
+// gds (N, H) and gdv (N, 3, H), and the gradients, added into (N, 3H), (N, 3, H), (N, 3), (G, 3, 3),
+// (3H, R) and (3H,) C-contiguous arrays.
+template <class T>
+void message_passing_backward_cpu(MpIn<T, nb::device::cpu> x_proj, MpIn<T, nb::device::cpu> vec,
+                                  MpIn<T, nb::device::cpu> pos, MpIn<T, nb::device::cpu> cells,
+                                  MpIn<int64_t, nb::device::cpu> edge_index, MpIn<int64_t, nb::device::cpu> offsets,
+                                  MpIn<int64_t, nb::device::cpu> edge_graph, MpIn<int64_t, nb::device::cpu> rowptr,
+                                  MpW<T, nb::device::cpu> weight, MpIn<T, nb::device::cpu> bias,
+                                  MpIn<T, nb::device::cpu> centres, double coeff, double cutoff,
+                                  MpIn<T, nb::device::cpu> gds, MpIn<T, nb::device::cpu> gdv,
+                                  MpOut<T, nb::device::cpu> gx_proj, MpOut<T, nb::device::cpu> gvec,
+                                  MpOut<T, nb::device::cpu> gpos, MpOut<T, nb::device::cpu> gcells,
+                                  MpOut<T, nb::device::cpu> gweight, MpOut<T, nb::device::cpu> gbias, bool exact) {
+  const e3mp::Params<T> p = mp_params<T, nb::device::cpu>(x_proj, vec, pos, cells, edge_index, offsets, edge_graph,
+                                                          rowptr, weight, bias, centres, coeff, cutoff);
+  const int64_t N = p.n_atoms, H = p.hidden, G = p.n_graphs, R = p.num_rbf;
+  if (!has_shape(gds, {N, H}) || !has_shape(gdv, {N, 3, H}))
+    throw nb::value_error("message_passing backward: gds, gdv must be (N, H) and (N, 3, H)");
+  if (!has_shape(gx_proj, {N, 3 * H}) || !has_shape(gvec, {N, 3, H}) || !has_shape(gpos, {N, 3}) ||
+      !has_shape(gcells, {G, 3, 3}) || !has_shape(gweight, {3 * H, R}) || !has_shape(gbias, {3 * H}))
+    throw nb::value_error("message_passing backward: gradients must have their inputs' shapes");
+  const e3cpu::MessageArgs<T> a = message_args(p, coeff, cutoff);
+  e3cpu::MessageGrads<T> g;
+  g.gds = gds.data();
+  g.gdv = gdv.data();
+  g.gx_proj = gx_proj.data();
+  g.gvec = gvec.data();
+  g.gpos = gpos.data();
+  g.gcells = gcells.data();
+  g.gweight = gweight.data();
+  g.gbias = gbias.data();
+  int64_t bad;
+  {
+    nb::gil_scoped_release release;
+    bad = e3cpu::message_passing_backward(a, g, exact);
+  }
+  raise_invalid_edges(bad);
 }
 
 template <class T>
@@ -407,8 +464,9 @@ void message_passing_cuda(MpIn<T, nb::device::cuda> x_proj, MpIn<T, nb::device::
                           MpW<T, nb::device::cuda> weight, MpIn<T, nb::device::cuda> bias,
                           MpIn<T, nb::device::cuda> centres, double coeff, double cutoff,
                           MpOut<T, nb::device::cuda> ds, MpOut<T, nb::device::cuda> dv, uintptr_t stream) {
-  const e3mp::Params<T> p = mp_params<T, nb::device::cuda>(x_proj, vec, pos, cells, edge_index, offsets, edge_graph,
-                                                           rowptr, weight, bias, centres, coeff, cutoff, ds, dv);
+  e3mp::Params<T> p = mp_params<T, nb::device::cuda>(x_proj, vec, pos, cells, edge_index, offsets, edge_graph,
+                                                           rowptr, weight, bias, centres, coeff, cutoff);
+  mp_outputs(p, ds, dv);
   const int dev = (int)ds.device_id();
   const int ids[] = {(int)x_proj.device_id(), (int)vec.device_id(), (int)pos.device_id(), (int)cells.device_id(),
                      (int)edge_index.device_id(), (int)offsets.device_id(), (int)edge_graph.device_id(),
@@ -550,6 +608,15 @@ bool frame_p1_certificate(HostIn<int64_t, nb::ndim<1>> numbers, HostIn<double, n
 #define MP_FUSED_DOC                                                                                   \
   "Backend `cpu` of the message op (fused_cpu.h): the arrays of message_passing_cuda_emulated;\n"       \
   "exact: every centre of the basis instead of the window; path 0 auto, 1 portable."
+#define MP_BACKWARD_ARGS                                                                               \
+  "x_proj"_a, "vec"_a, "positions"_a, "cells"_a, "edge_index"_a, "cell_offsets"_a, "edge_graph"_a, "rowptr"_a, \
+      "edge_weight"_a, "edge_bias"_a, "rbf_centres"_a, "rbf_coeff"_a, "cutoff"_a, "gds"_a, "gdv"_a,           \
+      "gx_proj"_a.noconvert(), "gvec"_a.noconvert(), "gpos"_a.noconvert(), "gcells"_a.noconvert(),            \
+      "gweight"_a.noconvert(), "gbias"_a.noconvert(), "exact"_a = false
+#define MP_BACKWARD_DOC                                                                                \
+  "Backward of message_passing_fused_cpu (message_passing_backward_cpu.cpp): its arrays, the upstream\n" \
+  "gradients gds (N,H), gdv (N,3,H); the input gradients added into gx_proj (N,3H), gvec (N,3,H), gpos (N,3),\n" \
+  "gcells (G,3,3), gweight (3H,R), gbias (3H,), C-contiguous. One thread. Raises ValueError on invalid edges."
 #define LM_ARGS                                                                                        \
   "x_proj"_a, "vec"_a, "positions"_a, "cells"_a, "graph_index"_a, "centres"_a.none(), "k"_a, "edge_weight"_a, \
       "edge_bias"_a, "rbf_centres"_a, "rbf_coeff"_a, "cutoff"_a, "ds"_a.noconvert(), "v_out"_a.noconvert(),  \
@@ -610,6 +677,8 @@ NB_MODULE(_C, m) {
         "path"_a = 0, MP_FUSED_DOC);
   m.def("message_passing_fused_cpu", &message_passing_fused_cpu<double>, MP_CPU_ARGS, "exact"_a = false,
         "path"_a = 0, MP_FUSED_DOC);
+  m.def("message_passing_backward_cpu", &message_passing_backward_cpu<float>, MP_BACKWARD_ARGS, MP_BACKWARD_DOC);
+  m.def("message_passing_backward_cpu", &message_passing_backward_cpu<double>, MP_BACKWARD_ARGS, MP_BACKWARD_DOC);
   m.def("lattice_message_fused_cpu", &lattice_message_fused_cpu<float>, LM_ARGS, LM_DOC);
   m.def("lattice_message_fused_cpu", &lattice_message_fused_cpu<double>, LM_ARGS, LM_DOC);
   m.def("radial_window", &radial_window, "centres"_a, "coeff"_a, "exact"_a = false,

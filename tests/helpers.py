@@ -366,6 +366,15 @@ def load_backend(op: str, name: str, monkeypatch) -> Backend:
     return Backend(op, name, device, fn, ops.OPS[op].impls[name].differentiable)
 
 
+def model_trains(backend: str, device_type: str) -> bool:
+    """Whether a model with ``backend`` named runs under autograd on ``device_type``: every gated op it
+    takes there supports it (backend "cpu": its lattice op is forward only)."""
+    from e3relax_fast import ops
+
+    return all(ops.OPS[op].impls[ops.resolve(op, backend, device_type)[0]].differentiable
+               for op in (ops.MESSAGE_PASSING, ops.LATTICE_MESSAGE, ops.LATTICE_POOL))
+
+
 def backend_only(op: str, name: str):
     """Decorator for a test of backend ``name`` alone: its marks (see :func:`_marks`) and, for Triton,
     NaN-poisoned output buffers (conftest's ``poisoned_triton_outputs``)."""

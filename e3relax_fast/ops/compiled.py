@@ -7,8 +7,9 @@
 * :func:`message_passing_cuda` — the fused message op, forward only; :func:`message_passing_cpu` —
   its per-receiver logic on CPU threads, for the tests;
 * :func:`message_passing_fused_cpu`, :func:`lattice_message_fused_cpu` — backend ``cpu`` of the two
-  gated message ops (inference): fused per receiver / atom, the radial projection on a window of
-  the basis (:func:`radial_window`), AVX-512 where the CPU has it;
+  gated message ops: fused per receiver / atom, the radial projection on a window of the basis
+  (:func:`radial_window`), AVX-512 where the CPU has it; the atom–atom op with a fused backward
+  (training), the lattice op forward only;
 * :func:`frame_bookkeeping`, :func:`frame_map_back`, :func:`frame_p1_certificate` — backend ``cpu`` of
   the canonical frame's three host ops (NumPy arrays, one crystal per call).
 
@@ -359,7 +360,7 @@ def _radial_exact(radial: str) -> bool:
 
 
 def _forward_only(op: str, named: dict) -> None:
-    """The fused CPU ops have no backward: refuse inputs that need a gradient."""
+    """Refuse inputs that need a gradient the fused CPU op does not compute."""
     if torch.is_grad_enabled():
         needs = [name for name, t in named.items() if isinstance(t, Tensor) and t.requires_grad]
         if needs:
@@ -393,30 +394,71 @@ def message_passing_fused_cpu(
     radial: str = "window",
     path: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """Backend ``cpu`` of op ``message_passing``: fused per receiver, forward only (inference).
+    """Backend ``cpu`` of op ``message_passing``: fused per receiver, with a fused backward.
 
     Same arguments and results as :func:`e3relax_fast.reference.message_passing.message_passing`:
     per receiver over its CSR edges, the geometry, the radial projection on its window, the gather
     of the source projection, the gate and the sums stay in registers and L1 (no E x H tensor).
     With ``rowptr`` the edges must be receiver-sorted and ``rowptr`` their receiver CSR; without it
-    they are sorted here. Keywords: ``num_threads`` (default ``torch.get_num_threads()``), ``out``
-    (``(ds, dv)`` buffers to write, every element), ``radial`` (:data:`RADIAL_MODES`), ``path``
-    (:data:`FUSED_PATHS`).
+    they are sorted here. Keywords: ``num_threads`` (default ``torch.get_num_threads()``; the forward's
+    threads), ``out`` (``(ds, dv)`` buffers to write, every element; not with gradients), ``radial``
+    (:data:`RADIAL_MODES`), ``path`` (:data:`FUSED_PATHS`, the forward's).
+
+    Gradients (grad mode on and a float input that requires grad) flow to ``x_proj``, ``vec``,
+    ``positions``, ``cells``, ``edge_weight`` and ``edge_bias`` through the fused backward
+    (csrc/message_passing_backward_cpu.cpp: one thread, each edge's geometry, window and gate computed
+    again, so nothing E-sized is kept between forward and backward); not to ``rbf_centres``.
 
     Raises:
-        RuntimeError: gradients are required; ValueError: invalid edges, shapes or a non-CPU tensor.
+        RuntimeError: ``rbf_centres`` requires grad; ValueError: invalid edges, shapes, a non-CPU
+        tensor, or ``out`` with gradients.
     """
     if _C is None:
         raise BackendUnavailableError(IMPORT_ERROR or "e3relax_fast._C missing")
-    _forward_only("message_passing", dict(zip(_MP_FLOAT_INPUTS, (x_proj, vec, positions, cells, edge_weight,
-                                                                 edge_bias), strict=True)))
+    _forward_only("message_passing", {"rbf_centres": rbf_centres})
     _check_cpu("message_passing", x_proj, vec, positions, cells, edge_index, edge_weight)
+    floats = (x_proj, vec, positions, cells, edge_weight, edge_bias)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in floats)
+    if grad and out is not None:
+        raise ValueError("message_passing: out= buffers cannot carry gradients; call without out")
     arrays, ds, dv = _mp_arrays(x_proj, vec, positions, cells, edge_index, cell_offsets, edge_graph, edge_weight,
                                 edge_bias, rbf_centres, rowptr, out, transpose_weight=False)
-    _C.message_passing_fused_cpu(*arrays, float(rbf_coeff), float(cutoff), ds, dv,
-                                 int(num_threads if num_threads is not None else torch.get_num_threads()),
-                                 _radial_exact(radial), FUSED_PATHS[path])
+    options = (float(rbf_coeff), float(cutoff), int(num_threads if num_threads is not None else
+                                                    torch.get_num_threads()), _radial_exact(radial), FUSED_PATHS[path])
+    if grad:
+        return _FusedMessagePassing.apply(options, arrays, *floats)
+    _C.message_passing_fused_cpu(*arrays, *options[:2], ds, dv, *options[2:])
     return ds, dv
+
+
+class _FusedMessagePassing(torch.autograd.Function):
+    """:func:`message_passing_fused_cpu` as an autograd node: the fused forward, and the fused
+    backward on the same launcher arrays (``arrays``; ``floats`` are the caller's six float inputs,
+    passed only so that autograd routes their gradients)."""
+
+    @staticmethod
+    def forward(ctx, options, arrays, *floats):
+        coeff, cutoff, threads, exact, path = options
+        x = arrays[0]
+        ds = x.new_empty((x.shape[0], arrays[1].shape[2]))
+        dv = x.new_empty(arrays[1].shape)
+        _C.message_passing_fused_cpu(*arrays, coeff, cutoff, ds, dv, threads, exact, path)
+        # Saved as tensors: an in-place change of an input before the backward is then an error.
+        ctx.save_for_backward(*arrays)
+        ctx.coeff, ctx.cutoff, ctx.exact = coeff, cutoff, exact
+        ctx.dtypes = [t.dtype for t in floats]
+        return ds, dv
+
+    @staticmethod
+    def backward(ctx, gds, gdv):
+        arrays = ctx.saved_tensors
+        # The launcher's float inputs in the order of floats: x_proj, vec, positions, cells, W, b.
+        grads = [torch.zeros_like(arrays[k]) for k in (0, 1, 2, 3, 8, 9)]
+        dtype = arrays[0].dtype
+        _C.message_passing_backward_cpu(*arrays, ctx.coeff, ctx.cutoff, gds.to(dtype).contiguous(),
+                                        gdv.to(dtype).contiguous(), *grads, ctx.exact)
+        return (None, None, *(g.to(t) if need else None for g, t, need in
+                              zip(grads, ctx.dtypes, ctx.needs_input_grad[2:], strict=True)))
 
 
 def lattice_message_fused_cpu(

@@ -4,7 +4,7 @@ on each device type, and what each backend can do. This is the only place that k
 | op | reference | cpu (C++) | cuda (C++/CUDA) | triton | cueq |
 |---|---|---|---|---|---|
 | radius_graph | ✓ | ✓ auto on CPU | ✓ auto on CUDA | ✓ | — |
-| message_passing | ✓ auto on CPU with grad | forward only, auto on CPU | forward only | ✓ auto on CUDA | ✓ |
+| message_passing | ✓ | ✓ auto on CPU (fused backward) | forward only | ✓ auto on CUDA | ✓ |
 | lattice_message | ✓ auto on CPU with grad | forward only, auto on CPU | (reference) | ✓ auto on CUDA | (reference) |
 | lattice_pool | ✓ auto on CPU | (reference) | (reference) | ✓ auto on CUDA | (reference) |
 | frame_bookkeeping | ✓ (NumPy) | ✓ auto | — | — | — |
@@ -14,11 +14,13 @@ on each device type, and what each backend can do. This is the only place that k
 "(reference)": a model run with ``backend="cpu"``, ``"cuda"`` or ``"cueq"`` takes that op from the
 reference, since those backends do not implement it.
 
-The ``cpu`` backend of the two gated message ops (``csrc/fused_cpu.h``) is for inference: fused
-per receiver, with the radial projection evaluated on the 15 centres of the basis nearest each
-distance (``reference/radial_window.py``: the other 113 add at most 6.1e-13 of the largest weight
-of each channel); ``auto`` takes it on CPU when no gradient is needed, the reference otherwise
-(training, golden parity).
+The ``cpu`` backend of the two gated message ops (``csrc/fused_cpu.h``) is fused per receiver, with
+the radial projection evaluated on the 15 centres of the basis nearest each distance
+(``reference/radial_window.py``: the other 113 add at most 6.1e-13 of the largest weight of each
+channel). The atom–atom op has a fused backward as well (``csrc/message_passing_backward_cpu.cpp``,
+one thread), so ``auto`` takes it on CPU for training too (a training step about twice as fast as
+with the reference's autograd: ``bench/bench_train_step.py``); the lattice op's is forward only,
+and ``auto`` takes the reference for it under autograd.
 
 The three frame ops (:mod:`e3relax_fast.frame`: the canonical frame's bookkeeping after moyopy's
 symmetry search, a prediction's way back to the user's description, and the certificate that lets
@@ -194,8 +196,8 @@ OPS: dict[str, Op] = {
         MESSAGE_PASSING,
         {
             "reference": _reference(_reference_message_passing),
-            "cpu": Impl("cpu", _compiled("message_passing_fused_cpu", False, "message_passing_fused_cpu"), _cpu_only,
-                        differentiable=False),
+            "cpu": Impl("cpu", _compiled("message_passing_fused_cpu", False, "message_passing_backward_cpu"),
+                        _cpu_only, differentiable=True),
             "cuda": Impl("cuda", _compiled("message_passing_cuda", need_cuda=True), _cuda_only,
                          differentiable=False),
             "triton": Impl("triton", _triton("message_passing", "message_passing"), _triton_devices, True,

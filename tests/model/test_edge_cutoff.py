@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 import torch
-from helpers import assert_close, backend_params, golden_batch, golden_model_instance
+from helpers import assert_close, backend_params, golden_batch, golden_model_instance, model_trains
 
 from e3relax_fast import E3Relax, load_pretrained
 from e3relax_fast.ops import MESSAGE_PASSING
@@ -56,11 +56,11 @@ TOLERANCE = {torch.float64: 1e-12, torch.float32: 5e-6}
 @pytest.mark.parametrize("backend", backend_params(MESSAGE_PASSING, "cpu", "cuda", "triton", "cueq"), indirect=True)
 def test_the_fused_ops_take_the_edge_cutoff(golden_model, backend, dtype):
     """Every fused atom–atom op, on its device, with a 6 Å basis matches the reference model: the
-    cutoff reaches it as an argument, not a constant (forward-only ops run without autograd)."""
+    cutoff reaches it as an argument, not a constant (models with a forward-only op run without autograd)."""
     batch = golden_batch(golden_model, dtype)
     expected = _with_edge_cutoff(golden_model, 6.0).to(dtype)(batch)
     model = _with_edge_cutoff(golden_model, 6.0, backend.name).to(device=backend.device, dtype=dtype)
-    with torch.set_grad_enabled(backend.differentiable):
+    with torch.set_grad_enabled(model_trains(backend.name, backend.device.type)):
         got = model(batch.to(backend.device))
     for n in range(4):
         assert_close(got.positions[n], expected.positions[n], TOLERANCE[dtype], f"positions L{n}")

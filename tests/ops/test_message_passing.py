@@ -3,8 +3,9 @@ against its reference twin (e3relax_fast/reference/message_passing.py), and thro
 
 Backends (``backend`` parameter, each skipped with the reason when it cannot run here):
 
-* ``cpu``: the fused C++ inference backend (csrc/fused_cpu.h; forward only), its radial projection on
-  the window of the basis (its own tests, with the exact mode and both paths, are at the end);
+* ``cpu``: the fused C++ backend (csrc/fused_cpu.h; its backward in
+  csrc/message_passing_backward_cpu.cpp), its radial projection on the window of the basis (its own
+  tests, with the exact mode and both paths, are at the end);
 * ``cuda_emulated``: not an op-table backend but the C++ CPU launcher
   (``ops.compiled.message_passing_cpu``), which calls the CUDA kernel's header functions
   (csrc/message_passing.h) in the same order, so the kernel's logic is tested without a GPU;
@@ -40,6 +41,7 @@ from helpers import (
     backend_params,
     golden_batch,
     golden_model_instance,
+    model_trains,
     nvcc_present,
     run_with_grads,
     to_device,
@@ -63,8 +65,11 @@ INPUTS = ("x_proj", "vec", "positions", "cells", "edge_weight", "edge_bias")
 # reference forms them with a BLAS product whose order of summation depends on the CPU: in float32
 # two correct orders differ by up to ~6e-6 of the largest entry (seen on an AMD EPYC; 5e-6 held on
 # an Intel Xeon). Their tolerance is that of such a sum, 4 x the per-dtype one (a wrong kernel is
-# off by O(1)).
-SUMMED_OVER_EDGES = {"edge_weight": 4, "edge_bias": 4}
+# off by O(1)). The geometric gradients (positions, cells) are sums over an atom's or a crystal's
+# edges of terms that cancel, each through the basis's derivative (2 eta (x - mu), up to ~900 per
+# unit of x): in float32 the reference itself is off the float64 one by up to 1.4e-5 of the largest
+# entry, and the fused CPU backward by as much, in another order (measured on SHAPES); 8 x.
+SUMMED_OVER_EDGES = {"edge_weight": 4, "edge_bias": 4, "positions": 8, "cells": 8}
 # (hidden, num_rbf, cutoff, seed): the paper's basis, partial tiles and a short cutoff, a cutoff
 # beyond every edge, a narrow basis, and H=300 (several channel groups per CUDA block).
 SHAPES = [(32, 128, 6.0, 0), (40, 20, 4.0, 1), (8, 128, 30.0, 2), (16, 32, 6.0, 3), (300, 128, 6.0, 8)]
@@ -328,7 +333,7 @@ def test_model_float32_default_mode(golden_model, backend):
     expected = reference(golden_batch(golden_model, torch.float32))
     model = golden_model_instance(golden_model, paper_compat=False, dtype=torch.float32).to(backend.device)
     model.backend = backend.name
-    with torch.set_grad_enabled(backend.differentiable):
+    with torch.set_grad_enabled(model_trains(backend.name, backend.device.type)):
         got = model(golden_batch(golden_model, torch.float32).to(backend.device))
     for n in range(4):
         assert_close(got.positions[n], expected.positions[n], 5e-6, "pos")
@@ -444,7 +449,7 @@ def test_cuda_forward_only():
 
 
 # --------------------------------------------------------------------------------------------------
-# cpu: the fused C++ inference backend (the window itself: tests/ops/test_radial_window.py)
+# cpu: the fused C++ backend and its backward (the window itself: tests/ops/test_radial_window.py)
 # --------------------------------------------------------------------------------------------------
 @backend_only(OP, "cpu")
 @pytest.mark.parametrize("dtype, rel", TOLERANCES)
@@ -500,15 +505,72 @@ def test_cpu_rejects_invalid_input_and_gradients():
         compiled.message_passing_fused_cpu(**dict(args, edge_index=ei), rowptr=rowptr)
     with pytest.raises(ValueError, match="radial"):
         compiled.message_passing_fused_cpu(**args, rowptr=rowptr, radial="table")
+    centres = args["rbf_centres"].clone().requires_grad_(True)  # the basis is fixed: no gradient to it
+    with pytest.raises(RuntimeError, match="rbf_centres"):
+        compiled.message_passing_fused_cpu(**dict(args, rbf_centres=centres), rowptr=rowptr)
     x_proj = args["x_proj"].clone().requires_grad_(True)
-    with pytest.raises(RuntimeError, match="forward only.*x_proj"):
-        compiled.message_passing_fused_cpu(**dict(args, x_proj=x_proj), rowptr=rowptr)
+    with pytest.raises(ValueError, match="out= buffers cannot carry gradients"):
+        compiled.message_passing_fused_cpu(**dict(args, x_proj=x_proj), rowptr=rowptr, out=poisoned(args))
 
 
 @backend_only(OP, "cpu")
-def test_cpu_is_the_inference_default_and_training_keeps_the_reference():
+def test_cpu_is_the_default_for_inference_and_training():
     assert ops.resolve(OP, "auto", "cpu", needs_grad=False)[0] == "cpu"
-    assert ops.resolve(OP, "auto", "cpu", needs_grad=True)[0] == "reference"
+    assert ops.resolve(OP, "auto", "cpu", needs_grad=True)[0] == "cpu"
+
+
+@backend_only(OP, "cpu")
+@pytest.mark.parametrize("radial", compiled.RADIAL_MODES)
+def test_cpu_backward_against_the_float64_reference(radial):
+    """The fused backward's float64 gradients of every input: the reference's within 1e-10 (window:
+    the dropped Gaussians' derivatives; exact: rounding), without edges and with receivers beyond
+    the basis cutoff, and the same bits whatever the forward's thread count."""
+    args, rowptr = make_case(torch.float64, "cpu", hidden=24, num_rbf=128, cutoff=4.0, seed=11)
+    _, _, expected = run(reference_op, args)
+    grads = [run(compiled.message_passing_fused_cpu, args, rowptr=rowptr, radial=radial, num_threads=threads)[2]
+             for threads in (1, 2)]
+    for name in INPUTS:
+        assert_close(grads[0][name], expected[name], 1e-10, f"d/d {name}", check_dtype=True)
+        assert torch.equal(grads[0][name], grads[1][name]), name
+    empty = without_edges(args)
+    _, _, zero = run(compiled.message_passing_fused_cpu, empty, rowptr=torch.zeros(len(rowptr), dtype=torch.int64))
+    assert all((g == 0).all() for g in zero.values())
+
+
+@backend_only(OP, "cpu")
+def test_cpu_backward_gradients_in_the_inputs_dtypes():
+    """Inputs of mixed dtypes are computed in x_proj's; each gradient comes back in its input's dtype."""
+    args, rowptr = make_case(torch.float32, "cpu", hidden=8, num_rbf=32, seed=12)
+    args["positions"] = args["positions"].double()
+    _, _, grads = run(compiled.message_passing_fused_cpu, args, rowptr=rowptr)
+    assert grads["positions"].dtype == torch.float64 and grads["x_proj"].dtype == torch.float32
+
+
+@backend_only(OP, "cpu")
+def test_cpu_trains_the_golden_model(golden_model):
+    """E3Relax(H=32) with the golden weights in paper mode under autograd with backend "auto" (the
+    atom–atom op the fused CPU one, the lattice op the reference): the golden loss (1e-12), and the
+    gradients of every parameter and of the input positions and cell those of the reference backend
+    (1e-10 of the largest entry), the golden ones where the golden run kept them."""
+    assert ops.resolve(OP, "auto", "cpu", needs_grad=True)[0] == "cpu"
+    grads = {}
+    for name in ("reference", "auto"):
+        model = golden_model_instance(golden_model, paper_compat=True)
+        model.backend = name
+        batch = golden_batch(golden_model)
+        batch.positions.requires_grad_(True)
+        batch.cells.requires_grad_(True)
+        loss = layerwise_loss(model(batch), torch.from_numpy(golden_model["in/pos_r"]),
+                              torch.from_numpy(golden_model["in/cell_r"]))
+        loss.total.backward()
+        assert abs(loss.total.item() - golden_model["loss/total"]) < 1e-12
+        grads[name] = {p_name: p.grad for p_name, p in model.named_parameters()}
+        grads[name].update(pos_u=batch.positions.grad, cell_u=batch.cells.grad)
+    for name, g in grads["reference"].items():
+        assert_close(grads["auto"][name], g, 1e-10, f"grad {name}")
+        if f"grad/{name}" in golden_model:
+            expected = golden_model[f"grad/{name}"]
+            assert np.abs(grads["auto"][name].numpy() - expected).max() <= 1e-10 * np.abs(expected).max(), name
 
 
 @backend_only(OP, "cpu")
@@ -561,9 +623,12 @@ def test_cpu_unavailable_says_why(monkeypatch, op):
 
 @backend_only(OP, "cpu")
 def test_cpu_model_refuses_autograd(golden_model):
+    """A model with backend "cpu" named takes the lattice op's fused CPU backend too, which is forward
+    only: under autograd it says so (train with "auto": the atom–atom op fused, the lattice op the
+    reference)."""
     model = golden_model_instance(golden_model, paper_compat=False)
     model.backend = "cpu"
-    with pytest.raises(RuntimeError, match="forward only"):
+    with pytest.raises(RuntimeError, match="lattice_message backend 'cpu' is forward only"):
         model(golden_batch(golden_model))
 
 

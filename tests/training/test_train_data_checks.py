@@ -193,9 +193,9 @@ def test_a_negative_family_balance_is_refused(tmp_path, train_set, capsys):
 
 
 def test_a_backend_that_cannot_train_is_refused_before_any_step(tmp_path, train_set, capsys):
-    """Before: backend 'cpu' (forward only) failed at the first step with a traceback."""
+    """Before: backend 'cpu' (its lattice op forward only) failed at the first step with a traceback."""
     config = dataclasses.replace(CONFIG, model={**CONFIG.model, "backend": "cpu"})
-    with pytest.raises(ValueError, match=r"backend 'cpu' of message_passing is forward only"):
+    with pytest.raises(ValueError, match=r"backend 'cpu' of lattice_message is forward only"):
         train(config, train_set, train_set, tmp_path / "a", max_steps=1, progress=False)
     assert not (tmp_path / "a" / "last.pt").exists()
     from e3relax_fast import ops
