@@ -121,10 +121,10 @@ struct MessageGrads {
 int64_t message_passing(const MessageArgs<float>& a, int num_threads, bool exact, Path path);
 int64_t message_passing(const MessageArgs<double>& a, int num_threads, bool exact, Path path);
 // Backward of message_passing (one thread, edges in receiver order: the sums into source atoms and
-// into W do not depend on any thread count). Returns the number of invalid receivers (their edges
-// add nothing; the launcher raises).
-int64_t message_passing_backward(const MessageArgs<float>& a, const MessageGrads<float>& g, bool exact);
-int64_t message_passing_backward(const MessageArgs<double>& a, const MessageGrads<double>& g, bool exact);
+// into W do not depend on any thread count; both paths give the same bits). Returns the number of
+// invalid receivers (their edges add nothing; the launcher raises).
+int64_t message_passing_backward(const MessageArgs<float>& a, const MessageGrads<float>& g, bool exact, Path path);
+int64_t message_passing_backward(const MessageArgs<double>& a, const MessageGrads<double>& g, bool exact, Path path);
 int64_t lattice_message(const LatticeArgs<float>& a, int num_threads, bool exact, Path path);
 int64_t lattice_message(const LatticeArgs<double>& a, int num_threads, bool exact, Path path);
 

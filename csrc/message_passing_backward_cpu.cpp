@@ -16,22 +16,29 @@
 // any thread count (training runs one thread per process). The radial projection uses the forward's
 // window (radial_window.h: the derivatives of the dropped Gaussians are as negligible as they are),
 // or every centre when `exact`. Channel loops are written for the compiler to vectorise; reductions
-// over channels keep kLanes partial sums, added in a fixed order.
+// over channels keep kLanes partial sums, added in a fixed order. The AVX-512 path is the same code
+// compiled for AVX-512 (the whole body inlined into a function with that target): the lanes and the
+// order of every sum are the source's, and no multiply-add is contracted (-ffp-contract=off), so
+// both paths give the same bits.
 
 #include <cmath>
 #include <vector>
 
 #include "fused_cpu.h"
+#include "radius_graph_api.h"  // e3rg::cpu_simd_avx512
 
 namespace e3cpu {
 
 namespace {
 
+// Inlined into each path's entry point, so that the AVX-512 one compiles the whole body for its target.
+#define E3CPU_INLINE inline __attribute__((always_inline))
+
 constexpr int kLanes = 16;  // partial sums of a channel reduction (independent adds the compiler vectorises)
 
 // sum_c a[c] * b[c] over n channels, in kLanes partial sums then in lane order.
 template <class T>
-inline T dot(const T* a, const T* b, int64_t n) {
+E3CPU_INLINE T dot(const T* a, const T* b, int64_t n) {
   T acc[kLanes] = {};
   int64_t c = 0;
   for (; c + kLanes <= n; c += kLanes)
@@ -44,7 +51,7 @@ inline T dot(const T* a, const T* b, int64_t n) {
 
 // d/dx of the envelope 1 - 21 x^5 + 35 x^6 - 15 x^7 (radial_window.h envelope), 0 from x = 1 on.
 template <class T>
-inline T envelope_derivative(T x) {
+E3CPU_INLINE T envelope_derivative(T x) {
   const T x4 = x * x * x * x;
   return x < (T)1 ? (((T)-105 * x4 + (T)210 * x4 * x) + (T)-105 * x4 * x * x) : (T)0;
 }
@@ -66,7 +73,7 @@ struct Edge {
 
 // Geometry and window of edge e (f, df filled for the window).
 template <class T>
-inline Edge<T> edge_geometry(const MessageArgs<T>& a, const RadialWindow& w, int64_t e, int64_t i, Scratch<T>& s) {
+E3CPU_INLINE Edge<T> edge_geometry(const MessageArgs<T>& a, const RadialWindow& w, int64_t e, int64_t i, Scratch<T>& s) {
   Edge<T> ed;
   ed.j = a.src[e];
   ed.g = a.edge_graph[e];
@@ -94,7 +101,7 @@ inline Edge<T> edge_geometry(const MessageArgs<T>& a, const RadialWindow& w, int
 }
 
 template <class T>
-int64_t run_backward(const MessageArgs<T>& a, const MessageGrads<T>& g, bool exact) {
+E3CPU_INLINE int64_t run_backward(const MessageArgs<T>& a, const MessageGrads<T>& g, bool exact) {
   const int64_t H = a.hidden, R = a.num_rbf, C = 3 * H;
   std::vector<double> mu(a.centres, a.centres + R);
   const RadialWindow w = make_window(mu.data(), R, a.coeff, exact);
@@ -182,13 +189,34 @@ int64_t run_backward(const MessageArgs<T>& a, const MessageGrads<T>& g, bool exa
   return bad;
 }
 
-}  // namespace
-
-int64_t message_passing_backward(const MessageArgs<float>& a, const MessageGrads<float>& g, bool exact) {
+template <class T>
+int64_t backward_portable(const MessageArgs<T>& a, const MessageGrads<T>& g, bool exact) {
   return run_backward(a, g, exact);
 }
-int64_t message_passing_backward(const MessageArgs<double>& a, const MessageGrads<double>& g, bool exact) {
+
+#ifdef E3CPU_AVX512_PATH
+template <class T>
+E3CPU_AVX512 int64_t backward_avx512(const MessageArgs<T>& a, const MessageGrads<T>& g, bool exact) {
   return run_backward(a, g, exact);
+}
+#endif
+
+template <class T>
+int64_t dispatch(const MessageArgs<T>& a, const MessageGrads<T>& g, bool exact, Path path) {
+#ifdef E3CPU_AVX512_PATH
+  if (path == Path::Auto && e3rg::cpu_simd_avx512()) return backward_avx512(a, g, exact);
+#endif
+  return backward_portable(a, g, exact);
+}
+
+}  // namespace
+
+int64_t message_passing_backward(const MessageArgs<float>& a, const MessageGrads<float>& g, bool exact, Path path) {
+  return dispatch(a, g, exact, path);
+}
+int64_t message_passing_backward(const MessageArgs<double>& a, const MessageGrads<double>& g, bool exact,
+                                 Path path) {
+  return dispatch(a, g, exact, path);
 }
 
 }  // namespace e3cpu

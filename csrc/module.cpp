@@ -364,7 +364,8 @@ void message_passing_backward_cpu(MpIn<T, nb::device::cpu> x_proj, MpIn<T, nb::d
                                   MpIn<T, nb::device::cpu> gds, MpIn<T, nb::device::cpu> gdv,
                                   MpOut<T, nb::device::cpu> gx_proj, MpOut<T, nb::device::cpu> gvec,
                                   MpOut<T, nb::device::cpu> gpos, MpOut<T, nb::device::cpu> gcells,
-                                  MpOut<T, nb::device::cpu> gweight, MpOut<T, nb::device::cpu> gbias, bool exact) {
+                                  MpOut<T, nb::device::cpu> gweight, MpOut<T, nb::device::cpu> gbias, bool exact,
+                                  int path) {
   const e3mp::Params<T> p = mp_params<T, nb::device::cpu>(x_proj, vec, pos, cells, edge_index, offsets, edge_graph,
                                                           rowptr, weight, bias, centres, coeff, cutoff);
   const int64_t N = p.n_atoms, H = p.hidden, G = p.n_graphs, R = p.num_rbf;
@@ -383,10 +384,11 @@ void message_passing_backward_cpu(MpIn<T, nb::device::cpu> x_proj, MpIn<T, nb::d
   g.gcells = gcells.data();
   g.gweight = gweight.data();
   g.gbias = gbias.data();
+  const e3cpu::Path how = fused_path(path);
   int64_t bad;
   {
     nb::gil_scoped_release release;
-    bad = e3cpu::message_passing_backward(a, g, exact);
+    bad = e3cpu::message_passing_backward(a, g, exact, how);
   }
   raise_invalid_edges(bad);
 }
@@ -612,11 +614,12 @@ bool frame_p1_certificate(HostIn<int64_t, nb::ndim<1>> numbers, HostIn<double, n
   "x_proj"_a, "vec"_a, "positions"_a, "cells"_a, "edge_index"_a, "cell_offsets"_a, "edge_graph"_a, "rowptr"_a, \
       "edge_weight"_a, "edge_bias"_a, "rbf_centres"_a, "rbf_coeff"_a, "cutoff"_a, "gds"_a, "gdv"_a,           \
       "gx_proj"_a.noconvert(), "gvec"_a.noconvert(), "gpos"_a.noconvert(), "gcells"_a.noconvert(),            \
-      "gweight"_a.noconvert(), "gbias"_a.noconvert(), "exact"_a = false
+      "gweight"_a.noconvert(), "gbias"_a.noconvert(), "exact"_a = false, "path"_a = 0
 #define MP_BACKWARD_DOC                                                                                \
   "Backward of message_passing_fused_cpu (message_passing_backward_cpu.cpp): its arrays, the upstream\n" \
   "gradients gds (N,H), gdv (N,3,H); the input gradients added into gx_proj (N,3H), gvec (N,3,H), gpos (N,3),\n" \
-  "gcells (G,3,3), gweight (3H,R), gbias (3H,), C-contiguous. One thread. Raises ValueError on invalid edges."
+  "gcells (G,3,3), gweight (3H,R), gbias (3H,), C-contiguous. One thread; path 0 auto, 1 portable (same bits).\n" \
+  "Raises ValueError on invalid edges."
 #define LM_ARGS                                                                                        \
   "x_proj"_a, "vec"_a, "positions"_a, "cells"_a, "graph_index"_a, "centres"_a.none(), "k"_a, "edge_weight"_a, \
       "edge_bias"_a, "rbf_centres"_a, "rbf_coeff"_a, "cutoff"_a, "ds"_a.noconvert(), "v_out"_a.noconvert(),  \

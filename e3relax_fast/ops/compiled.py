@@ -402,7 +402,7 @@ def message_passing_fused_cpu(
     With ``rowptr`` the edges must be receiver-sorted and ``rowptr`` their receiver CSR; without it
     they are sorted here. Keywords: ``num_threads`` (default ``torch.get_num_threads()``; the forward's
     threads), ``out`` (``(ds, dv)`` buffers to write, every element; not with gradients), ``radial``
-    (:data:`RADIAL_MODES`), ``path`` (:data:`FUSED_PATHS`, the forward's).
+    (:data:`RADIAL_MODES`), ``path`` (:data:`FUSED_PATHS`).
 
     Gradients (grad mode on and a float input that requires grad) flow to ``x_proj``, ``vec``,
     ``positions``, ``cells``, ``edge_weight`` and ``edge_bias`` through the fused backward
@@ -445,7 +445,7 @@ class _FusedMessagePassing(torch.autograd.Function):
         _C.message_passing_fused_cpu(*arrays, coeff, cutoff, ds, dv, threads, exact, path)
         # Saved as tensors: an in-place change of an input before the backward is then an error.
         ctx.save_for_backward(*arrays)
-        ctx.coeff, ctx.cutoff, ctx.exact = coeff, cutoff, exact
+        ctx.coeff, ctx.cutoff, ctx.exact, ctx.path = coeff, cutoff, exact, path
         ctx.dtypes = [t.dtype for t in floats]
         return ds, dv
 
@@ -456,7 +456,7 @@ class _FusedMessagePassing(torch.autograd.Function):
         grads = [torch.zeros_like(arrays[k]) for k in (0, 1, 2, 3, 8, 9)]
         dtype = arrays[0].dtype
         _C.message_passing_backward_cpu(*arrays, ctx.coeff, ctx.cutoff, gds.to(dtype).contiguous(),
-                                        gdv.to(dtype).contiguous(), *grads, ctx.exact)
+                                        gdv.to(dtype).contiguous(), *grads, ctx.exact, ctx.path)
         return (None, None, *(g.to(t) if need else None for g, t, need in
                               zip(grads, ctx.dtypes, ctx.needs_input_grad[2:], strict=True)))
 

@@ -524,14 +524,15 @@ def test_cpu_is_the_default_for_inference_and_training():
 def test_cpu_backward_against_the_float64_reference(radial):
     """The fused backward's float64 gradients of every input: the reference's within 1e-10 (window:
     the dropped Gaussians' derivatives; exact: rounding), without edges and with receivers beyond
-    the basis cutoff, and the same bits whatever the forward's thread count."""
+    the basis cutoff, and the same bits whatever the forward's thread count and on both paths (the
+    AVX-512 one is the portable code compiled for it, sums in the same order)."""
     args, rowptr = make_case(torch.float64, "cpu", hidden=24, num_rbf=128, cutoff=4.0, seed=11)
     _, _, expected = run(reference_op, args)
-    grads = [run(compiled.message_passing_fused_cpu, args, rowptr=rowptr, radial=radial, num_threads=threads)[2]
-             for threads in (1, 2)]
+    grads = [run(compiled.message_passing_fused_cpu, args, rowptr=rowptr, radial=radial, num_threads=threads,
+                 path=path)[2] for threads, path in ((1, "auto"), (2, "auto"), (1, "portable"))]
     for name in INPUTS:
         assert_close(grads[0][name], expected[name], 1e-10, f"d/d {name}", check_dtype=True)
-        assert torch.equal(grads[0][name], grads[1][name]), name
+        assert torch.equal(grads[0][name], grads[1][name]) and torch.equal(grads[0][name], grads[2][name]), name
     empty = without_edges(args)
     _, _, zero = run(compiled.message_passing_fused_cpu, empty, rowptr=torch.zeros(len(rowptr), dtype=torch.int64))
     assert all((g == 0).all() for g in zero.values())
