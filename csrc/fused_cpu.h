@@ -161,6 +161,19 @@ struct Prepared {
   std::vector<T> G;
 };
 
+// Whether receiver i's edges can be read: rowptr[i..i+1] a range within [0, E], and each of its
+// edges received by i from a source atom and in a crystal within range (forward and backward).
+template <class T>
+inline bool receiver_valid(const MessageArgs<T>& a, int64_t i) {
+  const int64_t beg = a.rowptr[i], end = a.rowptr[i + 1];
+  if (!(beg >= 0 && beg <= end && end <= a.n_edges)) return false;
+  for (int64_t e = beg; e < end; ++e)
+    if (a.dst[e] != i || a.src[e] < 0 || a.src[e] >= a.n_atoms || a.edge_graph[e] < 0 ||
+        a.edge_graph[e] >= a.n_graphs)
+      return false;
+  return true;
+}
+
 // Unit vector u = -r / |r|_safe and x = |r|_safe / cutoff of r.
 template <class T>
 inline void unit_and_x(const T* r, T cutoff, T* u, T& x) {

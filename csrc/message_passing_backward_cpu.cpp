@@ -112,19 +112,11 @@ E3CPU_INLINE int64_t run_backward(const MessageArgs<T>& a, const MessageGrads<T>
   const T s3 = (T)(1.0 / std::sqrt(3.0)), sh = (T)(1.0 / std::sqrt((double)(H > 0 ? H : 1)));
   int64_t bad = 0;
   for (int64_t i = 0; i < a.n_atoms; ++i) {
+    if (!receiver_valid(a, i)) {
+      ++bad;
+      continue;
+    }
     const int64_t beg = a.rowptr[i], end = a.rowptr[i + 1];
-    if (!(beg >= 0 && beg <= end && end <= a.n_edges)) {
-      ++bad;
-      continue;
-    }
-    bool valid = true;
-    for (int64_t e = beg; e < end; ++e)
-      valid = valid && a.dst[e] == i && a.src[e] >= 0 && a.src[e] < a.n_atoms && a.edge_graph[e] >= 0 &&
-              a.edge_graph[e] < a.n_graphs;
-    if (!valid) {
-      ++bad;
-      continue;
-    }
     const T* gds = g.gds + H * i;
     const T* gdv = g.gdv + C * i;
     for (int64_t e = beg; e < end; ++e) {

@@ -60,9 +60,8 @@ namespace {
 template <class T>
 bool prepare_receiver(const MessageArgs<T>& a, const RadialWindow& w, ValuesFn<T> values_fn, int64_t i,
                       Prepared<T>& p) {
-  const int64_t beg = a.rowptr[i], end = a.rowptr[i + 1];
-  if (!(beg >= 0 && beg <= end && end <= a.n_edges)) return false;
-  const int64_t n = end - beg;
+  if (!receiver_valid(a, i)) return false;
+  const int64_t beg = a.rowptr[i], n = a.rowptr[i + 1] - beg;
   p.src.resize(n);
   p.u.resize(3 * n);
   p.start.resize(n);
@@ -70,7 +69,6 @@ bool prepare_receiver(const MessageArgs<T>& a, const RadialWindow& w, ValuesFn<T
   const T cutoff = (T)a.cutoff, coeff = (T)a.coeff;
   for (int64_t q = 0; q < n; ++q) {
     const int64_t e = beg + q, j = a.src[e], g = a.edge_graph[e];
-    if (a.dst[e] != i || j < 0 || j >= a.n_atoms || g < 0 || g >= a.n_graphs) return false;
     const T* cell = a.cells + 9 * g;
     const T o0 = (T)a.offsets[3 * e], o1 = (T)a.offsets[3 * e + 1], o2 = (T)a.offsets[3 * e + 2];
     T r[3], x;

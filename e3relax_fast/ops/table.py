@@ -18,7 +18,7 @@ The ``cpu`` backend of the two gated message ops (``csrc/fused_cpu.h``) is fused
 the radial projection evaluated on the 15 centres of the basis nearest each distance
 (``reference/radial_window.py``: the other 113 add at most 6.1e-13 of the largest weight of each
 channel). The atom–atom op has a fused backward as well (``csrc/message_passing_backward_cpu.cpp``,
-one thread), so ``auto`` takes it on CPU for training too (a training step about twice as fast as
+one thread), so ``auto`` takes it on CPU for training too (a training step 1.7 times as fast as
 with the reference's autograd: ``bench/bench_train_step.py``); the lattice op's is forward only,
 and ``auto`` takes the reference for it under autograd.
 
