@@ -199,7 +199,8 @@ def run_train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         model={"hidden_channels": args.hidden, "num_layers": args.layers, "cell_transport": args.cell_transport,
                "element_features": args.element_features, "cell_strain": args.cell_strain, "cell_mix": args.cell_mix,
-               "backend": args.backend, "edge_cutoff": args.edge_cutoff, "volume_prior": args.volume_prior},
+               "backend": args.backend, "edge_cutoff": args.edge_cutoff, "volume_prior": args.volume_prior,
+               "cell_virial": args.cell_virial},
         lr=args.lr, lr_schedule=args.lr_schedule, batch_size=args.batch_size, steps_per_epoch=args.steps_per_epoch,
         max_epochs=args.max_epochs, loss=args.loss, cell_weight=args.cell_weight, prior_weight=args.prior_weight,
         seed=args.seed, dtype=args.dtype,
@@ -275,6 +276,10 @@ def add_train_parser(subparsers) -> None:
                    help="add to each lattice vector's update a learned combination of all three vectors, from "
                    "its node's features and the cell's shape (E3Relax(cell_mix=True)): a direct path for shear "
                    "and the lengths' ratios; --init may name a checkpoint without it")
+    p.add_argument("--cell-virial", action="store_true",
+                   help="add to the cell's update a strain from the bonds, shaped like the virial stress "
+                   "(E3Relax(cell_virial=True)): which direction of the cell is too long, read from the bonds "
+                   "along it; --init may name a checkpoint without it")
     p.add_argument("--edge-cutoff", type=_positive_length, default=None, metavar="ANGSTROM",
                    help="radial basis cutoff of the atom-atom edges only (E3Relax(edge_cutoff=...); default: the "
                    "30 A basis of every distance): e.g. 6, the graph radius, for Gaussians 0.047 A apart")

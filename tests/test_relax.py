@@ -278,6 +278,7 @@ def test_infer_config_at_paper_size_shapes():
         "cell_mix": False,
         "edge_cutoff": None,
         "volume_prior": False,
+        "cell_virial": False,
     }
     state["cell_transport_marker"] = torch.ones(())
     assert infer_config(state)["cell_transport"] is True
@@ -289,6 +290,8 @@ def test_infer_config_at_paper_size_shapes():
     assert infer_config(state)["cell_mix"] is True
     state["volume_prior.out.weight"] = torch.zeros(1, h)
     assert infer_config(state)["volume_prior"] is True
+    state["cell_virial_layers.0.out.weight"] = torch.zeros(1, 32)
+    assert infer_config(state)["cell_virial"] is True
 
 
 def test_inference_precisions():

@@ -28,6 +28,7 @@ from .layers import (
     RadialBasis,
     StructureUpdateLayer,
 )
+from .virial import CellVirial
 from .volume_prior import VolumePrior
 
 #: State-dict key of the buffer that marks a ``cell_transport`` model (see ``E3Relax.__init__``).
@@ -100,6 +101,12 @@ class E3Relax(nn.Module):
             element has, its radius (default mode only). Starts as no rescale, so a model grown from a
             checkpoint without it starts with its predictions; the prior learns from a loss term of its
             own (``layerwise_loss(prior_weight=...)``, ``train --prior-weight``), not through the layers.
+        cell_virial: add to each lattice vector's delta ``a_k ε``, ε a symmetric strain summed over
+            the crystal's bonds like the virial stress, each bond's weight learned from its atoms'
+            features and its length (:mod:`e3relax_fast.model.virial`): which direction of the cell
+            is too long, from the bonds along it (default mode only). Rotation-equivariant, the same
+            for every basis of the lattice; starts at zero, so a model grown from a checkpoint
+            without it starts with its predictions.
     """
 
     def __init__(
@@ -119,6 +126,7 @@ class E3Relax(nn.Module):
         cell_mix: bool = False,
         edge_cutoff: float | None = None,
         volume_prior: bool = False,
+        cell_virial: bool = False,
     ):
         super().__init__()
         h = hidden_channels
@@ -146,6 +154,9 @@ class E3Relax(nn.Module):
         if volume_prior and paper_compat:
             raise ValueError("volume_prior is a default-mode option (the original has no such step)")
         self.use_volume_prior = volume_prior
+        if cell_virial and paper_compat:
+            raise ValueError("cell_virial is a default-mode option (the original's cell update has no such term)")
+        self.use_cell_virial = cell_virial
         # Registration order follows the original's state dict.
         self.atom_emb = AtomEmbedding(num_elements, h)
         self.scalar_l1_emb = nn.Embedding(1, h)
@@ -176,6 +187,9 @@ class E3Relax(nn.Module):
             self.register_buffer(EDGE_CUTOFF_KEY, torch.tensor(self.edge_cutoff, dtype=torch.float64))
         if volume_prior:
             self.volume_prior = VolumePrior(num_elements, h)
+        if cell_virial:
+            # Per layer: a strain from the bonds (model/virial.py), zero at the start.
+            self.cell_virial_layers = nn.ModuleList(CellVirial(h, radius) for _ in range(num_layers))
 
     @property
     def config(self) -> dict:
@@ -193,6 +207,7 @@ class E3Relax(nn.Module):
             "cell_mix": self.use_cell_mix,
             "edge_cutoff": self.edge_cutoff,
             "volume_prior": self.use_volume_prior,
+            "cell_virial": self.use_cell_virial,
             "radius": self.radius,
             "max_neighbors": self.max_neighbors,
         }
@@ -272,6 +287,7 @@ class E3Relax(nn.Module):
             v_mean = ctx.lattice_pool(v, ctx.ptr, ctx.graph_index)
             deltas = []
             shape = cell_shape(cell) if self.use_cell_mix else None
+            strain = self.cell_virial_layers[n](s, pos, cell, ctx) if self.use_cell_virial else None
             for k, node in enumerate(nodes):
                 lat_s[k], lat_v[k], delta = node.from_atoms(s_mean, v_mean, lat_s[k], lat_v[k])
                 if self.use_cell_strain:
@@ -279,6 +295,8 @@ class E3Relax(nn.Module):
                 if self.use_cell_mix:
                     mix = self.cell_mix_layers[n][k](torch.cat([lat_s[k], shape], dim=-1))  # (G, 3)
                     delta = delta + torch.einsum("gj,gjx->gx", mix, cell)
+                if strain is not None:
+                    delta = delta + torch.einsum("gx,gxy->gy", cell[:, k, :], strain)
                 deltas.append(delta)
                 record(f"L{n}_lat{k + 1}_scalar_after_global", lat_s[k], f"L{n}_lat{k + 1}_vector_after_global",
                        lat_v[k], f"L{n}_lat{k + 1}_delta", delta.unsqueeze(-1))

@@ -46,11 +46,12 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
 
     Returns:
         ``{"hidden_channels", "num_layers", "num_rbf", "num_elements", "cell_transport",
-        "element_features", "cell_strain", "cell_mix", "edge_cutoff", "volume_prior"}`` read from the shapes of
+        "element_features", "cell_strain", "cell_mix", "edge_cutoff", "volume_prior", "cell_virial"}`` read
+        from the shapes of
         ``atom_emb.embeddings.weight`` ``(num_elements, H)``, the ``message_passing_layers.{n}`` indices,
         ``message_passing_layers.0.edge_proj.weight`` ``(3H, R)`` and the presence of the transport
         marker buffer, of the element features' map, of the cell-strain scalars, of the cell-mix maps and
-        of the volume prior, and the edge-cutoff buffer (``None`` without it).
+        of the volume prior and of the bond strain, and the edge-cutoff buffer (``None`` without it).
     """
     try:
         num_elements, hidden = state_dict["atom_emb.embeddings.weight"].shape
@@ -69,6 +70,7 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
         "cell_mix": "cell_mix_layers.0.0.weight" in state_dict,
         "edge_cutoff": float(state_dict[EDGE_CUTOFF_KEY]) if EDGE_CUTOFF_KEY in state_dict else None,
         "volume_prior": "volume_prior.out.weight" in state_dict,
+        "cell_virial": "cell_virial_layers.0.out.weight" in state_dict,
     }
 
 

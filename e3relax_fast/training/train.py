@@ -243,7 +243,8 @@ class TrainingDivergedError(RuntimeError):
 #: Architecture options whose parts start at zero (config key -> their parameters' prefix): ``--init``
 #: may grow a checkpoint without them into a model with them.
 GROWABLE = {"element_features": "element_features.", "cell_strain": "cell_strain_layers.",
-            "cell_mix": "cell_mix_layers.", "volume_prior": "volume_prior."}
+            "cell_mix": "cell_mix_layers.", "volume_prior": "volume_prior.",
+            "cell_virial": "cell_virial_layers."}
 
 
 def _load_init(model: E3Relax, ema: torch.nn.Module, path: str) -> None:
