@@ -254,7 +254,8 @@ def add_train_parser(subparsers) -> None:
                    help="leave this seed family out of training and validation (repeatable; leave-one-family-out)")
     p.add_argument("--minima", type=float, default=0.0, metavar="FRACTION",
                    help="add already-relaxed pairs to the training split: for this fraction of its pairs (chosen "
-                   "with --seed), the relaxed structure as input and target (default 0: none)")
+                   "with --seed), the relaxed structure as input and target (default 0: none); above 1 (at most 4) "
+                   "repeated, so that they weigh more: 2 gives every pair two")
     p.add_argument("--perturbed", type=float, default=0.0, metavar="FRACTION",
                    help="add perturbed twins to the training split: for this fraction of its pairs (chosen with "
                    "--seed), the relaxed structure strained and rattled as the rattle protocol does as input, the "

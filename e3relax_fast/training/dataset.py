@@ -128,17 +128,27 @@ class PairDataset(torch.utils.data.Dataset):
                 torch.stack([it["cell_target"] for it in items]))
 
 
+#: The most already-relaxed twins per pair ``with_minima`` makes (``fraction`` up to this).
+MAX_MINIMA = 4
+
+
 def with_minima(pairs: list[Pair], fraction: float, seed: int = 0) -> list[Pair]:
     """``pairs`` followed by already-relaxed pairs: for a ``fraction`` of them (chosen with ``seed``),
     the relaxed structure as both input and target (id ``<id>:min``, protocol ``"minimum"``).
 
     Every target is a minimum of the potential, so these pairs cost no calculation; they teach the
     model that a relaxed crystal stays where it is (a model trained on unrelaxed inputs alone learns
-    to expand whatever it is given, as most of them expand). Use it on a training split only: the
-    pairs share their seeds with the originals.
+    to expand whatever it is given, as most of them expand). A ``fraction`` above 1 (at most
+    :data:`MAX_MINIMA`) repeats them, so that they weigh more in the sampling: 2 gives every pair two
+    (``<id>:min``, ``<id>:min2``), 1.5 every pair one and half of them (chosen with ``seed``) a second.
+    Use it on a training split only: the pairs share their seeds with the originals.
     """
-    chosen, _ = _choose(len(pairs), fraction, seed, "already-relaxed")
-    return pairs + [minimum_pair(pairs[k]) for k in chosen]
+    if not 0 <= fraction <= MAX_MINIMA:
+        raise ValueError(f"the fraction of already-relaxed pairs must be in [0, {MAX_MINIMA}], got {fraction}")
+    whole = int(fraction)
+    chosen, _ = _choose(len(pairs), fraction - whole, seed, "already-relaxed")
+    repeats = [minimum_pair(pair, copy) for copy in range(whole) for pair in pairs]
+    return pairs + repeats + [minimum_pair(pairs[k], whole) for k in chosen]
 
 
 def _choose(n: int, fraction: float, seed: int, kind: str) -> tuple[np.ndarray, np.random.Generator]:
@@ -150,10 +160,10 @@ def _choose(n: int, fraction: float, seed: int, kind: str) -> tuple[np.ndarray, 
     return np.sort(rng.permutation(n)[: round(fraction * n)]), rng
 
 
-def minimum_pair(pair: Pair) -> Pair:
+def minimum_pair(pair: Pair, copy: int = 0) -> Pair:
     """The already-relaxed pair of ``pair``: its relaxed structure as input and target (id
-    ``<id>:min``, protocol ``"minimum"``, same family)."""
-    return Pair(f"{pair.id}:min", pair.atomic_numbers, pair.pos_relaxed, pair.cell_relaxed, pair.pos_relaxed,
+    ``<id>:min``, or ``<id>:min<copy + 1>`` for a further copy; protocol ``"minimum"``, same family)."""
+    return Pair(f"{pair.id}:min{copy + 1 if copy else ''}", pair.atomic_numbers, pair.pos_relaxed, pair.cell_relaxed, pair.pos_relaxed,
                 pair.cell_relaxed, family=pair.family, protocol="minimum")
 
 

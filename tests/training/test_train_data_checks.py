@@ -66,8 +66,15 @@ def test_with_minima_adds_already_relaxed_pairs_of_the_chosen_fraction():
             assert np.array_equal(got, want)
     assert [p.id for p in with_minima(pairs, 0.3, seed=1)] == [p.id for p in grown]  # the seed decides
     assert len(with_minima(pairs, 1.0)) == 20 and with_minima(pairs, 0.0) == pairs
-    with pytest.raises(ValueError, match=r"must be in \[0, 1\], got 1.5"):
-        with_minima(pairs, 1.5)
+    # above 1: repeated, so that they weigh more; 1.5 = one each and a second for half of them
+    assert [p.id for p in with_minima(pairs, 1.0)[10:]] == [f"{p.id}:min" for p in pairs]
+    more = with_minima(pairs, 1.5, seed=1)
+    assert len(more) == 25 and more[:20] == with_minima(pairs, 1.0)
+    assert all(p.id.endswith(":min2") and p.protocol == "minimum" for p in more[20:])
+    assert np.array_equal(more[20].pos_unrelaxed, originals[more[20].id.removesuffix(":min2")].pos_relaxed)
+    assert len({p.id for p in with_minima(pairs, 2.0)}) == 30
+    with pytest.raises(ValueError, match=r"must be in \[0, 4\], got 4.5"):
+        with_minima(pairs, 4.5)
 
 
 def test_perturbed_twins_stretch_and_rattle_the_relaxed_structure():
@@ -112,9 +119,9 @@ def test_train_cli_minima_and_a_bad_value_is_one_line(tmp_path, capsys):
     assert main([*common, "--out", str(tmp_path / "p"), "--minima", "0.5", "--perturbed", "0.25"]) == 0
     assert len(torch.load(tmp_path / "p" / "graphs" / "train.pt", weights_only=True)["items"]) == 14
     assert len(torch.load(tmp_path / "r" / "graphs" / "val.pt", weights_only=True)["items"]) == 2  # val untouched
-    assert main([*common, "--out", str(tmp_path / "bad"), "--minima", "2"]) == 2
+    assert main([*common, "--out", str(tmp_path / "bad"), "--minima", "5"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "got 2.0" in err and "Traceback" not in err
+    assert err.startswith("error: ") and "got 5.0" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "lofo", "train --init"])
