@@ -163,7 +163,8 @@ def _choose(n: int, fraction: float, seed: int, kind: str) -> tuple[np.ndarray, 
 def minimum_pair(pair: Pair, copy: int = 0) -> Pair:
     """The already-relaxed pair of ``pair``: its relaxed structure as input and target (id
     ``<id>:min``, or ``<id>:min<copy + 1>`` for a further copy; protocol ``"minimum"``, same family)."""
-    return Pair(f"{pair.id}:min{copy + 1 if copy else ''}", pair.atomic_numbers, pair.pos_relaxed, pair.cell_relaxed, pair.pos_relaxed,
+    suffix = f":min{copy + 1}" if copy else ":min"
+    return Pair(f"{pair.id}{suffix}", pair.atomic_numbers, pair.pos_relaxed, pair.cell_relaxed, pair.pos_relaxed,
                 pair.cell_relaxed, family=pair.family, protocol="minimum")
 
 
