@@ -107,6 +107,9 @@ def test_cuda_atom_budget_follows_free_memory(monkeypatch, model):
     assert 1 <= two_gb < eight_gb < DEFAULT_MAX_ATOMS_ACCELERATOR
     assert abs(eight_gb / two_gb - 4) < 0.01  # the budget is a share of the free memory
     assert budget(model, cuda, 50) == DEFAULT_MAX_ATOMS_ACCELERATOR  # a tiny model: the cap
+    # the bond strain's per-edge tensors count too: fewer atoms of a model with it fit
+    with_virial = E3Relax(hidden_channels=512, num_layers=4, cell_virial=True)
+    assert budget(with_virial, cuda, 50) < eight_gb
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, int(80e9)))
     assert budget(paper, cuda, 50) == 1
 
