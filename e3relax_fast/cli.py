@@ -264,30 +264,7 @@ def add_train_parser(subparsers) -> None:
                    help="the same for the validation split: its already-relaxed pairs join the validation signal "
                    "that picks best.pt and drives the schedule, and their share kept within 3 %% of the minimum's "
                    "volume is logged each pseudo-epoch (default 0: none, the original signal)")
-    p.add_argument("--cell-transport", action="store_true",
-                   help="carry the atoms along with each layer's cell update (E3Relax(cell_transport=True))")
-    p.add_argument("--element-features", action="store_true",
-                   help="add a learned map of each element's radius, electronegativity, period and group to its "
-                   "embedding (E3Relax(element_features=True)); --init may then name a checkpoint without them")
-    p.add_argument("--cell-strain", action="store_true",
-                   help="add to each lattice vector's update the vector times a learned scalar (E3Relax("
-                   "cell_strain=True)): a direct path for the cell's multiplicative change; --init may name a "
-                   "checkpoint without it")
-    p.add_argument("--cell-mix", action="store_true",
-                   help="add to each lattice vector's update a learned combination of all three vectors, from "
-                   "its node's features and the cell's shape (E3Relax(cell_mix=True)): a direct path for shear "
-                   "and the lengths' ratios; --init may name a checkpoint without it")
-    p.add_argument("--cell-virial", action="store_true",
-                   help="add to the cell's update a strain from the bonds, shaped like the virial stress "
-                   "(E3Relax(cell_virial=True)): which direction of the cell is too long, read from the bonds "
-                   "along it; --init may name a checkpoint without it")
-    p.add_argument("--edge-cutoff", type=_positive_length, default=None, metavar="ANGSTROM",
-                   help="radial basis cutoff of the atom-atom edges only (E3Relax(edge_cutoff=...); default: the "
-                   "30 A basis of every distance): e.g. 6, the graph radius, for Gaussians 0.047 A apart")
-    p.add_argument("--volume-prior", action="store_true",
-                   help="rescale each crystal before the first layer by a factor learned from its bonds' lengths "
-                   "relative to their elements' covalent radii (E3Relax(volume_prior=True)), supervised by "
-                   "--prior-weight; --init may name a checkpoint without it")
+    _add_architecture_options(p)
     p.add_argument("--backend", choices=MODEL_BACKENDS, default="auto",
                    help="the model's message ops while training (auto: the fastest that supports autograd on the "
                    "device, e.g. Triton on CUDA; reference: pure PyTorch); not saved in the checkpoint")
@@ -318,6 +295,34 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     p.set_defaults(func=run_train)
+
+
+def _add_architecture_options(p) -> None:
+    """The model's optional parts (``E3Relax`` keyword arguments) as ``train`` options."""
+    p.add_argument("--cell-transport", action="store_true",
+                   help="carry the atoms along with each layer's cell update (E3Relax(cell_transport=True))")
+    p.add_argument("--element-features", action="store_true",
+                   help="add a learned map of each element's radius, electronegativity, period and group to its "
+                   "embedding (E3Relax(element_features=True)); --init may then name a checkpoint without them")
+    p.add_argument("--cell-strain", action="store_true",
+                   help="add to each lattice vector's update the vector times a learned scalar (E3Relax("
+                   "cell_strain=True)): a direct path for the cell's multiplicative change; --init may name a "
+                   "checkpoint without it")
+    p.add_argument("--cell-mix", action="store_true",
+                   help="add to each lattice vector's update a learned combination of all three vectors, from "
+                   "its node's features and the cell's shape (E3Relax(cell_mix=True)): a direct path for shear "
+                   "and the lengths' ratios; --init may name a checkpoint without it")
+    p.add_argument("--cell-virial", action="store_true",
+                   help="add to the cell's update a strain from the bonds, shaped like the virial stress "
+                   "(E3Relax(cell_virial=True)): which direction of the cell is too long, read from the bonds "
+                   "along it; --init may name a checkpoint without it")
+    p.add_argument("--edge-cutoff", type=_positive_length, default=None, metavar="ANGSTROM",
+                   help="radial basis cutoff of the atom-atom edges only (E3Relax(edge_cutoff=...); default: the "
+                   "30 A basis of every distance): e.g. 6, the graph radius, for Gaussians 0.047 A apart")
+    p.add_argument("--volume-prior", action="store_true",
+                   help="rescale each crystal before the first layer by a factor learned from its bonds' lengths "
+                   "relative to their elements' covalent radii (E3Relax(volume_prior=True)), supervised by "
+                   "--prior-weight; --init may name a checkpoint without it")
 
 
 def run_eval(args: argparse.Namespace) -> int:
