@@ -88,7 +88,7 @@ class CellVirial(nn.Module):
         radius on (a smooth envelope: a bond leaving the radius as the atoms move fades out instead
         of jumping), and ``r̂ r̂ᵀ (..., 3, 3)``."""
         length = safe_norm(vectors)
-        unit = vectors / length.clamp(min=1e-6).unsqueeze(-1)
+        unit = vectors / length.unsqueeze(-1)  # safe_norm is at least 1e-4 Å
         spacing = self.radius / (NUM_BOND_BASIS - 1)
         basis = torch.exp(-(((length.unsqueeze(-1) - self.centres.to(length.dtype)) / spacing) ** 2))
         envelope = 0.5 * (1.0 + torch.cos(math.pi * (length / self.radius).clamp(max=1.0)))
