@@ -64,7 +64,9 @@ class CellVirial(nn.Module):
         s: ``(N, H)`` atom scalars; pos: ``(N, 3)`` Å; cell: ``(G, 3, 3)`` Å, rows a, b, c.
         """
         edge_index, cell_offsets, edge_graph = ctx.edges
-        ends = self.atom(s)  # (N, W)
+        # .to(cell.dtype): under bf16 autocast the linear maps come out in bf16; the sums over the
+        # bonds stay in the cell's dtype (a no-op otherwise).
+        ends = self.atom(s).to(cell.dtype)  # (N, W)
         weight = self.out.weight[0]  # (W,)
         # Bonds between distinct atoms: the graph's edges. Its periodic self-images are six fixed
         # one-way edges instead (+a, +b, +c, +b+c, +a+c, +a+b: spec §3.4), three of a cubic cell's
@@ -79,6 +81,7 @@ class CellVirial(nn.Module):
         radial, outer = self._radial(torch.einsum("lk,gkx->glx", self.images.to(cell.dtype), cell))
         per_feature = torch.einsum("glw,glxy->gwxy", radial, outer)  # (G, W, 3, 3)
         own = torch.einsum("nw,nwxy->nxy", nn.functional.silu(2.0 * ends) * weight, per_feature[ctx.graph_index])
+        own = own.to(cell.dtype)  # bf16 under autocast, as the einsums of the rest of the model
         strain = strain.index_add_(0, ctx.graph_index, own)
         counts = (ctx.ptr[1:] - ctx.ptr[:-1]).clamp(min=1).to(cell.dtype)
         return strain / counts.reshape(-1, 1, 1)
@@ -92,4 +95,4 @@ class CellVirial(nn.Module):
         spacing = self.radius / (NUM_BOND_BASIS - 1)
         basis = torch.exp(-(((length.unsqueeze(-1) - self.centres.to(length.dtype)) / spacing) ** 2))
         envelope = 0.5 * (1.0 + torch.cos(math.pi * (length / self.radius).clamp(max=1.0)))
-        return self.length(basis) * envelope.unsqueeze(-1), unit.unsqueeze(-1) * unit.unsqueeze(-2)
+        return self.length(basis).to(length.dtype) * envelope.unsqueeze(-1), unit.unsqueeze(-1) * unit.unsqueeze(-2)

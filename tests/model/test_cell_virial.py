@@ -117,3 +117,18 @@ def test_a_checkpoint_keeps_its_bond_strain(tmp_path):
 def test_the_original_mode_has_no_bond_strain():
     with pytest.raises(ValueError, match="cell_virial is a default-mode option"):
         E3Relax(hidden_channels=8, num_layers=2, paper_compat=True, cell_virial=True)
+
+
+def test_the_bond_strain_runs_under_bf16_autocast():
+    """relax_batch(precision="bf16"): the linear maps run in bf16, the sums over the bonds stay in the
+    model's float32 (a bf16 source once broke the per-crystal index_add)."""
+    from e3relax_fast import relax_batch
+
+    torch.manual_seed(0)
+    model = E3Relax(hidden_channels=8, num_layers=2, cell_virial=True)
+    _randomise(model, seed=2)
+    structure = _dilute_crystal(np.random.default_rng(3))
+    (_, pos32, cell32), = relax_batch([structure], model, dtype=torch.float32)
+    (_, pos16, cell16), = relax_batch([structure], model, dtype=torch.float32, precision="bf16")
+    assert pos16.dtype == pos32.dtype and np.isfinite(cell16).all()
+    assert 0 < np.abs(cell16 - cell32).max() < 0.05

@@ -34,4 +34,7 @@ def test_relax_batch_uses_the_default_model():
     assert np.isfinite(pos).all() and np.isfinite(new_cell).all()
     explicit = relax_batch([structure], model=load_pretrained("default"))[0]
     np.testing.assert_allclose(explicit[1], pos, atol=1e-6)
-    assert np.abs(new_cell - cell).max() > 1e-3  # a trained model does change the cell
+    # A trained model does change a cell where it must: KCl written in rock salt NaCl's cell (KCl's
+    # own is 12 % longer) grows (v5 by 26 %, v6 by 10 %; an untrained or identity model would not).
+    (_, _, k_cell), = relax_batch([(np.array([19] * 4 + [17] * 4), structure[1], cell)])
+    assert np.linalg.det(k_cell) > 1.05 * np.linalg.det(cell)

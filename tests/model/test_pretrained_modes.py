@@ -48,10 +48,11 @@ def test_a_bare_state_dict_keeps_the_cell_transport(tmp_path):
     with pytest.raises(ValueError, match=r"weights.pt: cell_transport is a default-mode option"):
         load_pretrained(path, paper_compat=True)
     without = {k: v for k, v in shipped.state_dict().items() if k != "cell_transport_marker"}
-    strain = shipped.config["cell_strain"]  # the shipped model's other option (it has weights of its own)
+    # the shipped model's other options (they have weights of their own)
+    others = {k: shipped.config[k] for k in ("cell_strain", "cell_virial")}
     with pytest.raises(RuntimeError, match="cell_transport_marker"):  # strict: a model without it refuses
-        E3Relax(hidden_channels=64, num_layers=4, cell_strain=strain).load_state_dict(shipped.state_dict())
-    E3Relax(hidden_channels=64, num_layers=4, cell_transport=True, cell_strain=strain).load_state_dict(without)  # older
+        E3Relax(hidden_channels=64, num_layers=4, **others).load_state_dict(shipped.state_dict())
+    E3Relax(hidden_channels=64, num_layers=4, cell_transport=True, **others).load_state_dict(without)  # older
 
 
 def test_recorded_modes_and_the_authors_format(tmp_path):
