@@ -4,7 +4,7 @@ A fold's model / Dummy ratio is a ratio of sums over the family's crystals, so a
 that the model gets badly wrong can decide it. This splits those sums by protocol and by element set
 (a crystal's elements, e.g. ``C-Si``), lists the element sets that lose most against Dummy with the
 volume change the model predicts for them beside the one their targets make, and gives the ratios
-without the worst of them.
+without the worst of them (of those that lose against Dummy; never all of them).
 
     python -m bench.lofo_breakdown --checkpoint runs/lofo_vir2m/nomad/best.pt --family nomad \\
         --data data/chgnet_v13sym --data data/chgnet_v4i
@@ -63,8 +63,9 @@ def report(keys, protocols, per_structure: dict, volume_ratio, target_ratio, wor
         lines.append(f"| {key} | {sel.sum()} | {loss:+.2f} | {volume_ratio[sel].min():.2f}–"
                      f"{volume_ratio[sel].max():.2f} | {target_ratio[sel].min():.2f}–{target_ratio[sel].max():.2f} |")
     lines.append("")
-    for k in WITHOUT:
-        dropped = [key for key, _ in ranked[:k]]
+    losing = [key for key, loss in ranked if loss > 0]  # only those the model makes worse than Dummy
+    for k in (k for k in WITHOUT if k <= len(losing) < len(ranked)):
+        dropped = losing[:k]
         lines.append(f"Without the {k} worst element set(s) ({', '.join(dropped)}): coordinates "
                      f"{ratio_without(keys, *coords, dropped):.3f} × Dummy, "
                      f"volume {ratio_without(keys, *volumes, dropped):.3f} ×")

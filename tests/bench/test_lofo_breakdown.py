@@ -30,4 +30,16 @@ def test_report_names_the_worst_element_set_and_the_ratios_without_it():
     assert lines[0] == "All 4 structures: coordinates 2.020 × Dummy, volume 3.083 ×"
     assert "| minimum | 1 | 0.00 | n/a |" in lines and "| rattle | 2 | 0.80 | 1.250 |" in lines
     assert "| C-Si | 2 | +0.60 | 1.50–1.70 | 0.90–1.00 |" in lines
-    assert lines[-3].startswith("Without the 1 worst element set(s) (C-Si): coordinates 0.550 × Dummy, volume 0.500 ×")
+    assert "Without the 1 worst element set(s) (C-Si): coordinates 0.550 × Dummy, volume 0.500 ×" in lines
+
+
+def test_only_element_sets_that_lose_are_left_out():
+    keys = np.array(["C", "Si", "Si"])
+    per_structure = {name: {"coord_mae": np.array(v), "volume_error": np.array(v)}
+                     for name, v in (("model", [0.1, 0.35, 0.1]), ("dummy", [0.2, 0.2, 0.2]))}
+    lines = report(keys, np.array(["subst"] * 3), per_structure, np.ones(3), np.ones(3), 5)
+    assert [line for line in lines if line.startswith("Without")] == [
+        "Without the 1 worst element set(s) (Si): coordinates 0.500 × Dummy, volume 0.500 ×"]
+    halved = {key: 0.5 * value for key, value in per_structure["dummy"].items()}
+    helped = {"model": halved, "dummy": per_structure["dummy"]}  # the model better everywhere
+    assert not [line for line in report(keys, keys, helped, np.ones(3), np.ones(3), 5) if line.startswith("Without")]
