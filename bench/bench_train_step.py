@@ -16,11 +16,14 @@ The variants, each one change from the one before, all on the same batches:
   ``_ema_update``), the message ops still the reference's under autograd (``backend="reference"``);
 * ``package`` — the package as it is: also the atom–atom message op's fused CPU backend with its fused
   backward (``backend="auto"``: ``csrc/message_passing_backward_cpu.cpp``; the lattice op stays the
-  reference's under autograd).
+  reference's under autograd);
+* ``package, bond strain`` — the same step of the model with the bond strain (``cell_virial``, v6's
+  recipe: ``model/virial.py``, pure PyTorch): what that term costs.
 
 A step is what ``train`` does per optimiser step (``training.train._optimizer_step``: forward, the
 layer-wise loss in the canonical-frame gauge, backward, clipping, AdamW + AMSGrad, EMA) with the
-shipped recipe's model (H = 64, L = 4, ``cell_transport``, ``cell_strain``) and batch size (16), on
+v5 recipe's model (H = 64, L = 4, ``cell_transport``, ``cell_strain``; the last variant adds v6's
+``cell_virial``) and batch size (16), on
 the first training pairs of ``data/chgnet_v13sym``; each provider has its own copy of the model and optimiser,
 started from the same seed, and steps through the same batches.
 
@@ -79,12 +82,13 @@ def undone(subnormal: bool, window: bool, fused: bool):
         train._ema_update = saved[1]
 
 
-VARIANTS = {  # name: (subnormal, window, fused optimiser, fused message op), each one change from the one before
-    "subnormal, whole basis, loop": (True, False, False, False),
-    "flushed, whole basis, loop": (False, False, False, False),
-    "flushed, window, loop": (False, True, False, False),
-    "fused AdamW + EMA": (False, True, True, False),
-    "package": (False, True, True, True),
+VARIANTS = {  # name: (subnormal, window, fused optimiser, fused message op, bond strain), one change at a time
+    "subnormal, whole basis, loop": (True, False, False, False, False),
+    "flushed, whole basis, loop": (False, False, False, False, False),
+    "flushed, window, loop": (False, True, False, False, False),
+    "fused AdamW + EMA": (False, True, True, False, False),
+    "package": (False, True, True, True, False),
+    "package, bond strain": (False, True, True, True, True),
 }
 
 
@@ -101,11 +105,13 @@ def run(batches: int, repeats: int, info: dict) -> str:
     atoms = sum(len(p.atomic_numbers) for p in pairs)
     config = TrainConfig(model={"hidden_channels": 64, "num_layers": 4, "cell_transport": True, "cell_strain": True},
                          lr=5e-4, batch_size=BATCH)
-    torch.manual_seed(config.seed)
-    initial = E3Relax(**config.model)
+    initial = {}
+    for virial in (False, True):  # the same seed: the bond strain's layers are the only difference
+        torch.manual_seed(config.seed)
+        initial[virial] = E3Relax(**config.model, cell_virial=virial)
 
-    def provider(subnormal: bool, window: bool, fused: bool, fused_op: bool):
-        model = copy.deepcopy(initial)
+    def provider(subnormal: bool, window: bool, fused: bool, fused_op: bool, virial: bool):
+        model = copy.deepcopy(initial[virial])
         model.backend = "auto" if fused_op else "reference"
         ema = copy.deepcopy(model).requires_grad_(False)
         optimizer = make_optimizer(model, config, "cpu") if fused else torch.optim.AdamW(
