@@ -212,7 +212,8 @@ def run_train(args: argparse.Namespace) -> int:
         for split in (args.train_split, args.val_split):
             # Every --data source contributes its split. Graphs are built once and cached beside the
             # run (keyed by content), so reruns and resumes reuse them.
-            pairs = [p for p in read_pairs(args.data, split, args.target_rotation)
+            sources = args.val_data if split == args.val_split and args.val_data else args.data
+            pairs = [p for p in read_pairs(sources, split, args.target_rotation)
                      if p.family not in (args.exclude_family or ())]
             measured = pairs
             if split == args.train_split and args.minima:
@@ -248,6 +249,10 @@ def add_train_parser(subparsers) -> None:
                    "schedule); ignored when OUT/last.pt exists (then the run resumes)")
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", default="val")
+    p.add_argument("--val-data", action="append", metavar="SOURCE",
+                   help="read the validation split from these sources instead of --data (repeatable): e.g. seed "
+                   "families never trained on, so that the signal that picks best.pt, lowers the rate and stops the "
+                   "run measures what carries beyond the training families")
     p.add_argument("--hidden", type=int, default=64, help="hidden channels H (paper: 512)")
     p.add_argument("--layers", type=int, default=4, help="layers L (paper: 4)")
     p.add_argument("--exclude-family", action="append", metavar="FAMILY",

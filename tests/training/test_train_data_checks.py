@@ -280,3 +280,22 @@ def test_train_cli_val_minima_adds_twins_to_the_validation_split_and_logs_their_
     assert "already relaxed within 3 %" in capsys.readouterr().err
     history = torch.load(tmp_path / "r" / "last.pt", weights_only=True)["state"]["history"]
     assert 0 <= history[-1]["val_minima_within_3pct"] <= 1
+
+
+def test_train_cli_val_data_validates_on_other_sources(tmp_path, capsys):
+    """--val-data: the validation split comes from those sources (families never trained on), the
+    training split still from --data."""
+    from e3relax_fast.cli import main
+    from e3relax_fast.io import write_extxyz_pairs
+
+    write_extxyz_pairs(denoising_pairs(8, 0), tmp_path / "d", "train")
+    write_extxyz_pairs(denoising_pairs(2, 1), tmp_path / "d", "val")
+    write_extxyz_pairs(denoising_pairs(3, 2), tmp_path / "other", "val")
+    common = ["train", "--data", str(tmp_path / "d"), "--hidden", "8", "--layers", "2", "--batch-size", "4",
+              "--steps-per-epoch", "1", "--max-steps", "1", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "r"), "--val-data", str(tmp_path / "other")]) == 0
+    assert len(torch.load(tmp_path / "r" / "graphs" / "val.pt", weights_only=True)["items"]) == 3
+    assert len(torch.load(tmp_path / "r" / "graphs" / "train.pt", weights_only=True)["items"]) == 8
+    assert main([*common, "--out", str(tmp_path / "m"), "--val-data", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing" in err and "Traceback" not in err
