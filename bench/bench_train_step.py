@@ -17,12 +17,12 @@ The variants, each one change from the one before, all on the same batches:
 * ``package`` — the package as it is: also the atom–atom message op's fused CPU backend with its fused
   backward (``backend="auto"``: ``csrc/message_passing_backward_cpu.cpp``; the lattice op stays the
   reference's under autograd);
-* ``package, bond strain`` — the same step of the model with the bond strain (``cell_virial``, v6's
-  recipe: ``model/virial.py``, pure PyTorch): what that term costs.
+* ``package, bond strain`` — the same step of the model with the bond strain (``cell_virial``, the
+  model card's recipes A and A2, not shipped: ``model/virial.py``, pure PyTorch): what that term costs.
 
 A step is what ``train`` does per optimiser step (``training.train._optimizer_step``: forward, the
 layer-wise loss in the canonical-frame gauge, backward, clipping, AdamW + AMSGrad, EMA) with the
-v5 recipe's model (H = 64, L = 4, ``cell_transport``, ``cell_strain``; the last variant adds v6's
+shipped (v5) recipe's model (H = 64, L = 4, ``cell_transport``, ``cell_strain``; the last variant adds
 ``cell_virial``) and batch size (16), on
 the first training pairs of ``data/chgnet_v13sym``; each provider has its own copy of the model and optimiser,
 started from the same seed, and steps through the same batches.

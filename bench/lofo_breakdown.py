@@ -81,10 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--worst", type=int, default=10, help="element sets listed (default 10)")
     args = ap.parse_args(argv)
     from e3relax_fast import load_pretrained
-    from e3relax_fast.io import read_pairs
+    from e3relax_fast.io import SPLITS, read_pairs
     from e3relax_fast.training import evaluate
 
-    pairs = [p for split in ("train", "val", "test") for p in read_pairs(args.data, split) if p.family == args.family]
+    pairs = [p for split in SPLITS for p in read_pairs(args.data, split) if p.family == args.family]
     if not pairs:
         raise SystemExit(f"no pairs of family {args.family!r} in {', '.join(args.data)}")
     result = evaluate(load_pretrained(args.checkpoint), pairs, match=False)

@@ -252,7 +252,8 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--val-data", action="append", metavar="SOURCE",
                    help="read the validation split from these sources instead of --data (repeatable): e.g. seed "
                    "families never trained on, so that the signal that picks best.pt, lowers the rate and stops the "
-                   "run measures what carries beyond the training families")
+                   "run measures what carries beyond the training families (those pairs then took part in model "
+                   "selection: score such a family held out on other pairs)")
     p.add_argument("--hidden", type=int, default=64, help="hidden channels H (paper: 512)")
     p.add_argument("--layers", type=int, default=4, help="layers L (paper: 4)")
     p.add_argument("--exclude-family", action="append", metavar="FAMILY",
