@@ -220,6 +220,8 @@ def run_train(args: argparse.Namespace) -> int:
                 pairs = with_minima(measured, args.minima, seed=args.seed)
             if split == args.train_split and args.perturbed:
                 pairs = pairs + perturbed_twins(measured, args.perturbed, seed=args.seed)
+            if split == args.train_split and args.anchors:
+                pairs = pairs + _anchor_pairs(args)
             if split == args.val_split and args.val_minima:
                 pairs = with_minima(pairs, args.val_minima, seed=args.seed)
             datasets[split] = PairDataset(pairs, cache=cache / f"{split}.pt", frame=args.frame)
@@ -233,6 +235,17 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"trained {summary['step']} steps, {summary['epoch']} pseudo-epochs; "
           f"best validation |dp| {summary['best_val_mae']:.4f} A; checkpoints in {args.out}")
     return 0
+
+
+def _anchor_pairs(args: argparse.Namespace) -> list:
+    """``train --anchors``: the relaxed structures of those sources' training pairs, each as input and
+    target (:func:`~e3relax_fast.training.dataset.minimum_pair`), families left out by
+    ``--exclude-family`` left out here too."""
+    from .io import read_pairs
+    from .training.dataset import minimum_pair
+
+    return [minimum_pair(p) for p in read_pairs(args.anchors, args.train_split, args.target_rotation)
+            if p.family not in (args.exclude_family or ())]
 
 
 def add_train_parser(subparsers) -> None:
@@ -266,6 +279,10 @@ def add_train_parser(subparsers) -> None:
                    help="add perturbed twins to the training split: for this fraction of its pairs (chosen with "
                    "--seed), the relaxed structure strained and rattled as the rattle protocol does as input, the "
                    "relaxed structure as target (default 0: none)")
+    p.add_argument("--anchors", action="append", metavar="SOURCE",
+                   help="add these sources' relaxed structures to the training split, each as input and target, "
+                   "without their pairs (repeatable): crystals of other chemistry that teach staying put and no "
+                   "source's changes; --exclude-family applies to them too")
     p.add_argument("--val-minima", type=float, default=0.0, metavar="FRACTION",
                    help="the same for the validation split: its already-relaxed pairs join the validation signal "
                    "that picks best.pt and drives the schedule, and their share kept within 3 %% of the minimum's "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 from helpers import denoising_pairs
@@ -129,3 +130,34 @@ def test_folds_read_targets_as_lofo_does(tmp_path, monkeypatch, rotation):
             "--first-step", f"--data {data}", "--target-rotation", rotation]
     assert main(argv) == 2  # the stand-in trained nothing: scoring finds no checkpoint and says so
     assert seen == [rotation, rotation]
+
+
+def test_train_anchors_add_other_sources_relaxed_structures_as_inputs_and_targets(tmp_path):
+    """--anchors: another source's relaxed structures join the training split as input = target (its
+    pairs do not), and --exclude-family leaves that family's anchors out too."""
+    import argparse
+
+    from e3relax_fast.cli import _anchor_pairs
+    from e3relax_fast.io import read_pairs, write_extxyz_pairs
+
+    anchors, data = tmp_path / "anchors", tmp_path / "d"
+    _dataset(anchors)  # 12 training pairs: 6 perov, 6 oqmd
+    write_extxyz_pairs(denoising_pairs(8, 3), data, "train")
+    write_extxyz_pairs(denoising_pairs(2, 4), data, "val")
+    args = argparse.Namespace(anchors=[str(anchors)], train_split="train", target_rotation="remove",
+                              exclude_family=["oqmd"])
+    added = _anchor_pairs(args)
+    sources = {p.id: p for p in read_pairs([str(anchors)], "train")}
+    assert len(added) == 6 and {p.family for p in added} == {"perov"} and {p.protocol for p in added} == {"minimum"}
+    for pair in added:
+        source = sources[pair.id.removesuffix(":min")]
+        assert np.array_equal(pair.pos_unrelaxed, source.pos_relaxed) and np.array_equal(pair.pos_relaxed,
+                                                                                          source.pos_relaxed)
+        assert np.array_equal(pair.cell_unrelaxed, source.cell_relaxed)
+    options = ["--hidden", "8", "--layers", "2", "--batch-size", "4", "--steps-per-epoch", "1", "--max-steps", "1",
+               "--quiet", "--anchors", str(anchors)]
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "r"), *options]) == 0
+    assert len(torch.load(tmp_path / "r" / "graphs" / "train.pt", weights_only=True)["items"]) == 8 + 12
+    assert len(torch.load(tmp_path / "r" / "graphs" / "val.pt", weights_only=True)["items"]) == 2  # val untouched
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "x"), *options, "--exclude-family", "oqmd"]) == 0
+    assert len(torch.load(tmp_path / "x" / "graphs" / "train.pt", weights_only=True)["items"]) == 8 + 6
