@@ -20,19 +20,19 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def relaxed_examples(fmax: float = 0.01) -> dict:
-    """``{name: ASE Atoms}``: each example crystal at CHGNet's minimum, its space group kept."""
+def chgnet_minima(crystals: dict, fmax: float = 0.01) -> dict:
+    """``{name: ASE Atoms}``: each crystal relaxed with CHGNet (FIRE on a ``FrechetCellFilter``, its
+    space group kept by ``FixSymmetry``, at most 2,000 steps), atoms in the input's order."""
     from ase.constraints import FixSymmetry
     from ase.filters import FrechetCellFilter
-    from ase.io import read
     from ase.optimize import FIRE
     from chgnet.model import CHGNet
     from chgnet.model.dynamics import CHGNetCalculator
 
     calculator = CHGNetCalculator(CHGNet.load(verbose=False), use_device="cpu")
     out = {}
-    for path in sorted(EXAMPLES.glob("*.cif")):
-        atoms = read(path)
+    for name, crystal in crystals.items():
+        atoms = crystal.copy()
         atoms.calc = calculator
         atoms.set_constraint(FixSymmetry(atoms))
         with warnings.catch_warnings():
@@ -40,8 +40,15 @@ def relaxed_examples(fmax: float = 0.01) -> dict:
             FIRE(FrechetCellFilter(atoms), logfile=None).run(fmax=fmax, steps=2000)
         atoms.set_constraint()
         atoms.calc = None
-        out[path.stem] = atoms
+        out[name] = atoms
     return out
+
+
+def relaxed_examples(fmax: float = 0.01) -> dict:
+    """``{name: ASE Atoms}``: each example crystal at CHGNet's minimum, its space group kept."""
+    from ase.io import read
+
+    return chgnet_minima({path.stem: read(path) for path in sorted(EXAMPLES.glob("*.cif"))}, fmax)
 
 
 def main(argv: list[str] | None = None) -> None:
