@@ -240,12 +240,16 @@ def run_train(args: argparse.Namespace) -> int:
 def _anchor_pairs(args: argparse.Namespace) -> list:
     """``train --anchors``: the relaxed structures of those sources' training pairs, each as input and
     target (:func:`~e3relax_fast.training.dataset.minimum_pair`), families left out by
-    ``--exclude-family`` left out here too."""
+    ``--exclude-family`` left out here too; with ``--anchor-strain A``, each also stretched (entries
+    within ±A, no displacement) as the input of a twin whose target is the relaxed structure."""
     from .io import read_pairs
-    from .training.dataset import minimum_pair
+    from .training.dataset import minimum_pair, perturbed_twins
 
-    return [minimum_pair(p) for p in read_pairs(args.anchors, args.train_split, args.target_rotation)
-            if p.family not in (args.exclude_family or ())]
+    sources = [p for p in read_pairs(args.anchors, args.train_split, args.target_rotation)
+               if p.family not in (args.exclude_family or ())]
+    strained = perturbed_twins(sources, 1.0, seed=args.seed, strain=args.anchor_strain, sigma=0.0) \
+        if args.anchor_strain else []
+    return [minimum_pair(p) for p in sources] + strained
 
 
 def add_train_parser(subparsers) -> None:
@@ -283,6 +287,11 @@ def add_train_parser(subparsers) -> None:
                    help="add these sources' relaxed structures to the training split, each as input and target, "
                    "without their pairs (repeatable): crystals of other chemistry that teach staying put and no "
                    "source's changes; --exclude-family applies to them too")
+    p.add_argument("--anchor-strain", type=float, default=0.0, metavar="AMPLITUDE",
+                   help="with --anchors: each anchor also stretched (a symmetric stretch with entries uniform in "
+                   "[-AMPLITUDE, AMPLITUDE], no displacement; drawn with --seed) as the input of a twin whose target "
+                   "is the relaxed structure, so that staying put is learned with the size that goes with it "
+                   "(default 0: none)")
     p.add_argument("--val-minima", type=float, default=0.0, metavar="FRACTION",
                    help="the same for the validation split: its already-relaxed pairs join the validation signal "
                    "that picks best.pt and drives the schedule, and their share kept within 3 %% of the minimum's "

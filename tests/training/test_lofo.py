@@ -145,7 +145,7 @@ def test_train_anchors_add_other_sources_relaxed_structures_as_inputs_and_target
     write_extxyz_pairs(denoising_pairs(8, 3), data, "train")
     write_extxyz_pairs(denoising_pairs(2, 4), data, "val")
     args = argparse.Namespace(anchors=[str(anchors)], train_split="train", target_rotation="remove",
-                              exclude_family=["oqmd"])
+                              exclude_family=["oqmd"], anchor_strain=0.0, seed=0)
     added = _anchor_pairs(args)
     sources = {p.id: p for p in read_pairs([str(anchors)], "train")}
     assert len(added) == 6 and {p.family for p in added} == {"perov"} and {p.protocol for p in added} == {"minimum"}
@@ -161,3 +161,16 @@ def test_train_anchors_add_other_sources_relaxed_structures_as_inputs_and_target
     assert len(torch.load(tmp_path / "r" / "graphs" / "val.pt", weights_only=True)["items"]) == 2  # val untouched
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "x"), *options, "--exclude-family", "oqmd"]) == 0
     assert len(torch.load(tmp_path / "x" / "graphs" / "train.pt", weights_only=True)["items"]) == 8 + 6
+    # --anchor-strain: each anchor also stretched, no displacement, its relaxed structure the target.
+    args.anchor_strain = 0.1
+    strained = _anchor_pairs(args)[6:]
+    assert len(strained) == 6 and {p.protocol for p in strained} == {"perturbed"}
+    for pair in strained:
+        source = sources[pair.id.removesuffix(":perturbed")]
+        stretch = np.linalg.solve(source.cell_relaxed, pair.cell_unrelaxed)
+        np.testing.assert_allclose(stretch, stretch.T, atol=1e-12)
+        assert 0 < np.abs(stretch - np.eye(3)).max() <= 0.1
+        np.testing.assert_allclose(pair.pos_unrelaxed, source.pos_relaxed @ stretch, atol=1e-12)  # no rattle
+        assert np.array_equal(pair.cell_relaxed, source.cell_relaxed)
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "s"), *options, "--anchor-strain", "0.05"]) == 0
+    assert len(torch.load(tmp_path / "s" / "graphs" / "train.pt", weights_only=True)["items"]) == 8 + 12 + 12
