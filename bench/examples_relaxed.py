@@ -51,12 +51,17 @@ def relaxed_examples(fmax: float = 0.01) -> dict:
     return chgnet_minima({path.stem: read(path) for path in sorted(EXAMPLES.glob("*.cif"))}, fmax)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.examples_relaxed", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def checkpoints_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The command line of a bench that compares models: ``--checkpoint`` (repeatable; default: the
+    shipped model)."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", action="append", help="bundled name or checkpoint path (repeatable; "
                     "default: the shipped model)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = checkpoints_parser("python -m bench.examples_relaxed", __doc__).parse_args(argv)
     from e3relax_fast import load_pretrained, relax_batch
 
     names = args.checkpoint or ["default"]

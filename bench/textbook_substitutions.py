@@ -17,8 +17,6 @@ change, then each model's), and each model's coordinate MAE and volume error aga
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
 #: name -> (ASE ``bulk`` arguments of the host, {host element: substitute})
@@ -55,12 +53,9 @@ def substituted(host: tuple, mapping: dict):
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.textbook_substitutions", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", action="append", help="bundled name or checkpoint path (repeatable; "
-                    "default: the shipped model)")
-    args = ap.parse_args(argv)
-    from bench.examples_relaxed import chgnet_minima
+    from bench.examples_relaxed import checkpoints_parser, chgnet_minima
+
+    args = checkpoints_parser("python -m bench.textbook_substitutions", __doc__).parse_args(argv)
     from e3relax_fast import load_pretrained
     from e3relax_fast.io import Pair
     from e3relax_fast.io.structures import to_arrays
