@@ -192,6 +192,10 @@ def run_train(args: argparse.Namespace) -> int:
         with_minima,
     )
 
+    if args.anchor_strain and not args.anchors:
+        return _die("--anchor-strain stretches the anchors: give --anchors too")
+    if not 0 <= args.anchor_strain < 1:
+        return _die(f"--anchor-strain is a stretch amplitude in [0, 1), got {args.anchor_strain}")
     init_distributed()
     device = args.device
     if device == "cuda" and "LOCAL_RANK" in os.environ:

@@ -132,7 +132,7 @@ def test_folds_read_targets_as_lofo_does(tmp_path, monkeypatch, rotation):
     assert seen == [rotation, rotation]
 
 
-def test_train_anchors_add_other_sources_relaxed_structures_as_inputs_and_targets(tmp_path):
+def test_train_anchors_add_other_sources_relaxed_structures_as_inputs_and_targets(tmp_path, capsys):
     """--anchors: another source's relaxed structures join the training split as input = target (its
     pairs do not), and --exclude-family leaves that family's anchors out too."""
     import argparse
@@ -174,3 +174,8 @@ def test_train_anchors_add_other_sources_relaxed_structures_as_inputs_and_target
         assert np.array_equal(pair.cell_relaxed, source.cell_relaxed)
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "s"), *options, "--anchor-strain", "0.05"]) == 0
     assert len(torch.load(tmp_path / "s" / "graphs" / "train.pt", weights_only=True)["items"]) == 8 + 12 + 12
+    for bad, message in ((["--anchor-strain", "0.05"], "give --anchors too"),
+                         (["--anchors", str(anchors), "--anchor-strain", "-0.1"], "in [0, 1)")):
+        assert main(["train", "--data", str(data), "--out", str(tmp_path / "bad"), *options[:-2], *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err
