@@ -180,7 +180,6 @@ def _add_data_argument(p: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     import os
 
-    from .io import read_pairs
     from .training import (
         PairDataset,
         TrainConfig,
@@ -216,9 +215,8 @@ def run_train(args: argparse.Namespace) -> int:
         for split in (args.train_split, args.val_split):
             # Every --data source contributes its split. Graphs are built once and cached beside the
             # run (keyed by content), so reruns and resumes reuse them.
-            sources = args.val_data if split == args.val_split and args.val_data else args.data
-            pairs = [p for p in read_pairs(sources, split, args.target_rotation)
-                     if p.family not in (args.exclude_family or ())]
+            pairs = _split_pairs(args, args.val_data if split == args.val_split and args.val_data else args.data,
+                                 split)
             measured = pairs
             if split == args.train_split and args.minima:
                 pairs = with_minima(measured, args.minima, seed=args.seed)
@@ -241,16 +239,22 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_pairs(args: argparse.Namespace, sources: list[str], split: str) -> list:
+    """``train``'s pairs of ``split`` in ``sources``, read with ``--target-rotation``, without the
+    families of ``--exclude-family``."""
+    from .io import read_pairs
+
+    return [p for p in read_pairs(sources, split, args.target_rotation) if p.family not in (args.exclude_family or ())]
+
+
 def _anchor_pairs(args: argparse.Namespace) -> list:
     """``train --anchors``: the relaxed structures of those sources' training pairs, each as input and
     target (:func:`~e3relax_fast.training.dataset.minimum_pair`), families left out by
     ``--exclude-family`` left out here too; with ``--anchor-strain A``, each also stretched (entries
     within ±A, no displacement) as the input of a twin whose target is the relaxed structure."""
-    from .io import read_pairs
     from .training.dataset import minimum_pair, perturbed_twins
 
-    sources = [p for p in read_pairs(args.anchors, args.train_split, args.target_rotation)
-               if p.family not in (args.exclude_family or ())]
+    sources = _split_pairs(args, args.anchors, args.train_split)
     strained = perturbed_twins(sources, 1.0, seed=args.seed, strain=args.anchor_strain, sigma=0.0) \
         if args.anchor_strain else []
     return [minimum_pair(p) for p in sources] + strained
