@@ -10,6 +10,11 @@ exact compounds are not.
 
     python -m bench.textbook_substitutions                      # the shipped model
     python -m bench.textbook_substitutions --checkpoint runs/X/best.pt --checkpoint default
+    python -m bench.textbook_substitutions --seen-in data/chgnet_v13sym --seen-in data/chgnet_v6  # no model
+
+``--seen-in FOLDER`` (repeatable) adds how many training pairs of those folders have each case's
+compound in its host's space group as their relaxed structure (the same compound met in training
+makes the case an in-family one).
 
 Needs the ``datagen`` extra (CHGNet). Prints a Markdown table: one row per case (the target's volume
 change, then each model's), and each model's coordinate MAE and volume error against Dummy's.
@@ -52,16 +57,56 @@ def substituted(host: tuple, mapping: dict):
     return atoms
 
 
+def _compound(numbers) -> tuple:
+    """A compound's element ratios: its sorted (element, count / gcd of the counts)."""
+    elements, counts = np.unique(numbers, return_counts=True)
+    return tuple(zip(elements.tolist(), (counts // np.gcd.reduce(counts)).tolist(), strict=True))
+
+
+def _space_group(numbers, positions, cell) -> int:
+    import spglib
+
+    dataset = spglib.get_symmetry_dataset((cell, np.linalg.solve(cell.T, positions.T).T, numbers), symprec=1e-3)
+    return int(dataset.number) if dataset is not None else 0
+
+
+def seen_in(pairs, inputs: dict) -> dict[str, int]:
+    """Per case (name -> its input ``ase.Atoms``): how many of ``pairs`` have the case's compound in the
+    input's space group as their relaxed structure."""
+    wanted = {name: (_compound(a.numbers), _space_group(a.numbers, a.positions, a.cell.array))
+              for name, a in inputs.items()}
+    seen = dict.fromkeys(inputs, 0)
+    for pair in pairs:
+        compound = _compound(pair.atomic_numbers)
+        for name, (want, group) in wanted.items():
+            if compound == want and _space_group(pair.atomic_numbers, pair.pos_relaxed, pair.cell_relaxed) == group:
+                seen[name] += 1
+    return seen
+
+
 def main(argv: list[str] | None = None) -> None:
     from bench.examples_relaxed import checkpoints_parser, chgnet_minima
 
-    args = checkpoints_parser("python -m bench.textbook_substitutions", __doc__).parse_args(argv)
+    parser = checkpoints_parser("python -m bench.textbook_substitutions", __doc__)
+    parser.add_argument("--seen-in", action="append", default=[], metavar="FOLDER",
+                        help="count each case's compound among this pair folder's training pairs (repeatable)")
+    args = parser.parse_args(argv)
+    inputs = {name: substituted(*case) for name, case in CASES.items()}
+    if args.seen_in:
+        from e3relax_fast.io import read_pairs
+
+        seen = seen_in(read_pairs(args.seen_in, "train"), inputs)
+        print(f"| case | training pairs of {', '.join(args.seen_in)} with its compound in its space group |")
+        print("|---|---|")
+        for name, count in seen.items():
+            print(f"| {name} | {count} |")
+        if not args.checkpoint:
+            return
     from e3relax_fast import load_pretrained
     from e3relax_fast.io import Pair
     from e3relax_fast.io.structures import to_arrays
     from e3relax_fast.training import evaluate
 
-    inputs = {name: substituted(*case) for name, case in CASES.items()}
     targets = chgnet_minima(inputs)
     pairs = [Pair(name, *to_arrays(inputs[name]), *to_arrays(targets[name])[1:]) for name in CASES]
     start = np.array([abs(np.linalg.det(p.cell_unrelaxed)) for p in pairs])

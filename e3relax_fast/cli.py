@@ -617,9 +617,11 @@ def add_datagen_parser(subparsers) -> None:
     p.add_argument("--max-atoms", type=int, default=40, help="skip seeds with more atoms (default 40; 0: none)")
     p.add_argument("--symprec", type=float, default=SYMPREC,
                    help=f"spglib tolerance in A for the space group symmetric protocols keep (default {SYMPREC})")
-    p.add_argument("--make-seeds", choices=("aflow", "pyxtal"),
+    p.add_argument("--make-seeds", choices=("aflow", "pyxtal", "simple"),
                    help="make seed crystals instead of pairs and write them to the extxyz file OUT: aflow (pymatgen's "
-                   "AFLOW prototypes, N charge-balanced decorations each) or pyxtal (N random symmetric crystals), "
+                   "AFLOW prototypes, N charge-balanced decorations each), simple (its 24 simple structure types "
+                   "alone: fcc, bcc, rock salt, perovskite, ...; N decorations each) or pyxtal (N random symmetric "
+                   "crystals), "
                    "each relaxed once with the space group kept (use --max-steps 500)")
     p.add_argument("--snapshot", metavar="DEST",
                    help="write OUT's pairs as DEST/<split>_{unrelaxed,relaxed}.extxyz.gz + index.csv + "

@@ -1,6 +1,7 @@
 """Seed crystals made here: AFLOW prototypes decorated with charge-balanced compositions, and random
 symmetric crystals (pyxtal), each relaxed once with the potential (space group kept) to become a
-seed of ``e3relax-fast datagen`` (families ``aflow`` and ``pyxtal``).
+seed of ``e3relax-fast datagen`` (families ``aflow`` and ``pyxtal``; a file whose name starts with
+``aflow`` belongs to the ``aflow`` family).
 
 - ``aflow``: the 288 prototypes that ship with pymatgen (``analysis/prototypes/aflow_prototypes.json.gz``),
   those of at most ``max_atoms`` atoms. Each element of a prototype is replaced by a new one,
@@ -10,6 +11,9 @@ seed of ``e3relax-fast datagen`` (families ``aflow`` and ``pyxtal``).
   less electronegative than every anion; prototypes with no guess (intermetallics) get metals, and
   elemental ones any element. The volume is pymatgen's DLS guess (covalent-radius³ scaling where
   it fails).
+- ``simple``: as ``aflow`` for the 24 simple structure types of :data:`SIMPLE_LABELS` alone (fcc, bcc,
+  rock salt, fluorite, perovskite, ...), from RNG streams of their own, with many draws each: these
+  teach each element's size in the structures most screening starts from.
 - ``pyxtal``: random crystals of a space group drawn uniformly from 2–230 with a charge-balanced
   composition of 1–3 elements (one anion for 2–3), at most ``max_atoms`` atoms in the
   conventional cell, stored as the primitive cell.
@@ -35,7 +39,19 @@ import numpy as np
 
 from .protocols import SYMPREC, _allowed, _radius_cubed_sum, dls_volume, keep_symmetry, seeded_rng
 
-KINDS = ("aflow", "pyxtal")
+KINDS = ("aflow", "pyxtal", "simple")
+
+#: The simple structure types of the AFLOW prototypes (``simple`` seeds): the elemental A1 (fcc), A2
+#: (bcc), A3 (hcp), A4 (diamond), A_h (simple cubic); the binary B1 (rock salt), B2 (CsCl), B3
+#: (zincblende), B4 (wurtzite), B_h (WC), B_k (BN), B8_1 (NiAs), L1_0, L1_2, A15, C1 (fluorite), C3
+#: (cuprite), C4 (rutile), C6, C15 (Laves), D0_3; the ternary E2_1 (cubic perovskite), C1_b
+#: (half-Heusler), L2_1 (Heusler). Most screening starts from one of these, and a one-shot model has to
+#: know how big each element is in them (a crystal written in another's cell: Ge in Si's, KCl in NaCl's).
+SIMPLE_LABELS = ("A_cF4_225_a", "A_cI2_229_a", "A_hP2_194_c", "A_cF8_227_a", "A_cP1_221_a", "AB_cF8_225_a_b",
+                 "AB_cP2_221_b_a", "AB_cF8_216_c_a", "AB_hP4_186_b_b", "AB_hP2_187_d_a", "AB_hP4_194_c_d",
+                 "AB_hP4_194_c_a", "AB_tP2_123_a_d", "AB3_cP4_221_a_c", "A3B_cP8_223_c_a", "AB2_cF12_225_a_c",
+                 "A2B_cP6_224_b_a", "A2B_tP6_136_f_a", "AB2_hP3_164_a_d", "A2B_cF24_227_d_a", "AB3_cF16_225_a_bc",
+                 "AB3C_cP5_221_a_c_b", "ABC_cF12_216_b_c_a", "AB2C_cF16_225_a_c_b")
 
 
 def _oxidation_states() -> dict[int, tuple[int, ...]]:
@@ -86,9 +102,11 @@ class _Chemistry:
 # --- AFLOW prototypes ----------------------------------------------------------------------------
 
 
-def aflow_candidates(n_per_prototype: int = 2, seed: int = 0, max_atoms: int = 40, labels=None) -> list:
+def aflow_candidates(n_per_prototype: int = 2, seed: int = 0, max_atoms: int = 40, labels=None,
+                     stream: str = "aflow") -> list:
     """Unrelaxed decorated prototypes (``ase.Atoms`` with ``info``), ``n_per_prototype`` draws each
-    (of the prototypes with AFLOW labels in ``labels`` only, when given)."""
+    (of the prototypes with AFLOW labels in ``labels`` only, when given), drawn from the RNG streams
+    named ``stream``; a decoration drawn twice for one prototype is kept once."""
     import gzip
     import json
     from importlib.resources import files
@@ -101,7 +119,7 @@ def aflow_candidates(n_per_prototype: int = 2, seed: int = 0, max_atoms: int = 4
     # objects of all of it with monty (10 s), Structure.from_dict takes 0.1 s.
     with gzip.open(files("pymatgen") / "analysis" / "prototypes" / "aflow_prototypes.json.gz") as fh:
         entries = json.load(fh)
-    out = []
+    out, seen = [], set()
     for entry in entries:
         structure, label = Structure.from_dict(entry["snl"]), entry["tags"]["aflow"]
         formula = structure.composition.reduced_formula  # labels repeat (FeS2 and CaCl2 share one)
@@ -113,7 +131,7 @@ def aflow_candidates(n_per_prototype: int = 2, seed: int = 0, max_atoms: int = 4
         anion = [guesses[0][el.symbol] < 0 for el in map(_element, species)] if guesses else None
         numbers = np.array([site.specie.Z for site in structure])
         for draw in range(n_per_prototype):
-            rng = seeded_rng(seed, "aflow", label, formula, draw)
+            rng = seeded_rng(seed, stream, label, formula, draw)
             if len(species) == 1:
                 picks = [int(rng.choice(chem.elements))]
             elif anion is None:  # an intermetallic prototype: metals, no charge balance
@@ -122,6 +140,9 @@ def aflow_candidates(n_per_prototype: int = 2, seed: int = 0, max_atoms: int = 4
                 picks = chem.draw_ionic(counts, anion, rng)
                 if picks is None:
                     continue
+            if (label, formula, tuple(picks)) in seen:
+                continue
+            seen.add((label, formula, tuple(picks)))
             mapping = dict(zip(species, picks, strict=True))
             atoms = Atoms(numbers=[mapping[int(z)] for z in numbers], positions=structure.cart_coords,
                           cell=structure.lattice.matrix, pbc=True)
@@ -129,7 +150,7 @@ def aflow_candidates(n_per_prototype: int = 2, seed: int = 0, max_atoms: int = 4
             atoms.info.update({"material_id": f"{label}-{formula}-{draw}", "prototype": label,
                                "mineral": entry["tags"].get("mineral") or "",
                                "provenance": f"pymatgen AFLOW prototype {label} ({formula}) decorated "
-                                             f"(draw {draw}, seed {seed})"})
+                                             f"(draw {draw}, seed {seed}{'' if stream == 'aflow' else ', ' + stream})"})
             out.append(atoms)
     return out
 
@@ -238,6 +259,8 @@ def make_seeds(kind: str, out: str | Path, n: int, seed: int = 0, calculator: st
 
     if kind == "aflow":
         candidates = aflow_candidates(n, seed, max_atoms)
+    elif kind == "simple":
+        candidates = aflow_candidates(n, seed, max_atoms, labels=SIMPLE_LABELS, stream="simple")
     elif kind == "pyxtal":
         candidates = pyxtal_candidates(n, seed, max_atoms)
     else:

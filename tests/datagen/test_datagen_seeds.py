@@ -42,6 +42,25 @@ def test_aflow_decorations_are_charge_balanced_and_keep_the_prototype():
             assert all(z in chem.metals for z in species)
 
 
+def test_simple_seeds_draw_many_distinct_decorations_of_the_simple_types_only():
+    from e3relax_fast.datagen.prepare import SIMPLE_LABELS, aflow_candidates
+
+    made = aflow_candidates(12, seed=0, labels=SIMPLE_LABELS[:5], stream="simple")  # the five elemental types
+    assert {a.info["prototype"] for a in made} == set(SIMPLE_LABELS[:5])
+    for label in SIMPLE_LABELS[:5]:
+        elements = [int(a.numbers[0]) for a in made if a.info["prototype"] == label]
+        assert 6 <= len(elements) <= 12 and len(set(elements)) == len(elements)  # repeats of a draw kept once
+    assert "simple" in made[0].info["provenance"]
+    # Streams of their own: not the aflow kind's two decorations again.
+    aflow = {(a.info["prototype"], a.get_chemical_formula()) for a in aflow_candidates(2, seed=0, labels=SIMPLE_LABELS)}
+    simple = {(a.info["prototype"], a.get_chemical_formula()) for a in aflow_candidates(2, seed=0, labels=SIMPLE_LABELS,
+                                                                                        stream="simple")}
+    assert len(aflow & simple) < len(simple) / 4
+    # Every label names a prototype pymatgen ships.
+    assert {a.info["prototype"] for a in aflow_candidates(1, seed=0, labels=SIMPLE_LABELS, stream="simple")} == set(
+        SIMPLE_LABELS)
+
+
 def test_pyxtal_candidates_are_deterministic_and_small():
     pytest.importorskip("pyxtal")
     from e3relax_fast.datagen.prepare import pyxtal_candidates
