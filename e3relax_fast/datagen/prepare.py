@@ -103,10 +103,11 @@ class _Chemistry:
 
 
 def aflow_candidates(n_per_prototype: int = 2, seed: int = 0, max_atoms: int = 40, labels=None,
-                     stream: str = "aflow") -> list:
+                     stream: str = "aflow", distinct: bool = False) -> list:
     """Unrelaxed decorated prototypes (``ase.Atoms`` with ``info``), ``n_per_prototype`` draws each
     (of the prototypes with AFLOW labels in ``labels`` only, when given), drawn from the RNG streams
-    named ``stream``; a decoration drawn twice for one prototype is kept once."""
+    named ``stream``; with ``distinct``, a decoration drawn twice for one prototype is kept once
+    (off for the ``aflow`` kind, whose committed seed file was made with its one repeat)."""
     import gzip
     import json
     from importlib.resources import files
@@ -140,7 +141,7 @@ def aflow_candidates(n_per_prototype: int = 2, seed: int = 0, max_atoms: int = 4
                 picks = chem.draw_ionic(counts, anion, rng)
                 if picks is None:
                     continue
-            if (label, formula, tuple(picks)) in seen:
+            if distinct and (label, formula, tuple(picks)) in seen:
                 continue
             seen.add((label, formula, tuple(picks)))
             mapping = dict(zip(species, picks, strict=True))
@@ -260,7 +261,7 @@ def make_seeds(kind: str, out: str | Path, n: int, seed: int = 0, calculator: st
     if kind == "aflow":
         candidates = aflow_candidates(n, seed, max_atoms)
     elif kind == "simple":
-        candidates = aflow_candidates(n, seed, max_atoms, labels=SIMPLE_LABELS, stream="simple")
+        candidates = aflow_candidates(n, seed, max_atoms, labels=SIMPLE_LABELS, stream="simple", distinct=True)
     elif kind == "pyxtal":
         candidates = pyxtal_candidates(n, seed, max_atoms)
     else:

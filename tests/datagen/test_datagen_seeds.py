@@ -45,7 +45,7 @@ def test_aflow_decorations_are_charge_balanced_and_keep_the_prototype():
 def test_simple_seeds_draw_many_distinct_decorations_of_the_simple_types_only():
     from e3relax_fast.datagen.prepare import SIMPLE_LABELS, aflow_candidates
 
-    made = aflow_candidates(12, seed=0, labels=SIMPLE_LABELS[:5], stream="simple")  # the five elemental types
+    made = aflow_candidates(12, seed=0, labels=SIMPLE_LABELS[:5], stream="simple", distinct=True)  # elemental types
     assert {a.info["prototype"] for a in made} == set(SIMPLE_LABELS[:5])
     for label in SIMPLE_LABELS[:5]:
         elements = [int(a.numbers[0]) for a in made if a.info["prototype"] == label]
@@ -54,11 +54,14 @@ def test_simple_seeds_draw_many_distinct_decorations_of_the_simple_types_only():
     # Streams of their own: not the aflow kind's two decorations again.
     aflow = {(a.info["prototype"], a.get_chemical_formula()) for a in aflow_candidates(2, seed=0, labels=SIMPLE_LABELS)}
     simple = {(a.info["prototype"], a.get_chemical_formula()) for a in aflow_candidates(2, seed=0, labels=SIMPLE_LABELS,
-                                                                                        stream="simple")}
+                                                                                        stream="simple", distinct=True)}
     assert len(aflow & simple) < len(simple) / 4
     # Every label names a prototype pymatgen ships.
     assert {a.info["prototype"] for a in aflow_candidates(1, seed=0, labels=SIMPLE_LABELS, stream="simple")} == set(
         SIMPLE_LABELS)
+    # Without distinct (the aflow kind's committed behaviour) a repeated draw stays.
+    repeated = aflow_candidates(12, seed=0, labels=SIMPLE_LABELS[:5], stream="simple")
+    assert len(repeated) == 60 and len(repeated) > len(made)
 
 
 def test_pyxtal_candidates_are_deterministic_and_small():
