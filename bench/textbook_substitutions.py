@@ -78,9 +78,12 @@ def seen_in(pairs, inputs: dict) -> dict[str, int]:
     seen = dict.fromkeys(inputs, 0)
     for pair in pairs:
         compound = _compound(pair.atomic_numbers)
-        for name, (want, group) in wanted.items():
-            if compound == want and _space_group(pair.atomic_numbers, pair.pos_relaxed, pair.cell_relaxed) == group:
-                seen[name] += 1
+        cases = [name for name, (want, _) in wanted.items() if want == compound]
+        if not cases:  # spglib only for the few pairs of a case's compound
+            continue
+        group = _space_group(pair.atomic_numbers, pair.pos_relaxed, pair.cell_relaxed)
+        for name in cases:
+            seen[name] += group == wanted[name][1]
     return seen
 
 

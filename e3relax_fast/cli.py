@@ -621,8 +621,7 @@ def add_datagen_parser(subparsers) -> None:
                    help="make seed crystals instead of pairs and write them to the extxyz file OUT: aflow (pymatgen's "
                    "AFLOW prototypes, N charge-balanced decorations each), simple (its 24 simple structure types "
                    "alone: fcc, bcc, rock salt, perovskite, ...; N decorations each) or pyxtal (N random symmetric "
-                   "crystals), "
-                   "each relaxed once with the space group kept (use --max-steps 500)")
+                   "crystals), each relaxed once with the space group kept (use --max-steps 500)")
     p.add_argument("--snapshot", metavar="DEST",
                    help="write OUT's pairs as DEST/<split>_{unrelaxed,relaxed}.extxyz.gz + index.csv + "
                    "provenance.json (family, protocol per pair) and exit")
