@@ -18,7 +18,9 @@ The variants, each one change from the one before, all on the same batches:
   backward (``backend="auto"``: ``csrc/message_passing_backward_cpu.cpp``; the lattice op stays the
   reference's under autograd);
 * ``package, bond strain`` — the same step of the model with the bond strain (``cell_virial``, the
-  model card's recipes A and A2, not shipped: ``model/virial.py``, pure PyTorch): what that term costs.
+  model card's recipes A and A2, not shipped: ``model/virial.py``, pure PyTorch): what that term costs;
+* ``package, both bond strains`` — also the relative-length bond strain (``bond_radii``,
+  ``model/bond_radii.py``, pure PyTorch).
 
 A step is what ``train`` does per optimiser step (``training.train._optimizer_step``: forward, the
 layer-wise loss in the canonical-frame gauge, backward, clipping, AdamW + AMSGrad, EMA) with the
@@ -82,13 +84,16 @@ def undone(subnormal: bool, window: bool, fused: bool):
         train._ema_update = saved[1]
 
 
-VARIANTS = {  # name: (subnormal, window, fused optimiser, fused message op, bond strain), one change at a time
-    "subnormal, whole basis, loop": (True, False, False, False, False),
-    "flushed, whole basis, loop": (False, False, False, False, False),
-    "flushed, window, loop": (False, True, False, False, False),
-    "fused AdamW + EMA": (False, True, True, False, False),
-    "package": (False, True, True, True, False),
-    "package, bond strain": (False, True, True, True, True),
+#: name: (subnormal, window, fused optimiser, fused message op, bond strains), one change at a time; bond
+#: strains: 0 none, 1 the virial one (cell_virial), 2 that and the relative-length one (bond_radii).
+VARIANTS = {
+    "subnormal, whole basis, loop": (True, False, False, False, 0),
+    "flushed, whole basis, loop": (False, False, False, False, 0),
+    "flushed, window, loop": (False, True, False, False, 0),
+    "fused AdamW + EMA": (False, True, True, False, 0),
+    "package": (False, True, True, True, 0),
+    "package, bond strain": (False, True, True, True, 1),
+    "package, both bond strains": (False, True, True, True, 2),
 }
 
 
@@ -106,12 +111,12 @@ def run(batches: int, repeats: int, info: dict) -> str:
     config = TrainConfig(model={"hidden_channels": 64, "num_layers": 4, "cell_transport": True, "cell_strain": True},
                          lr=5e-4, batch_size=BATCH)
     initial = {}
-    for virial in (False, True):  # the same seed: the bond strain's layers are the only difference
+    for strains in (0, 1, 2):  # the same seed: the bond strains' layers are the only difference
         torch.manual_seed(config.seed)
-        initial[virial] = E3Relax(**config.model, cell_virial=virial)
+        initial[strains] = E3Relax(**config.model, cell_virial=strains >= 1, bond_radii=strains == 2)
 
-    def provider(subnormal: bool, window: bool, fused: bool, fused_op: bool, virial: bool):
-        model = copy.deepcopy(initial[virial])
+    def provider(subnormal: bool, window: bool, fused: bool, fused_op: bool, strains: int):
+        model = copy.deepcopy(initial[strains])
         model.backend = "auto" if fused_op else "reference"
         ema = copy.deepcopy(model).requires_grad_(False)
         optimizer = make_optimizer(model, config, "cpu") if fused else torch.optim.AdamW(

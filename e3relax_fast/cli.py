@@ -193,6 +193,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.anchor_strain and not args.anchors:
         return _die("--anchor-strain stretches the anchors: give --anchors too")
+    if args.bond_forces and not args.bond_radii:
+        return _die("--bond-forces moves the atoms along the relative-length bonds: give --bond-radii too")
     if not 0 <= args.anchor_strain < 1:
         return _die(f"--anchor-strain is a stretch amplitude in [0, 1), got {args.anchor_strain}")
     init_distributed()
@@ -203,7 +205,8 @@ def run_train(args: argparse.Namespace) -> int:
         model={"hidden_channels": args.hidden, "num_layers": args.layers, "cell_transport": args.cell_transport,
                "element_features": args.element_features, "cell_strain": args.cell_strain, "cell_mix": args.cell_mix,
                "backend": args.backend, "edge_cutoff": args.edge_cutoff, "volume_prior": args.volume_prior,
-               "cell_virial": args.cell_virial},
+               "cell_virial": args.cell_virial, "bond_radii": args.bond_radii,
+               "bond_forces": args.bond_forces},
         lr=args.lr, lr_schedule=args.lr_schedule, batch_size=args.batch_size, steps_per_epoch=args.steps_per_epoch,
         max_epochs=args.max_epochs, loss=args.loss, cell_weight=args.cell_weight, prior_weight=args.prior_weight,
         seed=args.seed, dtype=args.dtype,
@@ -356,6 +359,14 @@ def _add_architecture_options(p) -> None:
                    help="add to the cell's update a strain from the bonds, shaped like the virial stress "
                    "(E3Relax(cell_virial=True)): which direction of the cell is too long, read from the bonds "
                    "along it; --init may name a checkpoint without it")
+    p.add_argument("--bond-radii", action="store_true",
+                   help="add to the cell's update a strain from the bonds' lengths relative to their atoms' radii "
+                   "(covalent radii times a learned factor; E3Relax(bond_radii=True)): a bond too short for its "
+                   "elements reads alike for every element; --init may name a checkpoint without it")
+    p.add_argument("--bond-forces", action="store_true",
+                   help="with --bond-radii: each layer also moves each atom along its bonds by a learned function of "
+                   "their lengths relative to the radii (E3Relax(bond_forces=True)); --init may name a checkpoint "
+                   "without it")
     p.add_argument("--edge-cutoff", type=_positive_length, default=None, metavar="ANGSTROM",
                    help="radial basis cutoff of the atom-atom edges only (E3Relax(edge_cutoff=...); default: the "
                    "30 A basis of every distance): e.g. 6, the graph radius, for Gaussians 0.047 A apart")

@@ -367,8 +367,9 @@ def _atom_budget(model: nn.Module, device: torch.device, max_neighbors: int) -> 
     # Inference keeps about a dozen (E, H)-sized message tensors and the (E, R) basis alive at once
     # in the reference ops (the fused kernels need less), and a few dozen (N, H) atom features.
     per_edge = itemsize * (12 * hidden + 2 * rbf)
-    if getattr(model, "use_cell_virial", False):  # the bond strain's (E, W) bond features and (E, 3, 3) tensors
-        per_edge += itemsize * (6 * BOND_WIDTH + 9)
+    # The bond strains' (E, W) bond features and (E, 3, 3) tensors, each.
+    per_edge += itemsize * (6 * BOND_WIDTH + 9) * (getattr(model, "use_cell_virial", False)
+                                                  + getattr(model, "use_bond_radii", False))
     per_atom = (max_neighbors + 6) * per_edge + itemsize * 32 * hidden
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, min(DEFAULT_MAX_ATOMS_ACCELERATOR, int(MEMORY_FRACTION * free) // per_atom))

@@ -279,6 +279,8 @@ def test_infer_config_at_paper_size_shapes():
         "edge_cutoff": None,
         "volume_prior": False,
         "cell_virial": False,
+        "bond_radii": False,
+        "bond_forces": False,
     }
     state["cell_transport_marker"] = torch.ones(())
     assert infer_config(state)["cell_transport"] is True
@@ -292,6 +294,10 @@ def test_infer_config_at_paper_size_shapes():
     assert infer_config(state)["volume_prior"] is True
     state["cell_virial_layers.0.out.weight"] = torch.zeros(1, 32)
     assert infer_config(state)["cell_virial"] is True
+    state["bond_radii_layers.0.out.weight"] = torch.zeros(1, 32)
+    assert infer_config(state)["bond_radii"] is True
+    state["bond_radii_layers.0.force.weight"] = torch.zeros(1, 32)
+    assert infer_config(state)["bond_forces"] is True
 
 
 def test_inference_precisions():

@@ -110,6 +110,8 @@ def test_cuda_atom_budget_follows_free_memory(monkeypatch, model):
     # the bond strain's per-edge tensors count too: fewer atoms of a model with it fit
     with_virial = E3Relax(hidden_channels=512, num_layers=4, cell_virial=True)
     assert budget(with_virial, cuda, 50) < eight_gb
+    with_both = E3Relax(hidden_channels=512, num_layers=4, cell_virial=True, bond_radii=True)
+    assert budget(with_both, cuda, 50) < budget(with_virial, cuda, 50)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, int(80e9)))
     assert budget(paper, cuda, 50) == 1
 

@@ -18,6 +18,7 @@ from .. import ops
 from ..batch import Batch, graph_index_from_ptr
 from ..geometry import CUTOFF, MAX_NEIGHBORS, NUM_RBF, RADIUS, edge_vectors, lattice_vectors, safe_norm
 from ..reference.rbf import rbf_centres
+from .bond_radii import BondRadiiStrain
 from .layers import (
     AtomEmbedding,
     Context,
@@ -107,6 +108,14 @@ class E3Relax(nn.Module):
             is too long, from the bonds along it (default mode only). Rotation-equivariant, the same
             for every basis of the lattice; starts at zero, so a model grown from a checkpoint
             without it starts with its predictions.
+        bond_radii: add to each lattice vector's delta ``a_k ε``, ε a symmetric strain from the bonds'
+            lengths relative to their atoms' radii (tabulated covalent radii times a learned factor:
+            :mod:`e3relax_fast.model.bond_radii`), so that a bond too short for its elements reads
+            alike for every element (default mode only). Same symmetries as ``cell_virial``; starts
+            at zero.
+        bond_forces: with ``bond_radii``, each layer also moves each atom along its bonds by a learned
+            function of their relative lengths (a pair force read in the same units for every
+            element); starts at zero.
     """
 
     def __init__(
@@ -127,6 +136,8 @@ class E3Relax(nn.Module):
         edge_cutoff: float | None = None,
         volume_prior: bool = False,
         cell_virial: bool = False,
+        bond_radii: bool = False,
+        bond_forces: bool = False,
     ):
         super().__init__()
         h = hidden_channels
@@ -134,29 +145,14 @@ class E3Relax(nn.Module):
         self.cutoff, self.num_elements = cutoff, num_elements
         self.paper_compat, self.backend = paper_compat, backend
         self.radius, self.max_neighbors = radius, max_neighbors
-        if cell_transport and paper_compat:
-            raise ValueError("cell_transport is a default-mode option (the original has no such step)")
-        self.cell_transport = cell_transport
-        if element_features and paper_compat:
-            raise ValueError("element_features is a default-mode option (the original has no such input)")
-        self.use_element_features = element_features
-        if cell_strain and paper_compat:
-            raise ValueError("cell_strain is a default-mode option (the original's cell update has no such term)")
-        self.use_cell_strain = cell_strain
-        if cell_mix and paper_compat:
-            raise ValueError("cell_mix is a default-mode option (the original's cell update has no such term)")
-        self.use_cell_mix = cell_mix
-        if edge_cutoff is not None and paper_compat:
-            raise ValueError("edge_cutoff is a default-mode option (the original has one radial basis)")
-        if edge_cutoff is not None and not edge_cutoff > 0:
-            raise ValueError(f"edge_cutoff must be a positive length in Å, got {edge_cutoff}")
+        _check_options(paper_compat, cell_transport=cell_transport, element_features=element_features,
+                       cell_strain=cell_strain, cell_mix=cell_mix, edge_cutoff=edge_cutoff, volume_prior=volume_prior,
+                       cell_virial=cell_virial, bond_radii=bond_radii, bond_forces=bond_forces)
+        self.cell_transport, self.use_element_features = cell_transport, element_features
+        self.use_cell_strain, self.use_cell_mix = cell_strain, cell_mix
         self.edge_cutoff = None if edge_cutoff is None else float(edge_cutoff)
-        if volume_prior and paper_compat:
-            raise ValueError("volume_prior is a default-mode option (the original has no such step)")
-        self.use_volume_prior = volume_prior
-        if cell_virial and paper_compat:
-            raise ValueError("cell_virial is a default-mode option (the original's cell update has no such term)")
-        self.use_cell_virial = cell_virial
+        self.use_volume_prior, self.use_cell_virial = volume_prior, cell_virial
+        self.use_bond_radii, self.use_bond_forces = bond_radii, bond_forces
         # Registration order follows the original's state dict.
         self.atom_emb = AtomEmbedding(num_elements, h)
         self.scalar_l1_emb = nn.Embedding(1, h)
@@ -190,6 +186,10 @@ class E3Relax(nn.Module):
         if cell_virial:
             # Per layer: a strain from the bonds (model/virial.py), zero at the start.
             self.cell_virial_layers = nn.ModuleList(CellVirial(h, radius) for _ in range(num_layers))
+        if bond_radii:
+            # Per layer: a strain from the bonds' lengths relative to their atoms' radii, zero at the start.
+            self.bond_radii_layers = nn.ModuleList(BondRadiiStrain(h, num_elements, radius, forces=bond_forces)
+                                                   for _ in range(num_layers))
 
     @property
     def config(self) -> dict:
@@ -208,6 +208,8 @@ class E3Relax(nn.Module):
             "edge_cutoff": self.edge_cutoff,
             "volume_prior": self.use_volume_prior,
             "cell_virial": self.use_cell_virial,
+            "bond_radii": self.use_bond_radii,
+            "bond_forces": self.use_bond_forces,
             "radius": self.radius,
             "max_neighbors": self.max_neighbors,
         }
@@ -287,7 +289,9 @@ class E3Relax(nn.Module):
             v_mean = ctx.lattice_pool(v, ctx.ptr, ctx.graph_index)
             deltas = []
             shape = cell_shape(cell) if self.use_cell_mix else None
-            strain = self.cell_virial_layers[n](s, pos, cell, ctx) if self.use_cell_virial else None
+            strain, bond_dpos = self._bonds(n, s, numbers, pos, cell, ctx)
+            if bond_dpos is not None:
+                pos = pos + bond_dpos
             for k, node in enumerate(nodes):
                 lat_s[k], lat_v[k], delta = node.from_atoms(s_mean, v_mean, lat_s[k], lat_v[k])
                 if self.use_cell_strain:
@@ -308,6 +312,18 @@ class E3Relax(nn.Module):
             out.positions.append(pos)
             out.cells.append(cell)
         return out
+
+    def _bonds(self, n: int, s: Tensor, numbers: Tensor, pos: Tensor, cell: Tensor, ctx: Context
+               ) -> tuple[Tensor | None, Tensor | None]:
+        """Layer ``n``'s strain ``(G, 3, 3)`` from the bonds (the virial strain's plus the relative-length
+        one's, as configured; None without either) and the relative-length bonds' displacement of the
+        atoms ``(N, 3)`` Å (None without ``bond_forces``)."""
+        strain = self.cell_virial_layers[n](s, pos, cell, ctx) if self.use_cell_virial else None
+        displacement = None
+        if self.use_bond_radii:
+            relative, displacement = self.bond_radii_layers[n](s, numbers, pos, cell, ctx)
+            strain = relative if strain is None else strain + relative
+        return strain, displacement
 
     def _context(self, batch: Batch, device: torch.device) -> Context:
         """The batch's indexing and receiver-sorted graph on ``device``, and this model's ops."""
@@ -331,6 +347,23 @@ class E3Relax(nn.Module):
             lattice_message=ops.resolve(ops.LATTICE_MESSAGE, self.backend, device.type, needs_grad)[1],
             lattice_pool=ops.resolve(ops.LATTICE_POOL, self.backend, device.type, needs_grad)[1],
         )
+
+
+def _check_options(paper_compat: bool, **options) -> None:
+    """ValueError for an option the original mode refuses, or a value or combination that cannot be."""
+    cell_term = "the original's cell update has no such term"
+    why_not_original = {"cell_transport": "the original has no such step", "element_features": "the original has no "
+                        "such input", "cell_strain": cell_term, "cell_mix": cell_term, "edge_cutoff": "the original "
+                        "has one radial basis", "volume_prior": "the original has no such step",
+                        "cell_virial": cell_term, "bond_radii": cell_term}
+    for name, why in why_not_original.items():
+        if paper_compat and options[name] not in (False, None):
+            raise ValueError(f"{name} is a default-mode option ({why})")
+    edge_cutoff = options["edge_cutoff"]
+    if edge_cutoff is not None and not edge_cutoff > 0:
+        raise ValueError(f"edge_cutoff must be a positive length in Å, got {edge_cutoff}")
+    if options["bond_forces"] and not options["bond_radii"]:
+        raise ValueError("bond_forces moves the atoms along the relative-length bonds: it needs bond_radii")
 
 
 def _zero_linear(fan_in: int, fan_out: int) -> nn.Linear:

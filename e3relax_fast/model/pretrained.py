@@ -46,12 +46,14 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
 
     Returns:
         ``{"hidden_channels", "num_layers", "num_rbf", "num_elements", "cell_transport",
-        "element_features", "cell_strain", "cell_mix", "edge_cutoff", "volume_prior", "cell_virial"}`` read
+        "element_features", "cell_strain", "cell_mix", "edge_cutoff", "volume_prior", "cell_virial",
+        "bond_radii", "bond_forces"}`` read
         from the shapes of
         ``atom_emb.embeddings.weight`` ``(num_elements, H)``, the ``message_passing_layers.{n}`` indices,
         ``message_passing_layers.0.edge_proj.weight`` ``(3H, R)`` and the presence of the transport
         marker buffer, of the element features' map, of the cell-strain scalars, of the cell-mix maps and
-        of the volume prior and of the bond strain, and the edge-cutoff buffer (``None`` without it).
+        of the volume prior, of the bond strain and of the relative-length bond strain and its forces, and
+        the edge-cutoff buffer (``None`` without it).
     """
     try:
         num_elements, hidden = state_dict["atom_emb.embeddings.weight"].shape
@@ -71,6 +73,8 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
         "edge_cutoff": float(state_dict[EDGE_CUTOFF_KEY]) if EDGE_CUTOFF_KEY in state_dict else None,
         "volume_prior": "volume_prior.out.weight" in state_dict,
         "cell_virial": "cell_virial_layers.0.out.weight" in state_dict,
+        "bond_radii": "bond_radii_layers.0.out.weight" in state_dict,
+        "bond_forces": "bond_radii_layers.0.force.weight" in state_dict,
     }
 
 

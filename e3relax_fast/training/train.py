@@ -244,7 +244,8 @@ class TrainingDivergedError(RuntimeError):
 #: may grow a checkpoint without them into a model with them.
 GROWABLE = {"element_features": "element_features.", "cell_strain": "cell_strain_layers.",
             "cell_mix": "cell_mix_layers.", "volume_prior": "volume_prior.",
-            "cell_virial": "cell_virial_layers."}
+            "cell_virial": "cell_virial_layers.", "bond_radii": "bond_radii_layers.",
+            "bond_forces": "bond_radii_layers."}
 
 
 def _load_init(model: E3Relax, ema: torch.nn.Module, path: str) -> None:

@@ -160,10 +160,11 @@ def test_a_run_killed_while_saving_keeps_its_previous_checkpoints(tmp_path, data
                                                 ("cell_strain", "cell_strain_layers.1.2.weight"),
                                                 ("cell_mix", "cell_mix_layers.1.2.weight"),
                                                 ("volume_prior", "volume_prior.out.weight"),
-                                                ("cell_virial", "cell_virial_layers.1.out.weight")])
+                                                ("cell_virial", "cell_virial_layers.1.out.weight"),
+                                                ("bond_radii", "bond_radii_layers.1.out.weight")])
 def test_init_grows_a_checkpoint_into_a_model_with_a_part_that_starts_at_zero(tmp_path, datasets, option,
                                                                               new_weight):
-    """--init from a model without the element features, the cell strain, the cell mix, the volume prior or the
+    """--init from a model without the element features, the cell strain, the cell mix, the volume prior or either
     bond strain:
     every other weight comes from it, the new part starts at zero (so the first step starts from its
     predictions) and then learns."""
