@@ -31,6 +31,7 @@ from .io import (
     validate,
 )
 from .model import load_pretrained, predict_batches
+from .model.bond_radii import NUM_RELATIVE_BASIS, OWN_IMAGES
 from .model.predict import PRECISIONS, check_device
 from .model.virial import BOND_WIDTH
 from .uncertainty import frame_spread
@@ -371,6 +372,8 @@ def _atom_budget(model: nn.Module, device: torch.device, max_neighbors: int) -> 
     per_edge += itemsize * (6 * BOND_WIDTH + 9) * (getattr(model, "use_cell_virial", False)
                                                   + getattr(model, "use_bond_radii", False))
     per_atom = (max_neighbors + 6) * per_edge + itemsize * 32 * hidden
+    if getattr(model, "use_bond_radii", False):  # on an accelerator, every atom's 342 own images alike
+        per_atom += itemsize * OWN_IMAGES * (NUM_RELATIVE_BASIS + 2 * BOND_WIDTH + 9)
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, min(DEFAULT_MAX_ATOMS_ACCELERATOR, int(MEMORY_FRACTION * free) // per_atom))
 

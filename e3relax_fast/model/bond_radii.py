@@ -39,6 +39,8 @@ NUM_RELATIVE_BASIS, X_MIN, X_MAX = 32, 0.5, 2.5
 RADIUS_RANGE = 0.7
 #: Share of the graph radius over which the bonds are not faded (lengths in Å would break the "x alone").
 FLAT = 0.75
+#: An atom's own periodic images summed (|n_k| <= IMAGE_RANGE, n != 0), before the CPU keeps those within the radius.
+OWN_IMAGES = (2 * IMAGE_RANGE + 1) ** 3 - 1
 
 
 def covalent_radii(num_elements: int) -> Tensor:
