@@ -103,6 +103,57 @@ def assert_rotation_equivariant(model, batch, seed: int) -> None:
         torch.testing.assert_close(a @ q.T, b, rtol=0, atol=1e-11)
 
 
+def assert_checkpoint_keeps(tmp_path, **options) -> None:
+    """An E3Relax(H=8, L=2) with the architecture ``options``, every weight moved off its start, saved
+    with its config and as a bare state dict, loads back with those options and the same weights; a
+    model without them loads as without."""
+    from e3relax_fast import E3Relax, load_pretrained
+
+    torch.manual_seed(0)
+    model = E3Relax(hidden_channels=8, num_layers=2, **options)
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.add_(0.1 * torch.randn_like(weight))
+    torch.save({"state_dict": model.state_dict(), "config": model.config}, tmp_path / "with.pt")
+    loaded = load_pretrained(tmp_path / "with.pt")
+    assert all(loaded.config[k] == v for k, v in options.items())
+    for key, weight in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], weight, rtol=0, atol=0)
+    torch.save(model.state_dict(), tmp_path / "bare.pt")  # a bare state dict says it by its keys
+    assert all(load_pretrained(tmp_path / "bare.pt", paper_compat=False).config[k] == v for k, v in options.items())
+    torch.save(E3Relax(hidden_channels=8, num_layers=2).state_dict(), tmp_path / "plain.pt")
+    assert not any(load_pretrained(tmp_path / "plain.pt", paper_compat=False).config[k] for k in options)
+
+
+def assert_strain_is_a_crystal_property(strain, crystal, features) -> None:
+    """``strain(arrays, features) -> (G, 3, 3)`` (a bond strain of ``crystal = (z, pos, cell)`` with atom
+    scalars ``features``) is non-zero, symmetric, and the same for another basis of the lattice with the
+    atoms wrapped by lattice vectors and for a 2 x 1 x 1 supercell (twice the atoms and the bonds)."""
+    z, pos, cell = crystal
+    eps = strain([(z, pos, cell)], features)[0]
+    assert eps.abs().max() > 1e-4
+    torch.testing.assert_close(eps, eps.T, rtol=0, atol=1e-15)
+    other = np.array([[1, 1, 0], [0, 1, 0], [1, 0, 1]]) @ cell  # unimodular: the same lattice
+    wrapped = pos + np.array([[1, -2, 0], [0, 1, 1]]) @ cell
+    torch.testing.assert_close(strain([(z, wrapped, other)], features)[0], eps, rtol=0, atol=1e-12)
+    super_cell = cell * np.array([[2.0], [1.0], [1.0]])
+    super_pos = np.concatenate([pos, pos + cell[0]])
+    super_eps = strain([(np.tile(z, 2), super_pos, super_cell)], features.repeat(2, 1))[0]
+    torch.testing.assert_close(super_eps, eps, rtol=0, atol=1e-12)
+
+
+def assert_runs_under_bf16(model, structure) -> None:
+    """``relax_batch(precision="bf16")`` of ``model`` on ``structure``: finite, in the float32 dtype, and
+    within 0.05 Å of the float32 cell without being equal to it (the linear maps run in bf16, the sums
+    over the bonds stay in float32: a bf16 source once broke a per-crystal index_add)."""
+    from e3relax_fast import relax_batch
+
+    (_, pos32, cell32), = relax_batch([structure], model, dtype=torch.float32)
+    (_, pos16, cell16), = relax_batch([structure], model, dtype=torch.float32, precision="bf16")
+    assert pos16.dtype == pos32.dtype and np.isfinite(cell16).all()
+    assert 0 < np.abs(cell16 - cell32).max() < 0.05
+
+
 # --------------------------------------------------------------------------------------------------
 # random inputs
 # --------------------------------------------------------------------------------------------------

@@ -6,9 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import assert_rotation_equivariant, assert_same_predictions, golden_batch, golden_model_grown
+from helpers import (
+    assert_checkpoint_keeps,
+    assert_rotation_equivariant,
+    assert_runs_under_bf16,
+    assert_same_predictions,
+    assert_strain_is_a_crystal_property,
+    golden_batch,
+    golden_model_grown,
+)
 
-from e3relax_fast import E3Relax, load_pretrained
+from e3relax_fast import E3Relax
 from e3relax_fast.batch import Batch
 from e3relax_fast.model.bond_radii import covalent_radii
 
@@ -50,22 +58,12 @@ def test_the_relative_bond_strain_keeps_the_model_rotation_equivariant(golden_mo
 
 
 def test_the_relative_bond_strain_is_symmetric_and_the_same_for_every_basis_wrapping_and_supercell():
-    rng = np.random.default_rng(7)
     torch.manual_seed(0)
     model = E3Relax(hidden_channels=8, num_layers=1, bond_radii=True).to(torch.float64)
     _randomise(model, seed=5)
-    z, pos, cell = _dilute_crystal(rng)
-    features = torch.randn(2, 8, dtype=torch.float64)
-    eps = _strain(model, [(z, pos, cell)], features)[0]
-    assert eps.abs().max() > 1e-4
-    torch.testing.assert_close(eps, eps.T, rtol=0, atol=1e-15)
-    other = np.array([[1, 1, 0], [0, 1, 0], [1, 0, 1]]) @ cell  # unimodular: the same lattice
-    wrapped = pos + np.array([[1, -2, 0], [0, 1, 1]]) @ cell
-    torch.testing.assert_close(_strain(model, [(z, wrapped, other)], features)[0], eps, rtol=0, atol=1e-12)
-    super_cell = cell * np.array([[2.0], [1.0], [1.0]])
-    super_pos = np.concatenate([pos, pos + cell[0]])
-    super_eps = _strain(model, [(np.tile(z, 2), super_pos, super_cell)], features.repeat(2, 1))[0]
-    torch.testing.assert_close(super_eps, eps, rtol=0, atol=1e-12)
+    crystal = _dilute_crystal(np.random.default_rng(7))
+    assert_strain_is_a_crystal_property(lambda arrays, features: _strain(model, arrays, features), crystal,
+                                        torch.randn(2, 8, dtype=torch.float64))
 
 
 def test_the_images_within_the_radius_give_the_strain_of_all_images(monkeypatch):
@@ -112,21 +110,10 @@ def test_the_same_structure_scaled_with_its_elements_radii_is_strained_alike():
     assert (strain([32, 32], 1.0) - small).abs().max() > 0.05 * small.abs().max()
 
 
-def test_a_checkpoint_keeps_its_relative_bond_strain(tmp_path):
-    torch.manual_seed(0)
-    model = E3Relax(hidden_channels=8, num_layers=2, bond_radii=True)
-    with torch.no_grad():
-        model.bond_radii_layers[1].out.weight.normal_()
-        model.bond_radii_layers[0].factor.weight.normal_()
-    torch.save({"state_dict": model.state_dict(), "config": model.config}, tmp_path / "with.pt")
-    loaded = load_pretrained(tmp_path / "with.pt")
-    assert loaded.config["bond_radii"] and torch.equal(
-        loaded.bond_radii_layers[1].out.weight, model.bond_radii_layers[1].out.weight)
-    torch.save(model.state_dict(), tmp_path / "bare.pt")  # a bare state dict says it by its keys
-    assert load_pretrained(tmp_path / "bare.pt", paper_compat=False).config["bond_radii"]
-    plain = E3Relax(hidden_channels=8, num_layers=2)
-    torch.save(plain.state_dict(), tmp_path / "plain.pt")
-    assert not load_pretrained(tmp_path / "plain.pt", paper_compat=False).config["bond_radii"]
+def test_a_checkpoint_keeps_its_relative_bond_strain_and_forces(tmp_path):
+    for folder, options in (("radii", {"bond_radii": True}), ("forces", {"bond_radii": True, "bond_forces": True})):
+        (tmp_path / folder).mkdir()
+        assert_checkpoint_keeps(tmp_path / folder, **options)
 
 
 def test_the_original_mode_has_no_relative_bond_strain():
@@ -134,17 +121,11 @@ def test_the_original_mode_has_no_relative_bond_strain():
         E3Relax(hidden_channels=8, num_layers=2, paper_compat=True, bond_radii=True)
 
 
-def test_the_relative_bond_strain_runs_under_bf16_autocast():
-    from e3relax_fast import relax_batch
-
+def test_the_relative_bond_strain_and_forces_run_under_bf16_autocast():
     torch.manual_seed(0)
-    model = E3Relax(hidden_channels=8, num_layers=2, bond_radii=True)
+    model = E3Relax(hidden_channels=8, num_layers=2, bond_radii=True, bond_forces=True)
     _randomise(model, seed=2)
-    structure = _dilute_crystal(np.random.default_rng(3))
-    (_, pos32, cell32), = relax_batch([structure], model, dtype=torch.float32)
-    (_, pos16, cell16), = relax_batch([structure], model, dtype=torch.float32, precision="bf16")
-    assert pos16.dtype == pos32.dtype and np.isfinite(cell16).all()
-    assert 0 < np.abs(cell16 - cell32).max() < 0.05
+    assert_runs_under_bf16(model, _dilute_crystal(np.random.default_rng(3)))
 
 
 def _displacement(model: E3Relax, arrays, features: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import assert_rotation_equivariant, assert_same_predictions, golden_batch, golden_model_grown
+from helpers import (
+    assert_checkpoint_keeps,
+    assert_rotation_equivariant,
+    assert_runs_under_bf16,
+    assert_same_predictions,
+    assert_strain_is_a_crystal_property,
+    golden_batch,
+    golden_model_grown,
+)
 
-from e3relax_fast import E3Relax, load_pretrained
+from e3relax_fast import E3Relax
 from e3relax_fast.batch import Batch
 
 
@@ -53,24 +61,12 @@ def test_the_bond_strain_keeps_the_model_rotation_equivariant(golden_model):
 
 
 def test_the_bond_strain_is_symmetric_and_the_same_for_every_basis_wrapping_and_supercell():
-    rng = np.random.default_rng(7)
     torch.manual_seed(0)
     model = E3Relax(hidden_channels=8, num_layers=1, cell_virial=True).to(torch.float64)
     _randomise(model, seed=5)
-    z, pos, cell = _dilute_crystal(rng)
-    features = torch.randn(2, 8, dtype=torch.float64)
-    eps = _strain(model, [(z, pos, cell)], features)[0]
-    assert eps.abs().max() > 1e-4
-    torch.testing.assert_close(eps, eps.T, rtol=0, atol=1e-15)
-    basis = np.array([[1, 1, 0], [0, 1, 0], [1, 0, 1]])  # unimodular: the same lattice
-    other = basis @ cell
-    wrapped = pos + np.array([[1, -2, 0], [0, 1, 1]]) @ cell  # atoms moved by lattice vectors
-    torch.testing.assert_close(_strain(model, [(z, wrapped, other)], features)[0], eps, rtol=0, atol=1e-12)
-    # a 2 x 1 x 1 supercell: twice the atoms and twice the bonds, the same strain
-    super_cell = cell * np.array([[2.0], [1.0], [1.0]])
-    super_pos = np.concatenate([pos, pos + cell[0]])
-    super_eps = _strain(model, [(np.tile(z, 2), super_pos, super_cell)], features.repeat(2, 1))[0]
-    torch.testing.assert_close(super_eps, eps, rtol=0, atol=1e-12)
+    crystal = _dilute_crystal(np.random.default_rng(7))
+    assert_strain_is_a_crystal_property(lambda arrays, features: _strain(model, arrays, features), crystal,
+                                        torch.randn(2, 8, dtype=torch.float64))
 
 
 def test_a_cubic_crystal_is_strained_isotropically():
@@ -99,19 +95,7 @@ def test_a_cubic_crystal_is_strained_isotropically():
 
 
 def test_a_checkpoint_keeps_its_bond_strain(tmp_path):
-    torch.manual_seed(0)
-    model = E3Relax(hidden_channels=8, num_layers=2, cell_virial=True)
-    with torch.no_grad():
-        model.cell_virial_layers[1].out.weight.normal_()
-    torch.save({"state_dict": model.state_dict(), "config": model.config}, tmp_path / "with.pt")
-    loaded = load_pretrained(tmp_path / "with.pt")
-    assert loaded.config["cell_virial"] and torch.equal(
-        loaded.cell_virial_layers[1].out.weight, model.cell_virial_layers[1].out.weight)
-    torch.save(model.state_dict(), tmp_path / "bare.pt")  # a bare state dict says it by its keys
-    assert load_pretrained(tmp_path / "bare.pt", paper_compat=False).config["cell_virial"]
-    plain = E3Relax(hidden_channels=8, num_layers=2)
-    torch.save(plain.state_dict(), tmp_path / "plain.pt")
-    assert not load_pretrained(tmp_path / "plain.pt", paper_compat=False).config["cell_virial"]
+    assert_checkpoint_keeps(tmp_path, cell_virial=True)
 
 
 def test_the_original_mode_has_no_bond_strain():
@@ -120,15 +104,7 @@ def test_the_original_mode_has_no_bond_strain():
 
 
 def test_the_bond_strain_runs_under_bf16_autocast():
-    """relax_batch(precision="bf16"): the linear maps run in bf16, the sums over the bonds stay in the
-    model's float32 (a bf16 source once broke the per-crystal index_add)."""
-    from e3relax_fast import relax_batch
-
     torch.manual_seed(0)
     model = E3Relax(hidden_channels=8, num_layers=2, cell_virial=True)
     _randomise(model, seed=2)
-    structure = _dilute_crystal(np.random.default_rng(3))
-    (_, pos32, cell32), = relax_batch([structure], model, dtype=torch.float32)
-    (_, pos16, cell16), = relax_batch([structure], model, dtype=torch.float32, precision="bf16")
-    assert pos16.dtype == pos32.dtype and np.isfinite(cell16).all()
-    assert 0 < np.abs(cell16 - cell32).max() < 0.05
+    assert_runs_under_bf16(model, _dilute_crystal(np.random.default_rng(3)))
