@@ -39,6 +39,8 @@ NUM_RELATIVE_BASIS, X_MIN, X_MAX = 32, 0.5, 2.5
 RADIUS_RANGE = 0.7
 #: Share of the graph radius over which the bonds are not faded (lengths in Å would break the "x alone").
 FLAT = 0.75
+#: The most (Å) that the bond forces move an atom in one layer.
+MAX_STEP = 0.5
 #: An atom's own periodic images summed (|n_k| <= IMAGE_RANGE, n != 0), before the CPU keeps those within the radius.
 OWN_IMAGES = (2 * IMAGE_RANGE + 1) ** 3 - 1
 
@@ -113,6 +115,10 @@ class BondRadiiStrain(nn.Module):
             psi = (features @ self.force.weight[0] * distinct).to(cell.dtype)
             unit = vectors / safe_norm(vectors).unsqueeze(-1)
             displacement = pos.new_zeros(pos.shape).index_add_(0, edge_index[1], psi.unsqueeze(-1) * unit)
+            # A smooth cap on each atom's step (≈ δ when small, at most MAX_STEP Å): summed over up to 50
+            # bonds through four layers, an unbounded pair force once blew up in training (loss 1e5).
+            size = safe_norm(displacement)
+            displacement = displacement * (MAX_STEP * torch.tanh(size / MAX_STEP) / size).unsqueeze(-1)
         return strain / counts.reshape(-1, 1, 1), displacement
 
     def _own_images(self, cell: Tensor, graph_index: Tensor, prune: bool) -> tuple[Tensor, Tensor]:

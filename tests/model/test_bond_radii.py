@@ -170,6 +170,23 @@ def test_the_bond_forces_move_the_same_atoms_alike_in_every_description():
     assert still.abs().max() < 1e-12
 
 
+def test_the_bond_forces_move_an_atom_at_most_half_an_angstrom_per_layer():
+    from e3relax_fast.model.bond_radii import MAX_STEP
+
+    torch.manual_seed(0)
+    model = E3Relax(hidden_channels=8, num_layers=1, bond_radii=True, bond_forces=True).to(torch.float64)
+    _randomise(model, seed=1)
+    crystal = [_dilute_crystal(np.random.default_rng(2))]
+    features = torch.randn(2, 8, dtype=torch.float64)
+    small = _displacement(model, crystal, features)
+    with torch.no_grad():
+        model.bond_radii_layers[0].force.weight.mul_(1e4)
+    large = _displacement(model, crystal, features)
+    assert 1e-4 < small.norm(dim=-1).max() < 0.1 * MAX_STEP  # small steps pass (almost) as they are ...
+    assert MAX_STEP * 0.99 < large.norm(dim=-1).max() <= MAX_STEP  # ... large ones are capped
+    torch.testing.assert_close(large / large.norm(dim=-1, keepdim=True), small / small.norm(dim=-1, keepdim=True))
+
+
 def test_bond_forces_need_the_relative_bonds():
     with pytest.raises(ValueError, match="it needs bond_radii"):
         E3Relax(hidden_channels=8, num_layers=1, bond_forces=True)
