@@ -87,7 +87,8 @@ class BondRadiiStrain(nn.Module):
                 ) -> tuple[Tensor, Tensor | None]:
         """ε ``(G, 3, 3)`` of each crystal from its bonds at the current positions and cell, and with
         ``forces`` each atom's displacement ``(N, 3)`` Å, ``δ_i = Σ_j ψ(x_ij) r̂_ij`` over its bonds
-        (ψ from the same bond features as φ, by another zero-started map; else None).
+        (ψ from the same bond features as φ, by another zero-started map), its length capped smoothly at
+        :data:`MAX_STEP` (else None).
 
         s: ``(N, H)`` atom scalars; numbers: ``(N,)`` int64; pos: ``(N, 3)`` Å; cell: ``(G, 3, 3)`` Å, rows.
         """
@@ -144,8 +145,8 @@ class BondRadiiStrain(nn.Module):
 
     def _radial(self, vectors: Tensor, bond_radius: Tensor) -> tuple[Tensor, Tensor]:
         """Of bonds ``vectors (..., 3)`` Å whose atoms' radii sum to ``bond_radius (...)`` Å: the learned
-        profile ``B(x) (..., W)`` of their relative length, faded to zero from 3/4 of the graph radius to it, and
-        ``r̂ r̂ᵀ (..., 3, 3)``."""
+        profile ``B(x) (..., W)`` of their relative length, faded to zero from 3/4 of the graph radius to
+        it, and ``r̂ r̂ᵀ (..., 3, 3)``."""
         length = safe_norm(vectors)
         unit = vectors / length.unsqueeze(-1)  # safe_norm is at least 1e-4 Å
         x = length / bond_radius
