@@ -405,3 +405,21 @@ def test_the_cosine_schedule_sets_each_steps_rate_resumes_exactly_and_reaches_th
                  "--steps-per-epoch", "2", "--max-epochs", "2", "--lr", "1e-3", "--lr-schedule", "cosine",
                  "--out", str(tmp_path / "r"), "--quiet"]) == 0
     assert rates[0] == 1e-3 and rates[-1] == pytest.approx(1e-8 + (1e-3 - 1e-8) * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
+
+
+def test_train_cli_trains_the_relative_bonds_and_refuses_their_forces_alone(tmp_path, capsys):
+    """--bond-radii (and --bond-forces with it) train end to end and the checkpoint says so; --bond-forces
+    alone is a one-line user error."""
+    from e3relax_fast import load_pretrained
+    from e3relax_fast.cli import main
+
+    write_extxyz_pairs(denoising_pairs(8, 0), tmp_path / "d", "train")
+    write_extxyz_pairs(denoising_pairs(2, 1), tmp_path / "d", "val")
+    common = ["train", "--data", str(tmp_path / "d"), "--hidden", "8", "--layers", "2", "--batch-size", "4",
+              "--steps-per-epoch", "2", "--max-steps", "2", "--quiet"]
+    assert main([*common, "--bond-radii", "--bond-forces", "--out", str(tmp_path / "r")]) == 0
+    config = load_pretrained(tmp_path / "r" / "best.pt").config
+    assert config["bond_radii"] and config["bond_forces"]
+    assert main([*common, "--bond-forces", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "give --bond-radii too" in err and "Traceback" not in err
