@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..geometry import RADIUS, edge_vectors, safe_norm
 from .elements import ELEMENTS
 from .layers import Context
-from .virial import BOND_WIDTH, IMAGE_RANGE
+from .virial import BOND_WIDTH, IMAGE_RANGE, own_image_steps
 
 #: Gaussians of the relative bond length x = d / (ρ_i + ρ_j) over [X_MIN, X_MAX]; widths = their spacing.
 NUM_RELATIVE_BASIS, X_MIN, X_MAX = 32, 0.5, 2.5
@@ -74,9 +74,7 @@ class BondRadiiStrain(nn.Module):
         self.register_buffer("radii", covalent_radii(num_elements), persistent=False)
         self.register_buffer("centres", torch.linspace(X_MIN, X_MAX, NUM_RELATIVE_BASIS, dtype=torch.float64),
                              persistent=False)
-        steps = torch.arange(-IMAGE_RANGE, IMAGE_RANGE + 1, dtype=torch.float64)
-        images = torch.cartesian_prod(steps, steps, steps)
-        self.register_buffer("images", images[images.abs().sum(-1) > 0], persistent=False)
+        self.register_buffer("images", own_image_steps(), persistent=False)
 
     def atom_radii(self, s: Tensor, numbers: Tensor) -> Tensor:
         """``(N,)`` Å: each atom's radius, its element's covalent radius times ``exp(±RADIUS_RANGE)`` at most."""

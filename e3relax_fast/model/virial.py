@@ -35,6 +35,15 @@ BOND_WIDTH = 32
 IMAGE_RANGE = 3
 
 
+def own_image_steps() -> Tensor:
+    """``(L, 3)`` float64 integer lattice vectors n (|n_k| <= IMAGE_RANGE, n != 0): every image within
+    the radius of a cell whose three heights are at least radius / (IMAGE_RANGE + 1) (1.5 Å: any reduced
+    cell of a real crystal)."""
+    steps = torch.arange(-IMAGE_RANGE, IMAGE_RANGE + 1, dtype=torch.float64)
+    images = torch.cartesian_prod(steps, steps, steps)
+    return images[images.abs().sum(-1) > 0]
+
+
 class CellVirial(nn.Module):
     """One layer's bond strain: ``(N, H)`` atom scalars + geometry -> ``(G, 3, 3)`` symmetric ε.
 
@@ -51,12 +60,7 @@ class CellVirial(nn.Module):
         self.radius = float(radius)
         self.register_buffer("centres", torch.linspace(0.0, self.radius, NUM_BOND_BASIS, dtype=torch.float64),
                              persistent=False)
-        # Integer lattice vectors n (|n_k| <= IMAGE_RANGE, n != 0): every image within the radius of a
-        # cell whose three heights are at least radius / (IMAGE_RANGE + 1) (1.5 Å: any reduced cell of
-        # a real crystal).
-        steps = torch.arange(-IMAGE_RANGE, IMAGE_RANGE + 1, dtype=torch.float64)
-        images = torch.cartesian_prod(steps, steps, steps)
-        self.register_buffer("images", images[images.abs().sum(-1) > 0], persistent=False)
+        self.register_buffer("images", own_image_steps(), persistent=False)
 
     def forward(self, s: Tensor, pos: Tensor, cell: Tensor, ctx: Context) -> Tensor:
         """ε ``(G, 3, 3)`` of each crystal from its bonds at the current positions and cell.
