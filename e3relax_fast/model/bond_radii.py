@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..geometry import RADIUS, edge_vectors, safe_norm
 from .elements import ELEMENTS
 from .layers import Context
-from .virial import BOND_WIDTH, IMAGE_RANGE, own_image_steps
+from .virial import BOND_WIDTH, IMAGE_RANGE, bond_directions, own_image_steps
 
 #: Gaussians of the relative bond length x = d / (ρ_i + ρ_j) over [X_MIN, X_MAX]; widths = their spacing.
 NUM_RELATIVE_BASIS, X_MIN, X_MAX = 32, 0.5, 2.5
@@ -145,12 +145,11 @@ class BondRadiiStrain(nn.Module):
         """Of bonds ``vectors (..., 3)`` Å whose atoms' radii sum to ``bond_radius (...)`` Å: the learned
         profile ``B(x) (..., W)`` of their relative length, faded to zero from 3/4 of the graph radius to
         it, and ``r̂ r̂ᵀ (..., 3, 3)``."""
-        length = safe_norm(vectors)
-        unit = vectors / length.unsqueeze(-1)  # safe_norm is at least 1e-4 Å
+        length, outer = bond_directions(vectors)
         x = length / bond_radius
         spacing = (X_MAX - X_MIN) / (NUM_RELATIVE_BASIS - 1)
         basis = torch.exp(-(((x.unsqueeze(-1) - self.centres.to(length.dtype)) / spacing) ** 2))
         # Flat to 3/4 of the radius, so that near bonds read by x alone; faded to zero at the radius.
         fade = ((length / self.radius - FLAT) / (1.0 - FLAT)).clamp(min=0.0, max=1.0)
         envelope = 0.5 * (1.0 + torch.cos(math.pi * fade))
-        return self.length(basis).to(length.dtype) * envelope.unsqueeze(-1), unit.unsqueeze(-1) * unit.unsqueeze(-2)
+        return self.length(basis).to(length.dtype) * envelope.unsqueeze(-1), outer

@@ -44,6 +44,14 @@ def own_image_steps() -> Tensor:
     return images[images.abs().sum(-1) > 0]
 
 
+def bond_directions(vectors: Tensor) -> tuple[Tensor, Tensor]:
+    """Of bonds ``vectors (..., 3)`` Å: their lengths ``(...)`` Å (at least 1e-4 Å, so a zero bond
+    divides safely) and ``r̂ r̂ᵀ (..., 3, 3)``, the virial's outer product of each bond's direction."""
+    length = safe_norm(vectors)
+    unit = vectors / length.unsqueeze(-1)
+    return length, unit.unsqueeze(-1) * unit.unsqueeze(-2)
+
+
 class CellVirial(nn.Module):
     """One layer's bond strain: ``(N, H)`` atom scalars + geometry -> ``(G, 3, 3)`` symmetric ε.
 
@@ -94,9 +102,8 @@ class CellVirial(nn.Module):
         """Of bonds ``vectors (..., 3)`` Å: their radial profiles ``R(d) (..., W)``, zero from the
         radius on (a smooth envelope: a bond leaving the radius as the atoms move fades out instead
         of jumping), and ``r̂ r̂ᵀ (..., 3, 3)``."""
-        length = safe_norm(vectors)
-        unit = vectors / length.unsqueeze(-1)  # safe_norm is at least 1e-4 Å
+        length, outer = bond_directions(vectors)
         spacing = self.radius / (NUM_BOND_BASIS - 1)
         basis = torch.exp(-(((length.unsqueeze(-1) - self.centres.to(length.dtype)) / spacing) ** 2))
         envelope = 0.5 * (1.0 + torch.cos(math.pi * (length / self.radius).clamp(max=1.0)))
-        return self.length(basis).to(length.dtype) * envelope.unsqueeze(-1), unit.unsqueeze(-1) * unit.unsqueeze(-2)
+        return self.length(basis).to(length.dtype) * envelope.unsqueeze(-1), outer
