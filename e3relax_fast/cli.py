@@ -210,7 +210,7 @@ def run_train(args: argparse.Namespace) -> int:
         lr=args.lr, lr_schedule=args.lr_schedule, batch_size=args.batch_size, steps_per_epoch=args.steps_per_epoch,
         max_epochs=args.max_epochs, loss=args.loss, cell_weight=args.cell_weight, prior_weight=args.prior_weight,
         seed=args.seed, dtype=args.dtype,
-        frame=args.frame, init=args.init, family_balance=args.family_balance,
+        frame=args.frame, init=args.init, family_balance=args.family_balance, spike_guard=args.spike_guard,
     )
     cache = Path(args.out) / "graphs"
     datasets = {}
@@ -314,6 +314,10 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--family-balance", type=float, default=0.0, metavar="POWER",
                    help="draw each training pair with weight (pairs of its seed family)^-POWER: 0 (default) "
                    "every pair once per pass; 1 every family the same share of the steps")
+    p.add_argument("--spike-guard", type=float, default=0.0, metavar="K",
+                   help="skip an optimiser step whose gradient norm is over K times the median of the last 100 "
+                   "steps' (as a non-finite one is; its pairs are named): the update before it carried the weights "
+                   "to where some crystal's prediction explodes. 0 (default): off")
     p.add_argument("--batch-size", type=int, default=32, help="crystals per step, all processes together")
     p.add_argument("--steps-per-epoch", type=int, default=100, help="steps per pseudo-epoch")
     p.add_argument("--max-epochs", type=int, default=800)

@@ -13,6 +13,7 @@ import copy
 import functools
 import math
 import os
+import statistics
 import sys
 import time
 from collections import Counter
@@ -73,6 +74,12 @@ class TrainConfig:
     # once per pass in a random order (the original); 1: each family gets the same share of the steps
     # (pairs drawn with replacement), so small families are not drowned by large ones.
     family_balance: float = 0.0
+    # Skip a step whose gradient norm exceeds spike_guard times the median of the last GUARD_WINDOW
+    # taken steps' (0: off). Such a spike means the last update carried the weights to where some
+    # crystal's prediction explodes (a replay: a step of norm 7 followed by 1e6 and 5e11); its
+    # gradient, though clipped, would swell AdamW's second moments for good (AMSGrad keeps their
+    # maximum) and slow every later step.
+    spike_guard: float = 0.0
 
 
 def _world() -> tuple[int, int]:
@@ -152,6 +159,10 @@ def _named(pair_ids: list[str], shown: int = 8) -> str:
                                                              if more > 0 else "")
 
 
+def _skip_reason(config: TrainConfig) -> str:
+    return "non-finite or spiking" if config.spike_guard else "non-finite"
+
+
 def _minima_note(report: dict) -> str:
     share = report["minima_within_3pct"]
     return "" if share is None else f" already relaxed within 3 % {100 * share:.1f} %"
@@ -189,10 +200,24 @@ def _batch_items(train_set: PairDataset, config: TrainConfig, step: int, rank: i
     return [train_set[k] for k in global_ids[rank * per_rank:(rank + 1) * per_rank]], global_ids
 
 
+#: Taken steps whose gradient norms set the spike guard's median (``TrainConfig.spike_guard``).
+GUARD_WINDOW = 100
+
+
+def _spike_limit(config: TrainConfig, state: dict) -> float:
+    """The gradient norm above which the next step is skipped: ``spike_guard`` times the median of the
+    last GUARD_WINDOW taken steps' norms; infinite with the guard off or before that many steps."""
+    norms = state.get("grad_norms", [])
+    if not config.spike_guard or len(norms) < GUARD_WINDOW:
+        return math.inf
+    return config.spike_guard * statistics.median(norms)
+
+
 def _optimizer_step(net, model, ema, optimizer, items: list[dict], config: TrainConfig, device,
-                    world: int) -> float | None:
+                    world: int, limit: float = math.inf) -> tuple[float | None, float]:
     """One step on ``items`` (this process's share): loss, backward, clipping, update, EMA. Returns
-    the global batch's loss, or ``None`` when the gradient was not finite and the step was skipped."""
+    the global batch's loss, or ``None`` when the gradient was not finite or its norm above ``limit``
+    and the step was skipped, and the gradient's norm before clipping."""
     dtype = getattr(torch, config.dtype)
     batch, pos_t, cell_t = PairDataset.collate(items)
     batch = batch.to(device, dtype)
@@ -210,12 +235,28 @@ def _optimizer_step(net, model, ema, optimizer, items: list[dict], config: Train
     # A non-finite loss or gradient (one batch's degenerate cell, say) would make every weight NaN
     # for good: the step is skipped instead. The norm of the all-reduced gradients is the same on
     # every process, so under DDP all of them skip together.
-    if not torch.isfinite(norm):
+    if not torch.isfinite(norm) or norm > limit:
         optimizer.zero_grad(set_to_none=True)
-        return None
+        return None, float(norm)
     optimizer.step()
     _ema_update(ema, model, config.ema_decay)
-    return _all_sum(loss.item() / world)
+    return _all_sum(loss.item() / world), float(norm)
+
+
+def _guarded_step(net, model, ema, optimizer, items: list[dict], config: TrainConfig, device, world: int,
+                  state: dict) -> float | None:
+    """Optimiser step ``state["step"]`` (its learning rate set by the schedule, skipped past the spike
+    guard's limit, whose window it extends when taken); advances ``state["step"]``. Returns its loss,
+    ``None`` when skipped."""
+    if config.lr_schedule == "cosine":
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(config, state["step"])
+    loss, norm = _optimizer_step(net, model, ema, optimizer, items, config, device, world,
+                                 _spike_limit(config, state))
+    if loss is not None and config.spike_guard:
+        state["grad_norms"] = [*state.get("grad_norms", []), norm][-GUARD_WINDOW:]
+    state["step"] += 1
+    return loss
 
 
 def _save(out_dir: Path, config: TrainConfig, model, ema, optimizer, scheduler, state: dict,
@@ -362,20 +403,16 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
         losses, skipped_pairs = [], []
         for _ in range(epoch_steps):
             items, batch_ids = _batch_items(train_set, config, state["step"], rank, world, order_of)
-            if config.lr_schedule == "cosine":
-                for group in optimizer.param_groups:
-                    group["lr"] = cosine_lr(config, state["step"])
-            losses.append(_optimizer_step(net, model, ema, optimizer, items, config, device, world))
+            losses.append(_guarded_step(net, model, ema, optimizer, items, config, device, world, state))
             if losses[-1] is None:  # named, so the crystal that blows up a step can be found
                 skipped_pairs += [train_set.pairs[k].id for k in batch_ids]
-            state["step"] += 1
         finite = [loss for loss in losses if loss is not None]
         skipped = len(losses) - len(finite)
         if not finite:
             raise TrainingDivergedError(
-                f"training diverged: all {skipped} optimiser steps up to step {state['step']} had a non-finite loss "
-                f"or gradient; {out_dir} keeps the weights of pseudo-epoch {state['epoch']} (last.pt) and of the best "
-                f"validation signal (best.pt)")
+                f"training diverged: all {skipped} optimiser steps up to step {state['step']} had a "
+                f"{_skip_reason(config)} loss or gradient; {out_dir} keeps the weights of pseudo-epoch "
+                f"{state['epoch']} (last.pt) and of the best validation signal (best.pt)")
         state["epoch"] += 1
         report = validation_report(ema, val_set, device)
         signal = report["val_mae"]
@@ -395,7 +432,7 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
                 print(f"epoch {state['epoch']:4d} step {state['step']:7d} loss {sum(finite) / len(finite):.4f} "
                       f"val |dp| {signal:.4f} A (best {state['best']:.4f}) lr {optimizer.param_groups[0]['lr']:.2e} "
                       f"{time.time() - start_time:.0f}s{_minima_note(report)}"
-                      + (f" ({skipped} steps skipped: non-finite gradient; {_named(skipped_pairs)})"
+                      + (f" ({skipped} steps skipped: {_skip_reason(config)} gradient; {_named(skipped_pairs)})"
                          if skipped else ""), file=sys.stderr,
                       flush=True)
         if state["bad_epochs"] > config.early_stop:

@@ -423,3 +423,48 @@ def test_train_cli_trains_the_relative_bonds_and_refuses_their_forces_alone(tmp_
     assert main([*common, "--bond-forces", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "give --bond-radii too" in err and "Traceback" not in err
+
+
+def test_the_spike_guard_skips_a_step_whose_gradient_spikes_and_resumes_exactly(tmp_path, datasets, monkeypatch):
+    """A finite step whose gradient norm is far above the recent median (an update that carried the weights
+    to where one crystal's prediction explodes) is skipped with --spike-guard, like a non-finite one, and
+    taken without it; the median's window is saved, so a resumed run skips the same steps."""
+    from e3relax_fast.cli import main
+
+    train_module = importlib.import_module("e3relax_fast.training.train")
+    monkeypatch.setattr(train_module, "GUARD_WINDOW", 3)
+    train_set, val_set = datasets
+    real_loss, calls = train_module.layerwise_loss, []
+
+    def spiking(*args, **kwargs):  # the 6th optimiser step's loss (so its gradient) is 1e4 times too large
+        terms = real_loss(*args, **kwargs)
+        calls.append(1)
+        if len(calls) % 8 == 6:
+            terms.total = terms.total * 1e4
+        return terms
+
+    monkeypatch.setattr(train_module, "layerwise_loss", spiking)
+    config = {"model": {"hidden_channels": 8, "num_layers": 2}, "batch_size": 4, "steps_per_epoch": 4,
+              "lr": 2e-3, "dtype": "float64"}
+    unguarded = train(TrainConfig(**config), train_set, val_set, tmp_path / "off", max_steps=8, progress=False)
+    assert [h["skipped_steps"] for h in unguarded["history"]] == [0, 0]
+    calls.clear()
+    guarded = TrainConfig(**config, spike_guard=20.0)
+    full = train(guarded, train_set, val_set, tmp_path / "on", max_steps=8, progress=False)
+    assert [h["skipped_steps"] for h in full["history"]] == [0, 1]
+    assert len(full["history"][1]["skipped_pairs"]) == 4
+    calls.clear()
+    train(guarded, train_set, val_set, tmp_path / "split", max_steps=4, progress=False)
+    resumed = train(guarded, train_set, val_set, tmp_path / "split", max_steps=8, progress=False)
+    assert [h["skipped_steps"] for h in resumed["history"]] == [0, 1]
+    for name in ("last.pt", "best.pt"):
+        ours = torch.load(tmp_path / "split" / name, weights_only=True)
+        theirs = torch.load(tmp_path / "on" / name, weights_only=True)
+        key = "model" if name == "last.pt" else "state_dict"
+        assert all(torch.equal(ours[key][k], theirs[key][k]) for k in theirs[key])
+
+    write_extxyz_pairs(denoising_pairs(8, 0), tmp_path / "d", "train")
+    write_extxyz_pairs(denoising_pairs(2, 1), tmp_path / "d", "val")
+    assert main(["train", "--data", str(tmp_path / "d"), "--hidden", "8", "--layers", "2", "--batch-size", "4",
+                 "--max-steps", "1", "--quiet", "--spike-guard", "20", "--out", str(tmp_path / "cli")]) == 0
+    assert torch.load(tmp_path / "cli" / "last.pt", weights_only=True)["train_config"]["spike_guard"] == 20.0
