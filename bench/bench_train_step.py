@@ -24,8 +24,8 @@ The variants, each one change from the one before, all on the same batches:
 
 A step is what ``train`` does per optimiser step (``training.train._optimizer_step``: forward, the
 layer-wise loss in the canonical-frame gauge, backward, clipping, AdamW + AMSGrad, EMA) with the
-shipped (v5) recipe's model (H = 64, L = 4, ``cell_transport``, ``cell_strain``; the last variant adds
-``cell_virial``) and batch size (16), on
+v5 recipe's model (H = 64, L = 4, ``cell_transport``, ``cell_strain``; the last two variants add
+``cell_virial``, then ``bond_radii``: the shipped v6 has both and ``bond_forces``) and batch size (16), on
 the first training pairs of ``data/chgnet_v13sym``; each provider has its own copy of the model and optimiser,
 started from the same seed, and steps through the same batches.
 

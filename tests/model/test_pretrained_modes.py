@@ -49,7 +49,7 @@ def test_a_bare_state_dict_keeps_the_cell_transport(tmp_path):
         load_pretrained(path, paper_compat=True)
     without = {k: v for k, v in shipped.state_dict().items() if k != "cell_transport_marker"}
     # the shipped model's other options (they have weights of their own)
-    others = {k: shipped.config[k] for k in ("cell_strain", "cell_virial")}
+    others = {k: shipped.config[k] for k in ("cell_strain", "cell_virial", "bond_radii", "bond_forces")}
     with pytest.raises(RuntimeError, match="cell_transport_marker"):  # strict: a model without it refuses
         E3Relax(hidden_channels=64, num_layers=4, **others).load_state_dict(shipped.state_dict())
     E3Relax(hidden_channels=64, num_layers=4, cell_transport=True, **others).load_state_dict(without)  # older
