@@ -14,6 +14,8 @@ from pathlib import Path
 MODEL_BACKENDS = ("auto", "reference", "cpu", "cuda", "triton", "cueq")
 #: read_pairs' target_rotation choices (e3relax_fast.io.pairs.TARGET_ROTATION, spelled out for the same reason).
 TARGET_ROTATION = ("remove", "keep")
+#: The spike guard's window of taken steps (e3relax_fast.training.train.GUARD_WINDOW, spelled out likewise).
+GUARD_WINDOW = 100
 
 
 def _die(message: str, status: int = 2) -> int:
@@ -315,9 +317,9 @@ def add_train_parser(subparsers) -> None:
                    help="draw each training pair with weight (pairs of its seed family)^-POWER: 0 (default) "
                    "every pair once per pass; 1 every family the same share of the steps")
     p.add_argument("--spike-guard", type=float, default=0.0, metavar="K",
-                   help="skip an optimiser step whose gradient norm is over K times the median of the last 100 "
-                   "steps' (as a non-finite one is; its pairs are named): the update before it carried the weights "
-                   "to where some crystal's prediction explodes. 0 (default): off")
+                   help="skip an optimiser step whose gradient norm is over K times the median of the last "
+                   f"{GUARD_WINDOW} steps' (as a non-finite one is; its pairs are named): the update before it "
+                   "carried the weights to where some crystal's prediction explodes. 0 (default): off")
     p.add_argument("--batch-size", type=int, default=32, help="crystals per step, all processes together")
     p.add_argument("--steps-per-epoch", type=int, default=100, help="steps per pseudo-epoch")
     p.add_argument("--max-epochs", type=int, default=800)

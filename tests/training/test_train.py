@@ -12,9 +12,10 @@ import pytest
 import torch
 from helpers import denoising_pairs
 
+from e3relax_fast import cli
 from e3relax_fast.io import write_extxyz_pairs
 from e3relax_fast.training import PairDataset, layerwise_loss
-from e3relax_fast.training.train import TrainConfig, _ema_update, make_optimizer, train
+from e3relax_fast.training.train import GUARD_WINDOW, TrainConfig, _ema_update, make_optimizer, train
 
 
 @pytest.fixture(scope="module")
@@ -468,3 +469,4 @@ def test_the_spike_guard_skips_a_step_whose_gradient_spikes_and_resumes_exactly(
     assert main(["train", "--data", str(tmp_path / "d"), "--hidden", "8", "--layers", "2", "--batch-size", "4",
                  "--max-steps", "1", "--quiet", "--spike-guard", "20", "--out", str(tmp_path / "cli")]) == 0
     assert torch.load(tmp_path / "cli" / "last.pt", weights_only=True)["train_config"]["spike_guard"] == 20.0
+    assert cli.GUARD_WINDOW == GUARD_WINDOW  # the parser's copy, named in --spike-guard's help
