@@ -478,8 +478,10 @@ def run_lofo(args: argparse.Namespace) -> int:
         return _die(f"no pairs of famil{'y' if len(missing) == 1 else 'ies'} {', '.join(missing)} in "
                     f"{', '.join(args.data)} (families there: {', '.join(present) or 'none recorded'})")
     train_options, first_options = shlex.split(args.train_options), shlex.split(args.first_step)
-    if args.trained_without and (train_options or first_options):
-        return _die("--trained-without scores a model trained already: no --train-options or --first-step with it")
+    further = [shlex.split(options) for options in args.then]
+    if args.trained_without and (train_options or first_options or further):
+        return _die("--trained-without scores a model trained already: no --train-options, --first-step or "
+                    "--then with it")
     data_options = [option for source in args.data for option in ("--data", source)]
     out = Path(args.out)
     summaries = {}
@@ -491,10 +493,10 @@ def run_lofo(args: argparse.Namespace) -> int:
         if args.trained_without:  # a model whose training data never held the family is its own fold
             model_path = args.trained_without
         else:
-            status = _train_fold(family, run, data_options, train_options, first_options, args.target_rotation)
+            status, model_path = _train_fold(family, run, data_options, [first_options, train_options, *further],
+                                             args.target_rotation)
             if status:
                 return status
-            model_path = run / "best.pt"
         try:
             model = load_pretrained(model_path, map_location=args.device)
         except (ValueError, FileNotFoundError) as err:
@@ -511,20 +513,27 @@ def run_lofo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_fold(family: str, run: Path, data_options: list[str], train_options: list[str],
-                first_options: list[str], target_rotation: str) -> int:
-    """Train one fold of ``e3relax-fast lofo`` into ``run`` (both steps of a two-step recipe without
-    ``family``, each with lofo's ``--target-rotation``); returns train's exit status."""
-    init, rotation = [], ["--target-rotation", target_rotation]
-    if first_options:  # the fold's own first step, without the family either; the second starts from it
+def _train_fold(family: str, run: Path, data_options: list[str], steps: list[list[str]],
+                target_rotation: str) -> tuple[int, Path]:
+    """Train one fold of ``e3relax-fast lofo`` into ``run``: the recipe's ``steps`` (the options of
+    --first-step, empty when there is none, of --train-options, then of each --then), each without
+    ``family``, with lofo's ``--target-rotation``, from the step before's best weights. Returns train's
+    exit status and the last step's ``best.pt``."""
+    first, second, *further = steps
+    rotation = ["--target-rotation", target_rotation]
+    # The first step brings its own --data; the last --init given wins, so a step's own --init (a
+    # shared first step's weights, say) is overridden by the step before's in the fold.
+    plan = ([(run / "first", first)] if first else []) + [(run, data_options + second)]
+    plan += [(run / f"step{k}", data_options + options) for k, options in enumerate(further, start=3)]
+    before = None
+    for out, step in plan:
+        init = ["--init", str(before / "best.pt")] if before else []
         status = run_train(build_parser().parse_args(
-            ["train", "--out", str(run / "first"), "--exclude-family", family, *first_options, *rotation]))
+            ["train", "--out", str(out), "--exclude-family", family, *step, *init, *rotation]))
         if status:
-            return status
-        init = ["--init", str(run / "first" / "best.pt")]  # the last --init given wins
-    train_args = build_parser().parse_args(
-        ["train", *data_options, "--out", str(run), "--exclude-family", family, *train_options, *init, *rotation])
-    return run_train(train_args)
+            return status, out / "best.pt"
+        before = out
+    return 0, before / "best.pt"
 
 
 def add_lofo_parser(subparsers) -> None:
@@ -533,7 +542,7 @@ def add_lofo_parser(subparsers) -> None:
         description="For each seed family, `train --exclude-family F` into OUT/F, then score its best "
         "checkpoint on every pair of F (all splits) beside Dummy and the isotropic rescale to the "
         "predicted volume; writes OUT/F/heldout.json and the table OUT/lofo.md. A finished fold is "
-        "kept; rerun to resume. A two-step recipe (--first-step) retrains its first step without F too.",
+        "kept; rerun to resume. A recipe of several steps (--first-step, --then) runs each of them without F.",
     )
     _add_data_argument(p)
     p.add_argument("--out", required=True, help="folder of the folds")
@@ -545,6 +554,10 @@ def add_lofo_parser(subparsers) -> None:
                    help="a recipe in two steps: each fold first runs `train` with these options (its own --data "
                    "included) and --exclude-family F into OUT/F/first, then the step above with --init "
                    "OUT/F/first/best.pt")
+    p.add_argument("--then", action="append", default=[], metavar="'OPTIONS'",
+                   help="a further step of the recipe (repeatable, in order): `train` with these options on the "
+                   "fold's --data, --exclude-family F and --init the step before's best.pt, into OUT/F/step3, "
+                   "OUT/F/step4, ...; the last step's best.pt is scored")
     p.add_argument("--trained-without", metavar="CHECKPOINT",
                    help="score this model on each held-out family instead of training a fold: for families its "
                    "training data never held (e.g. seed families added after it was trained)")

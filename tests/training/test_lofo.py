@@ -57,7 +57,7 @@ def test_lofo_trains_without_each_family_and_scores_on_it(tmp_path, capsys):
     assert not (out / "perov" / "best.pt").exists()
 
 
-def test_a_two_step_recipe_retrains_its_first_step_without_the_family(tmp_path, capsys):
+def test_a_recipe_of_three_steps_runs_each_without_the_family_from_the_one_before(tmp_path, capsys):
     first_data, data, out = tmp_path / "first", tmp_path / "pairs", tmp_path / "lofo"
     _dataset(first_data)
     _dataset(data)
@@ -66,11 +66,17 @@ def test_a_two_step_recipe_retrains_its_first_step_without_the_family(tmp_path, 
     # named file does not exist, so the fold would fail had it been used).
     assert main(["lofo", "--data", str(data), "--out", str(out), "--family", "oqmd",
                  "--first-step", f"--data {first_data} {options}",
-                 "--train-options", f"{options} --init {tmp_path / 'no_such_first_step.pt'}"]) == 0
-    first, second = out / "oqmd" / "first", out / "oqmd"
-    assert len(torch.load(first / "graphs" / "train.pt", weights_only=True)["items"]) == 6  # no oqmd there either
-    assert json.loads((second / "heldout.json").read_text())["n"] == 10
-    assert "--first-step" in (out / "lofo.md").read_text()
+                 "--train-options", f"{options} --init {tmp_path / 'no_such_first_step.pt'}",
+                 "--then", f"{options} --lr 1e-4 --lr-schedule cosine"]) == 0
+    first, second, third = out / "oqmd" / "first", out / "oqmd", out / "oqmd" / "step3"
+    for step in (first, second, third):  # no oqmd in any step's training pairs (6 of the 12 are oqmd)
+        assert len(torch.load(step / "graphs" / "train.pt", weights_only=True)["items"]) == 6
+    configs = [torch.load(step / "last.pt", weights_only=True)["train_config"] for step in (second, third)]
+    assert configs[0]["init"] == str(first / "best.pt") and configs[1]["init"] == str(second / "best.pt")
+    assert configs[1]["lr_schedule"] == "cosine" and configs[1]["lr"] == 1e-4
+    summary = json.loads((second / "heldout.json").read_text())
+    assert summary["n"] == 10 and summary["model"] == str(third / "best.pt")  # the last step is scored
+    assert "--first-step" in (out / "lofo.md").read_text() and "--then" in (out / "lofo.md").read_text()
 
 
 def test_a_model_trained_without_the_family_is_scored_as_its_fold(tmp_path, capsys):
@@ -91,7 +97,7 @@ def test_a_model_trained_without_the_family_is_scored_as_its_fold(tmp_path, caps
     # With training options it is refused (the model is trained already).
     assert main(["lofo", "--data", str(data), "--out", str(tmp_path / "o2"), "--trained-without", checkpoint,
                  "--train-options", "--hidden 8"]) == 2
-    assert "no --train-options or --first-step" in capsys.readouterr().err
+    assert "no --train-options, --first-step or --then" in capsys.readouterr().err
 
 
 def test_lofo_names_a_family_that_is_not_in_the_data(tmp_path, capsys):
@@ -119,7 +125,7 @@ def test_heldout_summary_and_table_say_which_family_is_not_beaten():
 
 @pytest.mark.parametrize("rotation", ["remove", "keep"])
 def test_folds_read_targets_as_lofo_does(tmp_path, monkeypatch, rotation):
-    """Both steps of a fold get lofo's --target-rotation (its own scoring reads the pairs that way)."""
+    """Every step of a fold gets lofo's --target-rotation (its own scoring reads the pairs that way)."""
     import e3relax_fast.cli as cli
 
     data = tmp_path / "pairs"
@@ -127,9 +133,9 @@ def test_folds_read_targets_as_lofo_does(tmp_path, monkeypatch, rotation):
     seen = []
     monkeypatch.setattr(cli, "run_train", lambda args: seen.append(args.target_rotation) or 0)
     argv = ["lofo", "--data", str(data), "--out", str(tmp_path / "lofo"), "--family", "oqmd",
-            "--first-step", f"--data {data}", "--target-rotation", rotation]
+            "--first-step", f"--data {data}", "--then", "--lr 1e-4", "--target-rotation", rotation]
     assert main(argv) == 2  # the stand-in trained nothing: scoring finds no checkpoint and says so
-    assert seen == [rotation, rotation]
+    assert seen == [rotation, rotation, rotation]
 
 
 def test_train_anchors_add_other_sources_relaxed_structures_as_inputs_and_targets(tmp_path, capsys):
