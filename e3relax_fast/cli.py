@@ -457,6 +457,39 @@ def add_eval_parser(subparsers) -> None:
     p.set_defaults(func=run_eval)
 
 
+def run_package(args: argparse.Namespace) -> int:
+    """``e3relax-fast package``: a train checkpoint and its model card as one shippable model file."""
+    import json
+
+    from .model.pretrained import package_checkpoint
+
+    try:
+        card = json.loads(Path(args.card).read_text())
+    except (OSError, ValueError) as err:  # missing, unreadable, or not JSON (JSONDecodeError is a ValueError)
+        return _die(f"{args.card}: not a readable JSON model card ({err})")
+    if not isinstance(card, dict):
+        return _die(f"{args.card}: a model card is a JSON object of its entries, not a {type(card).__name__}")
+    try:
+        out = package_checkpoint(args.checkpoint, card, args.out)
+    except (ValueError, FileNotFoundError) as err:  # each names the checkpoint
+        return _die(str(err))
+    print(f"wrote {out}: {card.get('version', 'a model')} from {args.checkpoint}")
+    return 0
+
+
+def add_package_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "package", help="a trained model and its model card as one file that load_pretrained reads",
+        description="Write a train run's best.pt (its EMA weights and model config) with a model card "
+        "(a JSON object: name, version, data, training command, metrics) as one file, as the shipped "
+        "e3relax_fast/weights/default.pt is made from default.card.json beside it.",
+    )
+    p.add_argument("--checkpoint", required=True, help="a train run's best.pt")
+    p.add_argument("--card", required=True, help="the model card, a JSON file")
+    p.add_argument("--out", required=True, help="the model file to write")
+    p.set_defaults(func=run_package)
+
+
 def run_lofo(args: argparse.Namespace) -> int:
     """``e3relax-fast lofo``: train without each family in turn and score on it (see training/lofo.py)."""
     import json
@@ -672,6 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(subparsers)
     add_datagen_parser(subparsers)
     add_lofo_parser(subparsers)
+    add_package_parser(subparsers)
     return parser
 
 

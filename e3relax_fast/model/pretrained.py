@@ -170,3 +170,29 @@ def load_pretrained(
     except RuntimeError as err:
         raise ValueError(f"{path}: parameters do not match E3Relax({config}): {err}") from err
     return model.to(torch.device(map_location)).eval()
+
+
+def package_checkpoint(checkpoint: str | Path, card: dict, out: str | Path) -> Path:
+    """Write ``out``, a model file as the bundled ``weights/default.pt`` is: a ``train`` run's
+    ``best.pt`` (its EMA weights and the model's config) with ``card``, the model card's entries
+    (name, version, data, training command, metrics; JSON types, so the card reads the same anywhere).
+
+    Raises:
+        PretrainedModelNotFoundError: no such checkpoint file (a ``FileNotFoundError``).
+        ValueError: the file is not a loadable E3Relax checkpoint, or not a ``best.pt`` (``last.pt``
+            holds the raw weights beside the EMA ones: ship the EMA ones), or ``card`` is not JSON.
+    """
+    import json
+
+    load_pretrained(checkpoint)  # a file that does not load as a model is refused here, by name
+    best = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if not isinstance(best.get("config"), dict) or "state_dict" not in best:
+        raise ValueError(f"{checkpoint}: not a train run's best.pt (it needs 'state_dict' and 'config'; "
+                         f"found keys {sorted(map(str, best))[:8]})")
+    try:
+        card = json.loads(json.dumps(card))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"the model card is not JSON: {err}") from err
+    out = Path(out)
+    torch.save({"state_dict": best["state_dict"], "config": best["config"], "card": card}, out)
+    return out
