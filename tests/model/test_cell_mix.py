@@ -79,7 +79,7 @@ def test_a_checkpoint_keeps_its_cell_mix(tmp_path):
                                                      model.cell_mix_layers[1][2].weight)
     torch.save(model.state_dict(), tmp_path / "bare.pt")  # a bare state dict says it by its keys
     assert load_pretrained(tmp_path / "bare.pt", paper_compat=False).config["cell_mix"]
-    assert not load_pretrained("default").config["cell_mix"]  # the shipped model (v6) has none
+    assert not load_pretrained("default").config["cell_mix"]  # the shipped model (v6.1) has none
 
 
 def test_the_original_mode_has_no_cell_mix():

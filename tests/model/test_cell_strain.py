@@ -53,7 +53,7 @@ def test_a_checkpoint_keeps_its_cell_strain(tmp_path):
     plain = E3Relax(hidden_channels=8, num_layers=2)  # and a checkpoint without it loads without it
     torch.save(plain.state_dict(), tmp_path / "plain.pt")
     assert not load_pretrained(tmp_path / "plain.pt", paper_compat=False).config["cell_strain"]
-    assert load_pretrained("default").config["cell_strain"]  # the shipped model (v6) has it
+    assert load_pretrained("default").config["cell_strain"]  # the shipped model (v6.1) has it
 
 
 def test_the_original_mode_has_no_cell_strain():

@@ -75,7 +75,7 @@ def test_a_checkpoint_keeps_its_edge_cutoff(tmp_path):
     assert load_pretrained(tmp_path / "bare.pt", paper_compat=False).config["edge_cutoff"] == 6.0
     torch.save(E3Relax(hidden_channels=8, num_layers=2).state_dict(), tmp_path / "plain.pt")
     assert load_pretrained(tmp_path / "plain.pt", paper_compat=False).config["edge_cutoff"] is None
-    assert load_pretrained("default").config["edge_cutoff"] is None  # the shipped model (v6): one basis
+    assert load_pretrained("default").config["edge_cutoff"] is None  # the shipped model (v6.1): one basis
 
 
 def test_bad_edge_cutoffs_are_refused():
