@@ -20,12 +20,14 @@ The variants, each one change from the one before, all on the same batches:
 * ``package, bond strain`` — the same step of the model with the bond strain (``cell_virial``, the
   model card's recipes A and A2, not shipped: ``model/virial.py``, pure PyTorch): what that term costs;
 * ``package, both bond strains`` — also the relative-length bond strain (``bond_radii``,
-  ``model/bond_radii.py``, pure PyTorch).
+  ``model/bond_radii.py``, pure PyTorch);
+* ``package, both bond strains, forces`` — also its pair forces along the bonds (``bond_forces``): the
+  shipped model's options (v6.1).
 
 A step is what ``train`` does per optimiser step (``training.train._optimizer_step``: forward, the
 layer-wise loss in the canonical-frame gauge, backward, clipping, AdamW + AMSGrad, EMA) with the
 v5 recipe's model (H = 64, L = 4, ``cell_transport``, ``cell_strain``; the last two variants add
-``cell_virial``, then ``bond_radii``: the shipped v6 has both and ``bond_forces``) and batch size (16), on
+``cell_virial``, then ``bond_radii``, then ``bond_forces``: the shipped v6.1's) and batch size (16), on
 the first training pairs of ``data/chgnet_v13sym``; each provider has its own copy of the model and optimiser,
 started from the same seed, and steps through the same batches.
 
@@ -85,7 +87,8 @@ def undone(subnormal: bool, window: bool, fused: bool):
 
 
 #: name: (subnormal, window, fused optimiser, fused message op, bond strains), one change at a time; bond
-#: strains: 0 none, 1 the virial one (cell_virial), 2 that and the relative-length one (bond_radii).
+#: strains: 0 none, 1 the virial one (cell_virial), 2 that and the relative-length one (bond_radii), 3 those
+#: and its pair forces (bond_forces).
 VARIANTS = {
     "subnormal, whole basis, loop": (True, False, False, False, 0),
     "flushed, whole basis, loop": (False, False, False, False, 0),
@@ -94,6 +97,7 @@ VARIANTS = {
     "package": (False, True, True, True, 0),
     "package, bond strain": (False, True, True, True, 1),
     "package, both bond strains": (False, True, True, True, 2),
+    "package, both bond strains, forces": (False, True, True, True, 3),
 }
 
 
@@ -111,9 +115,10 @@ def run(batches: int, repeats: int, info: dict) -> str:
     config = TrainConfig(model={"hidden_channels": 64, "num_layers": 4, "cell_transport": True, "cell_strain": True},
                          lr=5e-4, batch_size=BATCH)
     initial = {}
-    for strains in (0, 1, 2):  # the same seed: the bond strains' layers are the only difference
+    for strains in (0, 1, 2, 3):  # the same seed: the bond terms' layers are the only difference
         torch.manual_seed(config.seed)
-        initial[strains] = E3Relax(**config.model, cell_virial=strains >= 1, bond_radii=strains == 2)
+        initial[strains] = E3Relax(**config.model, cell_virial=strains >= 1, bond_radii=strains >= 2,
+                                   bond_forces=strains == 3)
 
     def provider(subnormal: bool, window: bool, fused: bool, fused_op: bool, strains: int):
         model = copy.deepcopy(initial[strains])
