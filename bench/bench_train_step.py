@@ -26,7 +26,7 @@ The variants, each one change from the one before, all on the same batches:
 
 A step is what ``train`` does per optimiser step (``training.train._optimizer_step``: forward, the
 layer-wise loss in the canonical-frame gauge, backward, clipping, AdamW + AMSGrad, EMA) with the
-v5 recipe's model (H = 64, L = 4, ``cell_transport``, ``cell_strain``; the last two variants add
+v5 recipe's model (H = 64, L = 4, ``cell_transport``, ``cell_strain``; the last three variants add
 ``cell_virial``, then ``bond_radii``, then ``bond_forces``: the shipped v6.1's) and batch size (16), on
 the first training pairs of ``data/chgnet_v13sym``; each provider has its own copy of the model and optimiser,
 started from the same seed, and steps through the same batches.

@@ -19,7 +19,7 @@ WEIGHTS = Path(e3relax_fast.__file__).parent / "weights"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A two-step train run (its best.pt and last.pt)."""
+    """A train run of two optimiser steps (its best.pt and last.pt)."""
     from e3relax_fast.io import write_extxyz_pairs
 
     root = tmp_path_factory.mktemp("package")
