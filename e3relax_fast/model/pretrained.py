@@ -184,7 +184,13 @@ def package_checkpoint(checkpoint: str | Path, card: dict, out: str | Path) -> P
     """
     import json
 
-    load_pretrained(checkpoint)  # a file that does not load as a model is refused here, by name
+    try:
+        load_pretrained(checkpoint)  # a file that does not load as a model is refused here, by name
+    except ValueError as err:
+        if _is_resume_file(checkpoint):
+            raise ValueError(f"{checkpoint}: a train run's last.pt (raw weights and optimiser state); package "
+                             "the run's best.pt, the EMA weights its validation signal chose") from err
+        raise
     best = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if not isinstance(best.get("config"), dict) or "state_dict" not in best:
         raise ValueError(f"{checkpoint}: not a train run's best.pt (it needs 'state_dict' and 'config'; "
@@ -196,3 +202,13 @@ def package_checkpoint(checkpoint: str | Path, card: dict, out: str | Path) -> P
     out = Path(out)
     torch.save({"state_dict": best["state_dict"], "config": best["config"], "card": card}, out)
     return out
+
+
+def _is_resume_file(path: str | Path) -> bool:
+    """Whether ``path`` is a ``train`` run's ``last.pt`` (raw and EMA weights beside the optimiser's
+    state), which ``load_pretrained`` refuses as it would any other dict it does not know."""
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # any unreadable file is simply not a last.pt: the caller's error stands
+        return False
+    return isinstance(content, dict) and {"model", "ema", "optimizer"} <= content.keys()

@@ -61,6 +61,7 @@ def test_package_refuses_in_one_line_naming_the_file(run, capsys, case):
     err = capsys.readouterr().err
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert str(card if case.startswith("card") else checkpoint) in err
+    assert ("best.pt" in err) == (case == "last.pt")  # a last.pt is told what to ship instead
     assert not (run / "x.pt").exists()
 
 
