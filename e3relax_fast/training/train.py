@@ -26,6 +26,8 @@ import torch.distributed as dist
 from .. import ops
 from ..geometry import align_fractional_centroid
 from ..model import E3Relax, predict_batches
+from ..model.bond_radii import BondRadiiStrain
+from ..model.virial import CellVirial
 from .dataset import PairDataset, save_atomically
 from .loss import layerwise_loss
 
@@ -80,6 +82,11 @@ class TrainConfig:
     # gradient, though clipped, would swell AdamW's second moments for good (AMSGrad keeps their
     # maximum) and slow every later step.
     spike_guard: float = 0.0
+    # Compile the bond terms (cell_virial, bond_radii: chains of small elementwise ops over the bonds,
+    # which eager PyTorch runs one kernel at a time) with torch.compile: a CPU step of the shipped
+    # options ~1.3x faster after minutes of compiling; the floats differ from an eager run's in the
+    # last bits (fused kernels round differently), so a run is remade with the same setting.
+    compile_bond_terms: bool = False
 
 
 def _world() -> tuple[int, int]:
@@ -387,6 +394,8 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=config.lr_factor,
                                                            patience=config.lr_patience, min_lr=config.min_lr)
     state = _start(config, out_dir, device, model, ema, optimizer, scheduler)
+    if config.compile_bond_terms:
+        compile_bond_terms(model)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)
@@ -442,6 +451,20 @@ def train(config: TrainConfig, train_set: PairDataset, val_set: PairDataset, out
             break
     return {"step": state["step"], "epoch": state["epoch"], "best_val_mae": state["best"],
             "history": state["history"]}
+
+
+def compile_bond_terms(model: E3Relax) -> None:
+    """Compile ``model``'s bond-term modules in place (``nn.Module.compile``, dynamic shapes: a batch's
+    bond count changes every step): the state dict and checkpoints are the same as uncompiled.
+
+    Raises:
+        TrainingSetupError: the model has no bond terms (``cell_virial``, ``bond_radii``) to compile.
+    """
+    terms = [m for m in model.modules() if isinstance(m, (CellVirial, BondRadiiStrain))]
+    if not terms:
+        raise TrainingSetupError("--compile-bond-terms: the model has no bond terms (--cell-virial, --bond-radii)")
+    for module in terms:
+        module.compile(dynamic=True)
 
 
 def _check_backend(backend: str, device_type: str) -> None:

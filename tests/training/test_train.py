@@ -470,3 +470,39 @@ def test_the_spike_guard_skips_a_step_whose_gradient_spikes_and_resumes_exactly(
                  "--max-steps", "1", "--quiet", "--spike-guard", "20", "--out", str(tmp_path / "cli")]) == 0
     assert torch.load(tmp_path / "cli" / "last.pt", weights_only=True)["train_config"]["spike_guard"] == 20.0
     assert cli.GUARD_WINDOW == GUARD_WINDOW  # the parser's copy, named in --spike-guard's help
+
+
+def test_compiled_bond_terms_train_as_the_eager_ones_and_need_bond_terms(tmp_path, capsys, monkeypatch):
+    """--compile-bond-terms compiles each bond-term module (and nothing else) and trains as the eager
+    run does, up to the rounding of fused kernels; its checkpoint is an ordinary one. Without bond
+    terms the flag is a one-line user error."""
+    from e3relax_fast import load_pretrained
+    from e3relax_fast.cli import main
+    from e3relax_fast.model.bond_radii import BondRadiiStrain
+    from e3relax_fast.model.virial import CellVirial
+
+    compiled = []
+    original = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **options: (compiled.append(type(self)), original(self, **options)))
+    write_extxyz_pairs(denoising_pairs(8, 0), tmp_path / "d", "train")
+    write_extxyz_pairs(denoising_pairs(2, 1), tmp_path / "d", "val")
+    common = ["train", "--data", str(tmp_path / "d"), "--hidden", "8", "--layers", "2", "--batch-size", "4",
+              "--steps-per-epoch", "2", "--max-steps", "4", "--lr", "1e-3", "--quiet"]
+    bonds = ["--cell-virial", "--bond-radii", "--bond-forces"]
+    assert main([*common, *bonds, "--out", str(tmp_path / "eager")]) == 0 and not compiled
+    assert main([*common, *bonds, "--compile-bond-terms", "--out", str(tmp_path / "compiled")]) == 0
+    assert sorted(compiled, key=str) == [BondRadiiStrain] * 2 + [CellVirial] * 2  # two layers of each
+    runs = {name: torch.load(tmp_path / name / "last.pt", weights_only=True) for name in ("eager", "compiled")}
+    for a, b in zip(runs["eager"]["state"]["history"], runs["compiled"]["state"]["history"], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    eager, ours = runs["eager"]["model"], runs["compiled"]["model"]
+    assert eager.keys() == ours.keys()
+    for term in ("cell_virial_layers", "bond_radii_layers"):  # their zero-started maps have trained
+        assert eager[f"{term}.0.out.weight"].abs().max() > 0
+    for k in eager:
+        torch.testing.assert_close(ours[k], eager[k], rtol=1e-3, atol=1e-5)
+    assert load_pretrained(tmp_path / "compiled" / "best.pt").config["bond_radii"]
+    assert main([*common, "--compile-bond-terms", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no bond terms" in err and "Traceback" not in err
