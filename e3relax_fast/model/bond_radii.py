@@ -120,6 +120,9 @@ class BondRadiiStrain(nn.Module):
             displacement = displacement * (MAX_STEP * torch.tanh(size / MAX_STEP) / size).unsqueeze(-1)
         return strain / counts.reshape(-1, 1, 1), displacement
 
+    # Its sizes depend on the data (which images lie within the radius): kept out of a compiled graph
+    # (train --compile-bond-terms), which would break there anyway, and say so in every run's log.
+    @torch.compiler.disable
     def _own_images(self, cell: Tensor, graph_index: Tensor, prune: bool) -> tuple[Tensor, Tensor]:
         """Each atom's bonds to its own periodic images: ``(atom index (B,) int64, vectors (B, 3) Å)``.
 
