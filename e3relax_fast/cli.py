@@ -324,7 +324,8 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--compile-bond-terms", action="store_true",
                    help="compile the bond terms (--cell-virial, --bond-radii) with torch.compile: a CPU step of "
                    "the shipped options ~1.3x faster after minutes of compiling; the floats differ from an "
-                   "uncompiled run's in the last bits, so a run is remade with the same flag")
+                   "uncompiled run's in the last bits, so a run is remade with the same flag (bit for bit on one "
+                   "thread; on several the compiled sums over bonds run in a varying order)")
     p.add_argument("--batch-size", type=int, default=32, help="crystals per step, all processes together")
     p.add_argument("--steps-per-epoch", type=int, default=100, help="steps per pseudo-epoch")
     p.add_argument("--max-epochs", type=int, default=800)
