@@ -74,7 +74,8 @@ def evaluate(model: torch.nn.Module, pairs: list[Pair], device="cpu", match: boo
     Returns ``{"model": {metric: mean}, "dummy": {...}, "rescale": {...}, "true_cell": {...},
     "true_volume": {...}, "ratio_ci": {metric: (lo, hi)},
     "better": {metric: fraction of structures where the model's error is below Dummy's},
-    "families": {family: {"n": count, "model": {...}, "dummy": {...}, "rescale": {...}}},
+    "families": {family: {"n": count, "model": {...}, "dummy": {...}, "rescale": {...}}} (and so
+    "protocols" and "family_protocols", keyed ``"family · protocol"``),
     "per_structure": {"model": {metric: (G,) array}, "dummy": {...}, "rescale": {...}},
     "predictions": [...]}``; "rescale" is the input scaled isotropically to the model's predicted
     volume (does the model know more than the volume?); "true_cell" the input's fractions in the
@@ -122,7 +123,8 @@ def evaluate(model: torch.nn.Module, pairs: list[Pair], device="cpu", match: boo
         ratio = torch.linalg.det(cells).abs().numpy() / target_volume
         per[who]["volume_within"] = (np.abs(ratio - 1) <= VOLUME_TOLERANCE).astype(np.float64)
         summary[who]["volume_within"] = float(per[who]["volume_within"].mean())
-    groups = {"families": [p.family or "?" for p in pairs], "protocols": [p.protocol or "?" for p in pairs]}
+    groups = {"families": [p.family or "?" for p in pairs], "protocols": [p.protocol or "?" for p in pairs],
+              "family_protocols": [f"{p.family or '?'} · {p.protocol or '?'}" for p in pairs]}
     for key, labels in groups.items():
         labels = np.array(labels)
         summary[key] = {
@@ -166,6 +168,24 @@ def _group_table(result: dict, key: str = "families", what: str = "seed family")
     return lines
 
 
+def _share_table(result: dict) -> list[str]:
+    """Per seed family and protocol, largest first: its share of Dummy's summed coordinate error, the
+    model / Dummy ratio there and its share of the model's: which groups decide the split's ratio."""
+    groups = result.get("family_protocols") or {}
+    dummy = {g: r["n"] * r["dummy"]["coord_mae"] for g, r in groups.items()}
+    model = {g: r["n"] * r["model"]["coord_mae"] for g, r in groups.items()}
+    if len(groups) < 2 or not sum(dummy.values()) > 0:
+        return []
+    lines = ["", "Where the coordinate error is, per seed family and protocol (sums over structures; the split's "
+             "model / Dummy is the Dummy-share-weighted mean of the groups' ratios):", "",
+             "| seed family · protocol | structures | share of Dummy's error | model / Dummy | share of the model's |",
+             "|---|---|---|---|---|"]
+    for group in sorted(groups, key=lambda g: -dummy[g]):
+        lines.append(f"| {group} | {groups[group]['n']} | {100 * dummy[group] / sum(dummy.values()):.1f} % | "
+                     f"{_ratio(model[group], dummy[group])} | {100 * model[group] / sum(model.values()):.1f} % |")
+    return lines
+
+
 def _cell_baselines(result: dict) -> str:
     """The report's sentence on how much of the coordinate error the cell and its volume carry."""
     true_cell, dummy = result["true_cell"]["coord_mae"], result["dummy"]["coord_mae"]
@@ -200,7 +220,7 @@ def write_report(result: dict, pairs: list[Pair], out_dir: str | Path, title: st
                  f"{100 * result['model']['volume_within']:.1f}% | {100 * result['dummy']['volume_within']:.1f}% "
                  "| | | |")
     lines += ["", _cell_baselines(result)]
-    lines += _group_table(result) + _group_table(result, "protocols", "protocol")
+    lines += _group_table(result) + _group_table(result, "protocols", "protocol") + _share_table(result)
     energy = result.get("energy")
     if energy is not None:
         lines += ["", f"Single-point energy above the relaxed structure's ({energy['n']} structures with all three "

@@ -193,3 +193,22 @@ def test_true_volume_baseline_is_the_prediction_at_the_targets_volume(tmp_path):
     assert per["true_volume"]["shape_error"][1] == pytest.approx(expected, rel=1e-9)
     text = write_report(result, pairs, tmp_path, "true volume").read_text()
     assert f"{result['true_volume']['coord_mae']:.4f} Å" in text and "what a perfect volume alone would give" in text
+
+
+def test_report_says_where_dummys_error_is_per_family_and_protocol(tmp_path):
+    """The share table: each seed family · protocol group's share of Dummy's summed coordinate error
+    (largest first), the model / Dummy ratio there, and its share of the model's."""
+    pairs = denoising_pairs(6, 3)
+    for k, pair in enumerate(pairs):
+        pair.family, pair.protocol = "ab"[k // 3], "xy"[k % 2]
+    result = evaluate(_Identity(), pairs, match=False, frame="input")
+    dummy = result["per_structure"]["dummy"]["coord_mae"]
+    labels = [f"{p.family} · {p.protocol}" for p in pairs]
+    sums = {g: sum(e for e, label in zip(dummy, labels, strict=True) if label == g) for g in set(labels)}
+    text = write_report(result, pairs, tmp_path, "shares").read_text()
+    rows = [line for line in text.splitlines() if line.startswith(("| a · ", "| b · "))]
+    assert [row.split(" | ")[0][2:] for row in rows] == sorted(sums, key=lambda g: -sums[g])
+    for row in rows:
+        group, n, share, ratio, model_share = row.strip("| ").split(" | ")
+        assert int(n) == labels.count(group) and ratio == "1.000" and model_share == share
+        assert share == f"{100 * sums[group] / dummy.sum():.1f} %"
