@@ -289,27 +289,7 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--layers", type=int, default=4, help="layers L (paper: 4)")
     p.add_argument("--exclude-family", action="append", metavar="FAMILY",
                    help="leave this seed family out of training and validation (repeatable; leave-one-family-out)")
-    p.add_argument("--minima", type=float, default=0.0, metavar="FRACTION",
-                   help="add already-relaxed pairs to the training split: for this fraction of its pairs (chosen "
-                   "with --seed), the relaxed structure as input and target (default 0: none); above 1 (at most 4) "
-                   "repeated, so that they weigh more: 2 gives every pair two")
-    p.add_argument("--perturbed", type=float, default=0.0, metavar="FRACTION",
-                   help="add perturbed twins to the training split: for this fraction of its pairs (chosen with "
-                   "--seed), the relaxed structure strained and rattled as the rattle protocol does as input, the "
-                   "relaxed structure as target (default 0: none)")
-    p.add_argument("--anchors", action="append", metavar="SOURCE",
-                   help="add these sources' relaxed structures to the training split, each as input and target, "
-                   "without their pairs (repeatable): crystals of other chemistry that teach staying put and no "
-                   "source's changes; --exclude-family applies to them too")
-    p.add_argument("--anchor-strain", type=float, default=0.0, metavar="AMPLITUDE",
-                   help="with --anchors: each anchor also stretched (a symmetric stretch with entries uniform in "
-                   "[-AMPLITUDE, AMPLITUDE], no displacement; drawn with --seed) as the input of a twin whose target "
-                   "is the relaxed structure, so that staying put is learned with the size that goes with it "
-                   "(default 0: none)")
-    p.add_argument("--val-minima", type=float, default=0.0, metavar="FRACTION",
-                   help="the same for the validation split: its already-relaxed pairs join the validation signal "
-                   "that picks best.pt and drives the schedule, and their share kept within 3 %% of the minimum's "
-                   "volume is logged each pseudo-epoch (default 0: none, the original signal)")
+    _add_added_pairs_options(p)
     _add_architecture_options(p)
     p.add_argument("--backend", choices=MODEL_BACKENDS, default="auto",
                    help="the model's message ops while training (auto: the fastest that supports autograd on the "
@@ -350,6 +330,31 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     p.set_defaults(func=run_train)
+
+
+def _add_added_pairs_options(p) -> None:
+    """train's options that add pairs made from the given ones: already-relaxed, perturbed and anchor twins."""
+    p.add_argument("--minima", type=float, default=0.0, metavar="FRACTION",
+                   help="add already-relaxed pairs to the training split: for this fraction of its pairs (chosen "
+                   "with --seed), the relaxed structure as input and target (default 0: none); above 1 (at most 4) "
+                   "repeated, so that they weigh more: 2 gives every pair two")
+    p.add_argument("--perturbed", type=float, default=0.0, metavar="FRACTION",
+                   help="add perturbed twins to the training split: for this fraction of its pairs (chosen with "
+                   "--seed), the relaxed structure strained and rattled as the rattle protocol does as input, the "
+                   "relaxed structure as target (default 0: none)")
+    p.add_argument("--anchors", action="append", metavar="SOURCE",
+                   help="add these sources' relaxed structures to the training split, each as input and target, "
+                   "without their pairs (repeatable): crystals of other chemistry that teach staying put and no "
+                   "source's changes; --exclude-family applies to them too")
+    p.add_argument("--anchor-strain", type=float, default=0.0, metavar="AMPLITUDE",
+                   help="with --anchors: each anchor also stretched (a symmetric stretch with entries uniform in "
+                   "[-AMPLITUDE, AMPLITUDE], no displacement; drawn with --seed) as the input of a twin whose target "
+                   "is the relaxed structure, so that staying put is learned with the size that goes with it "
+                   "(default 0: none)")
+    p.add_argument("--val-minima", type=float, default=0.0, metavar="FRACTION",
+                   help="the same for the validation split: its already-relaxed pairs join the validation signal "
+                   "that picks best.pt and drives the schedule, and their share kept within 3 %% of the minimum's "
+                   "volume is logged each pseudo-epoch (default 0: none, the original signal)")
 
 
 def _add_architecture_options(p) -> None:
