@@ -22,10 +22,7 @@ The variants, each one change from the one before, all on the same batches:
 * ``package, both bond strains`` — also the relative-length bond strain (``bond_radii``,
   ``model/bond_radii.py``, pure PyTorch);
 * ``package, both bond strains, forces`` — also its pair forces along the bonds (``bond_forces``): the
-  shipped model's options (v6.1);
-* ``package, both bond strains, forces, compiled`` — the same with the bond terms compiled
-  (``train --compile-bond-terms``: ``training.train.compile_bond_terms``, torch.compile with dynamic
-  shapes; the compiling is in the warm-up steps, minutes, not in the timed ones).
+  shipped model's options (v6.1).
 
 A step is what ``train`` does per optimiser step (``training.train._optimizer_step``: forward, the
 layer-wise loss in the canonical-frame gauge, backward, clipping, AdamW + AMSGrad, EMA) with the
@@ -101,7 +98,6 @@ VARIANTS = {
     "package, bond strain": (False, True, True, True, 1),
     "package, both bond strains": (False, True, True, True, 2),
     "package, both bond strains, forces": (False, True, True, True, 3),
-    "package, both bond strains, forces, compiled": (False, True, True, True, 3, True),
 }
 
 
@@ -111,7 +107,7 @@ def run(batches: int, repeats: int, info: dict) -> str:
     from e3relax_fast.io import read_pairs
     from e3relax_fast.model import E3Relax
     from e3relax_fast.training.dataset import PairDataset
-    from e3relax_fast.training.train import TrainConfig, _optimizer_step, compile_bond_terms, make_optimizer
+    from e3relax_fast.training.train import TrainConfig, _optimizer_step, make_optimizer
 
     pairs = read_pairs(DATA, "train")[: batches * BATCH]
     data = PairDataset(pairs)
@@ -124,12 +120,10 @@ def run(batches: int, repeats: int, info: dict) -> str:
         initial[strains] = E3Relax(**config.model, cell_virial=strains >= 1, bond_radii=strains >= 2,
                                    bond_forces=strains == 3)
 
-    def provider(subnormal: bool, window: bool, fused: bool, fused_op: bool, strains: int, compiled: bool = False):
+    def provider(subnormal: bool, window: bool, fused: bool, fused_op: bool, strains: int):
         model = copy.deepcopy(initial[strains])
         model.backend = "auto" if fused_op else "reference"
         ema = copy.deepcopy(model).requires_grad_(False)
-        if compiled:  # after the EMA's copy, as in train
-            compile_bond_terms(model)
         optimizer = make_optimizer(model, config, "cpu") if fused else torch.optim.AdamW(
             model.parameters(), lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
             amsgrad=True, foreach=False)
