@@ -303,7 +303,8 @@ def add_train_parser(subparsers) -> None:
                    "carried the weights to where some crystal's prediction explodes. 0 (default): off")
     p.add_argument("--compile-bond-terms", action="store_true",
                    help="compile the bond terms (--cell-virial, --bond-radii) with torch.compile: a CPU step of "
-                   "the shipped options ~1.3x faster after minutes of compiling; the floats differ from an "
+                   "the shipped options up to 1.3x faster after minutes of compiling (a pseudo-epoch of the "
+                   "card's steps, validation included, ~8 %%); the floats differ from an "
                    "uncompiled run's in the last bits, so a run is remade with the same flag (bit for bit on one "
                    "thread; on several the compiled sums over bonds run in a varying order)")
     p.add_argument("--batch-size", type=int, default=32, help="crystals per step, all processes together")
