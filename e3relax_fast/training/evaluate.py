@@ -174,15 +174,17 @@ def _share_table(result: dict) -> list[str]:
     groups = result.get("family_protocols") or {}
     dummy = {g: r["n"] * r["dummy"]["coord_mae"] for g, r in groups.items()}
     model = {g: r["n"] * r["model"]["coord_mae"] for g, r in groups.items()}
-    if len(groups) < 2 or not sum(dummy.values()) > 0:
+    dummy_total, model_total = sum(dummy.values()), sum(model.values())
+    if len(groups) < 2 or not dummy_total > 0:
         return []
     lines = ["", "Where the coordinate error is, per seed family and protocol (sums over structures; the split's "
              "model / Dummy is the Dummy-share-weighted mean of the groups' ratios):", "",
              "| seed family · protocol | structures | share of Dummy's error | model / Dummy | share of the model's |",
              "|---|---|---|---|---|"]
     for group in sorted(groups, key=lambda g: -dummy[g]):
-        lines.append(f"| {group} | {groups[group]['n']} | {100 * dummy[group] / sum(dummy.values()):.1f} % | "
-                     f"{_ratio(model[group], dummy[group])} | {100 * model[group] / sum(model.values()):.1f} % |")
+        lines.append(f"| {group} | {groups[group]['n']} | {100 * dummy[group] / dummy_total:.1f} % | "
+                     f"{_ratio(model[group], dummy[group])} | "
+                     + (f"{100 * model[group] / model_total:.1f} % |" if model_total > 0 else "n/a |"))
     return lines
 
 
